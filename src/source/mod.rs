@@ -1,0 +1,324 @@
+//! L3, the source of truth: the [`Source`] trait any app can implement, and the answers and errors
+//! it speaks in. [`GitHubSource`](crate::source::github::GitHubSource) is the shipped one.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::key::KeyError;
+
+#[cfg(feature = "github")]
+pub mod github;
+
+/// The answer of a successful [`Source::fetch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fetched {
+    /// A new value.
+    Value {
+        /// The bytes.
+        value: Bytes,
+        /// A validator (an HTTP ETag, exactly as received) to send back on the next fetch.
+        validator: Option<String>,
+        /// How long the source says the value stays fresh, overriding the cache's TTL.
+        ttl: Option<Duration>,
+    },
+    /// The value held under the validator that was sent is still current.
+    NotModified {
+        /// How long the source says the value stays fresh.
+        ttl: Option<Duration>,
+    },
+    /// The key does not exist at the source.
+    NotFound,
+}
+
+impl Fetched {
+    /// A new value with no validator and no TTL hint.
+    pub fn value(value: impl Into<Bytes>) -> Self {
+        Fetched::Value {
+            value: value.into(),
+            validator: None,
+            ttl: None,
+        }
+    }
+
+    /// A new value with a validator.
+    pub fn value_with_validator(value: impl Into<Bytes>, validator: impl Into<String>) -> Self {
+        Fetched::Value {
+            value: value.into(),
+            validator: Some(validator.into()),
+            ttl: None,
+        }
+    }
+
+    /// "Not modified", with no TTL hint.
+    pub fn not_modified() -> Self {
+        Fetched::NotModified { ttl: None }
+    }
+}
+
+/// The last rate-limit budget a source reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// Requests allowed per window.
+    pub limit: u64,
+    /// Requests left in this window.
+    pub remaining: u64,
+    /// When the window resets.
+    pub reset: SystemTime,
+}
+
+impl RateLimit {
+    /// A budget.
+    pub fn new(limit: u64, remaining: u64, reset: SystemTime) -> Self {
+        Self {
+            limit,
+            remaining,
+            reset,
+        }
+    }
+}
+
+/// A failed call to a source, classified for the circuit breaker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The source is down or unreachable: a 5xx, a refused or reset connection. Counts against
+    /// the breaker.
+    #[error("source unavailable{}: {message}", status_suffix(.status))]
+    Unavailable {
+        /// HTTP status, when there was an answer.
+        status: Option<u16>,
+        /// What went wrong, with the source's own text where it gave one.
+        message: String,
+    },
+    /// The call did not finish within its deadline. Counts against the breaker.
+    #[error("source timed out after {after:?}")]
+    Timeout {
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The source's budget is spent until `until` (a primary or secondary rate limit).
+    #[error("source rate limited until {}{}: {message}", fmt_time(.until), status_suffix(.status))]
+    RateLimited {
+        /// When calls may be made again.
+        until: SystemTime,
+        /// HTTP status (403 or 429).
+        status: Option<u16>,
+        /// The source's own text.
+        message: String,
+    },
+    /// Credentials were refused (401). A configuration problem, not an outage.
+    #[error("source refused the credentials{}: {message}", status_suffix(.status))]
+    Unauthorized {
+        /// HTTP status.
+        status: Option<u16>,
+        /// The source's own text.
+        message: String,
+    },
+    /// A write conflicted with the source's current state (409, 422: a stale sha, a conflict).
+    #[error("source reported a conflict{}: {message}", status_suffix(.status))]
+    Conflict {
+        /// HTTP status.
+        status: Option<u16>,
+        /// The source's own text.
+        message: String,
+    },
+    /// The key does not exist at the source (for writes and deletes; reads answer
+    /// [`Fetched::NotFound`]).
+    #[error("not found at the source: {message}")]
+    NotFound {
+        /// The source's own text.
+        message: String,
+    },
+    /// The request was refused for good (another 4xx, a directory where a file was expected).
+    #[error("source rejected the request{}: {message}", status_suffix(.status))]
+    Rejected {
+        /// HTTP status.
+        status: Option<u16>,
+        /// The source's own text.
+        message: String,
+    },
+    /// The source refused the key's shape; nothing was sent.
+    #[error("invalid key for this source: {0}")]
+    InvalidKey(KeyError),
+    /// The source answered something that could not be understood. Counts against the breaker.
+    #[error("source answered garbage: {message}")]
+    InvalidResponse {
+        /// What was wrong with the answer.
+        message: String,
+    },
+    /// The source does not support the operation (a read-only source asked to write).
+    #[error("the source does not support {operation}")]
+    Unsupported {
+        /// The operation.
+        operation: &'static str,
+    },
+}
+
+fn status_suffix(status: &Option<u16>) -> String {
+    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
+}
+
+fn fmt_time(t: &SystemTime) -> String {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!("unix time {}", d.as_secs()),
+        Err(_) => "the past".to_owned(),
+    }
+}
+
+impl SourceError {
+    /// Whether this error is evidence the source is failing (5xx, connect error, timeout,
+    /// garbage), so it counts against the circuit breaker. Bad keys, 401, 404 and conflicts are not.
+    pub fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Unavailable { .. }
+                | SourceError::Timeout { .. }
+                | SourceError::InvalidResponse { .. }
+        )
+    }
+
+    /// `Some(instant)` when the source is out of budget until then.
+    pub fn rate_limited_until(&self) -> Option<SystemTime> {
+        match self {
+            SourceError::RateLimited { until, .. } => Some(*until),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same call later can succeed (an outage, a timeout, a rate limit).
+    /// A write that fails with a non-transient error goes to the dead letters.
+    pub fn is_transient(&self) -> bool {
+        self.counts_as_failure() || matches!(self, SourceError::RateLimited { .. })
+    }
+}
+
+/// The source of truth behind the cache (L3).
+///
+/// Implementations classify their failures with [`SourceError`] so the breaker can tell an outage
+/// from a bad request. The trait is object safe; the cache holds an `Arc<dyn Source>`.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use tiercache::source::{Fetched, Source, SourceError};
+///
+/// #[derive(Debug)]
+/// struct Upper;
+///
+/// #[async_trait]
+/// impl Source for Upper {
+///     async fn fetch(&self, key: &str, _validator: Option<&str>) -> Result<Fetched, SourceError> {
+///         Ok(Fetched::value(key.to_uppercase()))
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Source: Send + Sync + fmt::Debug + 'static {
+    /// Fetches `key`. `validator` is the one stored with the cached copy, if any; a source that
+    /// supports conditional requests answers [`Fetched::NotModified`] when it still matches.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`].
+    async fn fetch(&self, key: &str, validator: Option<&str>) -> Result<Fetched, SourceError>;
+
+    /// Writes `value` under `key` (write-through and write-behind). Must be idempotent: writing
+    /// what is already there succeeds. The default refuses: the source is read-only.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`]; [`SourceError::Unsupported`] by default.
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), SourceError> {
+        let _ = (key, value);
+        Err(SourceError::Unsupported { operation: "put" })
+    }
+
+    /// Deletes `key`. Deleting what is not there succeeds. The default refuses.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`]; [`SourceError::Unsupported`] by default.
+    async fn delete(&self, key: &str) -> Result<(), SourceError> {
+        let _ = key;
+        Err(SourceError::Unsupported {
+            operation: "delete",
+        })
+    }
+
+    /// Lists the keys under `prefix` (used by [`warm`](crate::TieredCache::warm)). The default
+    /// refuses.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`]; [`SourceError::Unsupported`] by default.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, SourceError> {
+        let _ = prefix;
+        Err(SourceError::Unsupported { operation: "list" })
+    }
+
+    /// Checks a key's shape for this source before any tier is touched. The default accepts every
+    /// key that passed the cache's own rules.
+    ///
+    /// # Errors
+    /// [`KeyError::Malformed`] naming the problem.
+    fn check_key(&self, key: &str) -> Result<(), KeyError> {
+        let _ = key;
+        Ok(())
+    }
+
+    /// The last rate-limit budget seen, if the source has one.
+    fn rate_limit(&self) -> Option<RateLimit> {
+        None
+    }
+}
+
+/// A source with nothing behind it: every fetch is "not found", every write is refused. The
+/// source of a cache used purely as a persistent two-tier store with [`Strategy::CacheAside`].
+///
+/// [`Strategy::CacheAside`]: crate::Strategy::CacheAside
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSource;
+
+#[async_trait]
+impl Source for NoSource {
+    async fn fetch(&self, _key: &str, _validator: Option<&str>) -> Result<Fetched, SourceError> {
+        Ok(Fetched::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_safe_and_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<std::sync::Arc<dyn Source>>();
+        assert_send_sync::<SourceError>();
+        let s: Box<dyn Source> = Box::new(NoSource);
+        assert!(format!("{s:?}").contains("NoSource"));
+    }
+
+    #[test]
+    fn classification() {
+        let e = SourceError::Unavailable {
+            status: Some(502),
+            message: "Bad Gateway".into(),
+        };
+        assert!(e.counts_as_failure() && e.is_transient());
+        assert_eq!(e.to_string(), "source unavailable (HTTP 502): Bad Gateway");
+        let r = SourceError::RateLimited {
+            until: SystemTime::UNIX_EPOCH + Duration::from_secs(10),
+            status: Some(403),
+            message: "API rate limit exceeded".into(),
+        };
+        assert!(!r.counts_as_failure() && r.is_transient());
+        assert!(r.rate_limited_until().is_some());
+        let c = SourceError::Conflict {
+            status: Some(409),
+            message: "sha mismatch".into(),
+        };
+        assert!(!c.counts_as_failure() && !c.is_transient());
+    }
+}
