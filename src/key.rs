@@ -77,7 +77,10 @@ mod tests {
     #[test]
     fn rules() {
         assert_eq!(validate(""), Err(KeyError::Empty));
-        assert_eq!(validate(&"a".repeat(1025)), Err(KeyError::TooLong { len: 1025 }));
+        assert_eq!(
+            validate(&"a".repeat(1025)),
+            Err(KeyError::TooLong { len: 1025 })
+        );
         assert!(validate(&"a".repeat(1024)).is_ok());
         assert_eq!(validate("a\0b"), Err(KeyError::ControlCharacter { at: 1 }));
         assert_eq!(validate("ab\n"), Err(KeyError::ControlCharacter { at: 2 }));

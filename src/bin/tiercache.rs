@@ -1,0 +1,2 @@
+//! The `tiercache` command line (being written).
+fn main() {}

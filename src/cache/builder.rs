@@ -1,0 +1,341 @@
+//! [`TieredCacheBuilder`]: every knob, its default, and the checks `build()` makes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::source::{NoSource, Source};
+use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
+
+use super::{Strategy, TieredCache};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+/// Longer than any sensible cache lifetime; a larger TTL is taken for a unit mistake.
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Builds a [`TieredCache`]. Get one from [`TieredCache::builder`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+/// use std::time::Duration;
+/// use tiercache::{Strategy, TieredCache};
+///
+/// let cache = TieredCache::builder()
+///     .memory_capacity(16 * 1024 * 1024)
+///     .sqlite_in_memory()
+///     .strategy(Strategy::CacheAside)
+///     .ttl(Duration::from_secs(60))
+///     .build()?;
+/// cache.set("greeting", "hello").await?;
+/// assert_eq!(cache.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+/// # Ok(()) }
+/// ```
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct TieredCacheBuilder {
+    pub(crate) memory_capacity: u64,
+    pub(crate) sqlite_location: Location,
+    pub(crate) sqlite_capacity: u64,
+    pub(crate) synchronous: Synchronous,
+    pub(crate) on_corrupt: OnCorrupt,
+    pub(crate) sqlite_readers: usize,
+    pub(crate) source: Option<Arc<dyn Source>>,
+    pub(crate) strategy: Strategy,
+    pub(crate) ttl: Duration,
+    pub(crate) stale_ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) fetch_concurrency: usize,
+    pub(crate) offline: bool,
+    pub(crate) stats: bool,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) retry_base: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) close_timeout: Duration,
+}
+
+impl Default for TieredCacheBuilder {
+    fn default() -> Self {
+        Self {
+            memory_capacity: 64 * MIB,
+            sqlite_location: Location::Memory,
+            sqlite_capacity: GIB,
+            synchronous: Synchronous::Normal,
+            on_corrupt: OnCorrupt::Fail,
+            sqlite_readers: 2,
+            source: None,
+            strategy: Strategy::ReadThrough,
+            ttl: Duration::from_secs(300),
+            stale_ttl: Duration::from_secs(24 * 3600),
+            negative_ttl: Duration::from_secs(60),
+            timeout: Duration::from_secs(15),
+            soft_timeout: None,
+            fetch_concurrency: 8,
+            offline: false,
+            stats: true,
+            clock: Arc::new(SystemClock),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TieredCacheBuilder {
+    /// L1's bound in bytes (keys, values and a per-entry overhead). Default: 64 MiB.
+    pub fn memory_capacity(mut self, bytes: u64) -> Self {
+        self.memory_capacity = bytes;
+        self
+    }
+
+    /// Keeps L2 in the database file at `path` (created if missing; WAL mode). Default: an
+    /// in-memory database, which does not survive the process.
+    pub fn sqlite_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sqlite_location = Location::File(path.into());
+        self
+    }
+
+    /// Keeps L2 in an in-memory SQLite database (for tests). This is the default.
+    pub fn sqlite_in_memory(mut self) -> Self {
+        self.sqlite_location = Location::Memory;
+        self
+    }
+
+    /// L2's bound in bytes of values held; past it, expired entries go first, then the least
+    /// recently used. Default: 1 GiB.
+    pub fn sqlite_capacity(mut self, bytes: u64) -> Self {
+        self.sqlite_capacity = bytes;
+        self
+    }
+
+    /// SQLite's `synchronous` setting. Default: [`Synchronous::Normal`].
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// What to do with a database file that is not SQLite or is corrupt. Default:
+    /// [`OnCorrupt::Fail`].
+    pub fn on_corrupt(mut self, on_corrupt: OnCorrupt) -> Self {
+        self.on_corrupt = on_corrupt;
+        self
+    }
+
+    /// Read connections to the database. Default: 2.
+    pub fn sqlite_readers(mut self, readers: usize) -> Self {
+        self.sqlite_readers = readers;
+        self
+    }
+
+    /// The source of truth (L3). Default: none ([`NoSource`]: every miss is "not found"),
+    /// which suits [`Strategy::CacheAside`] and [`Strategy::ReadThrough`] only.
+    pub fn source(mut self, source: impl Source) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The source of truth, already shared.
+    pub fn source_arc(mut self, source: Arc<dyn Source>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The strategy. Default: [`Strategy::ReadThrough`].
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// How long a value stays fresh after the source gave or confirmed it. Default: 5 minutes.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long after its fresh deadline a value may still be served stale when the source
+    /// cannot answer. Default: 24 hours.
+    pub fn stale_ttl(mut self, stale_ttl: Duration) -> Self {
+        self.stale_ttl = stale_ttl;
+        self
+    }
+
+    /// How long "not found" is remembered. Default: 60 seconds. Zero: not remembered.
+    pub fn negative_ttl(mut self, negative_ttl: Duration) -> Self {
+        self.negative_ttl = negative_ttl;
+        self
+    }
+
+    /// The hard deadline of one source call; past it the call counts as a timeout. Default: 15 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// When a stale copy exists and the source has not answered within this, the stale copy is
+    /// served at once and the fetch finishes in the background. Default: none (wait up to the
+    /// hard timeout).
+    pub fn soft_timeout(mut self, soft_timeout: Duration) -> Self {
+        self.soft_timeout = Some(soft_timeout);
+        self
+    }
+
+    /// Source calls in flight at once for one `mget` or `warm`. Default: 8.
+    pub fn fetch_concurrency(mut self, n: usize) -> Self {
+        self.fetch_concurrency = n;
+        self
+    }
+
+    /// Never contact the source; serve whatever L1 and L2 hold, stale included. Default: off.
+    pub fn offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// Record stats. Default: on.
+    pub fn stats(mut self, enabled: bool) -> Self {
+        self.stats = enabled;
+        self
+    }
+
+    /// The clock deadlines are read from. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Write-behind: the first retry delay after a failed delivery, doubled (with jitter) on each
+    /// further failure up to [`retry_max`](Self::retry_max). Default: 1 s.
+    pub fn retry_base(mut self, delay: Duration) -> Self {
+        self.retry_base = delay;
+        self
+    }
+
+    /// Write-behind: the longest retry delay. Default: 5 minutes.
+    pub fn retry_max(mut self, delay: Duration) -> Self {
+        self.retry_max = delay;
+        self
+    }
+
+    /// How long [`TieredCache::close`] tries to deliver the outbox before stopping. Default: 10 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Checks the configuration, opens L2 and starts the background tasks.
+    ///
+    /// Must be called within a Tokio runtime when the strategy is
+    /// [`WriteBehind`](Strategy::WriteBehind) (the outbox flusher is a task).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration that cannot work (zero or absurd sizes, an
+    /// unwritable path, a stale window or timeout that makes no sense, a write strategy without a
+    /// source); [`Error::CorruptDatabase`] for a damaged database file (unless
+    /// [`OnCorrupt::MoveAside`]).
+    pub fn build(self) -> Result<TieredCache> {
+        self.validate()?;
+        let sqlite = SqliteOptions {
+            location: self.sqlite_location.clone(),
+            max_bytes: self.sqlite_capacity,
+            synchronous: self.synchronous,
+            on_corrupt: self.on_corrupt,
+            readers: self.sqlite_readers,
+            busy_timeout: Duration::from_secs(5),
+        };
+        TieredCache::from_builder(self, sqlite)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.memory_capacity < 4 * KIB || self.memory_capacity > TIB {
+            return fail(format!(
+                "memory_capacity is {} bytes; it must be between 4 KiB and 1 TiB",
+                self.memory_capacity
+            ));
+        }
+        if self.sqlite_capacity < 64 * KIB || self.sqlite_capacity > 64 * TIB {
+            return fail(format!(
+                "sqlite_capacity is {} bytes; it must be between 64 KiB and 64 TiB",
+                self.sqlite_capacity
+            ));
+        }
+        if self.sqlite_readers == 0 || self.sqlite_readers > 64 {
+            return fail(format!(
+                "sqlite_readers is {}; it must be between 1 and 64",
+                self.sqlite_readers
+            ));
+        }
+        for (name, d) in [
+            ("ttl", self.ttl),
+            ("stale_ttl", self.stale_ttl),
+            ("negative_ttl", self.negative_ttl),
+        ] {
+            if d > MAX_TTL {
+                return fail(format!(
+                    "{name} is {d:?}, more than ten years; was a unit mistaken?"
+                ));
+            }
+        }
+        if self.ttl.is_zero() && self.stale_ttl.is_zero() {
+            return fail(
+                "ttl and stale_ttl are both zero: nothing could ever be served from the cache"
+                    .into(),
+            );
+        }
+        if self.timeout.is_zero() {
+            return fail("timeout is zero: no source call could succeed".into());
+        }
+        if let Some(soft) = self.soft_timeout {
+            if soft.is_zero() || soft >= self.timeout {
+                return fail(format!(
+                    "soft_timeout ({soft:?}) must be above zero and below timeout ({:?})",
+                    self.timeout
+                ));
+            }
+        }
+        if self.fetch_concurrency == 0 || self.fetch_concurrency > 1024 {
+            return fail(format!(
+                "fetch_concurrency is {}; it must be between 1 and 1024",
+                self.fetch_concurrency
+            ));
+        }
+        if self.retry_base.is_zero() || self.retry_max < self.retry_base {
+            return fail(format!(
+                "retry_base ({:?}) must be above zero and at most retry_max ({:?})",
+                self.retry_base, self.retry_max
+            ));
+        }
+        if matches!(
+            self.strategy,
+            Strategy::WriteThrough | Strategy::WriteBehind
+        ) && self.source.is_none()
+        {
+            return fail(format!(
+                "the {} strategy writes to the source, but no source was given",
+                self.strategy
+            ));
+        }
+        if let Location::File(path) = &self.sqlite_location {
+            if path.as_os_str().is_empty() {
+                return fail("sqlite_path is empty".into());
+            }
+            if path.is_dir() {
+                return fail(format!(
+                    "sqlite_path {} is a directory, not a database file",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn take_source(&mut self) -> Arc<dyn Source> {
+        self.source.take().unwrap_or_else(|| Arc::new(NoSource))
+    }
+}

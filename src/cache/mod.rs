@@ -1,0 +1,1039 @@
+//! [`TieredCache`]: the strategy, single-flight, freshness and stats over the three tiers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::entry::Entry;
+use crate::error::{Error, Result};
+use crate::key;
+use crate::lookup::{Freshness, Lookup, StaleReason, Tier};
+use crate::outbox::{DeadLetter, FlushReport, Outbox};
+use crate::source::{Fetched, Source, SourceError};
+use crate::stats::{Op, SnapshotExtras, SourceOutcome, Stats, StatsSnapshot};
+use crate::tier::memory::MemoryTier;
+use crate::tier::sqlite::{SqliteOptions, SqliteTier};
+use crate::tier::{OutboxOp, Store, StoreSummary};
+
+mod builder;
+mod flight;
+mod options;
+
+pub use builder::TieredCacheBuilder;
+pub use options::{ReadOptions, Strategy};
+
+use flight::Flights;
+
+/// How a load from the source ended, for `warm` and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loaded {
+    /// A new value (or "not found") came from the source.
+    Fetched,
+    /// The source confirmed the cached copy (304).
+    NotModified,
+    /// Another load had just filled L1; the source was not called.
+    AlreadyCached,
+}
+
+type LoadResult = Result<(Arc<Entry>, Loaded)>;
+
+/// Settings fixed at build time.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) strategy: Strategy,
+    pub(crate) ttl: u64,
+    pub(crate) stale_ttl: u64,
+    pub(crate) negative_ttl: u64,
+    pub(crate) timeout: Duration,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) fetch_concurrency: usize,
+    pub(crate) close_timeout: Duration,
+}
+
+pub(crate) struct Inner {
+    l1: MemoryTier,
+    l2: Arc<dyn Store>,
+    sqlite: Arc<SqliteTier>,
+    source: Arc<dyn Source>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    offline: AtomicBool,
+    closed: AtomicBool,
+    flights: Flights<(Arc<Entry>, Loaded)>,
+    stats: Arc<Stats>,
+    outbox: Option<Outbox>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("strategy", &self.settings.strategy)
+            .field("l1", &self.l1)
+            .field("l2", &self.sqlite)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(outbox) = &self.outbox {
+            outbox.stop();
+        }
+    }
+}
+
+/// A three-tier cache: memory (moka), SQLite, and a [`Source`] behind them.
+///
+/// Cheap to clone; clones share one cache. Dropping the last clone stops the background tasks
+/// without blocking; [`close`](Self::close) first delivers what the write-behind outbox holds.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+/// use async_trait::async_trait;
+/// use tiercache::source::{Fetched, Source, SourceError};
+/// use tiercache::{Tier, TieredCache};
+///
+/// #[derive(Debug)]
+/// struct Shout;
+///
+/// #[async_trait]
+/// impl Source for Shout {
+///     async fn fetch(&self, key: &str, _: Option<&str>) -> Result<Fetched, SourceError> {
+///         Ok(Fetched::value(key.to_uppercase()))
+///     }
+/// }
+///
+/// let cache = TieredCache::builder().source(Shout).build()?;
+/// let first = cache.lookup("hello").await?.unwrap();
+/// assert_eq!((first.value.as_ref(), first.tier), (&b"HELLO"[..], Tier::L3));
+/// let again = cache.lookup("hello").await?.unwrap();
+/// assert_eq!(again.tier, Tier::L1);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TieredCache {
+    inner: Arc<Inner>,
+}
+
+/// The result of [`TieredCache::warm`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct WarmSummary {
+    /// Keys listed under the prefix.
+    pub listed: usize,
+    /// Fetched with a new value.
+    pub fetched: usize,
+    /// Confirmed unchanged by the source (no bytes moved).
+    pub not_modified: usize,
+    /// Already fresh in the cache; the source was not asked.
+    pub cached: usize,
+    /// Failed, with the error of each.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Progress of [`TieredCache::warm`], passed to its callback after each key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WarmProgress {
+    /// Keys done.
+    pub done: usize,
+    /// Keys in all.
+    pub total: usize,
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    a.saturating_add(b)
+}
+
+impl TieredCache {
+    /// A builder with the documented defaults.
+    pub fn builder() -> TieredCacheBuilder {
+        TieredCacheBuilder::default()
+    }
+
+    pub(crate) fn from_builder(mut b: TieredCacheBuilder, sqlite: SqliteOptions) -> Result<Self> {
+        let source = b.take_source();
+        let sqlite = Arc::new(SqliteTier::open(sqlite)?);
+        let l2: Arc<dyn Store> = sqlite.clone();
+        let stats = Arc::new(Stats::new(b.stats));
+        let settings = Settings {
+            strategy: b.strategy,
+            ttl: millis(b.ttl),
+            stale_ttl: millis(b.stale_ttl),
+            negative_ttl: millis(b.negative_ttl),
+            timeout: b.timeout,
+            soft_timeout: b.soft_timeout,
+            fetch_concurrency: b.fetch_concurrency,
+            close_timeout: b.close_timeout,
+        };
+        let outbox = if b.strategy == Strategy::WriteBehind {
+            Some(Outbox::start(
+                l2.clone(),
+                source.clone(),
+                b.clock.clone(),
+                b.retry_base,
+                b.retry_max,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                l1: MemoryTier::new(b.memory_capacity, b.clock.clone()),
+                l2,
+                sqlite,
+                source,
+                clock: b.clock,
+                settings,
+                offline: AtomicBool::new(b.offline),
+                closed: AtomicBool::new(false),
+                flights: Flights::default(),
+                stats,
+                outbox,
+            }),
+        })
+    }
+
+    /// The strategy in use.
+    pub fn strategy(&self) -> Strategy {
+        self.inner.settings.strategy
+    }
+
+    /// Switches offline mode: when on, the source is never contacted and whatever L1 and L2
+    /// hold is served, stale included.
+    pub fn set_offline(&self, offline: bool) {
+        self.inner.offline.store(offline, Ordering::Relaxed);
+    }
+
+    /// Whether offline mode is on.
+    pub fn is_offline(&self) -> bool {
+        self.inner.offline.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn check(&self, key: &str) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        key::validate(key).map_err(|r| Error::invalid_key(key, r))?;
+        self.inner
+            .source
+            .check_key(key)
+            .map_err(|r| Error::invalid_key(key, r))
+    }
+
+    #[inline]
+    fn now(&self) -> u64 {
+        now_millis(self.inner.clock.as_ref())
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// The value of `key`, or `None` when it does not exist (or, under
+    /// [`Strategy::CacheAside`], is not cached).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Unavailable`] when the source failed and no stale copy
+    /// could stand in; [`Error::Source`] when the source refused the request.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.lookup(key).await?.map(|l| l.value))
+    }
+
+    /// The value of `key` with where it came from: the tier, fresh or stale (and why), its age.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>> {
+        self.lookup_inner(key, None).await
+    }
+
+    /// [`lookup`](Self::lookup) with per-call options.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn lookup_with(&self, key: &str, options: &ReadOptions) -> Result<Option<Lookup>> {
+        self.lookup_inner(key, options.max_age.map(millis)).await
+    }
+
+    async fn lookup_inner(&self, key: &str, max_age: Option<u64>) -> Result<Option<Lookup>> {
+        self.check(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start_sampled();
+        let now = self.now();
+        let candidate = match inner.l1.get(key).await {
+            Some(e) if e.is_fresh(now, max_age) => {
+                inner.stats.hit(Tier::L1);
+                inner.stats.record(Tier::L1, Op::Get, timer);
+                return Ok(self.served(&e, Tier::L1, Freshness::Fresh, now));
+            }
+            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
+            _ => None,
+        };
+        inner.stats.miss(Tier::L1);
+        let timer = inner.stats.start();
+        let result = self.lookup_slow(key, max_age, candidate, now).await;
+        let tier = match &result {
+            Ok(Some(l)) => l.tier,
+            _ => Tier::L3,
+        };
+        inner.stats.record(tier, Op::Get, timer);
+        result
+    }
+
+    /// Everything after an L1 miss: L2, then the source.
+    async fn lookup_slow(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+        mut candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
+        match inner.l2.get(key).await {
+            Ok(Some(e)) if e.is_servable(now) => {
+                let e = Arc::new(e);
+                if e.is_fresh(now, max_age) {
+                    inner.stats.hit(Tier::L2);
+                    inner.l1.insert(key, e.clone()).await;
+                    inner.l2.touch(key, now);
+                    return Ok(self.served(&e, Tier::L2, Freshness::Fresh, now));
+                }
+                inner.stats.miss(Tier::L2);
+                if candidate
+                    .as_ref()
+                    .is_none_or(|(c, _)| e.stored_at > c.stored_at)
+                {
+                    candidate = Some((e, Tier::L2));
+                }
+            }
+            Ok(_) => inner.stats.miss(Tier::L2),
+            Err(e) => {
+                inner.stats.error(Tier::L2);
+                tracing::warn!(key, error = %e, "L2 read failed; going on without it");
+            }
+        }
+        self.from_source(key, max_age, candidate, now).await
+    }
+
+    /// The source's turn: load (single-flight), or fall back to the stale candidate.
+    async fn from_source(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
+        if !inner.settings.strategy.reads_through() {
+            return Ok(None);
+        }
+        if self.is_offline() {
+            let err = SourceError::Unavailable {
+                status: None,
+                message: "offline mode is on".into(),
+            };
+            return self.fallback(key, candidate, StaleReason::Offline, err, now);
+        }
+        let prev = candidate.as_ref().map(|(e, _)| e.clone());
+        let flight = inner.flights.join(key, || {
+            load(self.inner.clone(), key.to_owned(), prev, max_age)
+        });
+        if !flight.leader {
+            inner.stats.coalesced_waiter();
+        }
+        let result = match (inner.settings.soft_timeout, &candidate) {
+            (Some(soft), Some(_)) => match tokio::time::timeout(soft, flight.wait()).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unavailable {
+                    key: key.to_owned(),
+                    reason: StaleReason::Timeout,
+                    source: SourceError::Timeout { after: soft },
+                }),
+            },
+            _ => flight.wait().await,
+        };
+        match result {
+            Ok((entry, _)) => Ok(self.served(&entry, Tier::L3, Freshness::Fresh, self.now())),
+            Err(Error::Unavailable { reason, source, .. }) => {
+                self.fallback(key, candidate, reason, source, now)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Serves the stale candidate, or says the key is unavailable.
+    fn fallback(
+        &self,
+        key: &str,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        reason: StaleReason,
+        source: SourceError,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        match candidate {
+            Some((e, tier)) if e.is_servable(now) => {
+                self.inner.stats.stale_served(reason);
+                tracing::info!(key, %tier, %reason, "serving a stale copy");
+                let fresh = if e.is_fresh(now, None) {
+                    Freshness::Fresh
+                } else {
+                    Freshness::Stale { reason }
+                };
+                Ok(self.served(&e, tier, fresh, now))
+            }
+            _ => Err(Error::Unavailable {
+                key: key.to_owned(),
+                reason,
+                source,
+            }),
+        }
+    }
+
+    #[inline]
+    fn served(&self, e: &Entry, tier: Tier, freshness: Freshness, now: u64) -> Option<Lookup> {
+        match &e.value {
+            Some(value) => Some(Lookup {
+                value: value.clone(),
+                tier,
+                freshness,
+                age: Duration::from_millis(now.saturating_sub(e.stored_at)),
+                validator: e.validator.clone(),
+            }),
+            None => {
+                self.inner.stats.negative_hit();
+                None
+            }
+        }
+    }
+
+    /// Looks up many keys at once: one pass over L1, one SQL statement for all L1 misses, and
+    /// the source (with bounded concurrency, one call per distinct key) for what is left.
+    ///
+    /// The results are in the order of `keys`; a failed key does not fail the others.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// use tiercache::{Strategy, TieredCache};
+    ///
+    /// let cache = TieredCache::builder().strategy(Strategy::CacheAside).build()?;
+    /// cache.set("a", "1").await?;
+    /// let results = cache.mget(&["a", "b", "a"]).await;
+    /// assert_eq!(results[0].as_ref().unwrap().as_ref().unwrap().value, "1");
+    /// assert!(results[1].as_ref().unwrap().is_none());
+    /// # Ok(()) }
+    /// ```
+    pub async fn mget<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
+        let inner = &*self.inner;
+        let timer = inner.stats.start();
+        let now = self.now();
+        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let mut slots: Vec<Option<Result<Option<Lookup>>>> = vec![None; keys.len()];
+        // Distinct valid keys, each with the input positions it answers.
+        let mut distinct: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for (i, &k) in keys.iter().enumerate() {
+            if let Err(e) = self.check(k) {
+                slots[i] = Some(Err(e));
+                continue;
+            }
+            match index.get(k) {
+                Some(&d) => {
+                    let entry: &mut (&str, Vec<usize>) = &mut distinct[d];
+                    entry.1.push(i);
+                }
+                None => {
+                    index.insert(k, distinct.len());
+                    distinct.push((k, vec![i]));
+                }
+            }
+        }
+        let mut answers: Vec<Option<Result<Option<Lookup>>>> = vec![None; distinct.len()];
+        let mut candidates: Vec<Option<(Arc<Entry>, Tier)>> = vec![None; distinct.len()];
+        // L1.
+        let mut l1_misses = Vec::new();
+        for (d, (k, _)) in distinct.iter().enumerate() {
+            match inner.l1.get(k).await {
+                Some(e) if e.is_fresh(now, None) => {
+                    inner.stats.hit(Tier::L1);
+                    answers[d] = Some(Ok(self.served(&e, Tier::L1, Freshness::Fresh, now)));
+                }
+                other => {
+                    inner.stats.miss(Tier::L1);
+                    candidates[d] = other.filter(|e| e.is_servable(now)).map(|e| (e, Tier::L1));
+                    l1_misses.push(d);
+                }
+            }
+        }
+        // L2: one statement for all L1 misses.
+        let mut to_source = Vec::new();
+        if !l1_misses.is_empty() {
+            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d].0).collect();
+            match inner.l2.get_many(&wanted).await {
+                Ok(found) => {
+                    let mut found: std::collections::HashMap<String, Entry> =
+                        found.into_iter().collect();
+                    for d in l1_misses {
+                        let k = distinct[d].0;
+                        match found.remove(k).filter(|e| e.is_servable(now)) {
+                            Some(e) if e.is_fresh(now, None) => {
+                                inner.stats.hit(Tier::L2);
+                                let e = Arc::new(e);
+                                inner.l1.insert(k, e.clone()).await;
+                                inner.l2.touch(k, now);
+                                answers[d] =
+                                    Some(Ok(self.served(&e, Tier::L2, Freshness::Fresh, now)));
+                            }
+                            Some(e) => {
+                                inner.stats.miss(Tier::L2);
+                                if candidates[d]
+                                    .as_ref()
+                                    .is_none_or(|(c, _)| e.stored_at > c.stored_at)
+                                {
+                                    candidates[d] = Some((Arc::new(e), Tier::L2));
+                                }
+                                to_source.push(d);
+                            }
+                            None => {
+                                inner.stats.miss(Tier::L2);
+                                to_source.push(d);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    inner.stats.error(Tier::L2);
+                    tracing::warn!(error = %e, "L2 batch read failed; going on without it");
+                    to_source = l1_misses;
+                }
+            }
+        }
+        // The source, for what is left.
+        let distinct_ref = &distinct;
+        let fetched: Vec<(usize, Result<Option<Lookup>>)> = stream::iter(to_source)
+            .map(|d| {
+                let candidate = candidates[d].take();
+                async move {
+                    let key = distinct_ref[d].0;
+                    (d, self.from_source(key, None, candidate, now).await)
+                }
+            })
+            .buffer_unordered(inner.settings.fetch_concurrency)
+            .collect()
+            .await;
+        for (d, r) in fetched {
+            answers[d] = Some(r);
+        }
+        for (d, (_, positions)) in distinct.iter().enumerate() {
+            let answer = answers[d].take().unwrap_or(Ok(None));
+            for &i in positions {
+                slots[i] = Some(answer.clone());
+            }
+        }
+        inner.stats.record(Tier::L2, Op::Mget, timer);
+        slots.into_iter().map(|s| s.unwrap_or(Ok(None))).collect()
+    }
+
+    /// Reads `key` and decodes it from JSON. A value that fails to decode is an error for this
+    /// call, counted, and dropped from the caches.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), and [`Error::Decode`].
+    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.get(key).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                self.inner.stats.decode_error();
+                self.inner.l1.remove(key).await;
+                if let Err(e) = self.inner.l2.remove(key).await {
+                    tracing::warn!(key, error = %e, "could not drop an undecodable entry from L2");
+                }
+                Err(Error::Decode {
+                    key: key.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Writes `value` under `key` with the default TTL, following the strategy.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; under write-through, the source's refusal (the caches are left
+    /// untouched); under write-behind, [`Error::Storage`] when the write could not be made
+    /// durable (it is then not acknowledged).
+    pub async fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<()> {
+        self.set_entry(key, value.into(), None).await
+    }
+
+    /// [`set`](Self::set) with its own TTL.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_entry(key, value.into(), Some(millis(ttl))).await
+    }
+
+    /// Encodes `value` as JSON and [`set`](Self::set)s it.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set), and [`Error::Encode`].
+    pub async fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Encode {
+            key: key.to_owned(),
+            message: e.to_string(),
+        })?;
+        self.set(key, bytes).await
+    }
+
+    async fn set_entry(&self, key: &str, value: Bytes, ttl: Option<u64>) -> Result<()> {
+        self.check(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start();
+        let now = self.now();
+        let fresh_until = add(now, ttl.unwrap_or(inner.settings.ttl));
+        let entry = Entry {
+            value: Some(value.clone()),
+            validator: None,
+            stored_at: now,
+            fresh_until,
+            stale_until: add(fresh_until, inner.settings.stale_ttl),
+        };
+        match inner.settings.strategy {
+            Strategy::ReadThrough | Strategy::CacheAside => self.put_l2(key, entry.clone()).await,
+            Strategy::WriteThrough => {
+                self.write_source(key, Some(&value)).await?;
+                self.put_l2(key, entry.clone()).await;
+            }
+            Strategy::WriteBehind => {
+                inner
+                    .l2
+                    .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
+                    .await?;
+            }
+        }
+        inner.l1.insert(key, Arc::new(entry)).await;
+        if let Some(outbox) = &inner.outbox {
+            outbox.notify();
+        }
+        inner.stats.record(Tier::L1, Op::Set, timer);
+        Ok(())
+    }
+
+    /// Deletes `key`, following the strategy.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.check(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start();
+        match inner.settings.strategy {
+            Strategy::ReadThrough | Strategy::CacheAside => {
+                if let Err(e) = inner.l2.remove(key).await {
+                    inner.stats.error(Tier::L2);
+                    tracing::warn!(key, error = %e, "L2 delete failed");
+                }
+            }
+            Strategy::WriteThrough => {
+                self.write_source(key, None).await?;
+                if let Err(e) = inner.l2.remove(key).await {
+                    inner.stats.error(Tier::L2);
+                    tracing::warn!(key, error = %e, "L2 delete failed");
+                }
+            }
+            Strategy::WriteBehind => {
+                inner
+                    .l2
+                    .enqueue(key, None, OutboxOp::Delete, self.now())
+                    .await?;
+            }
+        }
+        inner.l1.remove(key).await;
+        if let Some(outbox) = &inner.outbox {
+            outbox.notify();
+        }
+        inner.stats.record(Tier::L1, Op::Delete, timer);
+        Ok(())
+    }
+
+    /// Drops `key` from L1 and L2 without telling the source.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::Storage`].
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        self.check(key)?;
+        self.inner.l1.remove(key).await;
+        self.inner.l2.remove(key).await
+    }
+
+    async fn put_l2(&self, key: &str, entry: Entry) {
+        if let Err(e) = self.inner.l2.put(key, entry).await {
+            self.inner.stats.error(Tier::L2);
+            tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
+        }
+    }
+
+    /// Write-through: the source first.
+    async fn write_source(&self, key: &str, value: Option<&Bytes>) -> Result<()> {
+        let inner = &*self.inner;
+        let call = async {
+            match value {
+                Some(v) => inner.source.put(key, v).await,
+                None => inner.source.delete(key).await,
+            }
+        };
+        let result = match tokio::time::timeout(inner.settings.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(SourceError::Timeout {
+                after: inner.settings.timeout,
+            }),
+        };
+        result.map_err(|e| source_failure(key, e))
+    }
+
+    // ---------------------------------------------------------------- write-behind
+
+    /// Delivers the write-behind outbox now: one attempt for every pending key, ignoring retry
+    /// delays. Returns what was delivered and what is stuck, and why.
+    ///
+    /// Under other strategies there is no outbox and the report is empty.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the outbox cannot be read.
+    pub async fn flush(&self) -> Result<FlushReport> {
+        match &self.inner.outbox {
+            Some(outbox) => outbox.flush().await,
+            None => Ok(FlushReport::default()),
+        }
+    }
+
+    /// Writes the source refused for good, kept until retried or discarded.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .inner
+            .l2
+            .dead_letters()
+            .await?
+            .into_iter()
+            .map(DeadLetter::from)
+            .collect())
+    }
+
+    /// Moves a dead letter back into the outbox for another attempt. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn retry_dead_letter(&self, id: i64) -> Result<bool> {
+        let found = self.inner.l2.resolve_dead_letter(id, true).await?;
+        if let Some(outbox) = &self.inner.outbox {
+            outbox.notify();
+        }
+        Ok(found)
+    }
+
+    /// Deletes a dead letter for good. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn discard_dead_letter(&self, id: i64) -> Result<bool> {
+        self.inner.l2.resolve_dead_letter(id, false).await
+    }
+
+    /// Flushes the outbox (within the close timeout), then stops the background tasks. What is
+    /// left stays in the database for the next open. Later calls fail with [`Error::Closed`].
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the outbox cannot be read.
+    pub async fn close(&self) -> Result<FlushReport> {
+        let report = match &self.inner.outbox {
+            Some(outbox) => {
+                let flushed =
+                    tokio::time::timeout(self.inner.settings.close_timeout, outbox.flush()).await;
+                outbox.stop();
+                match flushed {
+                    Ok(r) => r?,
+                    Err(_) => outbox.report_pending().await?,
+                }
+            }
+            None => FlushReport::default(),
+        };
+        self.inner.closed.store(true, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    // ---------------------------------------------------------------- warm
+
+    /// Fetches every key the source lists under `prefix` into the cache (conditional requests
+    /// for what is already held), with bounded concurrency, calling `progress` after each key.
+    /// This is what makes a folder of components available offline.
+    ///
+    /// # Errors
+    /// [`Error::Source`] / [`Error::Unavailable`] when the listing fails. Per-key failures are in
+    /// the summary.
+    pub async fn warm(
+        &self,
+        prefix: &str,
+        progress: impl Fn(WarmProgress) + Send + Sync,
+    ) -> Result<WarmSummary> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        let keys =
+            tokio::time::timeout(self.inner.settings.timeout, self.inner.source.list(prefix))
+                .await
+                .unwrap_or(Err(SourceError::Timeout {
+                    after: self.inner.settings.timeout,
+                }))
+                .map_err(|e| source_failure(prefix, e))?;
+        let total = keys.len();
+        let mut summary = WarmSummary {
+            listed: total,
+            ..WarmSummary::default()
+        };
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<(String, Result<Loaded>)> = stream::iter(keys)
+            .map(|k| {
+                let done = &done;
+                let progress = &progress;
+                async move {
+                    let r = self.warm_one(&k).await;
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    progress(WarmProgress { done: n, total });
+                    (k, r)
+                }
+            })
+            .buffer_unordered(self.inner.settings.fetch_concurrency)
+            .collect()
+            .await;
+        for (k, r) in results {
+            match r {
+                Ok(Loaded::Fetched) => summary.fetched += 1,
+                Ok(Loaded::NotModified) => summary.not_modified += 1,
+                Ok(Loaded::AlreadyCached) => summary.cached += 1,
+                Err(e) => summary.failed.push((k, e.to_string())),
+            }
+        }
+        summary.failed.sort();
+        Ok(summary)
+    }
+
+    async fn warm_one(&self, key: &str) -> Result<Loaded> {
+        self.check(key)?;
+        let now = self.now();
+        let held = match self.inner.l2.get(key).await {
+            Ok(e) => e.filter(|e| e.is_servable(now)).map(Arc::new),
+            Err(_) => self.inner.l1.get(key).await,
+        };
+        if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
+            return Ok(Loaded::AlreadyCached);
+        }
+        let flight = self
+            .inner
+            .flights
+            .join(key, || load(self.inner.clone(), key.to_owned(), held, None));
+        flight.wait().await.map(|(_, how)| how)
+    }
+
+    // ---------------------------------------------------------------- introspection
+
+    /// A snapshot of the stats.
+    pub async fn stats(&self) -> StatsSnapshot {
+        let _ = self.inner.l1.weighted_size();
+        self.inner.stats.snapshot(SnapshotExtras::default())
+    }
+
+    /// Zeroes the stats.
+    pub fn reset_stats(&self) {
+        self.inner.stats.reset();
+    }
+
+    /// What the L2 database holds: entries, bytes, stale entries, outbox depth, dead letters.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn store_summary(&self) -> Result<StoreSummary> {
+        self.inner.l2.summary(self.now()).await
+    }
+
+    /// The source's last seen rate-limit budget.
+    pub fn rate_limit(&self) -> Option<crate::source::RateLimit> {
+        self.inner.source.rate_limit()
+    }
+
+    /// Entries and weighted bytes in L1 (after pending maintenance).
+    pub async fn memory_usage(&self) -> (u64, u64) {
+        self.inner.l1.run_pending_tasks().await;
+        (self.inner.l1.entry_count(), self.inner.l1.weighted_size())
+    }
+
+    #[doc(hidden)]
+    /// Statements run on L2's read connections so far (tests prove `mget` makes one).
+    pub fn l2_read_statements(&self) -> u64 {
+        self.inner.sqlite.read_statements()
+    }
+}
+
+/// Classifies a source error into the cache's error.
+fn source_failure(key: &str, e: SourceError) -> Error {
+    let reason = match &e {
+        SourceError::RateLimited { .. } => Some(StaleReason::RateLimited),
+        SourceError::Timeout { .. } => Some(StaleReason::Timeout),
+        e if e.counts_as_failure() => Some(StaleReason::SourceError),
+        _ => None,
+    };
+    match reason {
+        Some(reason) => Error::Unavailable {
+            key: key.to_owned(),
+            reason,
+            source: e,
+        },
+        None => Error::Source {
+            key: key.to_owned(),
+            source: e,
+        },
+    }
+}
+
+/// One load from the source, run as its own task by single-flight.
+async fn load(
+    inner: Arc<Inner>,
+    key: String,
+    prev: Option<Arc<Entry>>,
+    max_age: Option<u64>,
+) -> LoadResult {
+    let clock = inner.clock.clone();
+    let now = now_millis(clock.as_ref());
+    // A load that finished just before this one started has already filled L1.
+    if let Some(e) = inner.l1.get(&key).await {
+        let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
+        if !same && e.is_fresh(now, max_age) {
+            return Ok((e, Loaded::AlreadyCached));
+        }
+    }
+    let validator = prev
+        .as_ref()
+        .filter(|p| p.value.is_some())
+        .and_then(|p| p.validator.clone());
+    let settings = &inner.settings;
+    let fetched = match tokio::time::timeout(
+        settings.timeout,
+        inner.source.fetch(&key, validator.as_deref()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(SourceError::Timeout {
+            after: settings.timeout,
+        }),
+    };
+    let now = now_millis(clock.as_ref());
+    let deadlines = |ttl: Option<Duration>, base: u64| {
+        let fresh_until = add(now, ttl.map_or(base, millis));
+        (fresh_until, add(fresh_until, settings.stale_ttl))
+    };
+    let (entry, how) = match fetched {
+        Ok(Fetched::Value {
+            value,
+            validator,
+            ttl,
+        }) => {
+            inner.stats.source_call(SourceOutcome::Ok);
+            let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
+            let entry = Entry {
+                value: Some(value),
+                validator,
+                stored_at: now,
+                fresh_until,
+                stale_until,
+            };
+            store(&inner, &key, &entry).await;
+            (entry, Loaded::Fetched)
+        }
+        Ok(Fetched::NotModified { ttl }) => {
+            inner.stats.source_call(SourceOutcome::NotModified);
+            let Some(prev) = prev.filter(|p| p.value.is_some()) else {
+                inner.stats.source_call(SourceOutcome::Failed);
+                return Err(source_failure(
+                    &key,
+                    SourceError::InvalidResponse {
+                        message: "the source answered \"not modified\" to an unconditional request"
+                            .into(),
+                    },
+                ));
+            };
+            let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
+            let entry = prev.renewed(now, fresh_until, stale_until);
+            if let Err(e) = inner.l2.renew(&key, now, fresh_until, stale_until).await {
+                inner.stats.error(Tier::L2);
+                tracing::warn!(key, error = %e, "L2 renew failed");
+            }
+            (entry, Loaded::NotModified)
+        }
+        Ok(Fetched::NotFound) => {
+            inner.stats.source_call(SourceOutcome::NotFound);
+            let fresh_until = add(now, settings.negative_ttl);
+            let entry = Entry {
+                value: None,
+                validator: None,
+                stored_at: now,
+                fresh_until,
+                stale_until: fresh_until,
+            };
+            if settings.negative_ttl > 0 {
+                store(&inner, &key, &entry).await;
+            }
+            (entry, Loaded::Fetched)
+        }
+        Err(e) => {
+            inner
+                .stats
+                .source_call(if e.rate_limited_until().is_some() {
+                    SourceOutcome::RateLimited
+                } else {
+                    SourceOutcome::Failed
+                });
+            inner.stats.error(Tier::L3);
+            return Err(source_failure(&key, e));
+        }
+    };
+    let entry = Arc::new(entry);
+    if settings.negative_ttl > 0 || entry.value.is_some() {
+        inner.l1.insert(&key, entry.clone()).await;
+    }
+    Ok((entry, how))
+}
+
+async fn store(inner: &Inner, key: &str, entry: &Entry) {
+    if let Err(e) = inner.l2.put(key, entry.clone()).await {
+        inner.stats.error(Tier::L2);
+        tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<TieredCache>();
+    let _ = from_millis;
+    let _: Option<SystemTime> = None;
+}

@@ -1,0 +1,337 @@
+//! Write-behind delivery: a background flusher that pushes the durable outbox (rows in the L2
+//! database) to the source, in per-key order, coalescing pending writes of one key into the last,
+//! retrying transient failures with exponential backoff and jitter, and keeping writes the source
+//! refuses for good as dead letters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::stream::{self, StreamExt};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::error::{Error, Result};
+use crate::source::{Source, SourceError};
+use crate::tier::{OutboxOp, OutboxRow, Store};
+
+/// Rows read per delivery round.
+const ROUND_ROWS: usize = 4096;
+/// Keys delivered at once.
+const DELIVERY_CONCURRENCY: usize = 8;
+/// Rounds one `flush` makes at most (new writes may keep arriving while it works).
+const FLUSH_ROUNDS: usize = 16;
+
+/// A write the source refused for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its id, for [`retry_dead_letter`](crate::TieredCache::retry_dead_letter) and
+    /// [`discard_dead_letter`](crate::TieredCache::discard_dead_letter).
+    pub id: i64,
+    /// The key.
+    pub key: String,
+    /// `"put"` or `"delete"`.
+    pub op: &'static str,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// The source's last error.
+    pub error: Option<String>,
+    /// When the write was made.
+    pub created_at: SystemTime,
+}
+
+impl From<OutboxRow> for DeadLetter {
+    fn from(r: OutboxRow) -> Self {
+        Self {
+            id: r.id,
+            key: r.key,
+            op: r.op.name(),
+            attempts: r.attempts,
+            error: r.last_error,
+            created_at: from_millis(r.created_at),
+        }
+    }
+}
+
+/// What a [`flush`](crate::TieredCache::flush) did and what is left.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Outbox rows delivered (coalesced writes count each).
+    pub delivered: u64,
+    /// Rows still waiting for delivery.
+    pub pending: u64,
+    /// Rows moved to the dead letters by this flush.
+    pub dead_lettered: u64,
+    /// Keys still pending, each with the error of its last attempt.
+    pub stuck: Vec<(String, String)>,
+}
+
+impl FlushReport {
+    /// Whether nothing is left to deliver.
+    pub fn is_complete(&self) -> bool {
+        self.pending == 0
+    }
+}
+
+/// The outcome of delivering one key.
+enum Delivery {
+    Delivered(u64),
+    Retry(String),
+    Dead(String),
+    /// The source was not called (breaker open, rate limited until later).
+    Held(String),
+}
+
+struct Deliverer {
+    store: Arc<dyn Store>,
+    source: Arc<dyn Source>,
+    clock: Arc<dyn Clock>,
+    retry_base: Duration,
+    retry_max: Duration,
+    /// Serializes rounds so a flush and the background task never deliver one key twice at once.
+    round: tokio::sync::Mutex<()>,
+}
+
+/// The write-behind outbox's background flusher.
+pub(crate) struct Outbox {
+    deliverer: Arc<Deliverer>,
+    notify: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Starts the flusher, which first replays what an earlier process left pending.
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        source: Arc<dyn Source>,
+        clock: Arc<dyn Clock>,
+        retry_base: Duration,
+        retry_max: Duration,
+    ) -> Result<Self> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Config(
+                "the write-behind strategy needs a Tokio runtime to run its flusher".into(),
+            )
+        })?;
+        let deliverer = Arc::new(Deliverer {
+            store,
+            source,
+            clock,
+            retry_base,
+            retry_max,
+            round: tokio::sync::Mutex::new(()),
+        });
+        let notify = Arc::new(Notify::new());
+        let (stop, stopped) = watch::channel(false);
+        let task = handle.spawn(run(deliverer.clone(), notify.clone(), stopped));
+        Ok(Self {
+            deliverer,
+            notify,
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    pub(crate) fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn stop(&self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+
+    /// One attempt for every pending key, ignoring retry delays; repeated while new writes
+    /// arrive and everything goes through.
+    pub(crate) async fn flush(&self) -> Result<FlushReport> {
+        let mut report = FlushReport::default();
+        for _ in 0..FLUSH_ROUNDS {
+            let round = self.deliverer.round(true).await?;
+            report.delivered += round.delivered;
+            report.dead_lettered += round.dead_lettered;
+            if !round.stuck.is_empty() || round.attempted == 0 {
+                report.stuck = round.stuck;
+                break;
+            }
+        }
+        let pending = self.report_pending().await?;
+        report.pending = pending.pending;
+        if report.stuck.is_empty() {
+            report.stuck = pending.stuck;
+        }
+        Ok(report)
+    }
+
+    /// What is pending now, without delivering.
+    pub(crate) async fn report_pending(&self) -> Result<FlushReport> {
+        let rows = self.deliverer.store.outbox_pending(usize::MAX >> 1).await?;
+        let mut stuck: Vec<(String, String)> = Vec::new();
+        for r in &rows {
+            if let Some(err) = &r.last_error {
+                if !stuck.iter().any(|(k, _)| k == &r.key) {
+                    stuck.push((r.key.clone(), err.clone()));
+                }
+            }
+        }
+        Ok(FlushReport {
+            pending: rows.len() as u64,
+            stuck,
+            ..FlushReport::default()
+        })
+    }
+}
+
+#[derive(Default)]
+struct Round {
+    attempted: usize,
+    delivered: u64,
+    dead_lettered: u64,
+    stuck: Vec<(String, String)>,
+    /// The earliest time a key held back by its retry delay becomes due (ms).
+    next_due: Option<u64>,
+}
+
+impl Deliverer {
+    async fn round(&self, ignore_delays: bool) -> Result<Round> {
+        let _one_at_a_time = self.round.lock().await;
+        let rows = self.store.outbox_pending(ROUND_ROWS).await?;
+        let now = now_millis(self.clock.as_ref());
+        // Group by key, in order of each key's oldest row.
+        let mut order: Vec<String> = Vec::new();
+        let mut by_key: HashMap<String, Vec<OutboxRow>> = HashMap::new();
+        for r in rows {
+            if !by_key.contains_key(&r.key) {
+                order.push(r.key.clone());
+            }
+            by_key.entry(r.key.clone()).or_default().push(r);
+        }
+        let mut round = Round::default();
+        let mut due = Vec::new();
+        for key in order {
+            let rows = by_key.remove(&key).unwrap_or_default();
+            let next = rows.iter().map(|r| r.next_attempt).max().unwrap_or(0);
+            if !ignore_delays && next > now {
+                round.next_due = Some(round.next_due.map_or(next, |d| d.min(next)));
+                continue;
+            }
+            due.push((key, rows));
+        }
+        round.attempted = due.len();
+        let outcomes: Vec<(String, Result<Delivery>)> = stream::iter(due)
+            .map(|(key, rows)| async move {
+                let d = self.deliver(&key, rows).await;
+                (key, d)
+            })
+            .buffer_unordered(DELIVERY_CONCURRENCY)
+            .collect()
+            .await;
+        for (key, outcome) in outcomes {
+            match outcome? {
+                Delivery::Delivered(n) => round.delivered += n,
+                Delivery::Dead(e) => {
+                    round.dead_lettered += 1;
+                    tracing::error!(key, error = %e, "write-behind: the source refused a write for good; kept as a dead letter");
+                }
+                Delivery::Retry(e) | Delivery::Held(e) => {
+                    tracing::warn!(key, error = %e, "write-behind: delivery failed; will retry");
+                    round.stuck.push((key, e));
+                }
+            }
+        }
+        round.stuck.sort();
+        Ok(round)
+    }
+
+    /// Delivers the last of `rows` (all of one key, oldest first) and settles them all.
+    async fn deliver(&self, key: &str, rows: Vec<OutboxRow>) -> Result<Delivery> {
+        let Some(last) = rows.last() else {
+            return Ok(Delivery::Delivered(0));
+        };
+        let up_to = last.id;
+        let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
+        let result = match &last.op {
+            OutboxOp::Put(v) => self.source.put(key, v).await,
+            OutboxOp::Delete => match self.source.delete(key).await {
+                Err(SourceError::NotFound { .. }) => Ok(()),
+                other => other,
+            },
+        };
+        let now = now_millis(self.clock.as_ref());
+        match result {
+            Ok(()) => {
+                self.store.outbox_complete(key, up_to).await?;
+                Ok(Delivery::Delivered(rows.len() as u64))
+            }
+            Err(e) if e.is_transient() => {
+                let mut next = now + self.backoff(attempts);
+                if let Some(until) = e.rate_limited_until() {
+                    next = next.max(crate::clock::to_millis(until));
+                }
+                let msg = e.to_string();
+                self.store
+                    .outbox_failed(key, up_to, next, msg.clone(), false)
+                    .await?;
+                Ok(Delivery::Retry(msg))
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.store
+                    .outbox_failed(key, up_to, now, msg.clone(), true)
+                    .await?;
+                Ok(Delivery::Dead(msg))
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter in the upper half: base·2^(n-1), capped, times a
+    /// random factor in [0.5, 1.0].
+    fn backoff(&self, attempts: u32) -> u64 {
+        let base = millis(self.retry_base);
+        let max = millis(self.retry_max);
+        let exp = base.saturating_mul(1u64 << attempts.saturating_sub(1).min(32));
+        let capped = exp.min(max);
+        capped / 2 + fastrand::u64(0..=capped / 2)
+    }
+}
+
+async fn run(deliverer: Arc<Deliverer>, notify: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        wait = match deliverer.round(false).await {
+            Ok(round) => {
+                let now = now_millis(deliverer.clock.as_ref());
+                match (round.next_due, round.stuck.is_empty()) {
+                    (Some(due), _) => {
+                        Duration::from_millis(due.saturating_sub(now).clamp(10, 60_000))
+                    }
+                    (None, false) => deliverer.retry_base,
+                    (None, true) => Duration::from_secs(3600),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "write-behind: could not read the outbox");
+                deliverer.retry_base
+            }
+        };
+    }
+}

@@ -1,0 +1,110 @@
+//! The tiers below the strategy: [`memory`] (L1, moka) is a concrete type on the hot path; L2 sits
+//! behind the [`Store`] trait so a second backend (PostgreSQL, Redis) can follow the SQLite one.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::entry::Entry;
+use crate::error::Result;
+
+pub(crate) mod memory;
+pub mod sqlite;
+
+/// A write waiting in the write-behind outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OutboxOp {
+    /// Write these bytes.
+    Put(Bytes),
+    /// Delete the key (a tombstone).
+    Delete,
+}
+
+impl OutboxOp {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            OutboxOp::Put(_) => "put",
+            OutboxOp::Delete => "delete",
+        }
+    }
+}
+
+/// One row of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OutboxRow {
+    pub(crate) id: i64,
+    pub(crate) key: String,
+    pub(crate) op: OutboxOp,
+    pub(crate) created_at: u64,
+    pub(crate) attempts: u32,
+    pub(crate) next_attempt: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) dead: bool,
+}
+
+/// What the L2 database holds, as counted by one query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StoreSummary {
+    /// Entries held (negative entries included).
+    pub entries: u64,
+    /// Bytes of values and validators held.
+    pub bytes: u64,
+    /// Entries past their fresh deadline.
+    pub stale_entries: u64,
+    /// Entries recording "not found".
+    pub negative_entries: u64,
+    /// Writes waiting for delivery (not dead).
+    pub outbox_depth: u64,
+    /// Writes the source refused for good, kept until retried or discarded.
+    pub dead_letters: u64,
+    /// When the oldest pending write was made (ms since the UNIX epoch).
+    pub oldest_pending_ms: Option<u64>,
+}
+
+/// A read-modify-write of one meta value, run inside the store's write transaction.
+pub(crate) type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
+
+/// The L2 contract. All methods may fail with [`Error::Storage`](crate::Error::Storage); the cache
+/// treats such failures as "L2 could not answer", never as "not there".
+#[async_trait]
+pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Entry>>;
+    /// All of `keys` that are held, in one statement.
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>>;
+    async fn put(&self, key: &str, entry: Entry) -> Result<()>;
+    /// New deadlines for the bytes already held; the bytes are not rewritten.
+    async fn renew(
+        &self,
+        key: &str,
+        stored_at: u64,
+        fresh_until: u64,
+        stale_until: u64,
+    ) -> Result<()>;
+    async fn remove(&self, key: &str) -> Result<()>;
+    /// Records a read for the least-recently-used bound; best effort, never waits.
+    fn touch(&self, key: &str, now: u64);
+    /// Write-behind: the entry (or its removal) and an outbox row, in one transaction.
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()>;
+    /// Pending (not dead) outbox rows, oldest first.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// Removes the rows of `key` up to `up_to_id`: delivered (or superseded).
+    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()>;
+    /// Records a failed attempt on the rows of `key` up to `up_to_id`.
+    async fn outbox_failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()>;
+    /// The dead letters.
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
+    /// Moves a dead letter back to pending (`retry`) or deletes it.
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool>;
+    async fn summary(&self, now: u64) -> Result<StoreSummary>;
+    async fn load_meta(&self, name: &str) -> Result<Option<String>>;
+    /// Atomically replaces a meta value; returns the value written.
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>>;
+}

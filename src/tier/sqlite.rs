@@ -1,0 +1,789 @@
+//! L2: one SQLite database file (WAL), bounded by bytes, that also holds the write-behind outbox
+//! and a small meta table (the persisted L3 breaker).
+//!
+//! Threads: one dedicated writer thread owns the write connection and commits everything queued
+//! since its last commit in one transaction (group commit); reads run on the caller's thread
+//! over a small pool of read connections, each a WAL snapshot that never waits for the writer.
+//! A read of a cached page is a few microseconds, cheaper than any hop to another thread.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
+use crate::entry::Entry;
+use crate::error::{Error, Result};
+
+/// The schema version written to `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    key         TEXT PRIMARY KEY NOT NULL,
+    value       BLOB,
+    validator   TEXT,
+    stored_at   INTEGER NOT NULL,
+    fresh_until INTEGER NOT NULL,
+    stale_until INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    last_access INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_stale ON entries(stale_until);
+CREATE INDEX IF NOT EXISTS entries_by_access ON entries(last_access);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    key          TEXT NOT NULL,
+    op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+    value        BLOB,
+    created_at   INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    dead         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+";
+
+/// SQLite's `synchronous` setting for the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `NORMAL`: with WAL, a committed transaction survives a crash of the process; a power loss
+    /// may roll back the last transactions. The default.
+    #[default]
+    Normal,
+    /// `FULL`: every commit is synced to disk; survives power loss, costs an fsync per commit.
+    Full,
+}
+
+/// What to do with a database file that is not SQLite or is corrupt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnCorrupt {
+    /// `build()` fails with [`Error::CorruptDatabase`]. The default.
+    #[default]
+    Fail,
+    /// The file is renamed to `<name>.corrupt-<unix ms>` (kept, never deleted) and a fresh
+    /// database is created in its place.
+    MoveAside,
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+/// Options for opening the SQLite tier.
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteOptions {
+    pub(crate) location: Location,
+    pub(crate) max_bytes: u64,
+    pub(crate) synchronous: Synchronous,
+    pub(crate) on_corrupt: OnCorrupt,
+    pub(crate) readers: usize,
+    pub(crate) busy_timeout: Duration,
+}
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+/// A write: run inside the batch's transaction (`Some`), or told the batch could not begin (`None`).
+type Job = Box<dyn FnOnce(Option<(&Connection, &mut WriterState)>) -> Completion + Send>;
+
+enum Msg {
+    Job(Job),
+    Touch(String, u64),
+}
+
+/// State only the writer thread touches.
+struct WriterState {
+    now_hint: u64,
+    total_bytes: u64,
+    max_bytes: u64,
+}
+
+/// The SQLite tier.
+pub(crate) struct SqliteTier {
+    writer: Mutex<mpsc::Sender<Msg>>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    read_statements: AtomicU64,
+    location: Location,
+}
+
+impl std::fmt::Debug for SqliteTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteTier")
+            .field("location", &self.location)
+            .field("readers", &self.readers.len())
+            .finish()
+    }
+}
+
+static MEMORY_DB_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn storage(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |e| Error::storage(what, e)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteTier {
+    /// Opens (creating if needed) the database and starts the writer thread.
+    pub(crate) fn open(opts: SqliteOptions) -> Result<Self> {
+        let uri = match &opts.location {
+            Location::File(path) => path.to_string_lossy().into_owned(),
+            Location::Memory => format!(
+                "file:tiercache-mem-{}-{}?mode=memory&cache=shared",
+                std::process::id(),
+                MEMORY_DB_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let writer = match Self::open_writer(&uri, &opts) {
+            Ok(conn) => conn,
+            Err(e) => match (&opts.location, opts.on_corrupt) {
+                (Location::File(path), OnCorrupt::MoveAside)
+                    if matches!(e, Error::CorruptDatabase { .. }) =>
+                {
+                    let aside = move_aside(path)?;
+                    tracing::warn!(path = %path.display(), moved_to = %aside.display(), "corrupt database moved aside; starting a fresh one");
+                    Self::open_writer(&uri, &opts)?
+                }
+                _ => return Err(e),
+            },
+        };
+        let readers = (0..opts.readers.max(1))
+            .map(|_| Self::open_reader(&uri, &opts).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
+        let total_bytes: i64 = writer
+            .query_row("SELECT total(size) FROM entries", [], |r| {
+                r.get::<_, f64>(0)
+            })
+            .map(|v| v as i64)
+            .map_err(storage("count the bytes held"))?;
+        let (tx, rx) = mpsc::channel();
+        let state = WriterState {
+            now_hint: 0,
+            total_bytes: to_u64(total_bytes),
+            max_bytes: opts.max_bytes,
+        };
+        thread::Builder::new()
+            .name("tiercache-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx, state))
+            .map_err(|e| Error::Storage {
+                message: format!("could not start the writer thread: {e}"),
+                source: Some(Arc::new(e)),
+            })?;
+        Ok(Self {
+            writer: Mutex::new(tx),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            read_statements: AtomicU64::new(0),
+            location: opts.location,
+        })
+    }
+
+    fn flags() -> OpenFlags {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    }
+
+    fn open_writer(uri: &str, opts: &SqliteOptions) -> Result<Connection> {
+        let path_for_errors = match &opts.location {
+            Location::File(p) => p.clone(),
+            Location::Memory => PathBuf::from(":memory:"),
+        };
+        let conn = Connection::open_with_flags(uri, Self::flags()).map_err(|e| {
+            Error::Config(format!(
+                "cannot open the database file {}: {e}",
+                path_for_errors.display()
+            ))
+        })?;
+        let corrupt = |e: rusqlite::Error| {
+            if is_corruption(&e) {
+                Error::CorruptDatabase {
+                    path: path_for_errors.clone(),
+                    message: e.to_string(),
+                }
+            } else {
+                Error::Config(format!(
+                    "cannot use the database file {}: {e}",
+                    path_for_errors.display()
+                ))
+            }
+        };
+        conn.busy_timeout(opts.busy_timeout).map_err(corrupt)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Config(format!(
+                "the database {} has schema version {version}, newer than this tiercache ({SCHEMA_VERSION})",
+                path_for_errors.display()
+            )));
+        }
+        if opts.location != Location::Memory {
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(corrupt)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(%mode, "SQLite refused WAL mode");
+            }
+        }
+        let sync = match opts.synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
+            .map_err(corrupt)?;
+        conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))
+            .map_err(corrupt)?;
+        if opts.location != Location::Memory {
+            // Catch a damaged file now rather than on the first read of a damaged page.
+            let check: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(corrupt)?;
+            if check != "ok" {
+                return Err(Error::CorruptDatabase {
+                    path: path_for_errors,
+                    message: check,
+                });
+            }
+        }
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(conn)
+    }
+
+    fn open_reader(uri: &str, opts: &SqliteOptions) -> Result<Connection> {
+        let conn = Connection::open_with_flags(uri, Self::flags())
+            .map_err(storage("open a read connection"))?;
+        conn.busy_timeout(opts.busy_timeout)
+            .map_err(storage("configure a read connection"))?;
+        if opts.location == Location::Memory {
+            // A shared-cache memory database locks tables; readers that read uncommitted data
+            // never wait for the writer. (Memory databases are for tests.)
+            conn.execute_batch("PRAGMA read_uncommitted=1;")
+                .map_err(storage("configure a read connection"))?;
+        }
+        rusqlite::vtab::array::load_module(&conn).map_err(storage("load the array module"))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(conn)
+    }
+
+    /// Runs `f` on a free read connection (on this thread).
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(conn) = self.readers[(start + i) % n].try_lock() {
+                return f(&conn);
+            }
+        }
+        let conn = self.readers[start % n]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f(&conn)
+    }
+
+    /// Runs `f` in the writer thread's next transaction and waits for the commit.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |ctx| {
+            let out = ctx.map(|(conn, state)| run_in_savepoint(conn, |c| f(c, state)));
+            Box::new(move |commit: Result<()>| {
+                let result = match (commit, out) {
+                    (Ok(()), Some(Ok(v))) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Some(Err(e))) => Err(Error::storage("write", e)),
+                    (Ok(()), None) => Err(Error::Closed),
+                };
+                let _ = tx.send(result);
+            })
+        });
+        self.send(Msg::Job(job))?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn send(&self, msg: Msg) -> Result<()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(msg)
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
+    pub(crate) fn read_statements(&self) -> u64 {
+        self.read_statements.load(Ordering::Relaxed)
+    }
+}
+
+fn move_aside(path: &Path) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{stamp}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside).map_err(|e| Error::Storage {
+        message: format!(
+            "could not move the corrupt database {} aside: {e}",
+            path.display()
+        ),
+        source: Some(Arc::new(e)),
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let mut from = path.as_os_str().to_owned();
+        from.push(suffix);
+        let mut to = aside.as_os_str().to_owned();
+        to.push(suffix);
+        let _ = std::fs::rename(&from, &to);
+    }
+    Ok(aside)
+}
+
+fn run_in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+const MAX_BATCH: usize = 1024;
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterState) {
+    let mut touches: Vec<(String, u64)> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut jobs = Vec::new();
+        let mut push = |msg: Msg, jobs: &mut Vec<Job>| match msg {
+            Msg::Job(j) => jobs.push(j),
+            Msg::Touch(k, t) => touches.push((k, t)),
+        };
+        push(first, &mut jobs);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(msg) => push(msg, &mut jobs),
+                Err(_) => break,
+            }
+        }
+        let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
+        for (done, result) in completions {
+            done(result);
+        }
+    }
+    tracing::debug!("sqlite writer stopped");
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    jobs: Vec<Job>,
+    touches: &mut Vec<(String, u64)>,
+    state: &mut WriterState,
+) -> Vec<(Completion, Result<()>)> {
+    let bytes_before = state.total_bytes;
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let err = Error::storage("begin a transaction", e);
+            return jobs
+                .into_iter()
+                .map(|job| (job(None), Err(err.clone())))
+                .collect();
+        }
+    };
+    let completions: Vec<Completion> = jobs
+        .into_iter()
+        .map(|job| job(Some((&tx, &mut *state))))
+        .collect();
+    if !touches.is_empty() {
+        if let Ok(mut stmt) = tx.prepare_cached(
+            "UPDATE entries SET last_access = ?2 WHERE key = ?1 AND last_access < ?2",
+        ) {
+            for (key, at) in touches.drain(..) {
+                let _ = stmt.execute(params![key, to_i64(at)]);
+                state.now_hint = state.now_hint.max(at);
+            }
+        }
+        touches.clear();
+    }
+    if state.total_bytes > state.max_bytes {
+        if let Err(e) = evict(&tx, state) {
+            tracing::warn!(error = %e, "L2 eviction failed");
+        }
+    }
+    let result = tx.commit().map_err(|e| Error::storage("commit", e));
+    if result.is_err() {
+        state.total_bytes = bytes_before;
+    }
+    completions
+        .into_iter()
+        .map(|c| (c, result.clone()))
+        .collect()
+}
+
+/// Brings the bytes held under the bound: expired entries first, then the least recently used.
+fn evict(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<()> {
+    let target = state.max_bytes - state.max_bytes / 10;
+    let freed: f64 = conn.query_row(
+        "SELECT total(size) FROM entries WHERE stale_until <= ?1",
+        [to_i64(state.now_hint)],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "DELETE FROM entries WHERE stale_until <= ?1",
+        [to_i64(state.now_hint)],
+    )?;
+    state.total_bytes = state.total_bytes.saturating_sub(freed as u64);
+    while state.total_bytes > target {
+        let mut stmt = conn.prepare_cached(
+            "DELETE FROM entries WHERE key IN
+               (SELECT key FROM entries ORDER BY last_access LIMIT 64) RETURNING size",
+        )?;
+        let sizes = stmt
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        if sizes.is_empty() {
+            state.total_bytes = 0;
+            break;
+        }
+        let freed: u64 = sizes.into_iter().map(to_u64).sum();
+        state.total_bytes = state.total_bytes.saturating_sub(freed);
+    }
+    Ok(())
+}
+
+fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry> {
+    let value: Option<Vec<u8>> = r.get(offset)?;
+    Ok(Entry {
+        value: value.map(Bytes::from),
+        validator: r.get(offset + 1)?,
+        stored_at: to_u64(r.get(offset + 2)?),
+        fresh_until: to_u64(r.get(offset + 3)?),
+        stale_until: to_u64(r.get(offset + 4)?),
+    })
+}
+
+fn put_entry(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    e: &Entry,
+) -> rusqlite::Result<()> {
+    let old: Option<i64> = conn
+        .prepare_cached("SELECT size FROM entries WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    let size = e.size() as u64;
+    conn.prepare_cached(
+        "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, validator = excluded.validator,
+           stored_at = excluded.stored_at, fresh_until = excluded.fresh_until,
+           stale_until = excluded.stale_until, size = excluded.size, last_access = excluded.last_access",
+    )?
+    .execute(params![
+        key,
+        e.value.as_deref(),
+        e.validator,
+        to_i64(e.stored_at),
+        to_i64(e.fresh_until),
+        to_i64(e.stale_until),
+        to_i64(size),
+    ])?;
+    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64)) + size;
+    state.now_hint = state.now_hint.max(e.stored_at);
+    Ok(())
+}
+
+fn remove_entry(conn: &Connection, state: &mut WriterState, key: &str) -> rusqlite::Result<()> {
+    let old: Option<i64> = conn
+        .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING size")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64));
+    Ok(())
+}
+
+fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let op: String = r.get(2)?;
+    let value: Option<Vec<u8>> = r.get(3)?;
+    let op = match (op.as_str(), value) {
+        ("put", Some(v)) => OutboxOp::Put(Bytes::from(v)),
+        ("put", None) => OutboxOp::Put(Bytes::new()),
+        _ => OutboxOp::Delete,
+    };
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        op,
+        created_at: to_u64(r.get(4)?),
+        attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+        next_attempt: to_u64(r.get(6)?),
+        last_error: r.get(7)?,
+        dead: r.get::<_, i64>(8)? != 0,
+    })
+}
+
+const OUTBOX_COLUMNS: &str =
+    "id, key, op, value, created_at, attempts, next_attempt, last_error, dead";
+
+#[async_trait]
+impl Store for SqliteTier {
+    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT value, validator, stored_at, fresh_until, stale_until FROM entries WHERE key = ?1",
+            )?
+            .query_row([key], |r| row_to_entry(r, 0))
+            .optional()
+        })
+        .map_err(storage("read an entry"))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        // One statement for the whole batch: the keys travel as one array parameter, so there
+        // is no parameter limit to chunk around.
+        let array: Rc<Vec<Value>> =
+            Rc::new(keys.iter().map(|k| Value::from((*k).to_owned())).collect());
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, value, validator, stored_at, fresh_until, stale_until
+                 FROM entries WHERE key IN rarray(?1)",
+            )?;
+            let rows = stmt.query_map([array], |r| {
+                Ok((r.get::<_, String>(0)?, row_to_entry(r, 1)?))
+            })?;
+            rows.collect()
+        })
+        .map_err(storage("read a batch of entries"))
+    }
+
+    async fn put(&self, key: &str, entry: Entry) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| put_entry(conn, state, &key, &entry))
+            .await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        stored_at: u64,
+        fresh_until: u64,
+        stale_until: u64,
+    ) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
+                 WHERE key = ?1",
+            )?
+            .execute(params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| remove_entry(conn, state, &key))
+            .await
+    }
+
+    fn touch(&self, key: &str, now: u64) {
+        let _ = self.send(Msg::Touch(key.to_owned(), now));
+    }
+
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| {
+            match &entry {
+                Some(e) => put_entry(conn, state, &key, e)?,
+                None => remove_entry(conn, state, &key)?,
+            }
+            let value = match &op {
+                OutboxOp::Put(v) => Some(v.as_ref()),
+                OutboxOp::Delete => None,
+            };
+            conn.prepare_cached(
+                "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
+            )?
+            .execute(params![key, op.name(), value, to_i64(now)])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map([limit], row_to_outbox)?;
+            rows.collect()
+        })
+        .map_err(storage("read the outbox"))
+    }
+
+    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached("DELETE FROM outbox WHERE key = ?1 AND id <= ?2 AND dead = 0")?
+                .execute(params![key, up_to_id])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn outbox_failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?3, last_error = ?4, dead = ?5
+                 WHERE key = ?1 AND id <= ?2 AND dead = 0",
+            )?
+            .execute(params![key, up_to_id, to_i64(next_attempt), error, dead as i64])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 1 ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], row_to_outbox)?;
+            rows.collect()
+        })
+        .map_err(storage("read the dead letters"))
+    }
+
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool> {
+        self.write(move |conn, _| {
+            let sql = if retry {
+                "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
+            } else {
+                "DELETE FROM outbox WHERE id = ?1 AND dead = 1"
+            };
+            conn.prepare_cached(sql)?.execute([id]).map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        self.read(|conn| {
+            let (entries, bytes, stale, negative) = conn.query_row(
+                "SELECT count(*), total(size), total(fresh_until <= ?1), total(value IS NULL) FROM entries",
+                [to_i64(now)],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, f64>(3)?)),
+            )?;
+            let (depth, dead, oldest) = conn.query_row(
+                "SELECT total(dead = 0), total(dead = 1), min(CASE WHEN dead = 0 THEN created_at END) FROM outbox",
+                [],
+                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, f64>(1)?, r.get::<_, Option<i64>>(2)?)),
+            )?;
+            Ok(StoreSummary {
+                entries: to_u64(entries),
+                bytes: bytes as u64,
+                stale_entries: stale as u64,
+                negative_entries: negative as u64,
+                outbox_depth: depth as u64,
+                dead_letters: dead as u64,
+                oldest_pending_ms: oldest.map(to_u64),
+            })
+        })
+        .map_err(storage("summarize the database"))
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<String>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))
+                .optional()
+        })
+        .map_err(storage("read a meta value"))
+    }
+
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>> {
+        let name = name.to_owned();
+        self.write(move |conn, _| {
+            let old: Option<String> = conn
+                .prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+                .query_row([&name], |r| r.get(0))
+                .optional()?;
+            let new = update(old);
+            match &new {
+                Some(v) => conn
+                    .prepare_cached(
+                        "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    )?
+                    .execute(params![name, v])?,
+                None => conn
+                    .prepare_cached("DELETE FROM meta WHERE name = ?1")?
+                    .execute([&name])?,
+            };
+            Ok(new)
+        })
+        .await
+    }
+}
