@@ -1,1 +1,0 @@
-//! Stats (being written).
