@@ -454,3 +454,274 @@ fn ratio(part: u64, whole: u64) -> f64 {
         (part as f64 / whole as f64).min(1.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_close(actual: f64, expected: f64, tolerance: f64) {
+        assert!(
+            (actual - expected).abs() <= expected * tolerance,
+            "{actual} is not within {tolerance} of {expected}"
+        );
+    }
+
+    #[test]
+    fn counters_merge_across_threads() {
+        const N: u64 = 10_000;
+        // 2 shards for 4 threads (+ this one): shards are shared, counts must still be exact.
+        for stats in [Stats::new(), Stats::with_shards(2)] {
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..N {
+                            stats.hit(Tier::L1);
+                            stats.miss(Tier::L2);
+                            stats.source_call(SourceOutcome::NotModified);
+                        }
+                        stats.record_latency(Tier::L3, Op::Get, Duration::from_millis(5));
+                    });
+                }
+            });
+            let snap = stats.snapshot(SnapshotExtras::default());
+            assert_eq!(snap.l1.hits, 4 * N);
+            assert_eq!(snap.l2.misses, 4 * N);
+            assert_eq!(snap.source_calls_for(SourceOutcome::NotModified), 4 * N);
+            assert_eq!(snap.l3.latency[&Op::Get].count, 4);
+        }
+    }
+
+    #[test]
+    fn hit_ratios() {
+        let stats = Stats::with_shards(4);
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert_eq!(snap.l1.hit_ratio, 0.0);
+        assert_eq!(snap.overall_hit_ratio, 0.0);
+
+        // 10 reads: 6 L1 hits; 4 L1 misses -> 3 L2 hits, 1 L2 miss -> 1 L3 hit.
+        for _ in 0..6 {
+            stats.hit(Tier::L1);
+        }
+        for _ in 0..4 {
+            stats.miss(Tier::L1);
+        }
+        for _ in 0..3 {
+            stats.hit(Tier::L2);
+        }
+        stats.miss(Tier::L2);
+        stats.hit(Tier::L3);
+        stats.error(Tier::L3);
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert_eq!(snap.l1.hit_ratio, 0.6);
+        assert_eq!(snap.l2.hit_ratio, 0.75);
+        assert_eq!(snap.l3.hit_ratio, 1.0, "errors are not misses");
+        assert_eq!(snap.l3.errors, 1);
+        assert_eq!(snap.overall_hit_ratio, 0.9);
+    }
+
+    #[test]
+    fn latency_percentiles() {
+        let stats = Stats::with_shards(1);
+        // 1..=1000 µs.
+        for us in 1..=1000 {
+            stats.record_latency(Tier::L2, Op::Get, Duration::from_micros(us));
+        }
+        stats.record_latency(Tier::L2, Op::Set, Duration::from_nanos(250));
+        let snap = stats.snapshot(SnapshotExtras::default());
+        let get = snap.l2.latency[&Op::Get];
+        assert_eq!(get.count, 1000);
+        assert_eq!(get.sum, 500_500.0);
+        assert_close(get.mean(), 500.5, 1e-9);
+        assert_close(get.p50, 500.0, 0.01);
+        assert_close(get.p90, 900.0, 0.01);
+        assert_close(get.p99, 990.0, 0.01);
+        assert_close(get.p999, 999.0, 0.01);
+        assert_close(get.max, 1000.0, 0.01);
+        let set = snap.l2.latency[&Op::Set];
+        assert_eq!(set.count, 1);
+        assert_close(set.p50, 0.25, 0.01);
+        // Only ops and tiers with samples appear.
+        assert_eq!(snap.l2.latency.len(), 2);
+        assert!(snap.l1.latency.is_empty() && snap.l3.latency.is_empty());
+    }
+
+    #[test]
+    fn latency_is_merged_across_shards_and_clamped() {
+        let stats = Stats::with_shards(8);
+        std::thread::scope(|s| {
+            for i in 1..=4u64 {
+                let stats = &stats;
+                s.spawn(move || stats.record_latency(Tier::L3, Op::Mget, Duration::from_millis(i)));
+            }
+        });
+        stats.record_latency(Tier::L3, Op::Delete, Duration::MAX);
+        let snap = stats.snapshot(SnapshotExtras::default());
+        let mget = snap.l3.latency[&Op::Mget];
+        assert_eq!(mget.count, 4);
+        assert_eq!(mget.sum, 10_000.0);
+        assert_close(mget.max, 4_000.0, 0.01);
+        assert_close(snap.l3.latency[&Op::Delete].max, 3_600e6, 0.01);
+    }
+
+    #[test]
+    fn timers_record_elapsed_time() {
+        let stats = Stats::with_shards(1);
+        let t = stats.start();
+        assert!(t.is_running());
+        stats.record(Tier::L1, Op::Set, t);
+        stats.record(Tier::L1, Op::Set, Timer::OFF);
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert_eq!(snap.l1.latency[&Op::Set].count, 1);
+    }
+
+    #[test]
+    fn l1_hits_are_all_counted_but_sampled_for_latency() {
+        let stats = Stats::with_shards(1);
+        let rounds = 100 * L1_SAMPLE_EVERY as usize;
+        let mut timed = 0;
+        for _ in 0..rounds {
+            let t = stats.start_sampled();
+            timed += usize::from(t.is_running());
+            stats.hit(Tier::L1);
+            stats.record(Tier::L1, Op::Get, t);
+        }
+        // Per-thread tick, so any run of `L1_SAMPLE_EVERY * k` calls has exactly `k` samples.
+        assert_eq!(timed, 100);
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert_eq!(snap.l1.hits, rounds as u64);
+        assert_eq!(snap.l1.latency[&Op::Get].count, 100);
+    }
+
+    #[test]
+    fn disabled_records_nothing() {
+        let stats = Stats::disabled();
+        assert!(!stats.is_enabled());
+        for tier in [Tier::L1, Tier::L2, Tier::L3] {
+            stats.hit(tier);
+            stats.miss(tier);
+            stats.error(tier);
+            stats.record_latency(tier, Op::Get, Duration::from_millis(1));
+        }
+        stats.negative_hit();
+        stats.coalesced_waiter();
+        stats.decode_error();
+        stats.stale_served(StaleReason::Offline);
+        stats.source_call(SourceOutcome::Ok);
+        assert!(!stats.start().is_running());
+        assert!((0..1000).all(|_| !stats.start_sampled().is_running()));
+        stats.reset();
+
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert!(!snap.enabled);
+        for (_, t) in snap.tiers() {
+            assert_eq!(*t, TierStats::default());
+        }
+        assert_eq!(
+            snap.negative_hits + snap.coalesced_waiters + snap.decode_errors,
+            0
+        );
+        assert!(snap.stale_served.values().all(|n| *n == 0));
+        assert!(snap.source_calls.values().all(|n| *n == 0));
+    }
+
+    #[test]
+    fn reset_zeroes_everything() {
+        let stats = Stats::with_shards(4);
+        for tier in [Tier::L1, Tier::L2, Tier::L3] {
+            stats.hit(tier);
+            stats.miss(tier);
+            stats.error(tier);
+            stats.record_latency(tier, Op::Get, Duration::from_millis(1));
+        }
+        stats.negative_hit();
+        stats.coalesced_waiter();
+        stats.decode_error();
+        for r in StaleReason::ALL {
+            stats.stale_served(r);
+        }
+        for o in SourceOutcome::ALL {
+            stats.source_call(o);
+        }
+        stats.reset();
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert!(snap.enabled);
+        for (_, t) in snap.tiers() {
+            assert_eq!(*t, TierStats::default());
+        }
+        assert_eq!(
+            snap.negative_hits + snap.coalesced_waiters + snap.decode_errors,
+            0
+        );
+        assert!(snap.stale_served.values().all(|n| *n == 0));
+        assert!(snap.source_calls.values().all(|n| *n == 0));
+
+        // And it keeps recording afterwards.
+        stats.hit(Tier::L1);
+        assert_eq!(stats.snapshot(SnapshotExtras::default()).l1.hits, 1);
+    }
+
+    #[test]
+    fn every_reason_and_outcome_is_reported() {
+        let stats = Stats::with_shards(2);
+        stats.stale_served(StaleReason::CircuitOpen);
+        stats.stale_served(StaleReason::CircuitOpen);
+        stats.source_call(SourceOutcome::RateLimited);
+        stats.negative_hit();
+        stats.coalesced_waiter();
+        stats.coalesced_waiter();
+        stats.decode_error();
+        let snap = stats.snapshot(SnapshotExtras::default());
+        assert_eq!(snap.stale_served.len(), StaleReason::ALL.len());
+        assert_eq!(snap.source_calls.len(), SourceOutcome::ALL.len());
+        assert_eq!(snap.stale_served_for(StaleReason::CircuitOpen), 2);
+        assert_eq!(snap.stale_served_for(StaleReason::Timeout), 0);
+        assert_eq!(snap.source_calls_for(SourceOutcome::RateLimited), 1);
+        assert_eq!(
+            (
+                snap.negative_hits,
+                snap.coalesced_waiters,
+                snap.decode_errors
+            ),
+            (1, 2, 1)
+        );
+    }
+
+    #[test]
+    fn extras_pass_through() {
+        let stats = Stats::with_shards(1);
+        let reset = std::time::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let snap = stats.snapshot(SnapshotExtras {
+            rate_limit: Some(RateLimit::new(5000, 4321, reset)),
+            breakers: vec![BreakerStats {
+                name: "l3".into(),
+                state: "open".into(),
+                transitions: 3,
+                consecutive_failures: 5,
+            }],
+            outbox: OutboxStats {
+                depth: 2,
+                ..OutboxStats::default()
+            },
+        });
+        assert_eq!(snap.rate_limit.map(|r| r.remaining), Some(4321));
+        assert_eq!(snap.breakers[0].state, "open");
+        assert_eq!(snap.outbox.depth, 2);
+    }
+
+    #[test]
+    fn shard_count_is_a_power_of_two() {
+        assert_eq!(Stats::with_shards(0).shards.len(), 1);
+        assert_eq!(Stats::with_shards(5).shards.len(), 8);
+        assert_eq!(Stats::with_shards(1 << 20).shards.len(), 1024);
+        let n = Stats::new().shards.len();
+        assert!(n.is_power_of_two());
+        assert_eq!(std::mem::align_of::<Shard>(), 128);
+    }
+
+    #[test]
+    fn stats_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Stats>();
+        assert_send_sync::<StatsSnapshot>();
+    }
+}
