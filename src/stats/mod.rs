@@ -123,6 +123,58 @@ impl fmt::Display for SourceOutcome {
     }
 }
 
+/// A snapshot with some of everything, for the snapshot and Prometheus tests.
+#[cfg(test)]
+fn sample_snapshot() -> StatsSnapshot {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use crate::source::RateLimit;
+    use crate::{StaleReason, Tier};
+
+    let stats = Stats::with_shards(2);
+    for _ in 0..9 {
+        stats.hit(Tier::L1);
+    }
+    stats.miss(Tier::L1);
+    stats.hit(Tier::L2);
+    stats.error(Tier::L3);
+    stats.record_latency(Tier::L1, Op::Get, Duration::from_nanos(150));
+    stats.record_latency(Tier::L2, Op::Get, Duration::from_micros(80));
+    stats.record_latency(Tier::L2, Op::Set, Duration::from_micros(900));
+    stats.record_latency(Tier::L3, Op::Get, Duration::from_millis(120));
+    stats.stale_served(StaleReason::RateLimited);
+    stats.source_call(SourceOutcome::Ok);
+    stats.source_call(SourceOutcome::NotModified);
+    stats.negative_hit();
+    stats.snapshot(SnapshotExtras {
+        rate_limit: Some(RateLimit::new(
+            5000,
+            4990,
+            UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+        )),
+        breakers: vec![
+            BreakerStats {
+                name: "l2".into(),
+                state: "closed".into(),
+                ..BreakerStats::default()
+            },
+            BreakerStats {
+                name: "l3".into(),
+                state: "half_open".into(),
+                transitions: 2,
+                consecutive_failures: 0,
+            },
+        ],
+        outbox: OutboxStats {
+            depth: 3,
+            oldest_pending_age_ms: Some(1500),
+            delivered: 10,
+            retries: 4,
+            dead_letters: 1,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,3 +260,258 @@ fn escape_label(v: &str) -> String {
 fn escape_help(v: &str) -> String {
     v.replace('\\', "\\\\").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::stats::sample_snapshot;
+
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    /// Parses `{k="v",...}` (with escapes), or `None` when malformed.
+    fn parse_labels(s: &str) -> Option<BTreeMap<String, String>> {
+        let mut labels = BTreeMap::new();
+        let mut rest = s.strip_prefix('{')?.strip_suffix('}')?;
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once("=\"")?;
+            if !is_name(key) {
+                return None;
+            }
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => match chars.next()? {
+                        (_, 'n') => value.push('\n'),
+                        (_, c @ ('\\' | '"')) => value.push(c),
+                        _ => return None,
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.insert(key.to_owned(), value);
+            rest = &after[end + 1..];
+            rest = match rest.strip_prefix(',') {
+                Some(r) => r,
+                None if rest.is_empty() => rest,
+                None => return None,
+            };
+        }
+        Some(labels)
+    }
+
+    struct Sample {
+        name: String,
+        labels: BTreeMap<String, String>,
+        value: f64,
+    }
+
+    /// Checks every line is a HELP, a TYPE or a sample of a declared metric, and returns the samples.
+    fn parse(text: &str) -> Vec<Sample> {
+        let mut typed: BTreeMap<String, String> = BTreeMap::new();
+        let mut helped = BTreeSet::new();
+        let mut samples = Vec::new();
+        assert!(text.ends_with('\n'));
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect("HELP has text");
+                assert!(is_name(name) && !help.is_empty(), "{line}");
+                assert!(helped.insert(name.to_owned()), "HELP twice: {line}");
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE has a type");
+                assert!(helped.contains(name), "TYPE before HELP: {line}");
+                assert!(["counter", "gauge", "summary"].contains(&kind), "{line}");
+                assert!(
+                    typed.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "{line}"
+                );
+            } else {
+                assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
+                let (series, value) = line.rsplit_once(' ').expect("name and value");
+                let (name, labels) = match series.find('{') {
+                    Some(i) => (&series[..i], parse_labels(&series[i..]).expect(line)),
+                    None => (series, BTreeMap::new()),
+                };
+                assert!(is_name(name), "{line}");
+                let family = ["_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|f| typed.get(*f).is_some_and(|k| k == "summary"))
+                    })
+                    .unwrap_or(name);
+                assert!(typed.contains_key(family), "sample before TYPE: {line}");
+                let value: f64 = value.parse().expect(line);
+                samples.push(Sample {
+                    name: name.to_owned(),
+                    labels,
+                    value,
+                });
+            }
+        }
+        samples
+    }
+
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+    }
+
+    #[test]
+    fn exposition_is_well_formed_and_complete() {
+        let text = sample_snapshot().to_prometheus();
+        let samples = parse(&text);
+        let v = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+
+        assert_eq!(v("tiercache_hits_total", &[("tier", "l1")]), Some(9.0));
+        assert_eq!(v("tiercache_misses_total", &[("tier", "l1")]), Some(1.0));
+        assert_eq!(v("tiercache_errors_total", &[("tier", "l3")]), Some(1.0));
+        let lat = "tiercache_latency_microseconds";
+        for q in QUANTILES {
+            let got = v(lat, &[("tier", "l2"), ("op", "get"), ("quantile", q)]);
+            assert!(got.is_some_and(|x| (x - 80.0).abs() < 1.0), "{q}: {got:?}");
+        }
+        assert_eq!(
+            v(&format!("{lat}_count"), &[("tier", "l2"), ("op", "get")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(&format!("{lat}_sum"), &[("tier", "l2"), ("op", "get")]),
+            Some(80.0)
+        );
+        assert_eq!(
+            v(&format!("{lat}_count"), &[("tier", "l1"), ("op", "set")]),
+            None
+        );
+        assert_eq!(
+            v(
+                "tiercache_stale_served_total",
+                &[("reason", "rate_limited")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tiercache_stale_served_total", &[("reason", "offline")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(
+                "tiercache_source_calls_total",
+                &[("outcome", "not_modified")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(v("tiercache_negative_hits_total", &[]), Some(1.0));
+        assert_eq!(v("tiercache_rate_limit_remaining", &[]), Some(4990.0));
+        assert_eq!(
+            v("tiercache_rate_limit_reset_timestamp_seconds", &[]),
+            Some(1_767_225_600.0)
+        );
+        assert_eq!(
+            v(
+                "tiercache_breaker_state",
+                &[("name", "l3"), ("state", "half_open")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(
+                "tiercache_breaker_state",
+                &[("name", "l3"), ("state", "open")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(
+                "tiercache_breaker_state",
+                &[("name", "l2"), ("state", "closed")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tiercache_breaker_transitions_total", &[("name", "l3")]),
+            Some(2.0)
+        );
+        assert_eq!(v("tiercache_outbox_depth", &[]), Some(3.0));
+        assert_eq!(
+            v("tiercache_outbox_oldest_pending_age_seconds", &[]),
+            Some(1.5)
+        );
+        assert_eq!(v("tiercache_outbox_dead_letters", &[]), Some(1.0));
+        assert_eq!(v("tiercache_outbox_retries_total", &[]), Some(4.0));
+        assert!(text.contains("# TYPE tiercache_latency_microseconds summary\n"));
+        assert!(text.contains("# TYPE tiercache_hits_total counter\n"));
+    }
+
+    #[test]
+    fn an_empty_snapshot_is_well_formed() {
+        let snap = crate::stats::Stats::disabled().snapshot(Default::default());
+        let samples = parse(&snap.to_prometheus());
+        assert!(samples.iter().all(|s| s.value == 0.0));
+        assert!(!samples
+            .iter()
+            .any(|s| s.name.starts_with("tiercache_rate_limit")));
+        assert!(!samples
+            .iter()
+            .any(|s| s.name.starts_with("tiercache_breaker")));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut snap = sample_snapshot();
+        snap.breakers[0].name = "a\"b\\c\nd".into();
+        snap.breakers[0].state = "weird".into();
+        let text = snap.to_prometheus();
+        assert!(text.contains(r#"name="a\"b\\c\nd""#), "{text}");
+        let samples = parse(&text);
+        let name = "a\"b\\c\nd";
+        assert_eq!(
+            value(
+                &samples,
+                "tiercache_breaker_state",
+                &[("name", name), ("state", "weird")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "tiercache_breaker_state",
+                &[("name", name), ("state", "closed")]
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn values_are_spelled_as_prometheus_expects() {
+        let s = |v: f64| {
+            let mut out = String::new();
+            push_value(&mut out, v);
+            out
+        };
+        assert_eq!(s(3.0), "3");
+        assert_eq!(s(0.25), "0.25");
+        assert_eq!(s(f64::INFINITY), "+Inf");
+        assert_eq!(s(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(s(f64::NAN), "NaN");
+        assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+    }
+}

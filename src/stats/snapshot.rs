@@ -253,3 +253,86 @@ impl fmt::Display for StatsSnapshot {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::stats::sample_snapshot;
+
+    #[test]
+    fn json_field_names() {
+        let json = serde_json::to_value(sample_snapshot()).expect("serializable");
+        let at = |path: &str| json.pointer(path).cloned().unwrap_or(Value::Null);
+        assert_eq!(at("/enabled"), Value::Bool(true));
+        assert_eq!(at("/l1/hits"), json!(9));
+        assert_eq!(at("/l1/misses"), json!(1));
+        assert_eq!(at("/l1/hit_ratio"), json!(0.9));
+        assert_eq!(at("/l3/errors"), json!(1));
+        assert_eq!(at("/overall_hit_ratio"), json!(1.0));
+        assert_eq!(at("/l2/latency/set/count"), json!(1));
+        for field in ["count", "sum", "p50", "p90", "p99", "p999", "max"] {
+            assert!(
+                at(&format!("/l2/latency/get/{field}")).is_number(),
+                "{field}"
+            );
+        }
+        assert_eq!(
+            at("/l1/latency/set"),
+            Value::Null,
+            "ops without samples are absent"
+        );
+        assert_eq!(at("/stale_served/rate_limited"), json!(1));
+        assert_eq!(at("/stale_served/circuit_open"), json!(0));
+        assert_eq!(at("/source_calls/ok"), json!(1));
+        assert_eq!(at("/source_calls/not_modified"), json!(1));
+        assert_eq!(at("/source_calls/failed"), json!(0));
+        assert_eq!(at("/negative_hits"), json!(1));
+        assert_eq!(at("/coalesced_waiters"), json!(0));
+        assert_eq!(at("/decode_errors"), json!(0));
+        assert_eq!(at("/rate_limit/remaining"), json!(4990));
+        assert_eq!(at("/breakers/1/name"), json!("l3"));
+        assert_eq!(at("/breakers/1/state"), json!("half_open"));
+        assert_eq!(at("/breakers/1/transitions"), json!(2));
+        assert_eq!(at("/breakers/1/consecutive_failures"), json!(0));
+        assert_eq!(at("/outbox/depth"), json!(3));
+        assert_eq!(at("/outbox/oldest_pending_age_ms"), json!(1500));
+        assert_eq!(at("/outbox/dead_letters"), json!(1));
+    }
+
+    #[test]
+    fn display_has_a_row_per_tier_and_the_rest() {
+        let text = sample_snapshot().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("tier"), "{text}");
+        assert!(lines[0].contains("hit%") && lines[0].contains("get p50/p99"));
+        for (line, tier) in lines[1..4].iter().zip(["l1", "l2", "l3"]) {
+            assert!(line.starts_with(tier), "{text}");
+        }
+        assert!(lines[1].contains("90.0%"), "{text}");
+        assert!(lines[1].contains("ns/"), "L1 latency in ns: {text}");
+        assert!(lines[2].contains("µs/"), "{text}");
+        assert!(lines[3].contains("ms/"), "{text}");
+        for needle in [
+            "overall hit ratio 100.0%",
+            "rate_limited=1",
+            "not_modified=1",
+            "rate limit: 4990/5000 remaining",
+            "breaker l3: half_open",
+            "outbox: depth 3 (oldest 1500ms)",
+            "dead letters 1",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn human_latencies() {
+        let h = |us: f64| Human(us).to_string();
+        assert_eq!(h(0.15), "150ns");
+        assert_eq!(h(12.34), "12.3µs");
+        assert_eq!(h(4_500.0), "4.5ms");
+        assert_eq!(h(1_200_000.0), "1.20s");
+    }
+}
