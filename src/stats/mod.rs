@@ -40,7 +40,7 @@ mod recorder;
 mod snapshot;
 
 pub use recorder::L1_SAMPLE_EVERY;
-#[cfg_attr(not(test), allow(unused_imports))]
+#[allow(unused_imports)] // Until the cache uses them.
 pub(crate) use recorder::{SnapshotExtras, Stats, Timer};
 pub use snapshot::{BreakerStats, LatencyStats, OutboxStats, StatsSnapshot, TierStats};
 

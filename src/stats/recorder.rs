@@ -14,7 +14,7 @@ use super::{Op, SourceOutcome};
 use crate::source::RateLimit;
 use crate::{StaleReason, Tier};
 
-/// [`Stats::start_sampled`] times one call in this many, per thread.
+/// `Stats::start_sampled` (the L1-hit latency timer) times one call in this many, per thread.
 pub const L1_SAMPLE_EVERY: u32 = 64;
 
 const TIERS: usize = 3;
@@ -61,10 +61,12 @@ fn thread_index() -> usize {
         .unwrap_or(0)
 }
 
-/// A histogram and the exact sum of what went into it, in nanoseconds.
+/// A histogram and the exact sum and maximum of what went into it, in nanoseconds.
+#[derive(Clone)]
 struct Latency {
     hist: Histogram<u64>,
     sum_ns: u64,
+    max_ns: u64,
 }
 
 impl Latency {
@@ -72,6 +74,7 @@ impl Latency {
         Some(Self {
             hist: Histogram::new(SIGFIG).ok()?,
             sum_ns: 0,
+            max_ns: 0,
         })
     }
 }
@@ -210,6 +213,15 @@ impl Stats {
         }
     }
 
+    /// [`new`](Self::new) when `enabled`, else [`disabled`](Self::disabled).
+    pub(crate) fn with_enabled(enabled: bool) -> Self {
+        if enabled {
+            Self::new()
+        } else {
+            Self::disabled()
+        }
+    }
+
     /// A recorder that records nothing: every call is one branch. Its snapshots are all zeros.
     pub(crate) fn disabled() -> Self {
         Self {
@@ -344,6 +356,7 @@ impl Stats {
             // An auto-resizing histogram accepts any value up to far beyond the clamp.
             let _ = l.hist.record(ns);
             l.sum_ns = l.sum_ns.saturating_add(ns);
+            l.max_ns = l.max_ns.max(ns);
         }
     }
 
@@ -417,15 +430,11 @@ impl Stats {
                 continue;
             };
             match &mut merged {
-                None => {
-                    merged = Some(Latency {
-                        hist: l.hist.clone(),
-                        sum_ns: l.sum_ns,
-                    })
-                }
+                None => merged = Some(Latency::clone(l)),
                 Some(m) => {
                     let _ = m.hist.add(&l.hist);
                     m.sum_ns = m.sum_ns.saturating_add(l.sum_ns);
+                    m.max_ns = m.max_ns.max(l.max_ns);
                 }
             }
         }
@@ -434,14 +443,19 @@ impl Stats {
             return None;
         }
         let us = |ns: u64| ns as f64 / 1_000.0;
+        // The middle of the quantile's bucket rather than its top, and never above the true max.
+        let q = |q: f64| {
+            let ns = m.hist.median_equivalent(m.hist.value_at_quantile(q));
+            us(ns.min(m.max_ns))
+        };
         Some(LatencyStats {
             count: m.hist.len(),
             sum: us(m.sum_ns),
-            p50: us(m.hist.value_at_quantile(0.5)),
-            p90: us(m.hist.value_at_quantile(0.9)),
-            p99: us(m.hist.value_at_quantile(0.99)),
-            p999: us(m.hist.value_at_quantile(0.999)),
-            max: us(m.hist.max()),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: us(m.max_ns),
         })
     }
 }
@@ -536,7 +550,7 @@ mod tests {
         assert_close(get.p90, 900.0, 0.01);
         assert_close(get.p99, 990.0, 0.01);
         assert_close(get.p999, 999.0, 0.01);
-        assert_close(get.max, 1000.0, 0.01);
+        assert_eq!(get.max, 1000.0);
         let set = snap.l2.latency[&Op::Set];
         assert_eq!(set.count, 1);
         assert_close(set.p50, 0.25, 0.01);
@@ -559,8 +573,8 @@ mod tests {
         let mget = snap.l3.latency[&Op::Mget];
         assert_eq!(mget.count, 4);
         assert_eq!(mget.sum, 10_000.0);
-        assert_close(mget.max, 4_000.0, 0.01);
-        assert_close(snap.l3.latency[&Op::Delete].max, 3_600e6, 0.01);
+        assert_eq!(mget.max, 4_000.0);
+        assert_eq!(snap.l3.latency[&Op::Delete].max, 3_600e6);
     }
 
     #[test]
@@ -594,7 +608,8 @@ mod tests {
 
     #[test]
     fn disabled_records_nothing() {
-        let stats = Stats::disabled();
+        assert!(Stats::with_enabled(true).is_enabled());
+        let stats = Stats::with_enabled(false);
         assert!(!stats.is_enabled());
         for tier in [Tier::L1, Tier::L2, Tier::L3] {
             stats.hit(tier);

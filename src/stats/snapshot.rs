@@ -100,7 +100,8 @@ pub struct TierStats {
 
 /// A latency distribution, in **microseconds**.
 ///
-/// Percentiles come from an HdrHistogram with 2 significant digits (within 1%); `sum` is exact.
+/// Percentiles come from an HdrHistogram with 2 significant digits (each is the middle of a
+/// bucket less than 1% wide, capped at `max`); `sum` and `max` are exact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct LatencyStats {
@@ -198,13 +199,13 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<4} {:>10} {:>10} {:>8} {:>7}   {:<17} {:<17}",
-            "tier", "hits", "misses", "errors", "hit%", "get p50/p99", "set p50/p99"
+            "{:<4} {:>10} {:>10} {:>8} {:>7}   {:<17} set p50/p99",
+            "tier", "hits", "misses", "errors", "hit%", "get p50/p99"
         )?;
         for (tier, t) in self.tiers() {
             writeln!(
                 f,
-                "{:<4} {:>10} {:>10} {:>8} {:>6.1}%   {:<17} {:<17}",
+                "{:<4} {:>10} {:>10} {:>8} {:>6.1}%   {:<17} {}",
                 tier.as_str(),
                 t.hits,
                 t.misses,
