@@ -162,7 +162,7 @@ impl TieredCache {
         let source = b.take_source();
         let sqlite = Arc::new(SqliteTier::open(sqlite)?);
         let l2: Arc<dyn Store> = sqlite.clone();
-        let stats = Arc::new(Stats::new(b.stats));
+        let stats = Arc::new(Stats::with_enabled(b.stats));
         let settings = Settings {
             strategy: b.strategy,
             ttl: millis(b.ttl),

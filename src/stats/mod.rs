@@ -40,8 +40,7 @@ mod recorder;
 mod snapshot;
 
 pub use recorder::L1_SAMPLE_EVERY;
-#[allow(unused_imports)] // Until the cache uses them.
-pub(crate) use recorder::{SnapshotExtras, Stats, Timer};
+pub(crate) use recorder::{SnapshotExtras, Stats};
 pub use snapshot::{BreakerStats, LatencyStats, OutboxStats, StatsSnapshot, TierStats};
 
 /// An operation whose latency is recorded.

@@ -145,12 +145,12 @@ fn sum(shards: &[Shard], f: impl Fn(&Shard) -> &AtomicU64) -> u64 {
 #[must_use = "pass the timer to `Stats::record`"]
 pub(crate) struct Timer(Option<Instant>);
 
-#[cfg_attr(not(test), allow(dead_code))] // Until the cache uses it.
 impl Timer {
     /// A timer that records nothing.
     pub(crate) const OFF: Timer = Timer(None);
 
     /// Whether this timer will record.
+    #[cfg(test)]
     pub(crate) fn is_running(&self) -> bool {
         self.0.is_some()
     }

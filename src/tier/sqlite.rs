@@ -480,20 +480,22 @@ fn evict(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<()> {
         [to_i64(state.now_hint)],
     )?;
     state.total_bytes = state.total_bytes.saturating_sub(freed as u64);
-    while state.total_bytes > target {
+    if state.total_bytes > target {
+        // The least recently used entries whose sizes, added up in that order, first cover the
+        // excess: one statement, no over-eviction.
+        let excess = to_i64(state.total_bytes - target);
         let mut stmt = conn.prepare_cached(
-            "DELETE FROM entries WHERE key IN
-               (SELECT key FROM entries ORDER BY last_access LIMIT 64) RETURNING size",
+            "DELETE FROM entries WHERE key IN (
+               SELECT key FROM (
+                 SELECT key, size, sum(size) OVER (ORDER BY last_access, key) AS running
+                 FROM entries)
+               WHERE running - size < ?1)
+             RETURNING size",
         )?;
-        let sizes = stmt
-            .query_map([], |r| r.get::<_, i64>(0))?
-            .collect::<rusqlite::Result<Vec<i64>>>()?;
-        if sizes.is_empty() {
-            state.total_bytes = 0;
-            break;
-        }
-        let freed: u64 = sizes.into_iter().map(to_u64).sum();
-        state.total_bytes = state.total_bytes.saturating_sub(freed);
+        let freed: i64 = stmt
+            .query_map([excess], |r| r.get::<_, i64>(0))?
+            .sum::<rusqlite::Result<i64>>()?;
+        state.total_bytes = state.total_bytes.saturating_sub(to_u64(freed));
     }
     Ok(())
 }
