@@ -686,10 +686,11 @@ impl GitHubSource {
         match v.get("type").and_then(Value::as_str) {
             Some("file") => {}
             Some(kind) => {
+                let kind = if kind == "dir" { "directory" } else { kind };
                 return Err(SourceError::Rejected {
                     status: Some(200),
                     message: format!("{key} is a {kind}, not a file"),
-                })
+                });
             }
             None => return Err(Self::invalid_json(&a, what)),
         }
@@ -848,11 +849,11 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = Some(e);
     while let Some(c) = cur {
         let s = c.to_string();
+        let s = s.split("\n\nFound at").next().unwrap_or("").trim();
         let s = s
-            .split("\n\nFound at")
-            .next()
-            .unwrap_or("")
-            .trim()
+            .strip_prefix("Service Error: ")
+            .or_else(|| s.strip_prefix("Hyper Error: "))
+            .unwrap_or(s)
             .to_owned();
         if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
