@@ -755,3 +755,32 @@ async fn a_bad_base_url_is_a_config_error() {
         }
     }
 }
+
+#[tokio::test]
+async fn by_default_the_token_comes_from_github_token() {
+    // The only test that builds a source reading the environment (the others say
+    // `.anonymous()` or `.token(..)`), so setting the variable here races with nothing.
+    let f = Fake::start().await;
+    Mock::given(any())
+        .respond_with(f.raw_file(b"x", "\"x\""))
+        .mount(&f.server)
+        .await;
+    std::env::set_var("GITHUB_TOKEN", "  ghp_fromenv\n");
+    let gh = GitHubSource::builder()
+        .base_url(f.server.uri())
+        .build()
+        .unwrap();
+    let anon = GitHubSource::builder()
+        .base_url(f.server.uri())
+        .token("explicit")
+        .anonymous()
+        .build()
+        .unwrap();
+    std::env::remove_var("GITHUB_TOKEN");
+    assert!(!format!("{gh:?}").contains("fromenv"));
+    gh.fetch("o/r/a.txt", None).await.unwrap();
+    anon.fetch("o/r/a.txt", None).await.unwrap();
+    let reqs = received(&f.server).await;
+    assert_eq!(hdr(&reqs[0], "authorization"), Some("Bearer ghp_fromenv"));
+    assert_eq!(hdr(&reqs[1], "authorization"), None);
+}
