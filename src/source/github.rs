@@ -1,1 +1,0 @@
-//! GitHub source (being written).
