@@ -319,11 +319,11 @@ impl TieredCache {
                 tracing::warn!(key, error = %e, "L2 read failed; going on without it");
             }
         }
-        self.from_source(key, max_age, candidate, now).await
+        self.ask_source(key, max_age, candidate, now).await
     }
 
     /// The source's turn: load (single-flight), or fall back to the stale candidate.
-    async fn from_source(
+    async fn ask_source(
         &self,
         key: &str,
         max_age: Option<u64>,
@@ -521,7 +521,7 @@ impl TieredCache {
                 let candidate = candidates[d].take();
                 async move {
                     let key = distinct_ref[d].0;
-                    (d, self.from_source(key, None, candidate, now).await)
+                    (d, self.ask_source(key, None, candidate, now).await)
                 }
             })
             .buffer_unordered(inner.settings.fetch_concurrency)
