@@ -7,6 +7,8 @@ mod cache;
 mod clock;
 mod entry;
 mod error;
+pub mod event;
+pub mod health;
 mod key;
 mod lookup;
 pub mod outbox;
@@ -19,6 +21,8 @@ pub use cache::{
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use error::{Error, Result};
+pub use event::Event;
+pub use health::{HealthReport, HealthStatus};
 pub use key::{KeyError, MAX_KEY_LEN};
 pub use lookup::{Freshness, Lookup, StaleReason, Tier};
 pub use outbox::{DeadLetter, FlushReport};

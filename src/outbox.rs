@@ -4,6 +4,7 @@
 //! refuses for good as dead letters.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -11,8 +12,10 @@ use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
+use crate::cache::guard::{guarded, SourceGuard};
 use crate::clock::{from_millis, millis, now_millis, Clock};
 use crate::error::{Error, Result};
+use crate::event::{Event, Events};
 use crate::source::{Source, SourceError};
 use crate::tier::{OutboxOp, OutboxRow, Store};
 
@@ -91,8 +94,24 @@ struct Deliverer {
     clock: Arc<dyn Clock>,
     retry_base: Duration,
     retry_max: Duration,
+    guard: Arc<SourceGuard>,
+    events: Events,
+    timeout: Duration,
+    delivered: AtomicU64,
+    retries: AtomicU64,
     /// Serializes rounds so a flush and the background task never deliver one key twice at once.
     round: tokio::sync::Mutex<()>,
+}
+
+/// How deliveries are timed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retry {
+    /// The first retry delay.
+    pub(crate) base: Duration,
+    /// The longest retry delay.
+    pub(crate) max: Duration,
+    /// The deadline of one delivery.
+    pub(crate) timeout: Duration,
 }
 
 /// The write-behind outbox's background flusher.
@@ -115,8 +134,9 @@ impl Outbox {
         store: Arc<dyn Store>,
         source: Arc<dyn Source>,
         clock: Arc<dyn Clock>,
-        retry_base: Duration,
-        retry_max: Duration,
+        guard: Arc<SourceGuard>,
+        events: Events,
+        retry: Retry,
     ) -> Result<Self> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Config(
@@ -127,8 +147,13 @@ impl Outbox {
             store,
             source,
             clock,
-            retry_base,
-            retry_max,
+            retry_base: retry.base,
+            retry_max: retry.max,
+            guard,
+            events,
+            timeout: retry.timeout,
+            delivered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             round: tokio::sync::Mutex::new(()),
         });
         let notify = Arc::new(Notify::new());
@@ -140,6 +165,14 @@ impl Outbox {
             stop,
             task: Mutex::new(Some(task)),
         })
+    }
+
+    /// Rows delivered and failed attempts since this process started.
+    pub(crate) fn counters(&self) -> (u64, u64) {
+        (
+            self.deliverer.delivered.load(Ordering::Relaxed),
+            self.deliverer.retries.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn notify(&self) {
@@ -261,25 +294,33 @@ impl Deliverer {
         };
         let up_to = last.id;
         let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
-        let result = match &last.op {
-            OutboxOp::Put(v) => self.source.put(key, v).await,
-            OutboxOp::Delete => match self.source.delete(key).await {
-                Err(SourceError::NotFound { .. }) => Ok(()),
-                other => other,
-            },
+        let call = async {
+            match &last.op {
+                OutboxOp::Put(v) => self.source.put(key, v).await,
+                OutboxOp::Delete => match self.source.delete(key).await {
+                    Err(SourceError::NotFound { .. }) => Ok(()),
+                    other => other,
+                },
+            }
         };
+        let result = guarded(&self.guard, self.timeout, call).await;
         let now = now_millis(self.clock.as_ref());
         match result {
             Ok(()) => {
                 self.store.outbox_complete(key, up_to).await?;
-                Ok(Delivery::Delivered(rows.len() as u64))
+                let n = rows.len() as u64;
+                self.delivered.fetch_add(n, Ordering::Relaxed);
+                Ok(Delivery::Delivered(n))
             }
+            // Not sent: the breaker is open. Nothing to record; the key waits its turn.
+            Err(e @ SourceError::CircuitOpen { .. }) => Ok(Delivery::Held(e.to_string())),
             Err(e) if e.is_transient() => {
                 let mut next = now + self.backoff(attempts);
                 if let Some(until) = e.rate_limited_until() {
                     next = next.max(crate::clock::to_millis(until));
                 }
                 let msg = e.to_string();
+                self.retries.fetch_add(1, Ordering::Relaxed);
                 self.store
                     .outbox_failed(key, up_to, next, msg.clone(), false)
                     .await?;
@@ -290,6 +331,10 @@ impl Deliverer {
                 self.store
                     .outbox_failed(key, up_to, now, msg.clone(), true)
                     .await?;
+                self.events.emit(Event::DeadLetter {
+                    key: key.to_owned(),
+                    error: msg.clone(),
+                });
                 Ok(Delivery::Dead(msg))
             }
         }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breaker::BreakerPolicy;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::source::{NoSource, Source};
@@ -58,6 +59,9 @@ pub struct TieredCacheBuilder {
     pub(crate) retry_base: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) close_timeout: Duration,
+    pub(crate) source_breaker: BreakerPolicy,
+    pub(crate) storage_breaker: BreakerPolicy,
+    pub(crate) persist_breaker: bool,
 }
 
 impl Default for TieredCacheBuilder {
@@ -83,8 +87,22 @@ impl Default for TieredCacheBuilder {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             close_timeout: Duration::from_secs(10),
+            source_breaker: BreakerPolicy::default(),
+            storage_breaker: default_storage_breaker(),
+            persist_breaker: true,
         }
     }
+}
+
+/// L2's breaker: three failures in a row bypass the database; it is probed again after 5 s,
+/// backing off to a minute.
+fn default_storage_breaker() -> BreakerPolicy {
+    BreakerPolicy::builder()
+        .failure_threshold(3)
+        .base_recovery(Duration::from_secs(5))
+        .max_recovery(Duration::from_secs(60))
+        .build()
+        .unwrap_or_default()
 }
 
 impl TieredCacheBuilder {
@@ -225,6 +243,29 @@ impl TieredCacheBuilder {
     /// How long [`TieredCache::close`] tries to deliver the outbox before stopping. Default: 10 s.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// The policy of the source's (L3's) circuit breaker. Default: [`BreakerPolicy::default`]
+    /// (opens after 5 consecutive failures or a 50% failure rate over 60 s; probes after 5 s,
+    /// backing off to 5 minutes).
+    pub fn source_breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.source_breaker = policy;
+        self
+    }
+
+    /// The policy of L2's circuit breaker. Default: opens after 3 consecutive failures; probes
+    /// after 5 s, backing off to 60 s.
+    pub fn storage_breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.storage_breaker = policy;
+        self
+    }
+
+    /// Keep the source's breaker state in the database file too, so processes sharing the file
+    /// share one breaker (a source known to be down or out of budget is not called by the next
+    /// process either). Only for file databases. Default: on.
+    pub fn persist_breaker(mut self, persist: bool) -> Self {
+        self.persist_breaker = persist;
         self
     }
 

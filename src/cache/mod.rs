@@ -9,26 +9,32 @@ use futures_util::stream::{self, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::breaker::BreakerState;
 use crate::clock::{from_millis, millis, now_millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
+use crate::event::{Event, Events};
+use crate::health::{BacklogHealth, HealthReport, TierHealth};
 use crate::key;
 use crate::lookup::{Freshness, Lookup, StaleReason, Tier};
 use crate::outbox::{DeadLetter, FlushReport, Outbox};
 use crate::source::{Fetched, Source, SourceError};
 use crate::stats::{Op, SnapshotExtras, SourceOutcome, Stats, StatsSnapshot};
+use crate::tier::guarded::Guarded;
 use crate::tier::memory::MemoryTier;
-use crate::tier::sqlite::{SqliteOptions, SqliteTier};
+use crate::tier::sqlite::{Location, SqliteOptions, SqliteTier};
 use crate::tier::{OutboxOp, Store, StoreSummary};
 
 mod builder;
 mod flight;
+pub(crate) mod guard;
 mod options;
 
 pub use builder::TieredCacheBuilder;
 pub use options::{ReadOptions, Strategy};
 
 use flight::Flights;
+use guard::{guarded, SourceGuard};
 
 /// How a load from the source ended, for `warm` and stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +65,10 @@ pub(crate) struct Settings {
 pub(crate) struct Inner {
     l1: MemoryTier,
     l2: Arc<dyn Store>,
+    l2_guard: Arc<Guarded>,
     sqlite: Arc<SqliteTier>,
+    guard: Arc<SourceGuard>,
+    events: Events,
     source: Arc<dyn Source>,
     clock: Arc<dyn Clock>,
     settings: Settings,
@@ -160,8 +169,22 @@ impl TieredCache {
 
     pub(crate) fn from_builder(mut b: TieredCacheBuilder, sqlite: SqliteOptions) -> Result<Self> {
         let source = b.take_source();
+        let file_backed = matches!(sqlite.location, Location::File(_));
         let sqlite = Arc::new(SqliteTier::open(sqlite)?);
-        let l2: Arc<dyn Store> = sqlite.clone();
+        let events = Events::new();
+        let l2_guard = Arc::new(Guarded::new(
+            sqlite.clone(),
+            b.storage_breaker.clone(),
+            b.clock.clone(),
+            events.clone(),
+        ));
+        let l2: Arc<dyn Store> = l2_guard.clone();
+        let guard = Arc::new(SourceGuard::new(
+            b.source_breaker.clone(),
+            b.clock.clone(),
+            (b.persist_breaker && file_backed).then(|| l2.clone()),
+            events.clone(),
+        ));
         let stats = Arc::new(Stats::with_enabled(b.stats));
         let settings = Settings {
             strategy: b.strategy,
@@ -178,8 +201,13 @@ impl TieredCache {
                 l2.clone(),
                 source.clone(),
                 b.clock.clone(),
-                b.retry_base,
-                b.retry_max,
+                guard.clone(),
+                events.clone(),
+                crate::outbox::Retry {
+                    base: b.retry_base,
+                    max: b.retry_max,
+                    timeout: b.timeout,
+                },
             )?)
         } else {
             None
@@ -188,7 +216,10 @@ impl TieredCache {
             inner: Arc::new(Inner {
                 l1: MemoryTier::new(b.memory_capacity, b.clock.clone()),
                 l2,
+                l2_guard,
                 sqlite,
+                guard,
+                events,
                 source,
                 clock: b.clock,
                 settings,
@@ -381,6 +412,11 @@ impl TieredCache {
             Some((e, tier)) if e.is_servable(now) => {
                 self.inner.stats.stale_served(reason);
                 tracing::info!(key, %tier, %reason, "serving a stale copy");
+                self.inner.events.emit(Event::StaleServed {
+                    key: key.to_owned(),
+                    tier,
+                    reason,
+                });
                 let fresh = if e.is_fresh(now, None) {
                     Freshness::Fresh
                 } else {
@@ -699,13 +735,9 @@ impl TieredCache {
                 None => inner.source.delete(key).await,
             }
         };
-        let result = match tokio::time::timeout(inner.settings.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => Err(SourceError::Timeout {
-                after: inner.settings.timeout,
-            }),
-        };
-        result.map_err(|e| source_failure(key, e))
+        guarded(&inner.guard, inner.settings.timeout, call)
+            .await
+            .map_err(|e| source_failure(key, e))
     }
 
     // ---------------------------------------------------------------- write-behind
@@ -856,10 +888,88 @@ impl TieredCache {
 
     // ---------------------------------------------------------------- introspection
 
-    /// A snapshot of the stats.
+    /// A snapshot of the stats: per-tier hits, misses, errors and latency percentiles, stale
+    /// serves by reason, source calls by outcome, the rate-limit budget, the breakers and the
+    /// write-behind backlog.
     pub async fn stats(&self) -> StatsSnapshot {
-        let _ = self.inner.l1.weighted_size();
-        self.inner.stats.snapshot(SnapshotExtras::default())
+        let inner = &*self.inner;
+        let breaker = |name: &str, s: crate::breaker::BreakerStatus| crate::stats::BreakerStats {
+            name: name.to_owned(),
+            state: s.state.as_str().to_owned(),
+            transitions: s.transitions,
+            consecutive_failures: s.consecutive_failures,
+        };
+        let mut outbox = crate::stats::OutboxStats::default();
+        if let Some(o) = &inner.outbox {
+            (outbox.delivered, outbox.retries) = o.counters();
+            if let Ok(summary) = inner.l2.summary(self.now()).await {
+                outbox.depth = summary.outbox_depth;
+                outbox.dead_letters = summary.dead_letters;
+                outbox.oldest_pending_age_ms = summary
+                    .oldest_pending_ms
+                    .map(|t| self.now().saturating_sub(t));
+            }
+        }
+        inner.stats.snapshot(SnapshotExtras {
+            rate_limit: inner.source.rate_limit(),
+            breakers: vec![
+                breaker("l2", inner.l2_guard.status()),
+                breaker("l3", inner.guard.status()),
+            ],
+            outbox,
+        })
+    }
+
+    /// Whether each tier is working: breaker states, last errors, the write-behind backlog.
+    /// The L3 breaker is re-read from the database first, so another process's trip shows.
+    pub async fn health(&self) -> HealthReport {
+        let inner = &*self.inner;
+        inner.guard.refresh().await;
+        let l2 = TierHealth::from_breaker(inner.l2_guard.status(), inner.l2_guard.last_error());
+        let l3 = TierHealth::from_breaker(inner.guard.status(), inner.guard.last_error());
+        let backlog = match &inner.outbox {
+            Some(_) => {
+                let now = self.now();
+                let s = inner.l2.summary(now).await.unwrap_or_default();
+                Some(BacklogHealth {
+                    pending: s.outbox_depth,
+                    dead_letters: s.dead_letters,
+                    oldest_pending_age_ms: s.oldest_pending_ms.map(|t| now.saturating_sub(t)),
+                })
+            }
+            None => None,
+        };
+        HealthReport::overall(l2, l3, self.is_offline(), backlog)
+    }
+
+    /// Subscribes to significant events: breaker transitions, stale serves, tiers degraded and
+    /// recovered, dead letters. A subscriber that falls more than 256 events behind loses the
+    /// oldest (see [`tokio::sync::broadcast`]).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The source breaker's status.
+    pub fn source_breaker_status(&self) -> crate::breaker::BreakerStatus {
+        self.inner.guard.status()
+    }
+
+    /// Forces the source's breaker open: no source calls until [`reset_source_breaker`]
+    /// (persisted, so other processes on the same database respect it too).
+    ///
+    /// [`reset_source_breaker`]: Self::reset_source_breaker
+    pub async fn force_source_open(&self) {
+        self.inner.guard.apply(BreakerState::force_open).await;
+    }
+
+    /// Forces the source's breaker closed: failures are counted but never open it.
+    pub async fn force_source_closed(&self) {
+        self.inner.guard.apply(BreakerState::force_close).await;
+    }
+
+    /// Resets the source's breaker to closed, forgetting failures and rate-limit holds.
+    pub async fn reset_source_breaker(&self) {
+        self.inner.guard.apply(BreakerState::reset).await;
     }
 
     /// Zeroes the stats.
@@ -898,6 +1008,7 @@ fn source_failure(key: &str, e: SourceError) -> Error {
     let reason = match &e {
         SourceError::RateLimited { .. } => Some(StaleReason::RateLimited),
         SourceError::Timeout { .. } => Some(StaleReason::Timeout),
+        SourceError::CircuitOpen { .. } => Some(StaleReason::CircuitOpen),
         e if e.counts_as_failure() => Some(StaleReason::SourceError),
         _ => None,
     };
@@ -935,17 +1046,12 @@ async fn load(
         .filter(|p| p.value.is_some())
         .and_then(|p| p.validator.clone());
     let settings = &inner.settings;
-    let fetched = match tokio::time::timeout(
+    let fetched = guarded(
+        &inner.guard,
         settings.timeout,
         inner.source.fetch(&key, validator.as_deref()),
     )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(SourceError::Timeout {
-            after: settings.timeout,
-        }),
-    };
+    .await;
     let now = now_millis(clock.as_ref());
     let deadlines = |ttl: Option<Duration>, base: u64| {
         let fresh_until = add(now, ttl.map_or(base, millis));
@@ -1012,7 +1118,9 @@ async fn load(
                 } else {
                     SourceOutcome::Failed
                 });
-            inner.stats.error(Tier::L3);
+            if !matches!(e, SourceError::CircuitOpen { .. }) {
+                inner.stats.error(Tier::L3);
+            }
             return Err(source_failure(&key, e));
         }
     };

@@ -152,6 +152,13 @@ pub enum SourceError {
         /// What was wrong with the answer.
         message: String,
     },
+    /// The call was not sent: the source's circuit breaker is open (it failed recently, or its
+    /// rate-limit budget is spent) until `until`.
+    #[error("not sent: the source's circuit breaker is open{}", .until.as_ref().map(|t| format!(" until {}", fmt_time(t))).unwrap_or_default())]
+    CircuitOpen {
+        /// When a call may be tried again (none when the breaker was forced open).
+        until: Option<SystemTime>,
+    },
     /// The source does not support the operation (a read-only source asked to write).
     #[error("the source does not support {operation}")]
     Unsupported {
@@ -194,7 +201,11 @@ impl SourceError {
     /// Whether retrying the same call later can succeed (an outage, a timeout, a rate limit).
     /// A write that fails with a non-transient error goes to the dead letters.
     pub fn is_transient(&self) -> bool {
-        self.counts_as_failure() || matches!(self, SourceError::RateLimited { .. })
+        self.counts_as_failure()
+            || matches!(
+                self,
+                SourceError::RateLimited { .. } | SourceError::CircuitOpen { .. }
+            )
     }
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::entry::Entry;
 use crate::error::Result;
 
+pub(crate) mod guarded;
 pub(crate) mod memory;
 pub mod sqlite;
 

@@ -20,12 +20,15 @@ struct Script {
     latency: Duration,
 }
 
+/// A log of calls: key and validator (fetches) or key and value (writes; `None` = delete).
+type Log<T> = Arc<Mutex<Vec<(String, Option<T>)>>>;
+
 /// A fake source: a map of values with ETags, scripted latency and failures, and a log of calls.
 #[derive(Debug, Clone, Default)]
 pub struct FakeSource {
     script: Arc<Mutex<Script>>,
-    fetches: Arc<Mutex<Vec<(String, Option<String>)>>>,
-    writes: Arc<Mutex<Vec<(String, Option<Bytes>)>>>,
+    fetches: Log<String>,
+    writes: Log<Bytes>,
     fetch_count: Arc<AtomicUsize>,
 }
 

@@ -1,0 +1,207 @@
+//! The L3 circuit breaker as the cache uses it: every source call asks it first, and its whole
+//! state lives in L2 too, so processes sharing a database file trip and respect one breaker.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::breaker::{
+    BreakerPolicy, BreakerState, BreakerStatus, CircuitBreaker, Outcome, Permit, Rejected,
+    Transition,
+};
+use crate::clock::{now_millis, to_millis, Clock};
+use crate::event::Events;
+use crate::lookup::Tier;
+use crate::source::SourceError;
+use crate::tier::Store;
+
+/// The meta row holding the persisted L3 breaker.
+const META_KEY: &str = "breaker.l3";
+
+/// How a source call ended, for the breaker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CallEnd<'a> {
+    /// The source answered (a value, 304, 404, or a refusal that is not an outage).
+    Answered(Duration),
+    /// The source failed (5xx, connect, timeout, garbage).
+    Failed(&'a SourceError),
+    /// The source's budget is spent until then (ms).
+    RateLimited(u64),
+}
+
+#[derive(Debug)]
+pub(crate) struct SourceGuard {
+    breaker: CircuitBreaker,
+    store: Option<Arc<dyn Store>>,
+    clock: Arc<dyn Clock>,
+    events: Events,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceGuard {
+    /// `store`: where to persist the state (`None`: memory only).
+    pub(crate) fn new(
+        policy: BreakerPolicy,
+        clock: Arc<dyn Clock>,
+        store: Option<Arc<dyn Store>>,
+        events: Events,
+    ) -> Self {
+        Self {
+            breaker: CircuitBreaker::new(policy, clock.clone()).named("l3"),
+            store,
+            clock,
+            events,
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Asks the breaker for a call.
+    pub(crate) async fn acquire(&self) -> Result<Permit, Rejected> {
+        let result = self
+            .persisted(|st, now, policy| st.try_acquire(now, policy))
+            .await
+            .unwrap_or_else(|| self.breaker.try_acquire());
+        if let Ok(p) = &result {
+            self.events.transition(Tier::L3, p.transition(), None);
+        }
+        result
+    }
+
+    /// Reports how the call made under `permit` ended.
+    pub(crate) async fn complete(&self, permit: Permit, end: CallEnd<'_>) {
+        let (outcome, until) = match end {
+            CallEnd::Answered(latency) => (Outcome::success(latency), None),
+            CallEnd::Failed(e) => {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                (Outcome::Failure, None)
+            }
+            CallEnd::RateLimited(until) => (Outcome::Cancelled, Some(until)),
+        };
+        let t = self
+            .persisted(move |st, now, policy| {
+                let mut t = st.complete(permit, outcome, now, policy);
+                if let Some(until) = until {
+                    t = st.open_until(now, until).or(t);
+                }
+                t
+            })
+            .await
+            .unwrap_or_else(|| {
+                let mut t = self.breaker.complete(permit, outcome);
+                if let Some(until) = until {
+                    t = self
+                        .breaker
+                        .open_until(crate::clock::from_millis(until))
+                        .or(t);
+                }
+                t
+            });
+        let error = self.last_error();
+        self.events.transition(Tier::L3, t, error.as_deref());
+    }
+
+    /// Runs `f` on the persisted state in one L2 transaction and adopts the result in memory.
+    /// `None` when there is no store or it failed (the caller then uses the memory state).
+    async fn persisted<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut BreakerState, u64, &BreakerPolicy) -> R + Send + 'static,
+    ) -> Option<R> {
+        let store = self.store.as_ref()?;
+        let now = now_millis(self.clock.as_ref());
+        let policy = self.breaker.policy().clone();
+        let fallback = self.breaker.state_snapshot();
+        let slot: Arc<Mutex<Option<(R, BreakerState)>>> = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let update = store
+            .update_meta(
+                META_KEY,
+                Box::new(move |old| {
+                    // A missing or unreadable row starts from what this process knows.
+                    let mut st = old
+                        .as_deref()
+                        .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
+                        .unwrap_or(fallback);
+                    let r = f(&mut st, now, &policy);
+                    let json = serde_json::to_string(&st).ok().or(old);
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = Some((r, st));
+                    json
+                }),
+            )
+            .await;
+        if let Err(e) = update {
+            tracing::debug!(error = %e, "could not persist the L3 breaker; using the memory copy");
+            return None;
+        }
+        let (r, st) = slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        self.breaker.update(|mine, _, _| *mine = st);
+        Some(r)
+    }
+
+    /// Re-reads the persisted state (another process may have changed it).
+    pub(crate) async fn refresh(&self) {
+        let Some(store) = &self.store else { return };
+        if let Ok(Some(json)) = store.load_meta(META_KEY).await {
+            if let Ok(st) = serde_json::from_str::<BreakerState>(&json) {
+                self.breaker.update(|mine, _, _| *mine = st);
+            }
+        }
+    }
+
+    pub(crate) fn status(&self) -> BreakerStatus {
+        self.breaker.status()
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forces or resets the breaker (persisted too).
+    pub(crate) async fn apply(
+        &self,
+        f: impl Fn(&mut BreakerState) -> Option<Transition> + Send + Sync + Clone + 'static,
+    ) {
+        let g = f.clone();
+        let t = self
+            .persisted(move |st, _, _| g(st))
+            .await
+            .unwrap_or_else(|| self.breaker.update(|st, _, _| f(st)));
+        self.events.transition(Tier::L3, t, None);
+    }
+}
+
+/// Runs one source call under the guard: refused calls are never sent, and the outcome is
+/// reported.
+pub(crate) async fn guarded<T>(
+    guard: &SourceGuard,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    let permit = guard
+        .acquire()
+        .await
+        .map_err(|r| match (r.is_rate_limited(), r.until()) {
+            (true, Some(until)) => SourceError::RateLimited {
+                until,
+                status: None,
+                message: "the source's rate-limit budget is spent; not sent".into(),
+            },
+            _ => SourceError::CircuitOpen { until: r.until() },
+        })?;
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r,
+        Err(_) => Err(SourceError::Timeout { after: timeout }),
+    };
+    let end = match &result {
+        Ok(_) => CallEnd::Answered(started.elapsed()),
+        Err(e) => match e.rate_limited_until() {
+            Some(until) => CallEnd::RateLimited(to_millis(until)),
+            None if e.counts_as_failure() => CallEnd::Failed(e),
+            None => CallEnd::Answered(started.elapsed()),
+        },
+    };
+    guard.complete(permit, end).await;
+    result
+}

@@ -1,0 +1,159 @@
+//! L2 behind its own circuit breaker: a [`Store`] that wraps a [`Store`]. When the database
+//! fails (disk full, I/O error, locked too long, corrupt), the breaker opens and calls fail at
+//! once, so the cache carries on through L1 and L3; after the recovery timeout one call probes
+//! the database and a success closes the breaker again.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
+use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
+use crate::clock::Clock;
+use crate::entry::Entry;
+use crate::error::{Error, Result};
+use crate::event::Events;
+use crate::lookup::Tier;
+
+#[derive(Debug)]
+pub(crate) struct Guarded {
+    inner: Arc<dyn Store>,
+    breaker: CircuitBreaker,
+    events: Events,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Guarded {
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        policy: BreakerPolicy,
+        clock: Arc<dyn Clock>,
+        events: Events,
+    ) -> Self {
+        Self {
+            inner,
+            breaker: CircuitBreaker::new(policy, clock).named("l2"),
+            events,
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn status(&self) -> BreakerStatus {
+        self.breaker.status()
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn call<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        let permit = self.breaker.try_acquire().map_err(|r| Error::Storage {
+            message: format!("L2 is bypassed after repeated failures ({r})"),
+            source: None,
+        })?;
+        self.events.transition(Tier::L2, permit.transition(), None);
+        let started = Instant::now();
+        let result = op.await;
+        let outcome = match &result {
+            Ok(_) => Outcome::success(started.elapsed()),
+            Err(e) if e.is_storage() => {
+                let msg = e.to_string();
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                Outcome::Failure
+            }
+            Err(_) => Outcome::Cancelled,
+        };
+        let t = self.breaker.complete(permit, outcome);
+        let error = self.last_error();
+        self.events.transition(Tier::L2, t, error.as_deref());
+        result
+    }
+}
+
+#[async_trait]
+impl Store for Guarded {
+    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        self.call(self.inner.get(key)).await
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
+        self.call(self.inner.get_many(keys)).await
+    }
+
+    async fn put(&self, key: &str, entry: Entry) -> Result<()> {
+        self.call(self.inner.put(key, entry)).await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        stored_at: u64,
+        fresh_until: u64,
+        stale_until: u64,
+    ) -> Result<()> {
+        self.call(self.inner.renew(key, stored_at, fresh_until, stale_until))
+            .await
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        self.call(self.inner.remove(key)).await
+    }
+
+    fn touch(&self, key: &str, now: u64) {
+        if self.breaker.allows_request() {
+            self.inner.touch(key, now);
+        }
+    }
+
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
+        self.call(self.inner.enqueue(key, entry, op, now)).await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        self.call(self.inner.outbox_pending(limit)).await
+    }
+
+    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()> {
+        self.call(self.inner.outbox_complete(key, up_to_id)).await
+    }
+
+    async fn outbox_failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        self.call(
+            self.inner
+                .outbox_failed(key, up_to_id, next_attempt, error, dead),
+        )
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        self.call(self.inner.dead_letters()).await
+    }
+
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool> {
+        self.call(self.inner.resolve_dead_letter(id, retry)).await
+    }
+
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        self.call(self.inner.summary(now)).await
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<String>> {
+        self.call(self.inner.load_meta(name)).await
+    }
+
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>> {
+        self.call(self.inner.update_meta(name, update)).await
+    }
+}
