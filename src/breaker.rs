@@ -556,6 +556,8 @@ pub enum TransitionCause {
     Reset,
     /// A saved state was restored in place of the current one.
     Restored,
+    /// Tripped at once by a failure that will not pass within the next calls (a full disk).
+    Tripped,
 }
 
 impl TransitionCause {
@@ -571,6 +573,7 @@ impl TransitionCause {
             TransitionCause::Forced => "forced",
             TransitionCause::Reset => "reset",
             TransitionCause::Restored => "restored",
+            TransitionCause::Tripped => "tripped",
         }
     }
 }
@@ -1111,7 +1114,8 @@ impl BreakerState {
         };
         let timeout = policy.jittered_recovery_ms(self.openings, unit);
         self.next_attempt_ms = now_ms.saturating_add(timeout);
-        self.consecutive_failures = 0;
+        // The consecutive failures stay visible while open (health reports them); closing
+        // clears them.
         self.probes.clear();
         self.half_open_successes = 0;
         self.transition(CircuitState::Open, cause)
@@ -1144,6 +1148,16 @@ impl BreakerState {
         self.probes.clear();
         self.half_open_successes = 0;
         self.transition(CircuitState::Open, TransitionCause::RateLimited)
+    }
+
+    /// Opens at once (from closed or half-open) with the next recovery timeout, for a failure
+    /// that will not pass within the next calls, such as a full disk. Does nothing while forced
+    /// or already open.
+    pub fn trip(&mut self, now_ms: u64, policy: &BreakerPolicy) -> Option<Transition> {
+        if self.forced.is_some() || self.state == CircuitState::Open {
+            return None;
+        }
+        self.open(now_ms, policy, TransitionCause::Tripped)
     }
 
     /// Forces the breaker open: every call is rejected until [`reset`](Self::reset) or
@@ -1383,6 +1397,13 @@ impl CircuitBreaker {
     pub fn open_until(&self, until: SystemTime) -> Option<Transition> {
         let now = self.now_ms();
         let t = self.lock().open_until(now, crate::clock::to_millis(until));
+        self.emit(t)
+    }
+
+    /// Opens at once with the next recovery timeout (see [`BreakerState::trip`]).
+    pub fn trip(&self) -> Option<Transition> {
+        let now = self.now_ms();
+        let t = self.lock().trip(now, &self.policy);
         self.emit(t)
     }
 

@@ -123,6 +123,21 @@ impl Error {
         }
     }
 
+    /// The database is full (the disk, or its `max_page_count`): retrying soon will not help.
+    pub(crate) fn is_disk_full(&self) -> bool {
+        let Error::Storage {
+            source: Some(source),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        source
+            .downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            == Some(rusqlite::ErrorCode::DiskFull)
+    }
+
     pub(crate) fn invalid_key(key: &str, reason: KeyError) -> Self {
         Error::InvalidKey {
             key: crate::key::display_key(key),
@@ -130,9 +145,9 @@ impl Error {
         }
     }
 
-    pub(crate) fn storage(message: impl Into<String>, source: rusqlite::Error) -> Self {
+    pub(crate) fn storage(what: &str, source: rusqlite::Error) -> Self {
         Error::Storage {
-            message: message.into(),
+            message: format!("{what}: {source}"),
             source: Some(Arc::new(source)),
         }
     }

@@ -63,6 +63,22 @@ impl TierHealth {
         }
     }
 
+    /// From the worse of several breakers of one tier (L2 has one for reads, one for writes).
+    pub(crate) fn from_breakers(
+        breakers: impl IntoIterator<Item = BreakerStatus>,
+        last_error: Option<String>,
+    ) -> Self {
+        let worst = breakers.into_iter().max_by_key(|b| match b.state {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        });
+        match worst {
+            Some(b) => Self::from_breaker(b, last_error),
+            None => Self::healthy(),
+        }
+    }
+
     pub(crate) fn from_breaker(breaker: BreakerStatus, last_error: Option<String>) -> Self {
         let status = match breaker.state {
             CircuitState::Closed => HealthStatus::Healthy,

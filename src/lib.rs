@@ -25,6 +25,6 @@ pub use event::Event;
 pub use health::{HealthReport, HealthStatus};
 pub use key::{KeyError, MAX_KEY_LEN};
 pub use lookup::{Freshness, Lookup, StaleReason, Tier};
-pub use outbox::{DeadLetter, FlushReport};
+pub use outbox::{DeadLetter, FlushReport, OutboxMode};
 pub use tier::sqlite::{OnCorrupt, Synchronous};
 pub use tier::StoreSummary;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
@@ -18,6 +19,170 @@ use crate::error::{Error, Result};
 use crate::event::{Event, Events};
 use crate::source::{Source, SourceError};
 use crate::tier::{OutboxOp, OutboxRow, Store};
+
+/// Where pending writes wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OutboxMode {
+    /// In the L2 database, in the same transaction as the entry: an acknowledged write survives
+    /// a crash (`kill -9`) and is replayed on the next open. The default.
+    #[default]
+    Durable,
+    /// In memory: a `set` costs about a moka insert, but writes not yet delivered are lost if
+    /// the process dies, and L2 is written in the background without waiting. For data that can
+    /// be rebuilt, where write throughput matters more than safety.
+    Memory,
+}
+
+/// The outbox's storage: the L2 database, or memory.
+#[async_trait]
+pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
+    /// Pending (not dead) rows, oldest first.
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// Removes the rows of `key` up to `up_to_id`.
+    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()>;
+    /// Records a failed attempt on the rows of `key` up to `up_to_id`.
+    async fn failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()>;
+    /// The dead letters.
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
+    /// Moves a dead letter back to pending (`retry`) or deletes it.
+    async fn resolve(&self, id: i64, retry: bool) -> Result<bool>;
+}
+
+/// The durable outbox: rows in the L2 database.
+#[derive(Debug)]
+pub(crate) struct DurableQueue(pub(crate) Arc<dyn Store>);
+
+#[async_trait]
+impl Queue for DurableQueue {
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        self.0.outbox_pending(limit).await
+    }
+    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()> {
+        self.0.outbox_complete(key, up_to_id).await
+    }
+    async fn failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        self.0
+            .outbox_failed(key, up_to_id, next_attempt, error, dead)
+            .await
+    }
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        self.0.dead_letters().await
+    }
+    async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
+        self.0.resolve_dead_letter(id, retry).await
+    }
+}
+
+/// The memory outbox: rows in a map ordered by id.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryQueue {
+    rows: Mutex<(i64, std::collections::BTreeMap<i64, OutboxRow>)>,
+}
+
+impl MemoryQueue {
+    pub(crate) fn push(&self, key: &str, op: OutboxOp, now: u64) {
+        let mut g = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 += 1;
+        let id = g.0;
+        g.1.insert(
+            id,
+            OutboxRow {
+                id,
+                key: key.to_owned(),
+                op,
+                created_at: now,
+                attempts: 0,
+                next_attempt: 0,
+                last_error: None,
+                dead: false,
+            },
+        );
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut std::collections::BTreeMap<i64, OutboxRow>) -> T) -> T {
+        f(&mut self.rows.lock().unwrap_or_else(|e| e.into_inner()).1)
+    }
+
+    /// Pending rows, dead letters and the oldest pending write's time.
+    pub(crate) fn depth(&self) -> (u64, u64, Option<u64>) {
+        self.with(|rows| {
+            let dead = rows.values().filter(|r| r.dead).count() as u64;
+            let oldest = rows.values().find(|r| !r.dead).map(|r| r.created_at);
+            (rows.len() as u64 - dead, dead, oldest)
+        })
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        Ok(self.with(|rows| {
+            rows.values()
+                .filter(|r| !r.dead)
+                .take(limit)
+                .cloned()
+                .collect()
+        }))
+    }
+    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()> {
+        self.with(|rows| rows.retain(|&id, r| !(r.key == key && id <= up_to_id && !r.dead)));
+        Ok(())
+    }
+    async fn failed(
+        &self,
+        key: &str,
+        up_to_id: i64,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        self.with(|rows| {
+            for r in rows.range_mut(..=up_to_id).map(|(_, r)| r) {
+                if r.key == key && !r.dead {
+                    r.attempts += 1;
+                    r.next_attempt = next_attempt;
+                    r.last_error = Some(error.clone());
+                    r.dead = dead;
+                }
+            }
+        });
+        Ok(())
+    }
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        Ok(self.with(|rows| rows.values().filter(|r| r.dead).cloned().collect()))
+    }
+    async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
+        Ok(self.with(|rows| match rows.get_mut(&id) {
+            Some(r) if r.dead && retry => {
+                r.dead = false;
+                r.attempts = 0;
+                r.next_attempt = 0;
+                true
+            }
+            Some(r) if r.dead => {
+                rows.remove(&id);
+                true
+            }
+            _ => false,
+        }))
+    }
+}
 
 /// Rows read per delivery round.
 const ROUND_ROWS: usize = 4096;
@@ -89,7 +254,7 @@ enum Delivery {
 }
 
 struct Deliverer {
-    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
     source: Arc<dyn Source>,
     clock: Arc<dyn Clock>,
     retry_base: Duration,
@@ -131,7 +296,7 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Starts the flusher, which first replays what an earlier process left pending.
     pub(crate) fn start(
-        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
         source: Arc<dyn Source>,
         clock: Arc<dyn Clock>,
         guard: Arc<SourceGuard>,
@@ -144,7 +309,7 @@ impl Outbox {
             )
         })?;
         let deliverer = Arc::new(Deliverer {
-            store,
+            queue,
             source,
             clock,
             retry_base: retry.base,
@@ -165,6 +330,11 @@ impl Outbox {
             stop,
             task: Mutex::new(Some(task)),
         })
+    }
+
+    /// The outbox's storage.
+    pub(crate) fn queue(&self) -> &Arc<dyn Queue> {
+        &self.deliverer.queue
     }
 
     /// Rows delivered and failed attempts since this process started.
@@ -209,7 +379,7 @@ impl Outbox {
 
     /// What is pending now, without delivering.
     pub(crate) async fn report_pending(&self) -> Result<FlushReport> {
-        let rows = self.deliverer.store.outbox_pending(usize::MAX >> 1).await?;
+        let rows = self.deliverer.queue.pending(usize::MAX >> 1).await?;
         let mut stuck: Vec<(String, String)> = Vec::new();
         for r in &rows {
             if let Some(err) = &r.last_error {
@@ -239,7 +409,7 @@ struct Round {
 impl Deliverer {
     async fn round(&self, ignore_delays: bool) -> Result<Round> {
         let _one_at_a_time = self.round.lock().await;
-        let rows = self.store.outbox_pending(ROUND_ROWS).await?;
+        let rows = self.queue.pending(ROUND_ROWS).await?;
         let now = now_millis(self.clock.as_ref());
         // Group by key, in order of each key's oldest row.
         let mut order: Vec<String> = Vec::new();
@@ -307,7 +477,7 @@ impl Deliverer {
         let now = now_millis(self.clock.as_ref());
         match result {
             Ok(()) => {
-                self.store.outbox_complete(key, up_to).await?;
+                self.queue.complete(key, up_to).await?;
                 let n = rows.len() as u64;
                 self.delivered.fetch_add(n, Ordering::Relaxed);
                 Ok(Delivery::Delivered(n))
@@ -321,15 +491,15 @@ impl Deliverer {
                 }
                 let msg = e.to_string();
                 self.retries.fetch_add(1, Ordering::Relaxed);
-                self.store
-                    .outbox_failed(key, up_to, next, msg.clone(), false)
+                self.queue
+                    .failed(key, up_to, next, msg.clone(), false)
                     .await?;
                 Ok(Delivery::Retry(msg))
             }
             Err(e) => {
                 let msg = e.to_string();
-                self.store
-                    .outbox_failed(key, up_to, now, msg.clone(), true)
+                self.queue
+                    .failed(key, up_to, now, msg.clone(), true)
                     .await?;
                 self.events.emit(Event::DeadLetter {
                     key: key.to_owned(),

@@ -469,8 +469,9 @@ async fn write_behind_rejected_write_becomes_a_dead_letter() -> TestResult {
         .strategy(Strategy::WriteBehind)
         .build()?;
     cache.set("a", "1").await?;
+    // The background flusher or this flush: either way the refused write ends as a dead letter.
     let report = cache.flush().await?;
-    assert_eq!(report.dead_lettered, 1);
+    assert!(report.is_complete(), "dead letters are not pending: {report:?}");
     let dead = cache.dead_letters().await?;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].key, "a");

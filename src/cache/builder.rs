@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::breaker::BreakerPolicy;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::outbox::OutboxMode;
 use crate::source::{NoSource, Source};
 use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
 
@@ -62,6 +63,8 @@ pub struct TieredCacheBuilder {
     pub(crate) source_breaker: BreakerPolicy,
     pub(crate) storage_breaker: BreakerPolicy,
     pub(crate) persist_breaker: bool,
+    pub(crate) outbox_mode: OutboxMode,
+    pub(crate) pragmas: Vec<(String, String)>,
 }
 
 impl Default for TieredCacheBuilder {
@@ -90,6 +93,8 @@ impl Default for TieredCacheBuilder {
             source_breaker: BreakerPolicy::default(),
             storage_breaker: default_storage_breaker(),
             persist_breaker: true,
+            outbox_mode: OutboxMode::Durable,
+            pragmas: Vec::new(),
         }
     }
 }
@@ -129,6 +134,14 @@ impl TieredCacheBuilder {
     /// recently used. Default: 1 GiB.
     pub fn sqlite_capacity(mut self, bytes: u64) -> Self {
         self.sqlite_capacity = bytes;
+        self
+    }
+
+    /// Runs `PRAGMA name=value` on every database connection after tiercache's own settings
+    /// (for example `cache_size`, `mmap_size`, `max_page_count`). Names and values must be plain
+    /// words (letters, digits, `_`, `-`). Default: none.
+    pub fn sqlite_pragma(mut self, name: &str, value: impl std::fmt::Display) -> Self {
+        self.pragmas.push((name.to_owned(), value.to_string()));
         self
     }
 
@@ -269,6 +282,14 @@ impl TieredCacheBuilder {
         self
     }
 
+    /// Where write-behind keeps pending writes. Default: [`OutboxMode::Durable`] (in the L2
+    /// database; an acknowledged write survives a crash). [`OutboxMode::Memory`] trades that
+    /// safety for a `set` that costs about a moka insert.
+    pub fn outbox(mut self, mode: OutboxMode) -> Self {
+        self.outbox_mode = mode;
+        self
+    }
+
     /// Checks the configuration, opens L2 and starts the background tasks.
     ///
     /// Must be called within a Tokio runtime when the strategy is
@@ -288,6 +309,7 @@ impl TieredCacheBuilder {
             on_corrupt: self.on_corrupt,
             readers: self.sqlite_readers,
             busy_timeout: Duration::from_secs(5),
+            pragmas: self.pragmas.clone(),
         };
         TieredCache::from_builder(self, sqlite)
     }
@@ -361,6 +383,18 @@ impl TieredCacheBuilder {
                 "the {} strategy writes to the source, but no source was given",
                 self.strategy
             ));
+        }
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        for (name, value) in &self.pragmas {
+            if !word(name) || !word(value) || name.starts_with('-') {
+                return fail(format!(
+                    "sqlite_pragma {name:?} = {value:?}: names and values must be plain words"
+                ));
+            }
         }
         if let Location::File(path) = &self.sqlite_location {
             if path.as_os_str().is_empty() {

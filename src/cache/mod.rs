@@ -17,7 +17,9 @@ use crate::event::{Event, Events};
 use crate::health::{BacklogHealth, HealthReport, TierHealth};
 use crate::key;
 use crate::lookup::{Freshness, Lookup, StaleReason, Tier};
-use crate::outbox::{DeadLetter, FlushReport, Outbox};
+use crate::outbox::{
+    DeadLetter, DurableQueue, FlushReport, MemoryQueue, Outbox, OutboxMode, Queue,
+};
 use crate::source::{Fetched, Source, SourceError};
 use crate::stats::{Op, SnapshotExtras, SourceOutcome, Stats, StatsSnapshot};
 use crate::tier::guarded::Guarded;
@@ -77,6 +79,8 @@ pub(crate) struct Inner {
     flights: Flights<(Arc<Entry>, Loaded)>,
     stats: Arc<Stats>,
     outbox: Option<Outbox>,
+    /// The outbox's storage in [`OutboxMode::Memory`].
+    memory_queue: Option<Arc<MemoryQueue>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -196,9 +200,16 @@ impl TieredCache {
             fetch_concurrency: b.fetch_concurrency,
             close_timeout: b.close_timeout,
         };
+        let memory_queue = (b.strategy == Strategy::WriteBehind
+            && b.outbox_mode == OutboxMode::Memory)
+            .then(|| Arc::new(MemoryQueue::default()));
+        let queue: Arc<dyn Queue> = match &memory_queue {
+            Some(q) => q.clone(),
+            None => Arc::new(DurableQueue(l2.clone())),
+        };
         let outbox = if b.strategy == Strategy::WriteBehind {
             Some(Outbox::start(
-                l2.clone(),
+                queue,
                 source.clone(),
                 b.clock.clone(),
                 guard.clone(),
@@ -228,6 +239,7 @@ impl TieredCache {
                 flights: Flights::default(),
                 stats,
                 outbox,
+                memory_queue,
             }),
         })
     }
@@ -657,12 +669,18 @@ impl TieredCache {
                 self.write_source(key, Some(&value)).await?;
                 self.put_l2(key, entry.clone()).await;
             }
-            Strategy::WriteBehind => {
-                inner
-                    .l2
-                    .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
-                    .await?;
-            }
+            Strategy::WriteBehind => match &inner.memory_queue {
+                Some(q) => {
+                    q.push(key, OutboxOp::Put(value), now);
+                    inner.l2.put_detached(key, entry.clone());
+                }
+                None => {
+                    inner
+                        .l2
+                        .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
+                        .await?;
+                }
+            },
         }
         inner.l1.insert(key, Arc::new(entry)).await;
         if let Some(outbox) = &inner.outbox {
@@ -694,12 +712,21 @@ impl TieredCache {
                     tracing::warn!(key, error = %e, "L2 delete failed");
                 }
             }
-            Strategy::WriteBehind => {
-                inner
-                    .l2
-                    .enqueue(key, None, OutboxOp::Delete, self.now())
-                    .await?;
-            }
+            Strategy::WriteBehind => match &inner.memory_queue {
+                Some(q) => {
+                    q.push(key, OutboxOp::Delete, self.now());
+                    if let Err(e) = inner.l2.remove(key).await {
+                        inner.stats.error(Tier::L2);
+                        tracing::warn!(key, error = %e, "L2 delete failed");
+                    }
+                }
+                None => {
+                    inner
+                        .l2
+                        .enqueue(key, None, OutboxOp::Delete, self.now())
+                        .await?;
+                }
+            },
         }
         inner.l1.remove(key).await;
         if let Some(outbox) = &inner.outbox {
@@ -761,9 +788,11 @@ impl TieredCache {
     /// # Errors
     /// [`Error::Storage`].
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
-        Ok(self
-            .inner
-            .l2
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(Vec::new());
+        };
+        Ok(outbox
+            .queue()
             .dead_letters()
             .await?
             .into_iter()
@@ -776,10 +805,11 @@ impl TieredCache {
     /// # Errors
     /// [`Error::Storage`].
     pub async fn retry_dead_letter(&self, id: i64) -> Result<bool> {
-        let found = self.inner.l2.resolve_dead_letter(id, true).await?;
-        if let Some(outbox) = &self.inner.outbox {
-            outbox.notify();
-        }
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(false);
+        };
+        let found = outbox.queue().resolve(id, true).await?;
+        outbox.notify();
         Ok(found)
     }
 
@@ -788,7 +818,30 @@ impl TieredCache {
     /// # Errors
     /// [`Error::Storage`].
     pub async fn discard_dead_letter(&self, id: i64) -> Result<bool> {
-        self.inner.l2.resolve_dead_letter(id, false).await
+        match &self.inner.outbox {
+            Some(outbox) => outbox.queue().resolve(id, false).await,
+            None => Ok(false),
+        }
+    }
+
+    /// The write-behind backlog: pending writes, dead letters, and the oldest pending write's
+    /// age in ms. `None` under other strategies (or when L2 cannot be read).
+    async fn backlog(&self) -> Option<BacklogHealth> {
+        let inner = &*self.inner;
+        inner.outbox.as_ref()?;
+        let now = self.now();
+        let (pending, dead_letters, oldest) = match &inner.memory_queue {
+            Some(q) => q.depth(),
+            None => {
+                let s = inner.l2.summary(now).await.ok()?;
+                (s.outbox_depth, s.dead_letters, s.oldest_pending_ms)
+            }
+        };
+        Some(BacklogHealth {
+            pending,
+            dead_letters,
+            oldest_pending_age_ms: oldest.map(|t| now.saturating_sub(t)),
+        })
     }
 
     /// Flushes the outbox (within the close timeout), then stops the background tasks. What is
@@ -902,18 +955,17 @@ impl TieredCache {
         let mut outbox = crate::stats::OutboxStats::default();
         if let Some(o) = &inner.outbox {
             (outbox.delivered, outbox.retries) = o.counters();
-            if let Ok(summary) = inner.l2.summary(self.now()).await {
-                outbox.depth = summary.outbox_depth;
-                outbox.dead_letters = summary.dead_letters;
-                outbox.oldest_pending_age_ms = summary
-                    .oldest_pending_ms
-                    .map(|t| self.now().saturating_sub(t));
-            }
+        }
+        if let Some(b) = self.backlog().await {
+            outbox.depth = b.pending;
+            outbox.dead_letters = b.dead_letters;
+            outbox.oldest_pending_age_ms = b.oldest_pending_age_ms;
         }
         inner.stats.snapshot(SnapshotExtras {
             rate_limit: inner.source.rate_limit(),
             breakers: vec![
-                breaker("l2", inner.l2_guard.status()),
+                breaker("l2_read", inner.l2_guard.status().0),
+                breaker("l2_write", inner.l2_guard.status().1),
                 breaker("l3", inner.guard.status()),
             ],
             outbox,
@@ -925,20 +977,10 @@ impl TieredCache {
     pub async fn health(&self) -> HealthReport {
         let inner = &*self.inner;
         inner.guard.refresh().await;
-        let l2 = TierHealth::from_breaker(inner.l2_guard.status(), inner.l2_guard.last_error());
+        let (reads, writes) = inner.l2_guard.status();
+        let l2 = TierHealth::from_breakers([reads, writes], inner.l2_guard.last_error());
         let l3 = TierHealth::from_breaker(inner.guard.status(), inner.guard.last_error());
-        let backlog = match &inner.outbox {
-            Some(_) => {
-                let now = self.now();
-                let s = inner.l2.summary(now).await.unwrap_or_default();
-                Some(BacklogHealth {
-                    pending: s.outbox_depth,
-                    dead_letters: s.dead_letters,
-                    oldest_pending_age_ms: s.oldest_pending_ms.map(|t| now.saturating_sub(t)),
-                })
-            }
-            None => None,
-        };
+        let backlog = self.backlog().await;
         HealthReport::overall(l2, l3, self.is_offline(), backlog)
     }
 
@@ -1072,7 +1114,6 @@ async fn load(
                 fresh_until,
                 stale_until,
             };
-            store(&inner, &key, &entry).await;
             (entry, Loaded::Fetched)
         }
         Ok(Fetched::NotModified { ttl }) => {
@@ -1088,12 +1129,10 @@ async fn load(
                 ));
             };
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
-            let entry = prev.renewed(now, fresh_until, stale_until);
-            if let Err(e) = inner.l2.renew(&key, now, fresh_until, stale_until).await {
-                inner.stats.error(Tier::L2);
-                tracing::warn!(key, error = %e, "L2 renew failed");
-            }
-            (entry, Loaded::NotModified)
+            (
+                prev.renewed(now, fresh_until, stale_until),
+                Loaded::NotModified,
+            )
         }
         Ok(Fetched::NotFound) => {
             inner.stats.source_call(SourceOutcome::NotFound);
@@ -1105,9 +1144,6 @@ async fn load(
                 fresh_until,
                 stale_until: fresh_until,
             };
-            if settings.negative_ttl > 0 {
-                store(&inner, &key, &entry).await;
-            }
             (entry, Loaded::Fetched)
         }
         Err(e) => {
@@ -1124,18 +1160,27 @@ async fn load(
             return Err(source_failure(&key, e));
         }
     };
+    // L1 first: readers see the answer at once; L2 follows (a bytes-free renewal for a 304).
     let entry = Arc::new(entry);
-    if settings.negative_ttl > 0 || entry.value.is_some() {
+    let remember = settings.negative_ttl > 0 || entry.value.is_some();
+    if remember {
         inner.l1.insert(&key, entry.clone()).await;
     }
-    Ok((entry, how))
-}
-
-async fn store(inner: &Inner, key: &str, entry: &Entry) {
-    if let Err(e) = inner.l2.put(key, entry.clone()).await {
+    let written = match how {
+        Loaded::NotModified => {
+            inner
+                .l2
+                .renew(&key, entry.stored_at, entry.fresh_until, entry.stale_until)
+                .await
+        }
+        _ if remember => inner.l2.put(&key, (*entry).clone()).await,
+        _ => Ok(()),
+    };
+    if let Err(e) = written {
         inner.stats.error(Tier::L2);
         tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
     }
+    Ok((entry, how))
 }
 
 #[allow(dead_code)]

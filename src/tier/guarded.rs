@@ -1,7 +1,10 @@
-//! L2 behind its own circuit breaker: a [`Store`] that wraps a [`Store`]. When the database
-//! fails (disk full, I/O error, locked too long, corrupt), the breaker opens and calls fail at
-//! once, so the cache carries on through L1 and L3; after the recovery timeout one call probes
-//! the database and a success closes the breaker again.
+//! L2 behind circuit breakers: a [`Store`] that wraps a [`Store`]. When the database fails
+//! (disk full, I/O error, locked too long, corrupt), a breaker opens and calls fail at once, so
+//! the cache carries on through L1 and L3; after the recovery timeout one call probes the
+//! database and a success closes the breaker again.
+//!
+//! Reads and writes have a breaker each: a full disk refuses writes but still serves reads, and
+//! read successes must not hide a run of failed writes.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -20,7 +23,8 @@ use crate::lookup::Tier;
 #[derive(Debug)]
 pub(crate) struct Guarded {
     inner: Arc<dyn Store>,
-    breaker: CircuitBreaker,
+    reads: CircuitBreaker,
+    writes: CircuitBreaker,
     events: Events,
     last_error: Mutex<Option<String>>,
 }
@@ -34,14 +38,16 @@ impl Guarded {
     ) -> Self {
         Self {
             inner,
-            breaker: CircuitBreaker::new(policy, clock).named("l2"),
+            reads: CircuitBreaker::new(policy.clone(), clock.clone()).named("l2-read"),
+            writes: CircuitBreaker::new(policy, clock).named("l2-write"),
             events,
             last_error: Mutex::new(None),
         }
     }
 
-    pub(crate) fn status(&self) -> BreakerStatus {
-        self.breaker.status()
+    /// The read and write breakers' status.
+    pub(crate) fn status(&self) -> (BreakerStatus, BreakerStatus) {
+        (self.reads.status(), self.writes.status())
     }
 
     pub(crate) fn last_error(&self) -> Option<String> {
@@ -51,8 +57,20 @@ impl Guarded {
             .clone()
     }
 
-    async fn call<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
-        let permit = self.breaker.try_acquire().map_err(|r| Error::Storage {
+    async fn read<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        self.call(&self.reads, op).await
+    }
+
+    async fn write<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        self.call(&self.writes, op).await
+    }
+
+    async fn call<T>(
+        &self,
+        breaker: &CircuitBreaker,
+        op: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let permit = breaker.try_acquire().map_err(|r| Error::Storage {
             message: format!("L2 is bypassed after repeated failures ({r})"),
             source: None,
         })?;
@@ -68,7 +86,11 @@ impl Guarded {
             }
             Err(_) => Outcome::Cancelled,
         };
-        let t = self.breaker.complete(permit, outcome);
+        let mut t = breaker.complete(permit, outcome);
+        if matches!(&result, Err(e) if e.is_disk_full()) {
+            // A full disk does not pass in the next few calls: stop writing now.
+            t = breaker.trip().or(t);
+        }
         let error = self.last_error();
         self.events.transition(Tier::L2, t, error.as_deref());
         result
@@ -78,15 +100,15 @@ impl Guarded {
 #[async_trait]
 impl Store for Guarded {
     async fn get(&self, key: &str) -> Result<Option<Entry>> {
-        self.call(self.inner.get(key)).await
+        self.read(self.inner.get(key)).await
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
-        self.call(self.inner.get_many(keys)).await
+        self.read(self.inner.get_many(keys)).await
     }
 
     async fn put(&self, key: &str, entry: Entry) -> Result<()> {
-        self.call(self.inner.put(key, entry)).await
+        self.write(self.inner.put(key, entry)).await
     }
 
     async fn renew(
@@ -96,30 +118,36 @@ impl Store for Guarded {
         fresh_until: u64,
         stale_until: u64,
     ) -> Result<()> {
-        self.call(self.inner.renew(key, stored_at, fresh_until, stale_until))
+        self.write(self.inner.renew(key, stored_at, fresh_until, stale_until))
             .await
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
-        self.call(self.inner.remove(key)).await
+        self.write(self.inner.remove(key)).await
+    }
+
+    fn put_detached(&self, key: &str, entry: Entry) {
+        if self.writes.allows_request() {
+            self.inner.put_detached(key, entry);
+        }
     }
 
     fn touch(&self, key: &str, now: u64) {
-        if self.breaker.allows_request() {
+        if self.writes.allows_request() {
             self.inner.touch(key, now);
         }
     }
 
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
-        self.call(self.inner.enqueue(key, entry, op, now)).await
+        self.write(self.inner.enqueue(key, entry, op, now)).await
     }
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        self.call(self.inner.outbox_pending(limit)).await
+        self.read(self.inner.outbox_pending(limit)).await
     }
 
     async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()> {
-        self.call(self.inner.outbox_complete(key, up_to_id)).await
+        self.write(self.inner.outbox_complete(key, up_to_id)).await
     }
 
     async fn outbox_failed(
@@ -130,7 +158,7 @@ impl Store for Guarded {
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.call(
+        self.write(
             self.inner
                 .outbox_failed(key, up_to_id, next_attempt, error, dead),
         )
@@ -138,22 +166,22 @@ impl Store for Guarded {
     }
 
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
-        self.call(self.inner.dead_letters()).await
+        self.read(self.inner.dead_letters()).await
     }
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool> {
-        self.call(self.inner.resolve_dead_letter(id, retry)).await
+        self.write(self.inner.resolve_dead_letter(id, retry)).await
     }
 
     async fn summary(&self, now: u64) -> Result<StoreSummary> {
-        self.call(self.inner.summary(now)).await
+        self.read(self.inner.summary(now)).await
     }
 
     async fn load_meta(&self, name: &str) -> Result<Option<String>> {
-        self.call(self.inner.load_meta(name)).await
+        self.read(self.inner.load_meta(name)).await
     }
 
     async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>> {
-        self.call(self.inner.update_meta(name, update)).await
+        self.write(self.inner.update_meta(name, update)).await
     }
 }

@@ -100,6 +100,9 @@ pub(crate) struct SqliteOptions {
     pub(crate) on_corrupt: OnCorrupt,
     pub(crate) readers: usize,
     pub(crate) busy_timeout: Duration,
+    /// Extra `PRAGMA name=value` run on every connection after the defaults (validated by the
+    /// builder: names and values are plain words).
+    pub(crate) pragmas: Vec<(String, String)>,
 }
 
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
@@ -113,6 +116,9 @@ enum Msg {
 
 /// State only the writer thread touches.
 struct WriterState {
+    /// The SQLite error of the last job that failed (names the cause when SQLite rolls a whole
+    /// batch back).
+    last_failure: Option<rusqlite::ffi::Error>,
     now_hint: u64,
     total_bytes: u64,
     max_bytes: u64,
@@ -192,6 +198,7 @@ impl SqliteTier {
             .map_err(storage("count the bytes held"))?;
         let (tx, rx) = mpsc::channel();
         let state = WriterState {
+            last_failure: None,
             now_hint: 0,
             total_bytes: to_u64(total_bytes),
             max_bytes: opts.max_bytes,
@@ -268,6 +275,7 @@ impl SqliteTier {
         conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
             .map_err(corrupt)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        apply_pragmas(&conn, &opts.pragmas).map_err(corrupt)?;
         conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))
             .map_err(corrupt)?;
         if opts.location != Location::Memory {
@@ -298,6 +306,7 @@ impl SqliteTier {
                 .map_err(storage("configure a read connection"))?;
         }
         rusqlite::vtab::array::load_module(&conn).map_err(storage("load the array module"))?;
+        apply_pragmas(&conn, &opts.pragmas).map_err(storage("configure a read connection"))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
@@ -324,7 +333,13 @@ impl SqliteTier {
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |ctx| {
-            let out = ctx.map(|(conn, state)| run_in_savepoint(conn, |c| f(c, state)));
+            let out = ctx.map(|(conn, state)| {
+                let out = run_in_savepoint(conn, |c| f(c, &mut *state));
+                if let Err(rusqlite::Error::SqliteFailure(e, _)) = &out {
+                    state.last_failure = Some(*e);
+                }
+                out
+            });
             Box::new(move |commit: Result<()>| {
                 let result = match (commit, out) {
                     (Ok(()), Some(Ok(v))) => Ok(v),
@@ -351,6 +366,16 @@ impl SqliteTier {
     pub(crate) fn read_statements(&self) -> u64 {
         self.read_statements.load(Ordering::Relaxed)
     }
+}
+
+fn apply_pragmas(conn: &Connection, pragmas: &[(String, String)]) -> rusqlite::Result<()> {
+    for (name, value) in pragmas {
+        // Some pragmas answer with a row, some do not; either way is fine.
+        let mut stmt = conn.prepare(&format!("PRAGMA {name}={value}"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+    }
+    Ok(())
 }
 
 fn move_aside(path: &Path) -> Result<PathBuf> {
@@ -437,10 +462,36 @@ fn commit_batch(
                 .collect();
         }
     };
-    let completions: Vec<Completion> = jobs
-        .into_iter()
-        .map(|job| job(Some((&tx, &mut *state))))
-        .collect();
+    let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len());
+    let mut aborted = false;
+    for job in jobs {
+        if aborted {
+            completions.push(job(None));
+            continue;
+        }
+        completions.push(job(Some((&tx, &mut *state))));
+        // Some errors (a full disk, I/O) make SQLite roll the whole transaction back: the jobs
+        // after it must not run in autocommit mode, and none of the batch is committed.
+        aborted = tx.is_autocommit();
+    }
+    if aborted {
+        state.total_bytes = bytes_before;
+        touches.clear();
+        let cause = state.last_failure.take();
+        let err = Error::Storage {
+            message: format!(
+                "SQLite rolled the transaction back: {}",
+                cause.map_or_else(|| "unknown error".to_owned(), |e| e.to_string())
+            ),
+            source: cause.map(|e| {
+                Arc::new(rusqlite::Error::SqliteFailure(e, None)) as crate::error::BoxError
+            }),
+        };
+        return completions
+            .into_iter()
+            .map(|c| (c, Err(err.clone())))
+            .collect();
+    }
     if !touches.is_empty() {
         if let Ok(mut stmt) = tx.prepare_cached(
             "UPDATE entries SET last_access = ?2 WHERE key = ?1 AND last_access < ?2",
@@ -640,6 +691,19 @@ impl Store for SqliteTier {
         let key = key.to_owned();
         self.write(move |conn, state| remove_entry(conn, state, &key))
             .await
+    }
+
+    fn put_detached(&self, key: &str, entry: Entry) {
+        let key = key.to_owned();
+        let job: Job = Box::new(move |ctx| {
+            if let Some((conn, state)) = ctx {
+                if let Err(e) = run_in_savepoint(conn, |c| put_entry(c, state, &key, &entry)) {
+                    tracing::warn!(key, error = %e, "L2 background write failed");
+                }
+            }
+            Box::new(|_| {})
+        });
+        let _ = self.send(Msg::Job(job));
     }
 
     fn touch(&self, key: &str, now: u64) {
