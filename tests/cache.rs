@@ -471,7 +471,10 @@ async fn write_behind_rejected_write_becomes_a_dead_letter() -> TestResult {
     cache.set("a", "1").await?;
     // The background flusher or this flush: either way the refused write ends as a dead letter.
     let report = cache.flush().await?;
-    assert!(report.is_complete(), "dead letters are not pending: {report:?}");
+    assert!(
+        report.is_complete(),
+        "dead letters are not pending: {report:?}"
+    );
     let dead = cache.dead_letters().await?;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].key, "a");
