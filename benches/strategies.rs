@@ -91,8 +91,9 @@ fn strategies(c: &mut Criterion) {
                             op(cache, source, k, get, v).await;
                             t.elapsed()
                         });
+                        let done = join_all(timed).await;
                         let mut h = hist.borrow_mut();
-                        for d in join_all(timed).await {
+                        for d in done {
                             let _ = h.record(d.as_nanos() as u64);
                         }
                     }
