@@ -1,0 +1,335 @@
+//! Shared bench helpers: keys, values, a Zipf sampler, an in-process source with latency, the raw
+//! SQLite connection tiercache's L2 is compared with, and the loopback fake GitHub.
+//!
+//! Each bench uses a different subset of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::Connection;
+use tiercache::source::{Fetched, Source, SourceError};
+use tiercache::{Strategy, TieredCache};
+
+/// The size of every value: 1 KiB.
+pub const VALUE_LEN: usize = 1024;
+
+/// A 1 KiB value. Built from a `Vec` like values that arrive from SQLite or the network, so
+/// tiercache's values and the raw dependencies' values are the same kind of `Bytes`.
+pub fn value() -> Bytes {
+    Bytes::from(
+        (0..VALUE_LEN)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// The `i`-th key: short, ASCII, like a file path.
+pub fn key(i: usize) -> String {
+    format!("bench/keys/{i:06}.json")
+}
+
+/// `n` keys.
+pub fn keys(n: usize) -> Vec<String> {
+    (0..n).map(key).collect()
+}
+
+/// The `i`-th GitHub key, `owner/repo/path`.
+pub fn gh_key(i: usize) -> String {
+    format!("octo/app/files/{i:08}.txt")
+}
+
+/// A single-threaded runtime with time and I/O.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// A multi-threaded runtime with `workers` workers.
+pub fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The directory benchmark reports go to: `$CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+// ------------------------------------------------------------------ Zipf
+
+/// Zipf(s) over `0..n`: a precomputed CDF and a binary search. Rank 0 is the hottest key.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: usize, s: f64) -> Self {
+        assert!(n > 0, "Zipf over no keys");
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for k in 1..=n {
+            total += 1.0 / (k as f64).powf(s);
+            cdf.push(total);
+        }
+        for c in &mut cdf {
+            *c /= total;
+        }
+        Self { cdf }
+    }
+
+    /// A rank in `0..n`.
+    pub fn sample(&self, rng: &mut fastrand::Rng) -> usize {
+        let u = rng.f64();
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
+
+    /// `len` ranks, precomputed so that sampling is not part of what is measured.
+    pub fn trace(&self, len: usize, seed: u64) -> Vec<usize> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..len).map(|_| self.sample(&mut rng)).collect()
+    }
+}
+
+// ------------------------------------------------------------------ a source with latency
+
+/// An in-process source: every key exists (a 1 KiB value), every write is accepted, each call
+/// takes `latency` (a tokio sleep; zero means no sleep at all), and calls are counted.
+#[derive(Debug)]
+pub struct SlowSource {
+    latency: Duration,
+    value: Bytes,
+    fetches: AtomicUsize,
+    writes: AtomicUsize,
+}
+
+impl SlowSource {
+    pub fn new(latency: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            latency,
+            value: value(),
+            fetches: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    async fn wait(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Source for SlowSource {
+    async fn fetch(&self, _key: &str, _validator: Option<&str>) -> Result<Fetched, SourceError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.wait().await;
+        Ok(Fetched::value(self.value.clone()))
+    }
+
+    async fn put(&self, _key: &str, _value: &[u8]) -> Result<(), SourceError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.wait().await;
+        Ok(())
+    }
+
+    async fn delete(&self, _key: &str) -> Result<(), SourceError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.wait().await;
+        Ok(())
+    }
+}
+
+/// A cache with `strategy` over `source`, L2 in the file `db`, L1 bounded to `memory` bytes.
+/// Retries are slow so that a bench never spins on them. Call within a runtime (write-behind
+/// starts a task).
+pub fn cache(
+    strategy: Strategy,
+    source: Arc<SlowSource>,
+    db: &Path,
+    memory: u64,
+    stats: bool,
+) -> TieredCache {
+    TieredCache::builder()
+        .strategy(strategy)
+        .source_arc(source)
+        .sqlite_path(db)
+        .memory_capacity(memory)
+        .stats(stats)
+        .build()
+        .expect("the cache builds")
+}
+
+/// Sets `keys` to `value()` with up to 256 sets in flight, so group commit fills L2 quickly.
+pub async fn fill(cache: &TieredCache, keys: &[String]) {
+    use futures_util::stream::{self, StreamExt};
+    let v = value();
+    stream::iter(keys)
+        .map(|k| {
+            let v = v.clone();
+            async move { cache.set(k, v).await.expect("set") }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+// ------------------------------------------------------------------ raw SQLite
+
+/// tiercache's L2 schema, copied from `src/tier/sqlite.rs` (schema version 1), so the raw side
+/// reads and writes the same table layout and indexes.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    key         TEXT PRIMARY KEY NOT NULL,
+    value       BLOB,
+    validator   TEXT,
+    stored_at   INTEGER NOT NULL,
+    fresh_until INTEGER NOT NULL,
+    stale_until INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    last_access INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_stale ON entries(stale_until);
+CREATE INDEX IF NOT EXISTS entries_by_access ON entries(last_access);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    key          TEXT NOT NULL,
+    op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+    value        BLOB,
+    created_at   INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    dead         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+";
+
+/// The columns tiercache reads for one entry.
+pub const SELECT_ONE: &str =
+    "SELECT value, validator, stored_at, fresh_until, stale_until FROM entries WHERE key = ?1";
+
+/// The upsert tiercache writes one entry with.
+pub const UPSERT: &str = "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
+ ON CONFLICT(key) DO UPDATE SET value = excluded.value, validator = excluded.validator,
+   stored_at = excluded.stored_at, fresh_until = excluded.fresh_until,
+   stale_until = excluded.stale_until, size = excluded.size, last_access = excluded.last_access";
+
+/// A connection with tiercache's pragmas (WAL, `synchronous=NORMAL`, 5 s busy timeout, a
+/// 32-statement cache) and schema.
+pub fn raw_db(path: &Path) -> Connection {
+    let conn = Connection::open(path).expect("open the raw database");
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy_timeout");
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .expect("WAL");
+    assert!(mode.eq_ignore_ascii_case("wal"));
+    conn.execute_batch("PRAGMA synchronous=NORMAL;")
+        .expect("synchronous");
+    conn.execute_batch(SCHEMA).expect("schema");
+    conn.execute_batch("PRAGMA user_version=1;")
+        .expect("user_version");
+    conn.set_prepared_statement_cache_capacity(32);
+    rusqlite::vtab::array::load_module(&conn).expect("the array module");
+    conn
+}
+
+/// What the raw side builds from a row: the same owned value tiercache builds.
+pub type RawEntry = (Option<Bytes>, Option<String>, i64, i64, i64);
+
+/// One prepared SELECT of an entry, decoded like tiercache decodes it.
+pub fn raw_get(conn: &Connection, key: &str) -> Option<RawEntry> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached(SELECT_ONE)
+        .expect("prepare")
+        .query_row([key], |r| {
+            Ok((
+                r.get::<_, Option<Vec<u8>>>(0)?.map(Bytes::from),
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })
+        .optional()
+        .expect("select")
+}
+
+/// One prepared upsert of an entry (its own transaction, as each lone `set` is).
+pub fn raw_put(conn: &Connection, key: &str, value: &[u8], now: i64) {
+    conn.prepare_cached(UPSERT)
+        .expect("prepare")
+        .execute(rusqlite::params![
+            key,
+            value,
+            Option::<String>::None,
+            now,
+            now + 300_000,
+            now + 86_700_000,
+            value.len() as i64,
+        ])
+        .expect("upsert");
+}
+
+/// Milliseconds since the UNIX epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------ the loopback fake GitHub
+
+/// A wiremock fake GitHub answering every contents request under `octo/app` with a 1 KiB raw
+/// file, an ETag and rate-limit headers that never run out. Request recording is off so a long
+/// run does not grow memory. Its server runs on wiremock's own thread.
+pub async fn fake_github() -> wiremock::MockServer {
+    use wiremock::matchers::{method, path_regex};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::builder()
+        .disable_request_recording()
+        .start()
+        .await;
+    let reset = (now_ms() / 1000 + 3600).to_string();
+    Mock::given(method("GET"))
+        .and(path_regex(r"^/repos/octo/app/contents/"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-ratelimit-limit", "5000")
+                .insert_header("x-ratelimit-remaining", "4999")
+                .insert_header("x-ratelimit-reset", reset.as_str())
+                .insert_header("etag", "\"0123456789abcdef\"")
+                .set_body_raw(value().to_vec(), "application/vnd.github.raw"),
+        )
+        .mount(&server)
+        .await;
+    server
+}
