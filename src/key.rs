@@ -51,10 +51,17 @@ pub(crate) fn validate(key: &str) -> Result<(), KeyError> {
     if key.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong { len: key.len() });
     }
-    if let Some((at, _)) = key.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(KeyError::ControlCharacter { at });
+    // ASCII keys (the usual case) are checked byte by byte; others char by char, since C1
+    // controls (U+0080..U+009F) are two bytes long.
+    let bytes = key.as_bytes();
+    match bytes.iter().position(|&b| b < 0x20 || b >= 0x7f) {
+        None => Ok(()),
+        Some(at) if bytes[at] != 0x7f && bytes[at] < 0x80 => Err(KeyError::ControlCharacter { at }),
+        Some(_) => match key.char_indices().find(|(_, c)| c.is_control()) {
+            Some((at, _)) => Err(KeyError::ControlCharacter { at }),
+            None => Ok(()),
+        },
     }
-    Ok(())
 }
 
 /// A key shortened for messages: errors name the key, but never carry a kilobyte of it.
@@ -85,6 +92,14 @@ mod tests {
         assert_eq!(validate("a\0b"), Err(KeyError::ControlCharacter { at: 1 }));
         assert_eq!(validate("ab\n"), Err(KeyError::ControlCharacter { at: 2 }));
         assert!(validate("owner/repo/dir/ünïcode file.txt@main").is_ok());
+        assert_eq!(
+            validate("a\u{7f}"),
+            Err(KeyError::ControlCharacter { at: 1 })
+        );
+        assert_eq!(
+            validate("é\u{85}"),
+            Err(KeyError::ControlCharacter { at: 2 })
+        );
     }
 
     #[test]

@@ -745,3 +745,16 @@ fn public_types_are_send_and_sync() {
     is::<tiercache::stats::StatsSnapshot>();
     is::<tiercache::TieredCacheBuilder>();
 }
+
+#[test]
+fn futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let cache = TieredCache::builder().build().unwrap();
+    is_send(&cache.get("k"));
+    is_send(&cache.lookup("k"));
+    is_send(&cache.mget(&["k"]));
+    is_send(&cache.set("k", "v"));
+    is_send(&cache.delete("k"));
+    is_send(&cache.flush());
+    is_send(&cache.warm("p", |_| {}));
+}

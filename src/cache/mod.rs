@@ -260,16 +260,27 @@ impl TieredCache {
         self.inner.offline.load(Ordering::Relaxed)
     }
 
+    /// The checks every call makes: the cache is open and the key meets the general rules.
     #[inline]
-    fn check(&self, key: &str) -> Result<()> {
+    fn check_basic(&self, key: &str) -> Result<()> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        key::validate(key).map_err(|r| Error::invalid_key(key, r))?;
+        key::validate(key).map_err(|r| Error::invalid_key(key, r))
+    }
+
+    /// The source's rules too. Reads skip this on an L1 hit: nothing enters L1 without passing
+    /// it, so an L1 hit is a key the source accepts.
+    fn check_source(&self, key: &str) -> Result<()> {
         self.inner
             .source
             .check_key(key)
             .map_err(|r| Error::invalid_key(key, r))
+    }
+
+    fn check(&self, key: &str) -> Result<()> {
+        self.check_basic(key)?;
+        self.check_source(key)
     }
 
     #[inline]
@@ -286,7 +297,27 @@ impl TieredCache {
     /// [`Error::InvalidKey`]; [`Error::Unavailable`] when the source failed and no stale copy
     /// could stand in; [`Error::Source`] when the source refused the request.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        Ok(self.lookup(key).await?.map(|l| l.value))
+        // The L1 hit, without building a `Lookup` (no validator copy).
+        self.check_basic(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start_sampled();
+        let now = self.now();
+        let candidate = match inner.l1.get(key).await {
+            Some(e) if e.is_fresh(now, None) => {
+                inner.stats.hit(Tier::L1);
+                inner.stats.record(Tier::L1, Op::Get, timer);
+                if e.value.is_none() {
+                    inner.stats.negative_hit();
+                }
+                return Ok(e.value.clone());
+            }
+            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
+            _ => None,
+        };
+        Ok(self
+            .lookup_after_l1(key, None, candidate, now)
+            .await?
+            .map(|l| l.value))
     }
 
     /// The value of `key` with where it came from: the tier, fresh or stale (and why), its age.
@@ -306,7 +337,7 @@ impl TieredCache {
     }
 
     async fn lookup_inner(&self, key: &str, max_age: Option<u64>) -> Result<Option<Lookup>> {
-        self.check(key)?;
+        self.check_basic(key)?;
         let inner = &*self.inner;
         let timer = inner.stats.start_sampled();
         let now = self.now();
@@ -319,15 +350,50 @@ impl TieredCache {
             Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
             _ => None,
         };
-        inner.stats.miss(Tier::L1);
-        let timer = inner.stats.start();
-        let result = self.lookup_slow(key, max_age, candidate, now).await;
-        let tier = match &result {
-            Ok(Some(l)) => l.tier,
-            _ => Tier::L3,
-        };
-        inner.stats.record(tier, Op::Get, timer);
-        result
+        self.lookup_after_l1(key, max_age, candidate, now).await
+    }
+
+    /// Everything after L1 could not answer fresh, boxed so the L1-hit future stays small.
+    fn lookup_after_l1<'a>(
+        &'a self,
+        key: &'a str,
+        max_age: Option<u64>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<Lookup>>> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            inner.stats.miss(Tier::L1);
+            self.check_source(key)?;
+            let timer = inner.stats.start();
+            let span = tracing::debug_span!(
+                "tiercache.get",
+                key,
+                tier = tracing::field::Empty,
+                freshness = tracing::field::Empty
+            );
+            let result = tracing::Instrument::instrument(
+                self.lookup_slow(key, max_age, candidate, now),
+                span.clone(),
+            )
+            .await;
+            let tier = match &result {
+                Ok(Some(l)) => {
+                    span.record("tier", l.tier.as_str());
+                    span.record(
+                        "freshness",
+                        match l.freshness {
+                            Freshness::Fresh => "fresh",
+                            Freshness::Stale { reason } => reason.as_str(),
+                        },
+                    );
+                    l.tier
+                }
+                _ => Tier::L3,
+            };
+            inner.stats.record(tier, Op::Get, timer);
+            result
+        })
     }
 
     /// Everything after an L1 miss: L2, then the source.
@@ -478,6 +544,11 @@ impl TieredCache {
     /// # Ok(()) }
     /// ```
     pub async fn mget<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
+        let span = tracing::debug_span!("tiercache.mget", keys = keys.len());
+        tracing::Instrument::instrument(self.mget_inner(keys), span).await
+    }
+
+    async fn mget_inner<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
         let inner = &*self.inner;
         let timer = inner.stats.start();
         let now = self.now();
@@ -652,6 +723,15 @@ impl TieredCache {
 
     async fn set_entry(&self, key: &str, value: Bytes, ttl: Option<u64>) -> Result<()> {
         self.check(key)?;
+        let span = tracing::debug_span!(
+            "tiercache.set",
+            key,
+            strategy = self.inner.settings.strategy.as_str()
+        );
+        tracing::Instrument::instrument(self.set_checked(key, value, ttl), span).await
+    }
+
+    async fn set_checked(&self, key: &str, value: Bytes, ttl: Option<u64>) -> Result<()> {
         let inner = &*self.inner;
         let timer = inner.stats.start();
         let now = self.now();

@@ -75,9 +75,13 @@ impl MemoryTier {
         Self { cache }
     }
 
+    /// moka's own future, not wrapped in another: this is the hot path.
     #[inline]
-    pub(crate) async fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        self.cache.get(key).await
+    pub(crate) fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl std::future::Future<Output = Option<Arc<Entry>>> + 'a {
+        self.cache.get(key)
     }
 
     pub(crate) async fn insert(&self, key: &str, entry: Arc<Entry>) {

@@ -38,10 +38,9 @@ CREATE TABLE IF NOT EXISTS entries (
     size        INTEGER NOT NULL,
     last_access INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS entries_by_stale ON entries(stale_until);
 CREATE INDEX IF NOT EXISTS entries_by_access ON entries(last_access);
 CREATE TABLE IF NOT EXISTS outbox (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           INTEGER PRIMARY KEY,
     key          TEXT NOT NULL,
     op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
     value        BLOB,
@@ -126,7 +125,7 @@ struct WriterState {
 
 /// The SQLite tier.
 pub(crate) struct SqliteTier {
-    writer: Mutex<mpsc::Sender<Msg>>,
+    writer: mpsc::Sender<Msg>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     read_statements: AtomicU64,
@@ -211,7 +210,7 @@ impl SqliteTier {
                 source: Some(Arc::new(e)),
             })?;
         Ok(Self {
-            writer: Mutex::new(tx),
+            writer: tx,
             readers,
             next_reader: AtomicUsize::new(0),
             read_statements: AtomicU64::new(0),
@@ -274,10 +273,13 @@ impl SqliteTier {
         };
         conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
             .map_err(corrupt)?;
-        conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        // The schema and its version in one transaction: a process killed while creating it
+        // leaves no half-made database.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+        ))
+        .map_err(corrupt)?;
         apply_pragmas(&conn, &opts.pragmas).map_err(corrupt)?;
-        conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))
-            .map_err(corrupt)?;
         if opts.location != Location::Memory {
             // Catch a damaged file now rather than on the first read of a damaged page.
             let check: String = conn
@@ -355,11 +357,7 @@ impl SqliteTier {
     }
 
     fn send(&self, msg: Msg) -> Result<()> {
-        self.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(msg)
-            .map_err(|_| Error::Closed)
+        self.writer.send(msg).map_err(|_| Error::Closed)
     }
 
     /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
@@ -407,10 +405,10 @@ fn run_in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    conn.execute_batch("SAVEPOINT job")?;
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {
@@ -421,6 +419,8 @@ fn run_in_savepoint<T>(
 }
 
 const MAX_BATCH: usize = 1024;
+/// Last-access updates that make a transaction of their own.
+const TOUCH_BATCH: usize = 256;
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterState) {
     let mut touches: Vec<(String, u64)> = Vec::new();
@@ -436,6 +436,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterS
                 Ok(msg) => push(msg, &mut jobs),
                 Err(_) => break,
             }
+        }
+        // Reads' last-access times are a hint for eviction: they wait for the next write, or
+        // for enough of them to be worth a transaction of their own.
+        if jobs.is_empty() && touches.len() < TOUCH_BATCH {
+            continue;
         }
         let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
         for (done, result) in completions {
