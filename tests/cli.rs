@@ -342,6 +342,11 @@ async fn usage_errors_exit_64() {
     env.run(&["get"]).await.expect(64);
     env.run(&["teleport"]).await.expect(64);
     env.run(&["warm", "octo"]).await.expect(64);
+    env.run(&["--offline", "warm", "octo/app"]).await.expect(64);
+    env.run(&["--offline", "--strategy", "write-behind", "put", KEY, "-"])
+        .await
+        .expect(64);
+    env.run(&["--offline", "flush"]).await.expect(64);
     assert!(env.requests().await.is_empty(), "nothing was sent");
 
     let help = env.run(&["--help"]).await;

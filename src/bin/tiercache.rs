@@ -473,6 +473,13 @@ async fn put(s: &Settings, key: &str, file: &std::path::Path) -> Result<u8, Fail
         std::fs::read(file)
             .map_err(|e| Failure::usage(format!("cannot read the file {}: {e}", file.display())))?
     };
+    if s.offline && matches!(s.strategy, Strategy::WriteThrough | Strategy::WriteBehind) {
+        // The library's write paths do not consult offline mode; refuse rather than contact GitHub.
+        return Err(Failure::usage(format!(
+            "--offline cannot be combined with put under {}: that strategy writes to GitHub",
+            s.strategy
+        )));
+    }
     let size = bytes.len();
     let cache = open(s, s.strategy)?;
     cache
