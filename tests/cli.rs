@@ -1,0 +1,721 @@
+//! End-to-end tests of the `tiercache` binary against a wiremock fake of GitHub on loopback.
+//!
+//! # How the binary gets built
+//! `Cargo.toml` has a dev-dependency on this crate itself with the `cli` feature. Dev-dependencies
+//! take part in feature resolution whenever tests, examples or benches are built, so a plain
+//! `cargo test` builds the library once, with `cli`, in the same dependency graph as every other
+//! test; the binary's `required-features = ["cli"]` is then met, cargo builds it along with the
+//! tests and hands its path over in `CARGO_BIN_EXE_tiercache`. The cost in CI is compiling clap,
+//! indicatif, toml and dirs (a few seconds) and linking one more executable.
+//!
+//! The alternative — running `cargo build --features cli --bin tiercache` from the test — needs
+//! a second dependency graph (without the dev-dependencies, tokio, hyper and octocrab resolve to
+//! other features and are all compiled again: about a minute on two cores) and a nested cargo
+//! that can deadlock on the build lock in some setups. It is kept only as a fallback, used when
+//! `CARGO_BIN_EXE_tiercache` is missing (the dev-dependency was removed).
+//!
+//! Every run gets `--db` in a temporary folder, `--api-url` of the fake and a fake
+//! `GITHUB_TOKEN`, and every run checks that the token appears in neither stdout nor stderr.
+
+#[path = "support/github_fake.rs"]
+mod github_fake;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use github_fake::Fake;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, Request};
+
+const TOKEN: &str = "ghp_FAKEtoken0123456789abcdefSECRET";
+const KEY: &str = "octo/app/config/prod.toml";
+const CONTENTS: &str = "/repos/octo/app/contents/config/prod.toml";
+
+/// The binary: cargo's, or built once here.
+fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = option_env!("CARGO_BIN_EXE_tiercache") {
+            return PathBuf::from(p);
+        }
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--features",
+                "cli",
+                "--bin",
+                "tiercache",
+                "--message-format=json",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "cargo build --features cli failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"]["name"] == "tiercache")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported the tiercache executable")
+    })
+}
+
+/// One run of the binary.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {}", self.out()))
+    }
+
+    fn json_lines(&self) -> Vec<Value> {
+        self.out()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[track_caller]
+    fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            code,
+            "exit code; stdout: {}\nstderr: {}",
+            self.out(),
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A fake GitHub and a temporary folder for the database.
+struct Env {
+    fake: Fake,
+    dir: TempDir,
+}
+
+impl Env {
+    async fn new() -> Self {
+        Env {
+            fake: Fake::start().await,
+            dir: TempDir::new().unwrap(),
+        }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("cache.db")
+    }
+
+    /// Runs `tiercache --db … --api-url … ARGS`.
+    async fn run(&self, args: &[&str]) -> Run {
+        let db = self.db();
+        let mut all = vec![
+            "--db",
+            db.to_str().unwrap(),
+            "--api-url",
+            &self.fake.server.uri(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        self.run_raw(&all, &[], None).await
+    }
+
+    /// Runs the binary with exactly `args`, extra environment and optional stdin.
+    async fn run_raw(&self, args: &[String], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Run {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(args)
+            .env("GITHUB_TOKEN", TOKEN)
+            .env_remove("TIERCACHE_DB")
+            .env_remove("TIERCACHE_CONFIG")
+            .env_remove("GITHUB_API_URL")
+            .envs(env.iter().copied())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("the binary starts");
+        let mut pipe = child.stdin.take().unwrap();
+        if let Some(bytes) = stdin {
+            pipe.write_all(bytes).await.unwrap();
+        }
+        drop(pipe);
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("the binary finishes within 30 s")
+            .unwrap();
+        let run = Run {
+            code: out.status.code().expect("exited, not killed"),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(
+            !run.out().contains(TOKEN) && !run.stderr.contains(TOKEN),
+            "the token leaked: {run:?}"
+        );
+        run
+    }
+
+    async fn requests(&self) -> Vec<Request> {
+        self.fake.server.received_requests().await.unwrap()
+    }
+
+    /// `GET CONTENTS` answers `body` with ETag `etag`.
+    async fn serve(&self, contents: &str, body: &[u8], etag: &str) {
+        Mock::given(method("GET"))
+            .and(path(contents))
+            .respond_with(self.fake.raw_file(body, etag))
+            .mount(&self.fake.server)
+            .await;
+    }
+
+    /// Forgets every mock and every recorded request.
+    async fn reset(&self) {
+        self.fake.server.reset().await;
+    }
+
+    /// Every request answers 503 with GitHub's HTML error page.
+    async fn outage(&self) {
+        self.reset().await;
+        Mock::given(wiremock::matchers::any())
+            .respond_with(self.fake.html_error(503))
+            .mount(&self.fake.server)
+            .await;
+    }
+}
+
+fn hdr<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn get_prints_the_bytes_and_the_second_get_is_served_from_the_database() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let first = env.run(&["get", KEY]).await;
+    first.expect(0);
+    assert_eq!(first.stdout, b"port = 8080\n");
+    let second = env.run(&["get", KEY]).await;
+    second.expect(0);
+    assert_eq!(second.stdout, b"port = 8080\n");
+    let reqs = env.requests().await;
+    assert_eq!(reqs.len(), 1, "the second process read the database");
+    let auth = hdr(&reqs[0], "authorization").expect("the token is sent");
+    assert!(auth.ends_with(TOKEN), "{auth}");
+}
+
+#[tokio::test]
+async fn get_json_has_every_field() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let bin = "/repos/octo/app/contents/logo.png";
+    env.serve(bin, &[0x89, b'P', b'N', b'G', 0xff, 0x00], "\"b1\"")
+        .await;
+    let v = env.run(&["get", KEY, "--json"]).await.expect(0).json();
+    assert_eq!(v["key"], KEY);
+    assert_eq!(v["tier"], "l3");
+    assert_eq!(v["freshness"], "fresh");
+    assert_eq!(v["stale_reason"], Value::Null);
+    assert!(v["age_ms"].as_u64().is_some());
+    assert_eq!(v["etag"], "\"v1\"");
+    assert_eq!(v["size"], 12);
+    assert_eq!(v["content"], "port = 8080\n");
+    let again = env.run(&["get", KEY, "--json"]).await.expect(0).json();
+    assert_eq!(again["tier"], "l2");
+    assert_eq!(again["freshness"], "fresh");
+
+    let b = env
+        .run(&["get", "octo/app/logo.png", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(b["content_base64"], "iVBOR/8A");
+    assert!(b.get("content").is_none());
+    assert_eq!(b["size"], 6);
+}
+
+#[tokio::test]
+async fn ttl_zero_sends_a_conditional_request_and_a_304_renews_the_copy() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    env.run(&["get", KEY]).await.expect(0);
+    env.reset().await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .and(header("if-none-match", "\"v1\""))
+        .respond_with(env.fake.not_modified("\"v1\""))
+        .expect(1)
+        .mount(&env.fake.server)
+        .await;
+    let run = env.run(&["--ttl", "0s", "get", KEY, "--json"]).await;
+    let v = run.expect(0).json();
+    assert_eq!(v["content"], "port = 8080\n");
+    assert_eq!(v["freshness"], "fresh");
+    assert!(v["age_ms"].as_u64().unwrap() < 5_000, "renewed: {v}");
+    let reqs = env.requests().await;
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(hdr(&reqs[0], "if-none-match"), Some("\"v1\""));
+}
+
+#[tokio::test]
+async fn an_outage_with_a_cached_copy_serves_it_stale_and_exits_0() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    env.run(&["get", KEY]).await.expect(0);
+    env.outage().await;
+    let run = env.run(&["--ttl", "0s", "get", KEY, "--json"]).await;
+    run.expect(0);
+    assert!(run.stderr.contains("stale"), "{}", run.stderr);
+    assert!(run.stderr.contains("source_error"), "{}", run.stderr);
+    let v = run.json();
+    assert_eq!(v["freshness"], "stale");
+    assert_eq!(v["stale_reason"], "source_error");
+    assert_eq!(v["tier"], "l2");
+    assert_eq!(v["content"], "port = 8080\n");
+    assert_eq!(env.requests().await.len(), 1, "GitHub was asked");
+
+    // Plain output: the bytes, and the warning on stderr.
+    let plain = env.run(&["--ttl", "0s", "get", KEY]).await;
+    plain.expect(0);
+    assert_eq!(plain.stdout, b"port = 8080\n");
+    assert!(plain.stderr.contains("stale"), "{}", plain.stderr);
+}
+
+#[tokio::test]
+async fn an_outage_without_a_copy_exits_1_naming_the_cause() {
+    let env = Env::new().await;
+    env.outage().await;
+    let run = env.run(&["get", KEY]).await;
+    run.expect(1);
+    assert!(run.stdout.is_empty());
+    assert!(run.stderr.contains("unavailable"), "{}", run.stderr);
+    assert!(run.stderr.contains("503"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn not_found_exits_2() {
+    let env = Env::new().await;
+    Mock::given(method("GET"))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    let run = env.run(&["get", KEY]).await;
+    run.expect(2);
+    assert!(run.stderr.contains("not found"), "{}", run.stderr);
+    let json = env.run(&["get", "octo/app/missing.txt", "--json"]).await;
+    json.expect(2);
+    assert_eq!(json.json()["not_found"], true);
+}
+
+#[tokio::test]
+async fn usage_errors_exit_64() {
+    let env = Env::new().await;
+    let bad_key = env.run(&["get", "not a key"]).await;
+    bad_key.expect(64);
+    assert!(bad_key.stderr.contains("invalid key"), "{}", bad_key.stderr);
+    let bad_ttl = env.run(&["--ttl", "5 minutes", "get", KEY]).await;
+    bad_ttl.expect(64);
+    assert!(bad_ttl.stderr.contains("duration"), "{}", bad_ttl.stderr);
+    env.run(&["--timeout", "10x", "stats"]).await.expect(64);
+    env.run(&["--frobnicate", "get", KEY]).await.expect(64);
+    env.run(&["--strategy", "write-sideways", "stats"])
+        .await
+        .expect(64);
+    env.run(&["get"]).await.expect(64);
+    env.run(&["teleport"]).await.expect(64);
+    env.run(&["warm", "octo"]).await.expect(64);
+    env.run(&["--offline", "warm", "octo/app"]).await.expect(64);
+    env.run(&["--offline", "--strategy", "write-behind", "put", KEY, "-"])
+        .await
+        .expect(64);
+    env.run(&["--offline", "flush"]).await.expect(64);
+    assert!(env.requests().await.is_empty(), "nothing was sent");
+
+    let help = env.run(&["--help"]).await;
+    help.expect(0);
+    assert!(help.out().contains("TIERCACHE_CONFIG"), "{}", help.out());
+    assert!(help.out().contains("stale_ttl"), "the config file keys");
+    let version = env.run(&["--version"]).await;
+    version.expect(0);
+    assert!(version.out().starts_with("tiercache "));
+}
+
+#[tokio::test]
+async fn mget_json_keeps_the_input_order_with_per_key_errors() {
+    let env = Env::new().await;
+    env.serve("/repos/octo/app/contents/a.txt", b"A", "\"a\"")
+        .await;
+    env.serve("/repos/octo/app/contents/b.txt", b"B", "\"b\"")
+        .await;
+    Mock::given(path("/repos/octo/app/contents/down.txt"))
+        .respond_with(env.fake.html_error(502))
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(path("/repos/octo/app/contents/gone.txt"))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    let keys = [
+        "octo/app/b.txt",
+        "octo/app/gone.txt",
+        "octo/app/a.txt",
+        "octo/app/down.txt",
+        "octo/app/b.txt",
+    ];
+    let mut args = vec!["mget", "--json"];
+    args.extend(keys);
+    let run = env.run(&args).await;
+    run.expect(1);
+    let lines = run.json_lines();
+    assert_eq!(lines.len(), keys.len(), "{}", run.out());
+    for (line, key) in lines.iter().zip(keys) {
+        assert_eq!(line["key"], key);
+    }
+    assert_eq!(lines[0]["content"], "B");
+    assert_eq!(lines[0]["tier"], "l3");
+    assert_eq!(lines[1]["not_found"], true);
+    assert!(lines[1]["error"].is_string());
+    assert_eq!(lines[2]["content"], "A");
+    assert!(lines[3]["error"].as_str().unwrap().contains("502"));
+    assert!(lines[3].get("not_found").is_none());
+    assert_eq!(lines[4]["content"], "B");
+
+    // All served (from the database now): exit 0; a bad key among them: exit 64.
+    let ok = env
+        .run(&["mget", "--json", "octo/app/a.txt", "octo/app/b.txt"])
+        .await;
+    let lines = ok.expect(0).json_lines();
+    assert_eq!(lines[0]["tier"], "l2");
+    env.run(&["mget", "octo/app/a.txt", "no good"])
+        .await
+        .expect(64);
+    let plain = env.run(&["mget", "octo/app/a.txt", "octo/app/b.txt"]).await;
+    assert_eq!(
+        plain.expect(0).out(),
+        "==> octo/app/a.txt <==\nA\n==> octo/app/b.txt <==\nB"
+    );
+}
+
+/// GitHub's answers to a write of a new file: the contents look-up says 404, the PUT creates.
+async fn accept_writes(env: &Env, contents: &str) {
+    Mock::given(method("GET"))
+        .and(path(contents))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(contents))
+        .respond_with(env.fake.json(
+            201,
+            serde_json::json!({"content": {"sha": "abc"}, "commit": {"sha": "def"}}),
+        ))
+        .mount(&env.fake.server)
+        .await;
+}
+
+fn puts(reqs: &[Request]) -> Vec<Value> {
+    reqs.iter()
+        .filter(|r| r.method.as_str() == "PUT")
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn put_under_write_through_sends_a_put_before_returning() {
+    let env = Env::new().await;
+    accept_writes(&env, CONTENTS).await;
+    let file = env.dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 9090\n").unwrap();
+    let run = env
+        .run(&[
+            "--strategy",
+            "write-through",
+            "put",
+            KEY,
+            file.to_str().unwrap(),
+        ])
+        .await;
+    run.expect(0);
+    let sent = puts(&env.requests().await);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["content"], "cG9ydCA9IDkwOTAK");
+    // The cache holds it: a read needs no request.
+    env.reset().await;
+    let v = env.run(&["get", KEY, "--json"]).await.expect(0).json();
+    assert_eq!(v["content"], "port = 9090\n");
+    assert_eq!(v["tier"], "l2");
+    assert!(env.requests().await.is_empty());
+
+    // GitHub refuses: exit 1, the cache keeps the old bytes.
+    env.outage().await;
+    std::fs::write(&file, "port = 1\n").unwrap();
+    let refused = env
+        .run(&[
+            "--strategy",
+            "write-through",
+            "put",
+            KEY,
+            file.to_str().unwrap(),
+        ])
+        .await;
+    refused.expect(1);
+    let v = env
+        .run(&["--offline", "get", KEY, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(v["content"], "port = 9090\n");
+}
+
+#[tokio::test]
+async fn put_under_read_through_writes_only_the_local_cache() {
+    let env = Env::new().await;
+    let args: Vec<String> = [
+        "--db",
+        env.db().to_str().unwrap(),
+        "--api-url",
+        &env.fake.server.uri(),
+        "put",
+        KEY,
+        "-",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let run = env.run_raw(&args, &[], Some(b"local\n")).await;
+    run.expect(0);
+    assert!(run.stderr.contains("local cache only"), "{}", run.stderr);
+    let got = env.run(&["get", KEY]).await;
+    assert_eq!(got.expect(0).stdout, b"local\n");
+    assert!(env.requests().await.is_empty(), "GitHub was not contacted");
+}
+
+#[tokio::test]
+async fn write_behind_keeps_the_write_through_an_outage_and_flush_delivers_it_later() {
+    let env = Env::new().await;
+    env.outage().await;
+    let file = env.dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 7070\n").unwrap();
+    let put = env
+        .run(&[
+            "--strategy",
+            "write-behind",
+            "put",
+            KEY,
+            file.to_str().unwrap(),
+        ])
+        .await;
+    put.expect(0);
+    assert!(put.stderr.contains("queued"), "{}", put.stderr);
+    assert!(put.stderr.contains("flush"), "{}", put.stderr);
+    let stats = env.run(&["stats", "--json"]).await.expect(0).json();
+    assert_eq!(stats["outbox_depth"], 1);
+
+    // Still down: exit 1, nothing lost.
+    let still_down = env.run(&["flush"]).await;
+    still_down.expect(1);
+    assert!(
+        still_down.stderr.contains("pending"),
+        "{}",
+        still_down.stderr
+    );
+    // The write is readable meanwhile (offline: straight from the database).
+    let v = env
+        .run(&["--offline", "get", KEY, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(v["content"], "port = 7070\n");
+
+    // GitHub is back: flush delivers and exits 0.
+    env.reset().await;
+    accept_writes(&env, CONTENTS).await;
+    let flushed = env.run(&["flush"]).await;
+    flushed.expect(0);
+    assert!(flushed.out().contains("delivered 1"), "{}", flushed.out());
+    let sent = puts(&env.requests().await);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["content"], "cG9ydCA9IDcwNzAK");
+    let stats = env.run(&["stats", "--json"]).await.expect(0).json();
+    assert_eq!(stats["outbox_depth"], 0);
+    assert_eq!(stats["dead_letters"], 0);
+}
+
+#[tokio::test]
+async fn put_under_write_behind_with_github_up_is_delivered_before_exit() {
+    let env = Env::new().await;
+    accept_writes(&env, CONTENTS).await;
+    let file = env.dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 6060\n").unwrap();
+    let put = env
+        .run(&[
+            "--strategy",
+            "write-behind",
+            "put",
+            KEY,
+            file.to_str().unwrap(),
+        ])
+        .await;
+    put.expect(0);
+    assert!(put.stderr.contains("delivered"), "{}", put.stderr);
+    assert_eq!(puts(&env.requests().await).len(), 1);
+    env.run(&["flush"]).await.expect(0);
+}
+
+#[tokio::test]
+async fn warm_fetches_a_directory_for_offline_use() {
+    let env = Env::new().await;
+    let f = &env.fake;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app"))
+        .respond_with(f.json(200, serde_json::json!({"default_branch": "main"})))
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/git/trees/main"))
+        .respond_with(f.json(
+            200,
+            serde_json::json!({
+                "sha": "t", "truncated": false,
+                "tree": [
+                    {"path": "conf", "type": "tree"},
+                    {"path": "conf/a.toml", "type": "blob"},
+                    {"path": "conf/deep/b.toml", "type": "blob"},
+                    {"path": "other/c.toml", "type": "blob"}
+                ]
+            }),
+        ))
+        .mount(&f.server)
+        .await;
+    env.serve("/repos/octo/app/contents/conf/a.toml", b"a = 1\n", "\"a\"")
+        .await;
+    env.serve(
+        "/repos/octo/app/contents/conf/deep/b.toml",
+        b"b = 2\n",
+        "\"b\"",
+    )
+    .await;
+    let run = env.run(&["warm", "octo/app/conf"]).await;
+    run.expect(0);
+    assert!(
+        run.out().contains("2 listed, 2 fetched"),
+        "{}\n{}",
+        run.out(),
+        run.stderr
+    );
+
+    env.reset().await;
+    let a = env.run(&["--offline", "get", "octo/app/conf/a.toml"]).await;
+    assert_eq!(a.expect(0).stdout, b"a = 1\n");
+    let b = env
+        .run(&["--offline", "get", "octo/app/conf/deep/b.toml"])
+        .await;
+    assert_eq!(b.expect(0).stdout, b"b = 2\n");
+    let c = env
+        .run(&["--offline", "get", "octo/app/other/c.toml"])
+        .await;
+    c.expect(1);
+    assert!(c.stderr.contains("offline"), "{}", c.stderr);
+    assert!(env.requests().await.is_empty(), "offline sends nothing");
+}
+
+#[tokio::test]
+async fn stats_and_health_print_json() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    env.run(&["get", KEY]).await.expect(0);
+    let stats = env.run(&["stats", "--json"]).await.expect(0).json();
+    assert_eq!(stats["entries"], 1);
+    assert!(stats["bytes"].as_u64().unwrap() >= 12);
+    assert_eq!(stats["stale_entries"], 0);
+    assert_eq!(stats["outbox_depth"], 0);
+    assert_eq!(stats["dead_letters"], 0);
+    assert_eq!(stats["l3_breaker"], "closed");
+    let text = env.run(&["stats"]).await;
+    assert!(text.expect(0).out().contains("GitHub breaker  closed"));
+
+    let health = env.run(&["health", "--json"]).await.expect(0).json();
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["l3"]["status"], "healthy");
+    assert_eq!(health["backlog"]["pending"], 0);
+    let offline = env.run(&["--offline", "health"]).await;
+    assert!(offline.expect(0).out().contains("offline mode: on"));
+}
+
+#[tokio::test]
+async fn cache_aside_never_asks_github() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let run = env.run(&["--strategy", "cache-aside", "get", KEY]).await;
+    run.expect(2);
+    assert!(run.stderr.contains("cache-aside"), "{}", run.stderr);
+    assert!(env.requests().await.is_empty());
+}
+
+#[tokio::test]
+async fn the_config_file_sits_between_flags_and_the_environment() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let from_file = env.dir.path().join("from-file.db");
+    let config = env.dir.path().join("tiercache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "db = {:?}\napi_url = {:?}\nstrategy = \"read-through\"\nttl = \"10m\"\nstale_ttl = \"7d\"\ntimeout = \"5s\"\noffline = false\n",
+            from_file.to_str().unwrap(),
+            env.fake.server.uri()
+        ),
+    )
+    .unwrap();
+    let from_env = env.dir.path().join("from-env.db");
+    let envs = [
+        ("TIERCACHE_DB", from_env.to_str().unwrap()),
+        ("GITHUB_API_URL", "http://127.0.0.1:9"),
+    ];
+    // The file (named by --config) wins over the environment.
+    let args = ["--config", config.to_str().unwrap(), "get", KEY].map(str::to_owned);
+    env.run_raw(&args, &envs, None).await.expect(0);
+    assert!(from_file.exists() && !from_env.exists());
+    // $TIERCACHE_CONFIG names it too; a flag wins over it.
+    let flag_db = env.dir.path().join("flag.db");
+    let args = ["--db", flag_db.to_str().unwrap(), "stats", "--json"].map(str::to_owned);
+    let mut envs_cfg = envs.to_vec();
+    envs_cfg.push(("TIERCACHE_CONFIG", config.to_str().unwrap()));
+    let stats = env.run_raw(&args, &envs_cfg, None).await.expect(0).json();
+    assert_eq!(stats["entries"], 0);
+    assert!(flag_db.exists());
+    // No flag, no file: the environment.
+    let args = ["stats", "--json"].map(str::to_owned);
+    env.run_raw(&args, &envs, None).await.expect(0);
+    assert!(from_env.exists());
+
+    // An unknown key: exit 64, named.
+    std::fs::write(&config, "ttl = \"5m\"\nttll = \"1h\"\n").unwrap();
+    let args = ["--config", config.to_str().unwrap(), "stats"].map(str::to_owned);
+    let bad = env.run_raw(&args, &envs, None).await;
+    bad.expect(64);
+    assert!(bad.stderr.contains("ttll"), "{}", bad.stderr);
+    // A bad duration in the file: 64.
+    std::fs::write(&config, "ttl = \"soon\"\n").unwrap();
+    env.run_raw(&args, &envs, None).await.expect(64);
+    // A missing file: 64.
+    let args = ["--config", "/nonexistent/tiercache.toml", "stats"].map(str::to_owned);
+    env.run_raw(&args, &envs, None).await.expect(64);
+}
