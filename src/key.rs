@@ -54,7 +54,7 @@ pub(crate) fn validate(key: &str) -> Result<(), KeyError> {
     // ASCII keys (the usual case) are checked byte by byte; others char by char, since C1
     // controls (U+0080..U+009F) are two bytes long.
     let bytes = key.as_bytes();
-    match bytes.iter().position(|&b| b < 0x20 || b >= 0x7f) {
+    match bytes.iter().position(|&b| !(0x20..0x7f).contains(&b)) {
         None => Ok(()),
         Some(at) if bytes[at] != 0x7f && bytes[at] < 0x80 => Err(KeyError::ControlCharacter { at }),
         Some(_) => match key.char_indices().find(|(_, c)| c.is_control()) {

@@ -4,7 +4,7 @@
 //! refuses for good as dead letters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -264,6 +264,8 @@ struct Deliverer {
     timeout: Duration,
     delivered: AtomicU64,
     retries: AtomicU64,
+    /// Offline mode: nothing is sent.
+    offline: Arc<AtomicBool>,
     /// Serializes rounds so a flush and the background task never deliver one key twice at once.
     round: tokio::sync::Mutex<()>,
 }
@@ -294,7 +296,8 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// Starts the flusher, which first replays what an earlier process left pending.
+    /// Starts the flusher (when `background`), which first replays what an earlier process left pending.
+    #[allow(clippy::too_many_arguments)] // Internal; called from one place.
     pub(crate) fn start(
         queue: Arc<dyn Queue>,
         source: Arc<dyn Source>,
@@ -302,12 +305,18 @@ impl Outbox {
         guard: Arc<SourceGuard>,
         events: Events,
         retry: Retry,
+        offline: Arc<AtomicBool>,
+        background: bool,
     ) -> Result<Self> {
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Config(
-                "the write-behind strategy needs a Tokio runtime to run its flusher".into(),
-            )
-        })?;
+        let handle = if background {
+            Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::Config(
+                    "the write-behind strategy needs a Tokio runtime to run its flusher".into(),
+                )
+            })?)
+        } else {
+            None
+        };
         let deliverer = Arc::new(Deliverer {
             queue,
             source,
@@ -319,16 +328,17 @@ impl Outbox {
             timeout: retry.timeout,
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            offline,
             round: tokio::sync::Mutex::new(()),
         });
         let notify = Arc::new(Notify::new());
         let (stop, stopped) = watch::channel(false);
-        let task = handle.spawn(run(deliverer.clone(), notify.clone(), stopped));
+        let task = handle.map(|h| h.spawn(run(deliverer.clone(), notify.clone(), stopped)));
         Ok(Self {
             deliverer,
             notify,
             stop,
-            task: Mutex::new(Some(task)),
+            task: Mutex::new(task),
         })
     }
 
@@ -463,6 +473,9 @@ impl Deliverer {
             return Ok(Delivery::Delivered(0));
         };
         let up_to = last.id;
+        if self.offline.load(Ordering::Relaxed) {
+            return Ok(Delivery::Held("offline mode is on: not sent".into()));
+        }
         let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
         let call = async {
             match &last.op {

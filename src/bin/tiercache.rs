@@ -26,7 +26,6 @@ mod duration;
 #[path = "tiercache/output.rs"]
 mod output;
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +35,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tiercache::source::github::GitHubSource;
 use tiercache::source::SourceError;
-use tiercache::{Error, Event, ReadOptions, StaleReason, Strategy, TieredCache};
+use tiercache::{Error, ReadOptions, Strategy, TieredCache};
 
 use config::{Flags, Settings};
 use output::Served;
@@ -311,37 +310,20 @@ fn read_strategy(s: &Settings) -> Strategy {
     }
 }
 
-/// Stale serves announced on the event channel, by key. The cache reports a copy that was within
-/// its own TTL but older than `--ttl` as fresh when the source failed; the event tells the truth.
-fn stale_events(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> HashMap<String, StaleReason> {
-    use tokio::sync::broadcast::error::TryRecvError;
-    let mut stale = HashMap::new();
-    loop {
-        match rx.try_recv() {
-            Ok(Event::StaleServed { key, reason, .. }) => {
-                stale.insert(key, reason);
-            }
-            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-            Err(_) => return stale,
-        }
+/// `--ttl` applies at read time too, to copies already cached (like HTTP's `max-age`).
+fn read_options(s: &Settings) -> ReadOptions {
+    match s.ttl {
+        Some(ttl) => ReadOptions::new().max_age(ttl),
+        None => ReadOptions::new(),
     }
 }
 
 async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failure> {
     let cache = open(s, read_strategy(s))?;
-    let mut events = cache.subscribe();
-    let result = match s.ttl {
-        Some(ttl) => {
-            cache
-                .lookup_with(key, &ReadOptions::new().max_age(ttl))
-                .await
-        }
-        None => cache.lookup(key).await,
-    };
-    let stale = stale_events(&mut events);
+    let result = cache.lookup_with(key, &read_options(s)).await;
     match result {
         Ok(Some(l)) => {
-            let served = Served::new(key, l, stale.get(key).copied());
+            let served = Served::new(key, l);
             served.warn_if_stale();
             let mut out = std::io::stdout().lock();
             let written = if json {
@@ -386,16 +368,7 @@ fn not_found_message(s: &Settings, key: &str) -> String {
 
 async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8, Failure> {
     let cache = open(s, read_strategy(s))?;
-    let mut events = cache.subscribe();
-    let results = match s.ttl {
-        // `mget` has no per-call max age: read each key with it instead (still single-flight).
-        Some(ttl) => {
-            let opts = ReadOptions::new().max_age(ttl);
-            futures_util::future::join_all(keys.iter().map(|k| cache.lookup_with(k, &opts))).await
-        }
-        None => cache.mget(keys).await,
-    };
-    let stale = stale_events(&mut events);
+    let results = cache.mget_with(keys, &read_options(s)).await;
     let mut code = 0u8;
     let worse = |code: u8, new: u8| -> u8 {
         let rank = |c: u8| match c {
@@ -415,7 +388,7 @@ async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8, Failure> 
     for (i, (key, result)) in keys.iter().zip(results).enumerate() {
         let written = match result {
             Ok(Some(l)) => {
-                let served = Served::new(key, l, stale.get(key.as_str()).copied());
+                let served = Served::new(key, l);
                 served.warn_if_stale();
                 if json {
                     writeln!(out, "{}", served.to_json())

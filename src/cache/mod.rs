@@ -74,7 +74,7 @@ pub(crate) struct Inner {
     source: Arc<dyn Source>,
     clock: Arc<dyn Clock>,
     settings: Settings,
-    offline: AtomicBool,
+    offline: Arc<AtomicBool>,
     closed: AtomicBool,
     flights: Flights<(Arc<Entry>, Loaded)>,
     stats: Arc<Stats>,
@@ -207,22 +207,23 @@ impl TieredCache {
             Some(q) => q.clone(),
             None => Arc::new(DurableQueue(l2.clone())),
         };
-        let outbox = if b.strategy == Strategy::WriteBehind {
-            Some(Outbox::start(
-                queue,
-                source.clone(),
-                b.clock.clone(),
-                guard.clone(),
-                events.clone(),
-                crate::outbox::Retry {
-                    base: b.retry_base,
-                    max: b.retry_max,
-                    timeout: b.timeout,
-                },
-            )?)
-        } else {
-            None
-        };
+        let offline = Arc::new(AtomicBool::new(b.offline));
+        // Every cache can deliver an outbox (one an earlier write-behind process left, say);
+        // only write-behind runs the background flusher.
+        let outbox = Some(Outbox::start(
+            queue,
+            source.clone(),
+            b.clock.clone(),
+            guard.clone(),
+            events.clone(),
+            crate::outbox::Retry {
+                base: b.retry_base,
+                max: b.retry_max,
+                timeout: b.timeout,
+            },
+            offline.clone(),
+            b.strategy == Strategy::WriteBehind,
+        )?);
         Ok(Self {
             inner: Arc::new(Inner {
                 l1: MemoryTier::new(b.memory_capacity, b.clock.clone()),
@@ -234,7 +235,7 @@ impl TieredCache {
                 source,
                 clock: b.clock,
                 settings,
-                offline: AtomicBool::new(b.offline),
+                offline,
                 closed: AtomicBool::new(false),
                 flights: Flights::default(),
                 stats,
@@ -495,12 +496,8 @@ impl TieredCache {
                     tier,
                     reason,
                 });
-                let fresh = if e.is_fresh(now, None) {
-                    Freshness::Fresh
-                } else {
-                    Freshness::Stale { reason }
-                };
-                Ok(self.served(&e, tier, fresh, now))
+                // A candidate is never fresh for this read (else it would have been served).
+                Ok(self.served(&e, tier, Freshness::Stale { reason }, now))
             }
             _ => Err(Error::Unavailable {
                 key: key.to_owned(),
@@ -544,11 +541,25 @@ impl TieredCache {
     /// # Ok(()) }
     /// ```
     pub async fn mget<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
-        let span = tracing::debug_span!("tiercache.mget", keys = keys.len());
-        tracing::Instrument::instrument(self.mget_inner(keys), span).await
+        self.mget_with(keys, &ReadOptions::default()).await
     }
 
-    async fn mget_inner<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
+    /// [`mget`](Self::mget) with per-call options.
+    pub async fn mget_with<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        options: &ReadOptions,
+    ) -> Vec<Result<Option<Lookup>>> {
+        let span = tracing::debug_span!("tiercache.mget", keys = keys.len());
+        let max_age = options.max_age.map(millis);
+        tracing::Instrument::instrument(self.mget_inner(keys, max_age), span).await
+    }
+
+    async fn mget_inner<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        max_age: Option<u64>,
+    ) -> Vec<Result<Option<Lookup>>> {
         let inner = &*self.inner;
         let timer = inner.stats.start();
         let now = self.now();
@@ -579,7 +590,7 @@ impl TieredCache {
         let mut l1_misses = Vec::new();
         for (d, (k, _)) in distinct.iter().enumerate() {
             match inner.l1.get(k).await {
-                Some(e) if e.is_fresh(now, None) => {
+                Some(e) if e.is_fresh(now, max_age) => {
                     inner.stats.hit(Tier::L1);
                     answers[d] = Some(Ok(self.served(&e, Tier::L1, Freshness::Fresh, now)));
                 }
@@ -601,7 +612,7 @@ impl TieredCache {
                     for d in l1_misses {
                         let k = distinct[d].0;
                         match found.remove(k).filter(|e| e.is_servable(now)) {
-                            Some(e) if e.is_fresh(now, None) => {
+                            Some(e) if e.is_fresh(now, max_age) => {
                                 inner.stats.hit(Tier::L2);
                                 let e = Arc::new(e);
                                 inner.l1.insert(k, e.clone()).await;
@@ -640,7 +651,7 @@ impl TieredCache {
                 let candidate = candidates[d].take();
                 async move {
                     let key = distinct_ref[d].0;
-                    (d, self.ask_source(key, None, candidate, now).await)
+                    (d, self.ask_source(key, max_age, candidate, now).await)
                 }
             })
             .buffer_unordered(inner.settings.fetch_concurrency)
@@ -836,6 +847,16 @@ impl TieredCache {
     /// Write-through: the source first.
     async fn write_source(&self, key: &str, value: Option<&Bytes>) -> Result<()> {
         let inner = &*self.inner;
+        if self.is_offline() {
+            return Err(Error::Unavailable {
+                key: key.to_owned(),
+                reason: StaleReason::Offline,
+                source: SourceError::Unavailable {
+                    status: None,
+                    message: "offline mode is on: the source was not contacted".into(),
+                },
+            });
+        }
         let call = async {
             match value {
                 Some(v) => inner.source.put(key, v).await,
@@ -930,8 +951,9 @@ impl TieredCache {
     /// # Errors
     /// [`Error::Storage`] when the outbox cannot be read.
     pub async fn close(&self) -> Result<FlushReport> {
+        let write_behind = self.inner.settings.strategy == Strategy::WriteBehind;
         let report = match &self.inner.outbox {
-            Some(outbox) => {
+            Some(outbox) if write_behind => {
                 let flushed =
                     tokio::time::timeout(self.inner.settings.close_timeout, outbox.flush()).await;
                 outbox.stop();
@@ -940,7 +962,7 @@ impl TieredCache {
                     Err(_) => outbox.report_pending().await?,
                 }
             }
-            None => FlushReport::default(),
+            _ => FlushReport::default(),
         };
         self.inner.closed.store(true, Ordering::Relaxed);
         Ok(report)
@@ -963,13 +985,24 @@ impl TieredCache {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let keys =
-            tokio::time::timeout(self.inner.settings.timeout, self.inner.source.list(prefix))
-                .await
-                .unwrap_or(Err(SourceError::Timeout {
-                    after: self.inner.settings.timeout,
-                }))
-                .map_err(|e| source_failure(prefix, e))?;
+        if self.is_offline() {
+            return Err(Error::Unavailable {
+                key: prefix.to_owned(),
+                reason: StaleReason::Offline,
+                source: SourceError::Unavailable {
+                    status: None,
+                    message: "offline mode is on: the source was not contacted".into(),
+                },
+            });
+        }
+        let inner = &*self.inner;
+        let keys = guarded(
+            &inner.guard,
+            inner.settings.timeout,
+            inner.source.list(prefix),
+        )
+        .await
+        .map_err(|e| source_failure(prefix, e))?;
         let total = keys.len();
         let mut summary = WarmSummary {
             listed: total,

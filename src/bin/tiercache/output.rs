@@ -19,10 +19,10 @@ pub(crate) struct Served<'a> {
 
 impl<'a> Served<'a> {
     /// `event_stale` is the reason from a stale-serve event for this key, if one came.
-    pub(crate) fn new(key: &'a str, lookup: Lookup, event_stale: Option<StaleReason>) -> Self {
+    pub(crate) fn new(key: &'a str, lookup: Lookup) -> Self {
         let stale = match lookup.freshness {
             Freshness::Stale { reason } => Some(reason),
-            Freshness::Fresh => event_stale,
+            Freshness::Fresh => None,
         };
         Self { key, lookup, stale }
     }
