@@ -1,6 +1,10 @@
 //! The unit every tier stores: bytes (or "not found") with a validator and three deadlines.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
+
+use crate::clock::from_millis;
 
 /// A cached answer of the source. Deadlines are milliseconds since the UNIX epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,9 +19,35 @@ pub(crate) struct Entry {
     pub(crate) fresh_until: u64,
     /// Served as stale (when the source cannot answer) until then; dropped after.
     pub(crate) stale_until: u64,
+    /// `fresh_until` as a wall-clock time: the L1-hit check compares it with the clock's reading
+    /// directly, without converting that reading to milliseconds.
+    fresh_at: SystemTime,
 }
 
 impl Entry {
+    pub(crate) fn new(
+        value: Option<Bytes>,
+        validator: Option<String>,
+        stored_at: u64,
+        fresh_until: u64,
+        stale_until: u64,
+    ) -> Self {
+        Self {
+            value,
+            validator,
+            stored_at,
+            fresh_until,
+            stale_until,
+            fresh_at: from_millis(fresh_until),
+        }
+    }
+
+    /// [`is_fresh`](Self::is_fresh) with no maximum age, against a clock reading.
+    #[inline]
+    pub(crate) fn is_fresh_at(&self, now: SystemTime) -> bool {
+        now < self.fresh_at
+    }
+
     /// Whether the entry is fresh at `now`, given a per-read maximum age.
     #[inline]
     pub(crate) fn is_fresh(&self, now: u64, max_age: Option<u64>) -> bool {
@@ -41,12 +71,12 @@ impl Entry {
 
     /// The same bytes, confirmed by the source at `now` with new deadlines.
     pub(crate) fn renewed(&self, now: u64, fresh_until: u64, stale_until: u64) -> Entry {
-        Entry {
-            value: self.value.clone(),
-            validator: self.validator.clone(),
-            stored_at: now,
+        Entry::new(
+            self.value.clone(),
+            self.validator.clone(),
+            now,
             fresh_until,
             stale_until,
-        }
+        )
     }
 }

@@ -54,6 +54,9 @@ pub(crate) fn validate(key: &str) -> Result<(), KeyError> {
     // ASCII keys (the usual case) are checked byte by byte; others char by char, since C1
     // controls (U+0080..U+009F) are two bytes long.
     let bytes = key.as_bytes();
+    if is_printable_ascii(bytes) {
+        return Ok(());
+    }
     match bytes.iter().position(|&b| !(0x20..0x7f).contains(&b)) {
         None => Ok(()),
         Some(at) if bytes[at] != 0x7f && bytes[at] < 0x80 => Err(KeyError::ControlCharacter { at }),
@@ -62,6 +65,33 @@ pub(crate) fn validate(key: &str) -> Result<(), KeyError> {
             None => Ok(()),
         },
     }
+}
+
+/// Whether every byte is printable ASCII (0x20..0x7e): eight bytes at a time, without branches
+/// per byte (this runs on every L1 hit).
+#[inline]
+fn is_printable_ascii(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The last, partial word is padded with a printable byte.
+    let word = |chunk: &[u8]| {
+        let mut w = [b'a'; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(w)
+    };
+    // A byte below 0x20 borrows into its high bit; 0x7f and above carry into (or already have)
+    // it. A carry can only mark a neighbour of a byte that is already odd.
+    let odd = |w: u64| (w.wrapping_sub(0x20 * ONES) & !w) | w.wrapping_add(ONES) | w;
+    let mut words = bytes.chunks_exact(8);
+    let mut acc = 0u64;
+    for w in &mut words {
+        acc |= odd(word(w));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        acc |= odd(word(rest));
+    }
+    acc & HIGH == 0
 }
 
 /// A key shortened for messages: errors name the key, but never carry a kilobyte of it.
@@ -100,6 +130,18 @@ mod tests {
             validate("é\u{85}"),
             Err(KeyError::ControlCharacter { at: 2 })
         );
+    }
+
+    #[test]
+    fn word_check_matches_byte_check() {
+        for b in 0..=255u8 {
+            for at in 0..17 {
+                let mut key = vec![b'a'; 17];
+                key[at] = b;
+                let expected = key.iter().all(|&c| (0x20..0x7f).contains(&c));
+                assert_eq!(is_printable_ascii(&key), expected, "byte {b:#x} at {at}");
+            }
+        }
     }
 
     #[test]

@@ -40,13 +40,12 @@ pub enum OutboxMode {
 pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// Pending (not dead) rows, oldest first.
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
-    /// Removes the rows of `key` up to `up_to_id`.
-    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()>;
-    /// Records a failed attempt on the rows of `key` up to `up_to_id`.
+    /// Removes delivered rows.
+    async fn complete(&self, ids: Vec<i64>) -> Result<()>;
+    /// Records a failed attempt on these rows.
     async fn failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,
@@ -66,20 +65,17 @@ impl Queue for DurableQueue {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.0.outbox_pending(limit).await
     }
-    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()> {
-        self.0.outbox_complete(key, up_to_id).await
+    async fn complete(&self, ids: Vec<i64>) -> Result<()> {
+        self.0.outbox_complete(ids).await
     }
     async fn failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.0
-            .outbox_failed(key, up_to_id, next_attempt, error, dead)
-            .await
+        self.0.outbox_failed(ids, next_attempt, error, dead).await
     }
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
         self.0.dead_letters().await
@@ -140,21 +136,25 @@ impl Queue for MemoryQueue {
                 .collect()
         }))
     }
-    async fn complete(&self, key: &str, up_to_id: i64) -> Result<()> {
-        self.with(|rows| rows.retain(|&id, r| !(r.key == key && id <= up_to_id && !r.dead)));
+    async fn complete(&self, ids: Vec<i64>) -> Result<()> {
+        self.with(|rows| {
+            for id in ids {
+                rows.remove(&id);
+            }
+        });
         Ok(())
     }
     async fn failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,
     ) -> Result<()> {
         self.with(|rows| {
-            for r in rows.range_mut(..=up_to_id).map(|(_, r)| r) {
-                if r.key == key && !r.dead {
+            for id in &ids {
+                let Some(r) = rows.get_mut(id) else { continue };
+                if !r.dead {
                     r.attempts += 1;
                     r.next_attempt = next_attempt;
                     r.last_error = Some(error.clone());
@@ -190,6 +190,8 @@ const ROUND_ROWS: usize = 4096;
 const DELIVERY_CONCURRENCY: usize = 8;
 /// Rounds one `flush` makes at most (new writes may keep arriving while it works).
 const FLUSH_ROUNDS: usize = 16;
+/// Delivered rows removed per statement.
+const COMPLETE_BATCH: usize = 64;
 
 /// A write the source refused for good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -246,7 +248,8 @@ impl FlushReport {
 
 /// The outcome of delivering one key.
 enum Delivery {
-    Delivered(u64),
+    /// The ids of the rows settled by the delivery.
+    Delivered(Vec<i64>),
     Retry(String),
     Dead(String),
     /// The source was not called (breaker open, rate limited until later).
@@ -442,17 +445,25 @@ impl Deliverer {
             due.push((key, rows));
         }
         round.attempted = due.len();
-        let outcomes: Vec<(String, Result<Delivery>)> = stream::iter(due)
+        let mut outcomes = std::pin::pin!(stream::iter(due)
             .map(|(key, rows)| async move {
                 let d = self.deliver(&key, rows).await;
                 (key, d)
             })
-            .buffer_unordered(DELIVERY_CONCURRENCY)
-            .collect()
-            .await;
-        for (key, outcome) in outcomes {
+            .buffer_unordered(DELIVERY_CONCURRENCY));
+        // Delivered rows are removed in batches: one statement per batch, not one per key. A
+        // crash before a batch is removed only means those writes are sent again (delivery is
+        // idempotent).
+        let mut delivered: Vec<i64> = Vec::new();
+        while let Some((key, outcome)) = outcomes.next().await {
             match outcome? {
-                Delivery::Delivered(n) => round.delivered += n,
+                Delivery::Delivered(ids) => {
+                    round.delivered += ids.len() as u64;
+                    delivered.extend(ids);
+                    if delivered.len() >= COMPLETE_BATCH {
+                        self.complete(std::mem::take(&mut delivered)).await?;
+                    }
+                }
                 Delivery::Dead(e) => {
                     round.dead_lettered += 1;
                     tracing::error!(key, error = %e, "write-behind: the source refused a write for good; kept as a dead letter");
@@ -463,16 +474,28 @@ impl Deliverer {
                 }
             }
         }
+        self.complete(delivered).await?;
         round.stuck.sort();
         Ok(round)
     }
 
-    /// Delivers the last of `rows` (all of one key, oldest first) and settles them all.
+    /// Removes delivered rows.
+    async fn complete(&self, ids: Vec<i64>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let n = ids.len() as u64;
+        self.queue.complete(ids).await?;
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Delivers the last of `rows` (all of one key, oldest first); on success the caller removes
+    /// them all.
     async fn deliver(&self, key: &str, rows: Vec<OutboxRow>) -> Result<Delivery> {
         let Some(last) = rows.last() else {
-            return Ok(Delivery::Delivered(0));
+            return Ok(Delivery::Delivered(Vec::new()));
         };
-        let up_to = last.id;
         if self.offline.load(Ordering::Relaxed) {
             return Ok(Delivery::Held("offline mode is on: not sent".into()));
         }
@@ -489,12 +512,7 @@ impl Deliverer {
         let result = guarded(&self.guard, self.timeout, call).await;
         let now = now_millis(self.clock.as_ref());
         match result {
-            Ok(()) => {
-                self.queue.complete(key, up_to).await?;
-                let n = rows.len() as u64;
-                self.delivered.fetch_add(n, Ordering::Relaxed);
-                Ok(Delivery::Delivered(n))
-            }
+            Ok(()) => Ok(Delivery::Delivered(ids(&rows))),
             // Not sent: the breaker is open. Nothing to record; the key waits its turn.
             Err(e @ SourceError::CircuitOpen { .. }) => Ok(Delivery::Held(e.to_string())),
             Err(e) if e.is_transient() => {
@@ -505,14 +523,14 @@ impl Deliverer {
                 let msg = e.to_string();
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 self.queue
-                    .failed(key, up_to, next, msg.clone(), false)
+                    .failed(ids(&rows), next, msg.clone(), false)
                     .await?;
                 Ok(Delivery::Retry(msg))
             }
             Err(e) => {
                 let msg = e.to_string();
                 self.queue
-                    .failed(key, up_to, now, msg.clone(), true)
+                    .failed(ids(&rows), now, msg.clone(), true)
                     .await?;
                 self.events.emit(Event::DeadLetter {
                     key: key.to_owned(),
@@ -532,6 +550,10 @@ impl Deliverer {
         let capped = exp.min(max);
         capped / 2 + fastrand::u64(0..=capped / 2)
     }
+}
+
+fn ids(rows: &[OutboxRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
 }
 
 async fn run(deliverer: Arc<Deliverer>, notify: Arc<Notify>, mut stop: watch::Receiver<bool>) {

@@ -199,36 +199,7 @@ pub async fn fill(cache: &TieredCache, keys: &[String]) {
 
 /// tiercache's L2 schema, copied from `src/tier/sqlite.rs` (schema version 1), so the raw side
 /// reads and writes the same table layout and indexes.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS entries (
-    key         TEXT PRIMARY KEY NOT NULL,
-    value       BLOB,
-    validator   TEXT,
-    stored_at   INTEGER NOT NULL,
-    fresh_until INTEGER NOT NULL,
-    stale_until INTEGER NOT NULL,
-    size        INTEGER NOT NULL,
-    last_access INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_by_stale ON entries(stale_until);
-CREATE INDEX IF NOT EXISTS entries_by_access ON entries(last_access);
-CREATE TABLE IF NOT EXISTS outbox (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    key          TEXT NOT NULL,
-    op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
-    value        BLOB,
-    created_at   INTEGER NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT,
-    dead         INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY NOT NULL,
-    value TEXT NOT NULL
-);
-";
+pub use tiercache::tier::sqlite::SCHEMA;
 
 /// The columns tiercache reads for one entry.
 pub const SELECT_ONE: &str =
@@ -251,8 +222,11 @@ pub fn raw_db(path: &Path) -> Connection {
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .expect("WAL");
     assert!(mode.eq_ignore_ascii_case("wal"));
-    conn.execute_batch("PRAGMA synchronous=NORMAL;")
-        .expect("synchronous");
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-{};",
+        tiercache::tier::sqlite::READER_CACHE_KIB
+    ))
+    .expect("synchronous, cache_size");
     conn.execute_batch(SCHEMA).expect("schema");
     conn.execute_batch("PRAGMA user_version=1;")
         .expect("user_version");

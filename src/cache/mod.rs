@@ -226,7 +226,7 @@ impl TieredCache {
         )?);
         Ok(Self {
             inner: Arc::new(Inner {
-                l1: MemoryTier::new(b.memory_capacity, b.clock.clone()),
+                l1: MemoryTier::new(b.memory_capacity),
                 l2,
                 l2_guard,
                 sqlite,
@@ -298,13 +298,18 @@ impl TieredCache {
     /// [`Error::InvalidKey`]; [`Error::Unavailable`] when the source failed and no stale copy
     /// could stand in; [`Error::Source`] when the source refused the request.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        // The L1 hit, without building a `Lookup` (no validator copy).
-        self.check_basic(key)?;
+        // The L1 hit, without building a `Lookup` (no validator copy). The key rules are checked
+        // after an L1 miss, before L2 or the source is touched: nothing enters L1 without
+        // passing them, so an invalid key can only miss here.
         let inner = &*self.inner;
+        if inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
         let timer = inner.stats.start_sampled();
-        let now = self.now();
-        let candidate = match inner.l1.get(key).await {
-            Some(e) if e.is_fresh(now, None) => {
+        let e = inner.l1.get(key).await;
+        let at = inner.clock.now();
+        if let Some(e) = &e {
+            if e.is_fresh_at(at) {
                 inner.stats.hit(Tier::L1);
                 inner.stats.record(Tier::L1, Op::Get, timer);
                 if e.value.is_none() {
@@ -312,9 +317,10 @@ impl TieredCache {
                 }
                 return Ok(e.value.clone());
             }
-            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
-            _ => None,
-        };
+        }
+        self.check_basic(key)?;
+        let now = crate::clock::to_millis(at);
+        let candidate = self.servable_l1(key, e, now).await;
         Ok(self
             .lookup_after_l1(key, None, candidate, now)
             .await?
@@ -341,17 +347,35 @@ impl TieredCache {
         self.check_basic(key)?;
         let inner = &*self.inner;
         let timer = inner.stats.start_sampled();
+        let e = inner.l1.get(key).await;
         let now = self.now();
-        let candidate = match inner.l1.get(key).await {
-            Some(e) if e.is_fresh(now, max_age) => {
+        if let Some(e) = &e {
+            if e.is_fresh(now, max_age) {
                 inner.stats.hit(Tier::L1);
                 inner.stats.record(Tier::L1, Op::Get, timer);
-                return Ok(self.served(&e, Tier::L1, Freshness::Fresh, now));
+                return Ok(self.served(e, Tier::L1, Freshness::Fresh, now));
             }
-            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
-            _ => None,
-        };
+        }
+        let candidate = self.servable_l1(key, e, now).await;
         self.lookup_after_l1(key, max_age, candidate, now).await
+    }
+
+    /// The L1 copy that may still stand in as stale; one past its stale deadline is dropped
+    /// (L1 has no expiry of its own: see `MemoryTier::new`).
+    async fn servable_l1(
+        &self,
+        key: &str,
+        e: Option<Arc<Entry>>,
+        now: u64,
+    ) -> Option<(Arc<Entry>, Tier)> {
+        match e {
+            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
+            Some(_) => {
+                self.inner.l1.remove(key).await;
+                None
+            }
+            None => None,
+        }
     }
 
     /// Everything after L1 could not answer fresh, boxed so the L1-hit future stays small.
@@ -747,13 +771,13 @@ impl TieredCache {
         let timer = inner.stats.start();
         let now = self.now();
         let fresh_until = add(now, ttl.unwrap_or(inner.settings.ttl));
-        let entry = Entry {
-            value: Some(value.clone()),
-            validator: None,
-            stored_at: now,
+        let entry = Entry::new(
+            Some(value.clone()),
+            None,
+            now,
             fresh_until,
-            stale_until: add(fresh_until, inner.settings.stale_ttl),
-        };
+            add(fresh_until, inner.settings.stale_ttl),
+        );
         match inner.settings.strategy {
             Strategy::ReadThrough | Strategy::CacheAside => self.put_l2(key, entry.clone()).await,
             Strategy::WriteThrough => {
@@ -1145,6 +1169,12 @@ impl TieredCache {
         self.inner.source.rate_limit()
     }
 
+    /// Drops everything L1 holds (L2 and the source are untouched): frees memory, or makes the
+    /// next reads come from L2.
+    pub async fn clear_memory(&self) {
+        self.inner.l1.clear().await;
+    }
+
     /// Entries and weighted bytes in L1 (after pending maintenance).
     pub async fn memory_usage(&self) -> (u64, u64) {
         self.inner.l1.run_pending_tasks().await;
@@ -1220,13 +1250,7 @@ async fn load(
         }) => {
             inner.stats.source_call(SourceOutcome::Ok);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
-            let entry = Entry {
-                value: Some(value),
-                validator,
-                stored_at: now,
-                fresh_until,
-                stale_until,
-            };
+            let entry = Entry::new(Some(value), validator, now, fresh_until, stale_until);
             (entry, Loaded::Fetched)
         }
         Ok(Fetched::NotModified { ttl }) => {
@@ -1250,13 +1274,7 @@ async fn load(
         Ok(Fetched::NotFound) => {
             inner.stats.source_call(SourceOutcome::NotFound);
             let fresh_until = add(now, settings.negative_ttl);
-            let entry = Entry {
-                value: None,
-                validator: None,
-                stored_at: now,
-                fresh_until,
-                stale_until: fresh_until,
-            };
+            let entry = Entry::new(None, None, now, fresh_until, fresh_until);
             (entry, Loaded::Fetched)
         }
         Err(e) => {

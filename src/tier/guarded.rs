@@ -5,15 +5,22 @@
 //!
 //! Reads and writes have a breaker each: a full disk refuses writes but still serves reads, and
 //! read successes must not hide a run of failed writes.
+//!
+//! While both breakers are closed with no failure counted, calls bypass them (an L2 hit is a few
+//! microseconds; two breaker locks per call were a measurable part of it). The first failure
+//! switches back to the breakers, which then count consecutive failures as usual. The
+//! failure-rate rule sees only calls made while unhealthy, so the L2 policy relies on
+//! consecutive failures.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
 
 use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
-use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
+use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, CircuitState, Outcome};
 use crate::clock::Clock;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
@@ -25,6 +32,9 @@ pub(crate) struct Guarded {
     inner: Arc<dyn Store>,
     reads: CircuitBreaker,
     writes: CircuitBreaker,
+    /// Both breakers closed with no failure counted: calls skip the breakers (their locks) until
+    /// a call fails.
+    healthy: AtomicBool,
     events: Events,
     last_error: Mutex<Option<String>>,
 }
@@ -40,6 +50,7 @@ impl Guarded {
             inner,
             reads: CircuitBreaker::new(policy.clone(), clock.clone()).named("l2-read"),
             writes: CircuitBreaker::new(policy, clock).named("l2-write"),
+            healthy: AtomicBool::new(true),
             events,
             last_error: Mutex::new(None),
         }
@@ -70,6 +81,19 @@ impl Guarded {
         breaker: &CircuitBreaker,
         op: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        if self.healthy.load(Ordering::Relaxed) {
+            let result = op.await;
+            match &result {
+                Err(e) if e.is_storage() => {
+                    // The first failure after a healthy run: count it, from now on through
+                    // the breakers.
+                    self.healthy.store(false, Ordering::Relaxed);
+                    self.record_failure(breaker, e);
+                }
+                _ => {}
+            }
+            return result;
+        }
         let permit = breaker.try_acquire().map_err(|r| Error::Storage {
             message: format!("L2 is bypassed after repeated failures ({r})"),
             source: None,
@@ -93,7 +117,25 @@ impl Guarded {
         }
         let error = self.last_error();
         self.events.transition(Tier::L2, t, error.as_deref());
+        let clean = |b: &CircuitBreaker| {
+            let s = b.status();
+            s.state == CircuitState::Closed && s.consecutive_failures == 0 && s.forced.is_none()
+        };
+        if result.is_ok() && clean(&self.reads) && clean(&self.writes) {
+            self.healthy.store(true, Ordering::Relaxed);
+        }
         result
+    }
+
+    /// Counts a failure outside a permit (a healthy-path call that failed).
+    fn record_failure(&self, breaker: &CircuitBreaker, e: &Error) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        let mut t = breaker.record_failure();
+        if e.is_disk_full() {
+            t = breaker.trip().or(t);
+        }
+        let error = self.last_error();
+        self.events.transition(Tier::L2, t, error.as_deref());
     }
 }
 
@@ -127,13 +169,13 @@ impl Store for Guarded {
     }
 
     fn put_detached(&self, key: &str, entry: Entry) {
-        if self.writes.allows_request() {
+        if self.healthy.load(Ordering::Relaxed) || self.writes.allows_request() {
             self.inner.put_detached(key, entry);
         }
     }
 
     fn touch(&self, key: &str, now: u64) {
-        if self.writes.allows_request() {
+        if self.healthy.load(Ordering::Relaxed) || self.writes.allows_request() {
             self.inner.touch(key, now);
         }
     }
@@ -146,23 +188,19 @@ impl Store for Guarded {
         self.read(self.inner.outbox_pending(limit)).await
     }
 
-    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()> {
-        self.write(self.inner.outbox_complete(key, up_to_id)).await
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
+        self.write(self.inner.outbox_complete(ids)).await
     }
 
     async fn outbox_failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.write(
-            self.inner
-                .outbox_failed(key, up_to_id, next_attempt, error, dead),
-        )
-        .await
+        self.write(self.inner.outbox_failed(ids, next_attempt, error, dead))
+            .await
     }
 
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {

@@ -91,13 +91,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()>;
     /// Pending (not dead) outbox rows, oldest first.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
-    /// Removes the rows of `key` up to `up_to_id`: delivered (or superseded).
-    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()>;
-    /// Records a failed attempt on the rows of `key` up to `up_to_id`.
+    /// Removes these outbox rows: delivered (or superseded), in one statement.
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()>;
+    /// Records a failed attempt on these rows.
     async fn outbox_failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,

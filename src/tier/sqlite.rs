@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 /// The schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 1;
 
-const SCHEMA: &str = "
+/// The database schema (created on open; versioned with `PRAGMA user_version`).
+pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS entries (
     key         TEXT PRIMARY KEY NOT NULL,
     value       BLOB,
@@ -38,7 +39,6 @@ CREATE TABLE IF NOT EXISTS entries (
     size        INTEGER NOT NULL,
     last_access INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS entries_by_access ON entries(last_access);
 CREATE TABLE IF NOT EXISTS outbox (
     id           INTEGER PRIMARY KEY,
     key          TEXT NOT NULL,
@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error   TEXT,
     dead         INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
@@ -292,6 +291,7 @@ impl SqliteTier {
                 });
             }
         }
+        rusqlite::vtab::array::load_module(&conn).map_err(corrupt)?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
@@ -308,35 +308,62 @@ impl SqliteTier {
                 .map_err(storage("configure a read connection"))?;
         }
         rusqlite::vtab::array::load_module(&conn).map_err(storage("load the array module"))?;
+        // Readers keep their own page cache; SQLite's default (2 MiB) makes an L2 read of a
+        // database a few times larger go to the file system on most reads.
+        conn.execute_batch(&format!("PRAGMA cache_size=-{READER_CACHE_KIB};"))
+            .map_err(storage("configure a read connection"))?;
         apply_pragmas(&conn, &opts.pragmas).map_err(storage("configure a read connection"))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
 
     /// Runs `f` on a free read connection (on this thread).
+    /// The first free connection is taken, so a lone reader always uses the first (its page
+    /// cache stays warm) and concurrent readers spread over the others.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-        let n = self.readers.len();
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            if let Ok(conn) = self.readers[(start + i) % n].try_lock() {
+        for reader in &self.readers {
+            if let Ok(conn) = reader.try_lock() {
                 return f(&conn);
             }
         }
-        let conn = self.readers[start % n]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let n = self.readers.len();
+        let pick = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
+        let conn = self.readers[pick].lock().unwrap_or_else(|e| e.into_inner());
         f(&conn)
     }
 
-    /// Runs `f` in the writer thread's next transaction and waits for the commit.
+    /// Runs `f`, which makes at most one change (one modifying statement: SQLite undoes a
+    /// failed statement by itself), in the writer thread's next transaction, and waits for the
+    /// commit.
     async fn write<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_job(false, f).await
+    }
+
+    /// [`write`](Self::write) for a job of several changes: they are undone together if one
+    /// fails (a savepoint), leaving the rest of the batch alone.
+    async fn write_atomic<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_job(true, f).await
+    }
+
+    async fn write_job<T: Send + 'static>(
+        &self,
+        savepoint: bool,
         f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |ctx| {
             let out = ctx.map(|(conn, state)| {
-                let out = run_in_savepoint(conn, |c| f(c, &mut *state));
+                let out = if savepoint {
+                    run_in_savepoint(conn, |c| f(c, &mut *state))
+                } else {
+                    f(conn, &mut *state)
+                };
                 if let Err(rusqlite::Error::SqliteFailure(e, _)) = &out {
                     state.last_failure = Some(*e);
                 }
@@ -419,6 +446,9 @@ fn run_in_savepoint<T>(
 }
 
 const MAX_BATCH: usize = 1024;
+/// Page cache of each read connection, in KiB (change it with
+/// [`sqlite_pragma`](crate::TieredCacheBuilder::sqlite_pragma)`("cache_size", ..)`).
+pub const READER_CACHE_KIB: u64 = 16 * 1024;
 /// Last-access updates that make a transaction of their own.
 const TOUCH_BATCH: usize = 256;
 
@@ -558,13 +588,13 @@ fn evict(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<()> {
 
 fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry> {
     let value: Option<Vec<u8>> = r.get(offset)?;
-    Ok(Entry {
-        value: value.map(Bytes::from),
-        validator: r.get(offset + 1)?,
-        stored_at: to_u64(r.get(offset + 2)?),
-        fresh_until: to_u64(r.get(offset + 3)?),
-        stale_until: to_u64(r.get(offset + 4)?),
-    })
+    Ok(Entry::new(
+        value.map(Bytes::from),
+        r.get(offset + 1)?,
+        to_u64(r.get(offset + 2)?),
+        to_u64(r.get(offset + 3)?),
+        to_u64(r.get(offset + 4)?),
+    ))
 }
 
 fn put_entry(
@@ -717,7 +747,7 @@ impl Store for SqliteTier {
 
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
         let key = key.to_owned();
-        self.write(move |conn, state| {
+        self.write_atomic(move |conn, state| {
             match &entry {
                 Some(e) => put_entry(conn, state, &key, e)?,
                 None => remove_entry(conn, state, &key)?,
@@ -747,11 +777,12 @@ impl Store for SqliteTier {
         .map_err(storage("read the outbox"))
     }
 
-    async fn outbox_complete(&self, key: &str, up_to_id: i64) -> Result<()> {
-        let key = key.to_owned();
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
         self.write(move |conn, _| {
-            conn.prepare_cached("DELETE FROM outbox WHERE key = ?1 AND id <= ?2 AND dead = 0")?
-                .execute(params![key, up_to_id])
+            // One statement for the batch; the array (an `Rc`) is built on the writer thread.
+            let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
+            conn.prepare_cached("DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0")?
+                .execute([ids])
                 .map(drop)
         })
         .await
@@ -759,19 +790,18 @@ impl Store for SqliteTier {
 
     async fn outbox_failed(
         &self,
-        key: &str,
-        up_to_id: i64,
+        ids: Vec<i64>,
         next_attempt: u64,
         error: String,
         dead: bool,
     ) -> Result<()> {
-        let key = key.to_owned();
         self.write(move |conn, _| {
+            let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
             conn.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?3, last_error = ?4, dead = ?5
-                 WHERE key = ?1 AND id <= ?2 AND dead = 0",
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?2, last_error = ?3, dead = ?4
+                 WHERE id IN rarray(?1) AND dead = 0",
             )?
-            .execute(params![key, up_to_id, to_i64(next_attempt), error, dead as i64])
+            .execute(params![ids, to_i64(next_attempt), error, dead as i64])
             .map(drop)
         })
         .await
