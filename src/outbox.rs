@@ -30,8 +30,9 @@ pub enum OutboxMode {
     #[default]
     Durable,
     /// In memory: a `set` costs about a moka insert, but writes not yet delivered are lost if
-    /// the process dies, and L2 is written in the background without waiting. For data that can
-    /// be rebuilt, where write throughput matters more than safety.
+    /// the process dies, and they are not written to L2 (after delivery, L2 gets the value from
+    /// the source on the next read that misses L1). For data that can be rebuilt, where write
+    /// throughput matters more than safety.
     Memory,
 }
 

@@ -55,7 +55,25 @@ impl SourceGuard {
     }
 
     /// Asks the breaker for a call.
+    ///
+    /// While the breaker is clean (closed, no failure counted) here and in the database, a call
+    /// costs one read of the persisted state and no write: writes happen only once something
+    /// failed, so a healthy source is not slowed by bookkeeping. (The failure-rate window shared
+    /// between processes therefore counts calls only from the first failure on.)
     pub(crate) async fn acquire(&self) -> Result<Permit, Rejected> {
+        if let Some(store) = &self.store {
+            let persisted_clean = match store.load_meta(META_KEY).await {
+                Ok(json) => json
+                    .as_deref()
+                    .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
+                    .is_none_or(|st| is_clean(&st)),
+                // L2 unreadable: the memory copy decides.
+                Err(_) => true,
+            };
+            if persisted_clean && is_clean(&self.breaker.state_snapshot()) {
+                return self.breaker.try_acquire();
+            }
+        }
         let result = self
             .persisted(|st, now, policy| st.try_acquire(now, policy))
             .await
@@ -68,6 +86,14 @@ impl SourceGuard {
 
     /// Reports how the call made under `permit` ended.
     pub(crate) async fn complete(&self, permit: Permit, end: CallEnd<'_>) {
+        if let CallEnd::Answered(latency) = end {
+            if is_clean(&self.breaker.state_snapshot()) {
+                // A success that leaves a clean breaker clean: nothing worth a write.
+                let t = self.breaker.complete(permit, Outcome::success(latency));
+                self.events.transition(Tier::L3, t, None);
+                return;
+            }
+        }
         let (outcome, until) = match end {
             CallEnd::Answered(latency) => (Outcome::success(latency), None),
             CallEnd::Failed(e) => {
@@ -169,6 +195,13 @@ impl SourceGuard {
             .unwrap_or_else(|| self.breaker.update(|st, _, _| f(st)));
         self.events.transition(Tier::L3, t, None);
     }
+}
+
+/// Closed, nothing counted against it, not forced: the state of a healthy source.
+fn is_clean(st: &BreakerState) -> bool {
+    st.state() == crate::breaker::CircuitState::Closed
+        && st.consecutive_failures() == 0
+        && st.forced().is_none()
 }
 
 /// Runs one source call under the guard: refused calls are never sent, and the outcome is

@@ -168,12 +168,6 @@ impl Store for Guarded {
         self.write(self.inner.remove(key)).await
     }
 
-    fn put_detached(&self, key: &str, entry: Entry) {
-        if self.healthy.load(Ordering::Relaxed) || self.writes.allows_request() {
-            self.inner.put_detached(key, entry);
-        }
-    }
-
     fn touch(&self, key: &str, now: u64) {
         if self.healthy.load(Ordering::Relaxed) || self.writes.allows_request() {
             self.inner.touch(key, now);

@@ -83,8 +83,6 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         stale_until: u64,
     ) -> Result<()>;
     async fn remove(&self, key: &str) -> Result<()>;
-    /// Writes an entry without waiting for the commit (memory-mode write-behind); best effort.
-    fn put_detached(&self, key: &str, entry: Entry);
     /// Records a read for the least-recently-used bound; best effort, never waits.
     fn touch(&self, key: &str, now: u64);
     /// Write-behind: the entry (or its removal) and an outbox row, in one transaction.

@@ -449,8 +449,8 @@ const MAX_BATCH: usize = 1024;
 /// Page cache of each read connection, in KiB (change it with
 /// [`sqlite_pragma`](crate::TieredCacheBuilder::sqlite_pragma)`("cache_size", ..)`).
 pub const READER_CACHE_KIB: u64 = 16 * 1024;
-/// Last-access updates that make a transaction of their own.
-const TOUCH_BATCH: usize = 256;
+/// Last-access updates kept waiting for a write; past this, later reads are not recorded.
+const MAX_TOUCHES: usize = 16 * 1024;
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterState) {
     let mut touches: Vec<(String, u64)> = Vec::new();
@@ -467,9 +467,13 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterS
                 Err(_) => break,
             }
         }
-        // Reads' last-access times are a hint for eviction: they wait for the next write, or
-        // for enough of them to be worth a transaction of their own.
-        if jobs.is_empty() && touches.len() < TOUCH_BATCH {
+        // Reads' last-access times are a hint for eviction: they ride along with the next
+        // write and never commit on their own. A commit makes every read connection drop its
+        // page cache, so a read-only workload must not cause one.
+        if jobs.is_empty() {
+            if touches.len() > MAX_TOUCHES {
+                touches.truncate(MAX_TOUCHES);
+            }
             continue;
         }
         let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
@@ -726,19 +730,6 @@ impl Store for SqliteTier {
         let key = key.to_owned();
         self.write(move |conn, state| remove_entry(conn, state, &key))
             .await
-    }
-
-    fn put_detached(&self, key: &str, entry: Entry) {
-        let key = key.to_owned();
-        let job: Job = Box::new(move |ctx| {
-            if let Some((conn, state)) = ctx {
-                if let Err(e) = run_in_savepoint(conn, |c| put_entry(c, state, &key, &entry)) {
-                    tracing::warn!(key, error = %e, "L2 background write failed");
-                }
-            }
-            Box::new(|_| {})
-        });
-        let _ = self.send(Msg::Job(job));
     }
 
     fn touch(&self, key: &str, now: u64) {
