@@ -279,38 +279,12 @@ impl L2 {
 }
 
 fn l2_setup(rt: &tokio::runtime::Runtime) -> L2 {
-    let dir = tempfile::tempdir().expect("a tempdir");
-    let db = dir.path().join("l2.db");
-    let keys = common::keys(L2_KEYS);
-    let cache = rt.block_on(async {
-        let cache = common::cache(
-            Strategy::CacheAside,
-            SlowSource::new(Duration::ZERO),
-            &db,
-            64 * MIB,
-            true,
-        );
-        common::fill(&cache, &keys).await;
-        for k in &keys {
-            cache.get(k).await.unwrap();
-        }
-        cache.clear_memory().await;
-        let mut from_l2 = 0;
-        for k in &keys[..100] {
-            if cache.lookup(k).await.unwrap().unwrap().tier == Tier::L2 {
-                from_l2 += 1;
-            }
-        }
-        assert!(from_l2 >= 95, "only {from_l2}/100 reads were L2 hits");
-        cache
-    });
-    let raw = common::raw_db(&db);
-    assert!(common::raw_get(&raw, &keys[0]).is_some());
+    let f = common::l2_fixture(rt, L2_KEYS, 64 * MIB);
     L2 {
-        _dir: dir,
-        keys,
-        cache,
-        raw,
+        _dir: f.dir,
+        keys: f.keys,
+        cache: f.cache,
+        raw: f.raw,
         cursor: AtomicUsize::new(100),
     }
 }

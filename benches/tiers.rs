@@ -92,47 +92,10 @@ fn l1_hit(c: &mut Criterion) {
 }
 
 /// A file-backed cache over `L2_KEYS` keys with a 4 KiB L1, and a raw connection on its file.
-struct L2Fixture {
-    _dir: tempfile::TempDir,
-    keys: Vec<String>,
-    cache: TieredCache,
-    raw: rusqlite::Connection,
-}
-
-fn l2_fixture(rt: &tokio::runtime::Runtime) -> L2Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("l2.db");
-    let keys = common::keys(L2_KEYS);
-    let cache = rt.block_on(async {
-        let cache = common::cache(
-            Strategy::CacheAside,
-            SlowSource::new(Duration::ZERO),
-            &db,
-            4096,
-            true,
-        );
-        common::fill(&cache, &keys).await;
-        // One pass in order (as the benches read), then check where reads are served from.
-        for k in &keys {
-            cache.get(k).await.unwrap();
-        }
-        let mut from_l2 = 0;
-        for k in &keys[..100] {
-            if cache.lookup(k).await.unwrap().unwrap().tier == Tier::L2 {
-                from_l2 += 1;
-            }
-        }
-        assert!(from_l2 >= 95, "only {from_l2}/100 reads were L2 hits");
-        cache
-    });
-    let raw = common::raw_db(&db);
-    assert!(common::raw_get(&raw, &keys[0]).is_some());
-    L2Fixture {
-        _dir: dir,
-        keys,
-        cache,
-        raw,
-    }
+/// A 4 KiB L1 (about three entries) over reads that cycle through 10,000 keys in order: every
+/// read misses L1 and is served by L2, promotion (and the eviction it causes) included.
+fn l2_fixture(rt: &tokio::runtime::Runtime) -> common::L2Fixture {
+    common::l2_fixture(rt, L2_KEYS, 4096)
 }
 
 fn l2_hit(c: &mut Criterion) {

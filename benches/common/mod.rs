@@ -307,3 +307,49 @@ pub async fn fake_github() -> wiremock::MockServer {
         .await;
     server
 }
+
+/// A file database holding `n` keys, a cache over it with an L1 of `memory` bytes (cleared, so
+/// reads start cold), and a raw connection to the same file with the same pragmas.
+pub struct L2Fixture {
+    pub dir: tempfile::TempDir,
+    pub keys: Vec<String>,
+    pub cache: TieredCache,
+    pub raw: Connection,
+}
+
+pub fn l2_fixture(rt: &tokio::runtime::Runtime, n: usize, memory: u64) -> L2Fixture {
+    let dir = tempfile::tempdir().expect("a tempdir");
+    let db = dir.path().join("l2.db");
+    let keys = keys(n);
+    let cache = rt.block_on(async {
+        let cache = cache(
+            tiercache::Strategy::CacheAside,
+            SlowSource::new(Duration::ZERO),
+            &db,
+            memory,
+            true,
+        );
+        fill(&cache, &keys).await;
+        // One pass in order (as the benches read), then check where reads are served from.
+        for k in &keys {
+            cache.get(k).await.expect("get");
+        }
+        cache.clear_memory().await;
+        let mut from_l2 = 0;
+        for k in &keys[..100] {
+            if cache.lookup(k).await.expect("get").expect("held").tier == tiercache::Tier::L2 {
+                from_l2 += 1;
+            }
+        }
+        assert!(from_l2 >= 95, "only {from_l2}/100 reads were L2 hits");
+        cache
+    });
+    let raw = raw_db(&db);
+    assert!(raw_get(&raw, &keys[0]).is_some());
+    L2Fixture {
+        dir,
+        keys,
+        cache,
+        raw,
+    }
+}
