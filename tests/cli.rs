@@ -719,3 +719,63 @@ async fn the_config_file_sits_between_flags_and_the_environment() {
     let args = ["--config", "/nonexistent/tiercache.toml", "stats"].map(str::to_owned);
     env.run_raw(&args, &envs, None).await.expect(64);
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_retried_and_discarded() {
+    let env = Env::new().await;
+    // GitHub refuses the write for good: a 422 on the PUT.
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
+        .mount(&env.fake.server)
+        .await;
+    let file = env.dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 5050\n").unwrap();
+    env.run(&[
+        "--strategy",
+        "write-behind",
+        "put",
+        KEY,
+        file.to_str().unwrap(),
+    ])
+    .await
+    .expect(1);
+    let listed = env
+        .run(&["dead-letters", "--json"])
+        .await
+        .expect(0)
+        .json_lines();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["key"], KEY);
+    assert!(listed[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Invalid request"));
+    let id = listed[0]["id"].as_i64().unwrap();
+    env.run(&["flush"]).await.expect(1);
+
+    // Retry: back in the outbox; GitHub now accepts it, so flush delivers it.
+    env.reset().await;
+    accept_writes(&env, CONTENTS).await;
+    env.run(&["dead-letters", "--retry", &id.to_string()])
+        .await
+        .expect(0);
+    let flushed = env.run(&["flush"]).await;
+    flushed.expect(0);
+    assert!(flushed.out().contains("delivered 1"), "{}", flushed.out());
+    assert!(env
+        .run(&["dead-letters", "--json"])
+        .await
+        .expect(0)
+        .json_lines()
+        .is_empty());
+    // A missing id is "not found".
+    env.run(&["dead-letters", "--discard", "999"])
+        .await
+        .expect(2);
+}

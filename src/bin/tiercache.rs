@@ -11,6 +11,7 @@
 //!   warm OWNER/REPO[/DIR][@REF] fetch every file under DIR into the cache
 //!   stats [--json]              what the database holds, outbox depth, dead letters, breaker state
 //!   health [--json]
+//!   dead-letters [--retry ID | --discard ID | --retry-all | --discard-all] [--json]
 //! ```
 //!
 //! Exit codes: 0 success (a stale answer too; stderr says so and why), 1 unavailable or another
@@ -149,6 +150,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the writes GitHub refused for good; move them back to the outbox or discard them
+    DeadLetters {
+        /// Move this dead letter back to the outbox (then `flush` delivers it)
+        #[arg(long, value_name = "ID", conflicts_with_all = ["discard", "retry_all", "discard_all"])]
+        retry: Option<i64>,
+        /// Delete this dead letter for good
+        #[arg(long, value_name = "ID", conflicts_with_all = ["retry_all", "discard_all"])]
+        discard: Option<i64>,
+        /// Move every dead letter back to the outbox
+        #[arg(long, conflicts_with = "discard_all")]
+        retry_all: bool,
+        /// Delete every dead letter for good
+        #[arg(long)]
+        discard_all: bool,
+        /// Print one JSON object per dead letter and line
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -258,6 +277,22 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Command::Warm { prefix } => warm(&settings, &prefix).await,
             Command::Stats { json } => stats(&settings, json).await,
             Command::Health { json } => health(&settings, json).await,
+            Command::DeadLetters {
+                retry,
+                discard,
+                retry_all,
+                discard_all,
+                json,
+            } => {
+                let action = match (retry, discard) {
+                    (Some(id), _) => DeadLetterAction::Retry(Some(id)),
+                    (_, Some(id)) => DeadLetterAction::Discard(Some(id)),
+                    _ if retry_all => DeadLetterAction::Retry(None),
+                    _ if discard_all => DeadLetterAction::Discard(None),
+                    _ => DeadLetterAction::List,
+                };
+                dead_letters(&settings, action, json).await
+            }
         }
     })
 }
@@ -643,36 +678,74 @@ async fn stats(s: &Settings, json: bool) -> Result<u8, Failure> {
 async fn health(s: &Settings, json: bool) -> Result<u8, Failure> {
     let cache = open(s, read_strategy(s))?;
     let report = cache.health().await;
-    let summary = cache.store_summary().await.ok();
-    let unhealthy = report.status == tiercache::HealthStatus::Unhealthy;
     if json {
-        let mut v = serde_json::to_value(&report).unwrap_or_default();
-        // The cache is opened without its outbox flusher here; report the backlog from the file.
-        if let (Some(sum), Some(obj)) = (summary, v.as_object_mut()) {
-            if obj.get("backlog").is_none_or(serde_json::Value::is_null) {
-                obj.insert(
-                    "backlog".into(),
-                    serde_json::json!({
-                        "pending": sum.outbox_depth,
-                        "dead_letters": sum.dead_letters,
-                    }),
-                );
-            }
-            if sum.dead_letters > 0 && obj.get("status") == Some(&"healthy".into()) {
-                obj.insert("status".into(), "degraded".into());
-            }
-        }
-        println!("{v}");
+        println!("{}", serde_json::to_value(&report).unwrap_or_default());
     } else {
         print!("{report}");
-        if let Some(sum) = summary {
-            if report.backlog.is_none() && (sum.outbox_depth > 0 || sum.dead_letters > 0) {
-                println!(
-                    "write-behind: {} pending, {} dead letters",
-                    sum.outbox_depth, sum.dead_letters
-                );
+    }
+    let unhealthy = report.status == tiercache::HealthStatus::Unhealthy;
+    Ok(if unhealthy { EXIT_RUNTIME } else { 0 })
+}
+
+/// What `dead-letters` does: list, or retry / discard one (`Some(id)`) or all (`None`).
+enum DeadLetterAction {
+    List,
+    Retry(Option<i64>),
+    Discard(Option<i64>),
+}
+
+async fn dead_letters(s: &Settings, action: DeadLetterAction, json: bool) -> Result<u8, Failure> {
+    let cache = open(s, read_strategy(s))?;
+    let letters = cache
+        .dead_letters()
+        .await
+        .map_err(|e| Failure::from_error(&e))?;
+    let (retry, only) = match action {
+        DeadLetterAction::List => {
+            for d in &letters {
+                if json {
+                    println!("{}", serde_json::to_value(d).unwrap_or_default());
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{} attempt(s)\t{}",
+                        d.id,
+                        d.op,
+                        d.key,
+                        d.attempts,
+                        d.error.as_deref().unwrap_or("")
+                    );
+                }
             }
+            return Ok(0);
+        }
+        DeadLetterAction::Retry(only) => (true, only),
+        DeadLetterAction::Discard(only) => (false, only),
+    };
+    let ids: Vec<i64> = match only {
+        Some(id) => vec![id],
+        None => letters.iter().map(|d| d.id).collect(),
+    };
+    let mut done = 0;
+    for id in &ids {
+        let found = if retry {
+            cache.retry_dead_letter(*id).await
+        } else {
+            cache.discard_dead_letter(*id).await
+        }
+        .map_err(|e| Failure::from_error(&e))?;
+        if found {
+            done += 1;
+        } else if only.is_some() {
+            return Err(Failure {
+                code: EXIT_NOT_FOUND,
+                message: format!("there is no dead letter {id}"),
+            });
         }
     }
-    Ok(if unhealthy { EXIT_RUNTIME } else { 0 })
+    if retry {
+        println!("{done} dead letter(s) moved back to the outbox; `tiercache flush` delivers them");
+    } else {
+        println!("{done} dead letter(s) discarded");
+    }
+    Ok(0)
 }
