@@ -504,3 +504,52 @@ async fn memory_outbox_delivers_and_reports_its_backlog() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_database_locked_too_long_degrades_l2_which_recovers_by_itself() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("cache.db");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let cache = builder(&source, &clock)
+        .strategy(Strategy::CacheAside)
+        .sqlite_path(&path)
+        .sqlite_busy_timeout(Duration::from_millis(20))
+        .build()?;
+    let mut events = cache.subscribe();
+    cache.set("before", "1").await?;
+
+    // Another process holds the write lock.
+    let other = rusqlite::Connection::open(&path)?;
+    other.execute_batch("BEGIN IMMEDIATE; INSERT INTO meta (name, value) VALUES ('lock', 'x');")?;
+    for i in 0..3 {
+        // Each write waits 20 ms for the lock, fails, and is served from L1 anyway.
+        cache.set(&format!("k{i}"), "v").await?;
+    }
+    let health = cache.health().await;
+    assert_eq!(health.l2.status, HealthStatus::Degraded, "{health}");
+    assert!(
+        health.l2.last_error.as_deref().unwrap().contains("locked"),
+        "{health}"
+    );
+    assert_eq!(cache.get("k2").await?.unwrap(), "v", "L1 still serves");
+    assert_eq!(cache.get("before").await?.unwrap(), "1");
+
+    // The lock is released; after the recovery timeout one write probes L2 and closes it.
+    other.execute_batch("COMMIT;")?;
+    // The default L2 recovery timeout: 5 s, jittered by up to 20%.
+    clock.advance(Duration::from_secs(7));
+    cache.set("after", "2").await?;
+    assert_eq!(cache.health().await.l2.status, HealthStatus::Healthy);
+    assert_eq!(
+        cache.store_summary().await?.entries,
+        2,
+        "before + after reached L2"
+    );
+    let (mut degraded, mut recovered) = (false, false);
+    while let Ok(e) = events.try_recv() {
+        degraded |= matches!(e, Event::TierDegraded { tier: Tier::L2, .. });
+        recovered |= matches!(e, Event::TierRecovered { tier: Tier::L2 });
+    }
+    assert!(degraded && recovered);
+    Ok(())
+}

@@ -65,6 +65,7 @@ pub struct TieredCacheBuilder {
     pub(crate) persist_breaker: bool,
     pub(crate) outbox_mode: OutboxMode,
     pub(crate) pragmas: Vec<(String, String)>,
+    pub(crate) busy_timeout: Duration,
 }
 
 impl Default for TieredCacheBuilder {
@@ -95,6 +96,7 @@ impl Default for TieredCacheBuilder {
             persist_breaker: true,
             outbox_mode: OutboxMode::Durable,
             pragmas: Vec::new(),
+            busy_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -142,6 +144,13 @@ impl TieredCacheBuilder {
     /// words (letters, digits, `_`, `-`). Default: none.
     pub fn sqlite_pragma(mut self, name: &str, value: impl std::fmt::Display) -> Self {
         self.pragmas.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// How long a database call waits for a lock another process holds before it fails (and
+    /// counts against L2's breaker). Default: 5 s.
+    pub fn sqlite_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
         self
     }
 
@@ -308,7 +317,7 @@ impl TieredCacheBuilder {
             synchronous: self.synchronous,
             on_corrupt: self.on_corrupt,
             readers: self.sqlite_readers,
-            busy_timeout: Duration::from_secs(5),
+            busy_timeout: self.busy_timeout,
             pragmas: self.pragmas.clone(),
         };
         TieredCache::from_builder(self, sqlite)
