@@ -59,10 +59,16 @@ impl MemoryTier {
         self.cache.invalidate(key).await;
     }
 
-    /// Drops every entry (moka does it lazily; reads miss at once).
+    /// Drops every entry. moka invalidates at once (reads miss) and removes lazily; this also
+    /// runs its maintenance until the entries are gone, so their memory is returned now.
     pub(crate) async fn clear(&self) {
         self.cache.invalidate_all();
-        self.cache.run_pending_tasks().await;
+        for _ in 0..64 {
+            self.cache.run_pending_tasks().await;
+            if self.cache.entry_count() == 0 {
+                break;
+            }
+        }
     }
 
     pub(crate) fn entry_count(&self) -> u64 {
