@@ -308,17 +308,16 @@ impl TieredCache {
         let timer = inner.stats.start_sampled();
         let e = inner.l1.get(key).await;
         let at = inner.clock.now();
-        let e = match e {
-            Some(e) if e.is_fresh_at(at) => {
+        if let Some(e) = &e {
+            if e.is_fresh_at(at) {
                 inner.stats.hit(Tier::L1);
                 inner.stats.record(Tier::L1, Op::Get, timer);
-                if !e.has_value() {
+                if e.value.is_none() {
                     inner.stats.negative_hit();
                 }
-                return Ok(e.into_value());
+                return Ok(e.value.clone());
             }
-            other => other,
-        };
+        }
         self.check_basic(key)?;
         let now = crate::clock::to_millis(at);
         let candidate = self.servable_l1(key, e, now).await;
@@ -366,11 +365,11 @@ impl TieredCache {
     async fn servable_l1(
         &self,
         key: &str,
-        e: Option<Entry>,
+        e: Option<Arc<Entry>>,
         now: u64,
     ) -> Option<(Arc<Entry>, Tier)> {
         match e {
-            Some(e) if e.is_servable(now) => Some((Arc::new(e), Tier::L1)),
+            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
             Some(_) => {
                 self.inner.l1.remove(key).await;
                 None
@@ -436,7 +435,7 @@ impl TieredCache {
                 let e = Arc::new(e);
                 if e.is_fresh(now, max_age) {
                     inner.stats.hit(Tier::L2);
-                    inner.l1.insert(key, (*e).clone()).await;
+                    inner.l1.insert(key, e.clone()).await;
                     inner.l2.touch(key, now);
                     return Ok(self.served(&e, Tier::L2, Freshness::Fresh, now));
                 }
@@ -534,13 +533,13 @@ impl TieredCache {
 
     #[inline]
     fn served(&self, e: &Entry, tier: Tier, freshness: Freshness, now: u64) -> Option<Lookup> {
-        match e.value() {
+        match &e.value {
             Some(value) => Some(Lookup {
-                value,
+                value: value.clone(),
                 tier,
                 freshness,
                 age: Duration::from_millis(now.saturating_sub(e.stored_at)),
-                validator: e.validator().map(str::to_owned),
+                validator: e.validator.clone(),
             }),
             None => {
                 self.inner.stats.negative_hit();
@@ -621,9 +620,7 @@ impl TieredCache {
                 }
                 other => {
                     inner.stats.miss(Tier::L1);
-                    candidates[d] = other
-                        .filter(|e| e.is_servable(now))
-                        .map(|e| (Arc::new(e), Tier::L1));
+                    candidates[d] = other.filter(|e| e.is_servable(now)).map(|e| (e, Tier::L1));
                     l1_misses.push(d);
                 }
             }
@@ -642,7 +639,7 @@ impl TieredCache {
                             Some(e) if e.is_fresh(now, max_age) => {
                                 inner.stats.hit(Tier::L2);
                                 let e = Arc::new(e);
-                                inner.l1.insert(k, (*e).clone()).await;
+                                inner.l1.insert(k, e.clone()).await;
                                 inner.l2.touch(k, now);
                                 answers[d] =
                                     Some(Ok(self.served(&e, Tier::L2, Freshness::Fresh, now)));
@@ -800,7 +797,7 @@ impl TieredCache {
                 }
             },
         }
-        inner.l1.insert(key, entry).await;
+        inner.l1.insert(key, Arc::new(entry)).await;
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
         }
@@ -1067,7 +1064,7 @@ impl TieredCache {
         let now = self.now();
         let held = match self.inner.l2.get(key).await {
             Ok(e) => e.filter(|e| e.is_servable(now)).map(Arc::new),
-            Err(_) => self.inner.l1.get(key).await.map(Arc::new),
+            Err(_) => self.inner.l1.get(key).await,
         };
         if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
             return Ok(Loaded::AlreadyCached);
@@ -1224,12 +1221,15 @@ async fn load(
     let now = now_millis(clock.as_ref());
     // A load that finished just before this one started has already filled L1.
     if let Some(e) = inner.l1.get(&key).await {
-        let same = prev.as_ref().is_some_and(|p| p.same_version(&e));
+        let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
         if !same && e.is_fresh(now, max_age) {
-            return Ok((Arc::new(e), Loaded::AlreadyCached));
+            return Ok((e, Loaded::AlreadyCached));
         }
     }
-    let validator = prev.as_ref().and_then(|p| p.validator().map(str::to_owned));
+    let validator = prev
+        .as_ref()
+        .filter(|p| p.value.is_some())
+        .and_then(|p| p.validator.clone());
     let settings = &inner.settings;
     let fetched = guarded(
         &inner.guard,
@@ -1250,18 +1250,12 @@ async fn load(
         }) => {
             inner.stats.source_call(SourceOutcome::Ok);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
-            let entry = Entry::new(
-                Some(value),
-                validator.as_deref(),
-                now,
-                fresh_until,
-                stale_until,
-            );
+            let entry = Entry::new(Some(value), validator, now, fresh_until, stale_until);
             (entry, Loaded::Fetched)
         }
         Ok(Fetched::NotModified { ttl }) => {
             inner.stats.source_call(SourceOutcome::NotModified);
-            let Some(prev) = prev.filter(|p| p.has_value()) else {
+            let Some(prev) = prev.filter(|p| p.value.is_some()) else {
                 inner.stats.source_call(SourceOutcome::Failed);
                 return Err(source_failure(
                     &key,
@@ -1299,9 +1293,9 @@ async fn load(
     };
     // L1 first: readers see the answer at once; L2 follows (a bytes-free renewal for a 304).
     let entry = Arc::new(entry);
-    let remember = settings.negative_ttl > 0 || entry.has_value();
+    let remember = settings.negative_ttl > 0 || entry.value.is_some();
     if remember {
-        inner.l1.insert(&key, (*entry).clone()).await;
+        inner.l1.insert(&key, entry.clone()).await;
     }
     let written = match how {
         Loaded::NotModified => {

@@ -591,19 +591,10 @@ fn evict(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<()> {
 }
 
 fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry> {
-    use rusqlite::types::ValueRef;
-    let value = match r.get_ref(offset)? {
-        ValueRef::Blob(b) => Some(b),
-        ValueRef::Text(t) => Some(t),
-        _ => None,
-    };
-    let validator = match r.get_ref(offset + 1)? {
-        ValueRef::Text(t) => std::str::from_utf8(t).ok(),
-        _ => None,
-    };
-    Ok(Entry::from_slices(
-        value,
-        validator,
+    let value: Option<Vec<u8>> = r.get(offset)?;
+    Ok(Entry::new(
+        value.map(Bytes::from),
+        r.get(offset + 1)?,
         to_u64(r.get(offset + 2)?),
         to_u64(r.get(offset + 3)?),
         to_u64(r.get(offset + 4)?),
@@ -630,8 +621,8 @@ fn put_entry(
     )?
     .execute(params![
         key,
-        e.value_bytes(),
-        e.validator(),
+        e.value.as_deref(),
+        e.validator,
         to_i64(e.stored_at),
         to_i64(e.fresh_until),
         to_i64(e.stale_until),
