@@ -107,9 +107,13 @@ type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 /// A write: run inside the batch's transaction (`Some`), or told the batch could not begin (`None`).
 type Job = Box<dyn FnOnce(Option<(&Connection, &mut WriterState)>) -> Completion + Send>;
 
+/// Reads' last-access times, waiting for the writer's next transaction. Kept beside the
+/// channel, not sent through it: a read must not wake the writer thread (a system call on the
+/// reader's side, a context switch on the writer's) for a hint.
+type Touches = Arc<Mutex<Vec<(String, u64)>>>;
+
 enum Msg {
     Job(Job),
-    Touch(String, u64),
 }
 
 /// State only the writer thread touches.
@@ -125,6 +129,7 @@ struct WriterState {
 /// The SQLite tier.
 pub(crate) struct SqliteTier {
     writer: mpsc::Sender<Msg>,
+    touches: Touches,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     read_statements: AtomicU64,
@@ -195,6 +200,8 @@ impl SqliteTier {
             .map(|v| v as i64)
             .map_err(storage("count the bytes held"))?;
         let (tx, rx) = mpsc::channel();
+        let touches = Touches::default();
+        let writer_touches = touches.clone();
         let state = WriterState {
             last_failure: None,
             now_hint: 0,
@@ -203,13 +210,14 @@ impl SqliteTier {
         };
         thread::Builder::new()
             .name("tiercache-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx, state))
+            .spawn(move || writer_loop(writer, rx, writer_touches, state))
             .map_err(|e| Error::Storage {
                 message: format!("could not start the writer thread: {e}"),
                 source: Some(Arc::new(e)),
             })?;
         Ok(Self {
             writer: tx,
+            touches,
             readers,
             next_reader: AtomicUsize::new(0),
             read_statements: AtomicU64::new(0),
@@ -452,30 +460,26 @@ pub const READER_CACHE_KIB: u64 = 16 * 1024;
 /// Last-access updates kept waiting for a write; past this, later reads are not recorded.
 const MAX_TOUCHES: usize = 16 * 1024;
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Msg>, mut state: WriterState) {
-    let mut touches: Vec<(String, u64)> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut jobs = Vec::new();
-        let mut push = |msg: Msg, jobs: &mut Vec<Job>| match msg {
-            Msg::Job(j) => jobs.push(j),
-            Msg::Touch(k, t) => touches.push((k, t)),
-        };
-        push(first, &mut jobs);
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Msg>,
+    shared_touches: Touches,
+    mut state: WriterState,
+) {
+    while let Ok(Msg::Job(first)) = rx.recv() {
+        let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(msg) => push(msg, &mut jobs),
+                Ok(Msg::Job(j)) => jobs.push(j),
                 Err(_) => break,
             }
         }
         // Reads' last-access times are a hint for eviction: they ride along with the next
-        // write and never commit on their own. A commit makes every read connection drop its
-        // page cache, so a read-only workload must not cause one.
-        if jobs.is_empty() {
-            if touches.len() > MAX_TOUCHES {
-                touches.truncate(MAX_TOUCHES);
-            }
-            continue;
-        }
+        // write and never commit on their own (a commit makes every read connection drop its
+        // page cache, so a read-only workload must not cause one).
+        let mut touches = std::mem::take(
+            &mut *shared_touches.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
         for (done, result) in completions {
             done(result);
@@ -733,7 +737,10 @@ impl Store for SqliteTier {
     }
 
     fn touch(&self, key: &str, now: u64) {
-        let _ = self.send(Msg::Touch(key.to_owned(), now));
+        let mut touches = self.touches.lock().unwrap_or_else(|e| e.into_inner());
+        if touches.len() < MAX_TOUCHES {
+            touches.push((key.to_owned(), now));
+        }
     }
 
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
