@@ -31,7 +31,8 @@ pub enum OutboxMode {
     Durable,
     /// In memory: a `set` costs about a moka insert, but writes not yet delivered are lost if
     /// the process dies, and they are not written to L2 (after delivery, L2 gets the value from
-    /// the source on the next read that misses L1). For data that can be rebuilt, where write
+    /// the source on the next read that misses L1). Writes to one key coalesce in memory, so the
+    /// backlog holds at most one write per key. For data that can be rebuilt, where write
     /// throughput matters more than safety.
     Memory,
 }
@@ -86,65 +87,94 @@ impl Queue for DurableQueue {
     }
 }
 
-/// The memory outbox: rows in a map ordered by id.
+/// The memory outbox. Writes to one key coalesce as they arrive (only the last is delivered,
+/// as the flusher does anyway), so it holds at most one pending row per key: its size is
+/// bounded by the keys written, not by the writes.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryQueue {
-    rows: Mutex<(i64, std::collections::BTreeMap<i64, OutboxRow>)>,
+    inner: Mutex<MemoryRows>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryRows {
+    next_id: i64,
+    /// The pending row of each key.
+    by_key: HashMap<String, OutboxRow>,
+    /// Pending rows' ids, oldest first, with their keys.
+    order: std::collections::BTreeMap<i64, String>,
+    /// Rows the source refused for good, by id.
+    dead: std::collections::BTreeMap<i64, OutboxRow>,
+}
+
+impl MemoryRows {
+    /// The pending row with this id, if it is still the pending row of its key.
+    fn pending_mut(&mut self, id: i64) -> Option<&mut OutboxRow> {
+        let key = self.order.get(&id)?;
+        self.by_key.get_mut(key).filter(|r| r.id == id)
+    }
+
+    fn insert(&mut self, row: OutboxRow) {
+        if let Some(old) = self.by_key.remove(&row.key) {
+            self.order.remove(&old.id);
+        }
+        self.order.insert(row.id, row.key.clone());
+        self.by_key.insert(row.key.clone(), row);
+    }
 }
 
 impl MemoryQueue {
-    pub(crate) fn push(&self, key: &str, op: OutboxOp, now: u64) {
-        let mut g = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        g.0 += 1;
-        let id = g.0;
-        g.1.insert(
-            id,
-            OutboxRow {
-                id,
-                key: key.to_owned(),
-                op,
-                created_at: now,
-                attempts: 0,
-                next_attempt: 0,
-                last_error: None,
-                dead: false,
-            },
-        );
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryRows> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut std::collections::BTreeMap<i64, OutboxRow>) -> T) -> T {
-        f(&mut self.rows.lock().unwrap_or_else(|e| e.into_inner()).1)
+    pub(crate) fn push(&self, key: &str, op: OutboxOp, now: u64) {
+        let mut rows = self.lock();
+        rows.next_id += 1;
+        let id = rows.next_id;
+        rows.insert(OutboxRow {
+            id,
+            key: key.to_owned(),
+            op,
+            created_at: now,
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            dead: false,
+        });
     }
 
     /// Pending rows, dead letters and the oldest pending write's time.
     pub(crate) fn depth(&self) -> (u64, u64, Option<u64>) {
-        self.with(|rows| {
-            let dead = rows.values().filter(|r| r.dead).count() as u64;
-            let oldest = rows.values().find(|r| !r.dead).map(|r| r.created_at);
-            (rows.len() as u64 - dead, dead, oldest)
-        })
+        let rows = self.lock();
+        let oldest = rows.by_key.values().map(|r| r.created_at).min();
+        (rows.by_key.len() as u64, rows.dead.len() as u64, oldest)
     }
 }
 
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        Ok(self.with(|rows| {
-            rows.values()
-                .filter(|r| !r.dead)
-                .take(limit)
-                .cloned()
-                .collect()
-        }))
+        let rows = self.lock();
+        Ok(rows
+            .order
+            .values()
+            .take(limit)
+            .filter_map(|k| rows.by_key.get(k).cloned())
+            .collect())
     }
+
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
-        self.with(|rows| {
-            for id in ids {
-                rows.remove(&id);
+        let mut rows = self.lock();
+        for id in ids {
+            if rows.pending_mut(id).is_some() {
+                if let Some(key) = rows.order.remove(&id) {
+                    rows.by_key.remove(&key);
+                }
             }
-        });
+        }
         Ok(())
     }
+
     async fn failed(
         &self,
         ids: Vec<i64>,
@@ -152,36 +182,45 @@ impl Queue for MemoryQueue {
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.with(|rows| {
-            for id in &ids {
-                let Some(r) = rows.get_mut(id) else { continue };
-                if !r.dead {
-                    r.attempts += 1;
-                    r.next_attempt = next_attempt;
-                    r.last_error = Some(error.clone());
-                    r.dead = dead;
+        let mut rows = self.lock();
+        for id in ids {
+            let Some(r) = rows.pending_mut(id) else {
+                continue;
+            };
+            r.attempts += 1;
+            r.next_attempt = next_attempt;
+            r.last_error = Some(error.clone());
+            if dead {
+                r.dead = true;
+                if let Some(key) = rows.order.remove(&id) {
+                    if let Some(row) = rows.by_key.remove(&key) {
+                        rows.dead.insert(id, row);
+                    }
                 }
             }
-        });
+        }
         Ok(())
     }
+
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
-        Ok(self.with(|rows| rows.values().filter(|r| r.dead).cloned().collect()))
+        Ok(self.lock().dead.values().cloned().collect())
     }
+
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
-        Ok(self.with(|rows| match rows.get_mut(&id) {
-            Some(r) if r.dead && retry => {
-                r.dead = false;
-                r.attempts = 0;
-                r.next_attempt = 0;
-                true
+        let mut rows = self.lock();
+        let Some(mut row) = rows.dead.remove(&id) else {
+            return Ok(false);
+        };
+        if retry {
+            // Back in line, unless a newer write of the key is already pending.
+            if !rows.by_key.contains_key(&row.key) {
+                row.dead = false;
+                row.attempts = 0;
+                row.next_attempt = 0;
+                rows.insert(row);
             }
-            Some(r) if r.dead => {
-                rows.remove(&id);
-                true
-            }
-            _ => false,
-        }))
+        }
+        Ok(true)
     }
 }
 

@@ -491,17 +491,32 @@ async fn memory_outbox_delivers_and_reports_its_backlog() -> TestResult {
         .build()?;
     cache.set("a", "1").await?;
     cache.set("a", "2").await?;
+    cache.set("b", "x").await?;
     assert!(!cache.flush().await?.is_complete());
+    // Two writes to "a" coalesced in memory: one row per key.
     let stats = cache.stats().await;
     assert_eq!(stats.outbox.depth, 2);
     assert_eq!(cache.health().await.backlog.unwrap().pending, 2);
     source.fail_writes(None);
     assert!(cache.flush().await?.is_complete());
     assert_eq!(source.value("a").unwrap(), "2");
-    assert_eq!(
-        source.writes().iter().filter(|(_, v)| v.is_some()).count(),
-        2
-    );
+    assert_eq!(source.value("b").unwrap(), "x");
+    assert_eq!(cache.stats().await.outbox.depth, 0);
+
+    // A write refused for good is kept as a dead letter, listable and retriable.
+    source.fail_writes(Some(SourceError::Conflict {
+        status: Some(422),
+        message: "Invalid request".into(),
+    }));
+    cache.set("c", "refused").await?;
+    cache.flush().await?;
+    let dead = cache.dead_letters().await?;
+    assert_eq!((dead.len(), dead[0].key.as_str()), (1, "c"));
+    source.fail_writes(None);
+    assert!(cache.retry_dead_letter(dead[0].id).await?);
+    assert!(cache.flush().await?.is_complete());
+    assert_eq!(source.value("c").unwrap(), "refused");
+    assert!(cache.dead_letters().await?.is_empty());
     Ok(())
 }
 

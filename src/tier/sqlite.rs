@@ -477,9 +477,8 @@ fn writer_loop(
         // Reads' last-access times are a hint for eviction: they ride along with the next
         // write and never commit on their own (a commit makes every read connection drop its
         // page cache, so a read-only workload must not cause one).
-        let mut touches = std::mem::take(
-            &mut *shared_touches.lock().unwrap_or_else(|e| e.into_inner()),
-        );
+        let mut touches =
+            std::mem::take(&mut *shared_touches.lock().unwrap_or_else(|e| e.into_inner()));
         let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
         for (done, result) in completions {
             done(result);
