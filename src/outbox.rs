@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::cache::guard::{guarded, SourceGuard};
 use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
 use crate::source::{Source, SourceError};
@@ -37,9 +38,23 @@ pub enum OutboxMode {
     Memory,
 }
 
+/// What a key's undelivered writes leave it as: the cache must not fetch such a key from the
+/// source (it would read its own write back as the source's older value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// The last undelivered write sets a value.
+    Put,
+    /// The last undelivered write deletes the key.
+    Delete,
+}
+
 /// The outbox's storage: the L2 database, or memory.
 #[async_trait]
 pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
+    /// Adds a write (`entry`: the L2 entry written with it, for the durable outbox).
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()>;
+    /// Whether `key` has undelivered writes, and what the last one does.
+    fn pending_for(&self, key: &str) -> Option<Pending>;
     /// Pending (not dead) rows, oldest first.
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
     /// Removes delivered rows.
@@ -58,17 +73,101 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool>;
 }
 
-/// The durable outbox: rows in the L2 database.
+/// The durable outbox: rows in the L2 database, and in memory which keys have undelivered rows
+/// (loaded on open, kept up to date by every change made through this queue).
 #[derive(Debug)]
-pub(crate) struct DurableQueue(pub(crate) Arc<dyn Store>);
+pub(crate) struct DurableQueue {
+    store: Arc<dyn Store>,
+    keys: Mutex<PendingKeys>,
+}
+
+/// Undelivered rows by key, and each row's key.
+#[derive(Debug, Default)]
+struct PendingKeys {
+    by_key: HashMap<String, (std::collections::BTreeSet<i64>, Pending)>,
+    key_of: HashMap<i64, String>,
+}
+
+impl PendingKeys {
+    fn add(&mut self, id: i64, key: &str, op: Pending) {
+        let (ids, last) = self
+            .by_key
+            .entry(key.to_owned())
+            .or_insert_with(|| (Default::default(), op));
+        if ids.last().is_none_or(|&newest| id > newest) {
+            *last = op;
+        }
+        ids.insert(id);
+        self.key_of.insert(id, key.to_owned());
+    }
+
+    fn remove(&mut self, id: i64) {
+        let Some(key) = self.key_of.remove(&id) else {
+            return;
+        };
+        if let Some((ids, _)) = self.by_key.get_mut(&key) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+}
+
+fn pending_kind(op: &OutboxOp) -> Pending {
+    match op {
+        OutboxOp::Put(_) => Pending::Put,
+        OutboxOp::Delete => Pending::Delete,
+    }
+}
+
+impl DurableQueue {
+    /// `pending`: the undelivered rows found on open (id, key, whether a delete).
+    pub(crate) fn new(store: Arc<dyn Store>, pending: Vec<(i64, String, bool)>) -> Self {
+        let mut keys = PendingKeys::default();
+        for (id, key, delete) in pending {
+            keys.add(
+                id,
+                &key,
+                if delete {
+                    Pending::Delete
+                } else {
+                    Pending::Put
+                },
+            );
+        }
+        Self {
+            store,
+            keys: Mutex::new(keys),
+        }
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, PendingKeys> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 #[async_trait]
 impl Queue for DurableQueue {
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
+        let kind = pending_kind(&op);
+        let id = self.store.enqueue(key, entry, op, now).await?;
+        self.keys().add(id, key, kind);
+        Ok(())
+    }
+    fn pending_for(&self, key: &str) -> Option<Pending> {
+        self.keys().by_key.get(key).map(|(_, last)| *last)
+    }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        self.0.outbox_pending(limit).await
+        self.store.outbox_pending(limit).await
     }
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
-        self.0.outbox_complete(ids).await
+        self.store.outbox_complete(ids.clone()).await?;
+        let mut keys = self.keys();
+        for id in ids {
+            keys.remove(id);
+        }
+        Ok(())
     }
     async fn failed(
         &self,
@@ -77,13 +176,36 @@ impl Queue for DurableQueue {
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.0.outbox_failed(ids, next_attempt, error, dead).await
+        self.store
+            .outbox_failed(ids.clone(), next_attempt, error, dead)
+            .await?;
+        if dead {
+            // Refused for good: the source's value stands; the write waits as a dead letter.
+            let mut keys = self.keys();
+            for id in ids {
+                keys.remove(id);
+            }
+        }
+        Ok(())
     }
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
-        self.0.dead_letters().await
+        self.store.dead_letters().await
     }
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
-        self.0.resolve_dead_letter(id, retry).await
+        let row = if retry {
+            self.store
+                .dead_letters()
+                .await?
+                .into_iter()
+                .find(|r| r.id == id)
+        } else {
+            None
+        };
+        let found = self.store.resolve_dead_letter(id, retry).await?;
+        if let (true, Some(row)) = (found, row) {
+            self.keys().add(row.id, &row.key, pending_kind(&row.op));
+        }
+        Ok(found)
     }
 }
 
@@ -153,6 +275,19 @@ impl MemoryQueue {
 
 #[async_trait]
 impl Queue for MemoryQueue {
+    async fn enqueue(
+        &self,
+        key: &str,
+        _entry: Option<Entry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<()> {
+        self.push(key, op, now);
+        Ok(())
+    }
+    fn pending_for(&self, key: &str) -> Option<Pending> {
+        self.lock().by_key.get(key).map(|r| pending_kind(&r.op))
+    }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         let rows = self.lock();
         Ok(rows

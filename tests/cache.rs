@@ -758,3 +758,43 @@ fn futures_are_send() {
     is_send(&cache.flush());
     is_send(&cache.warm("p", |_| {}));
 }
+
+#[tokio::test]
+async fn write_behind_reads_its_own_undelivered_writes() -> TestResult {
+    for mode in [
+        tiercache::OutboxMode::Durable,
+        tiercache::OutboxMode::Memory,
+    ] {
+        let (source, clock) = (FakeSource::new(), MockClock::new());
+        source.insert("a", "old");
+        source.insert("b", "old");
+        source.fail_writes(Some(outage()));
+        let cache = builder(&source, &clock)
+            .strategy(Strategy::WriteBehind)
+            .outbox(mode)
+            .build()?;
+        cache.set("a", "new").await?;
+        cache.get("b").await?;
+        cache.delete("b").await?;
+        // Past the TTL, the source (still holding "old") must not replace the undelivered writes.
+        clock.advance(TTL + Duration::from_secs(1));
+        assert_eq!(cache.get("a").await?.unwrap(), "new", "{mode:?}");
+        assert_eq!(cache.get("b").await?, None, "{mode:?}");
+        assert_eq!(
+            source.fetch_count(),
+            1,
+            "{mode:?}: only the first read of b"
+        );
+        // Delivered: the source is the truth again.
+        source.fail_writes(None);
+        assert!(cache.flush().await?.is_complete());
+        clock.advance(TTL + Duration::from_secs(1));
+        assert_eq!(cache.get("a").await?.unwrap(), "new");
+        assert_eq!(cache.get("b").await?, None);
+        assert!(
+            source.fetch_count() > 1,
+            "{mode:?}: fetched again after delivery"
+        );
+    }
+    Ok(())
+}

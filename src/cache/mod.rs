@@ -18,7 +18,7 @@ use crate::health::{BacklogHealth, HealthReport, TierHealth};
 use crate::key;
 use crate::lookup::{Freshness, Lookup, StaleReason, Tier};
 use crate::outbox::{
-    DeadLetter, DurableQueue, FlushReport, MemoryQueue, Outbox, OutboxMode, Queue,
+    DeadLetter, DurableQueue, FlushReport, MemoryQueue, Outbox, OutboxMode, Pending, Queue,
 };
 use crate::source::{Fetched, Source, SourceError};
 use crate::stats::{Op, SnapshotExtras, SourceOutcome, Stats, StatsSnapshot};
@@ -205,7 +205,7 @@ impl TieredCache {
             .then(|| Arc::new(MemoryQueue::default()));
         let queue: Arc<dyn Queue> = match &memory_queue {
             Some(q) => q.clone(),
-            None => Arc::new(DurableQueue(l2.clone())),
+            None => Arc::new(DurableQueue::new(l2.clone(), sqlite.pending_keys()?)),
         };
         let offline = Arc::new(AtomicBool::new(b.offline));
         // Every cache can deliver an outbox (one an earlier write-behind process left, say);
@@ -467,6 +467,21 @@ impl TieredCache {
         let inner = &*self.inner;
         if !inner.settings.strategy.reads_through() {
             return Ok(None);
+        }
+        // A key with undelivered write-behind writes: the source still has the old value, so
+        // the local copy (or the pending delete) is the answer.
+        if inner.settings.strategy == Strategy::WriteBehind {
+            let pending = inner
+                .outbox
+                .as_ref()
+                .and_then(|o| o.queue().pending_for(key));
+            match (pending, &candidate) {
+                (Some(Pending::Delete), _) => return Ok(None),
+                (Some(Pending::Put), Some((e, tier))) => {
+                    return Ok(self.served(e, *tier, Freshness::Fresh, now));
+                }
+                _ => {}
+            }
         }
         if self.is_offline() {
             let err = SourceError::Unavailable {
@@ -785,17 +800,12 @@ impl TieredCache {
                 self.write_source(key, Some(&value)).await?;
                 self.put_l2(key, entry.clone()).await;
             }
-            Strategy::WriteBehind => match &inner.memory_queue {
-                // Memory mode: L1 and the in-memory outbox only; L2 learns the value from the
-                // source on a later read (see `OutboxMode::Memory`).
-                Some(q) => q.push(key, OutboxOp::Put(value), now),
-                None => {
-                    inner
-                        .l2
-                        .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
-                        .await?;
-                }
-            },
+            Strategy::WriteBehind => {
+                self.outbox()?
+                    .queue()
+                    .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
+                    .await?;
+            }
         }
         inner.l1.insert(key, Arc::new(entry)).await;
         if let Some(outbox) = &inner.outbox {
@@ -827,21 +837,20 @@ impl TieredCache {
                     tracing::warn!(key, error = %e, "L2 delete failed");
                 }
             }
-            Strategy::WriteBehind => match &inner.memory_queue {
-                Some(q) => {
-                    q.push(key, OutboxOp::Delete, self.now());
+            Strategy::WriteBehind => {
+                let now = self.now();
+                self.outbox()?
+                    .queue()
+                    .enqueue(key, None, OutboxOp::Delete, now)
+                    .await?;
+                if inner.memory_queue.is_some() {
+                    // The memory outbox does not write L2: drop the old copy here.
                     if let Err(e) = inner.l2.remove(key).await {
                         inner.stats.error(Tier::L2);
                         tracing::warn!(key, error = %e, "L2 delete failed");
                     }
                 }
-                None => {
-                    inner
-                        .l2
-                        .enqueue(key, None, OutboxOp::Delete, self.now())
-                        .await?;
-                }
-            },
+            }
         }
         inner.l1.remove(key).await;
         if let Some(outbox) = &inner.outbox {
@@ -866,6 +875,10 @@ impl TieredCache {
             self.inner.stats.error(Tier::L2);
             tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
         }
+    }
+
+    fn outbox(&self) -> Result<&Outbox> {
+        self.inner.outbox.as_ref().ok_or(Error::Closed)
     }
 
     /// Write-through: the source first.

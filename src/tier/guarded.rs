@@ -174,7 +174,13 @@ impl Store for Guarded {
         }
     }
 
-    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
+    async fn enqueue(
+        &self,
+        key: &str,
+        entry: Option<Entry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<i64> {
         self.write(self.inner.enqueue(key, entry, op, now)).await
     }
 

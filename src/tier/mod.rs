@@ -86,7 +86,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Records a read for the least-recently-used bound; best effort, never waits.
     fn touch(&self, key: &str, now: u64);
     /// Write-behind: the entry (or its removal) and an outbox row, in one transaction.
-    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()>;
+    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64)
+        -> Result<i64>;
     /// Pending (not dead) outbox rows, oldest first.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
     /// Removes these outbox rows: delivered (or superseded), in one statement.

@@ -395,6 +395,17 @@ impl SqliteTier {
         self.writer.send(msg).map_err(|_| Error::Closed)
     }
 
+    /// The undelivered outbox rows: id, key, and whether the row is a delete.
+    pub(crate) fn pending_keys(&self) -> Result<Vec<(i64, String, bool)>> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT id, key, op = 'delete' FROM outbox WHERE dead = 0")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+        .map_err(storage("read the outbox"))
+    }
+
     /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
     pub(crate) fn read_statements(&self) -> u64 {
         self.read_statements.load(Ordering::Relaxed)
@@ -742,7 +753,13 @@ impl Store for SqliteTier {
         }
     }
 
-    async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
+    async fn enqueue(
+        &self,
+        key: &str,
+        entry: Option<Entry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<i64> {
         let key = key.to_owned();
         self.write_atomic(move |conn, state| {
             match &entry {
@@ -756,8 +773,8 @@ impl Store for SqliteTier {
             conn.prepare_cached(
                 "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
             )?
-            .execute(params![key, op.name(), value, to_i64(now)])
-            .map(drop)
+            .execute(params![key, op.name(), value, to_i64(now)])?;
+            Ok(conn.last_insert_rowid())
         })
         .await
     }
