@@ -81,33 +81,35 @@ pub(crate) struct DurableQueue {
     keys: Mutex<PendingKeys>,
 }
 
-/// Undelivered rows by key, and each row's key.
+/// Undelivered rows by key (how many, and what the newest does), and each row's key.
 #[derive(Debug, Default)]
 struct PendingKeys {
-    by_key: HashMap<String, (std::collections::BTreeSet<i64>, Pending)>,
-    key_of: HashMap<i64, String>,
+    by_key: HashMap<Arc<str>, (usize, i64, Pending)>,
+    key_of: HashMap<i64, Arc<str>>,
 }
 
 impl PendingKeys {
     fn add(&mut self, id: i64, key: &str, op: Pending) {
-        let (ids, last) = self
-            .by_key
-            .entry(key.to_owned())
-            .or_insert_with(|| (Default::default(), op));
-        if ids.last().is_none_or(|&newest| id > newest) {
+        let shared = match self.by_key.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(key),
+        };
+        let (rows, newest, last) = self.by_key.entry(shared.clone()).or_insert((0, id, op));
+        *rows += 1;
+        if id >= *newest {
+            *newest = id;
             *last = op;
         }
-        ids.insert(id);
-        self.key_of.insert(id, key.to_owned());
+        self.key_of.insert(id, shared);
     }
 
     fn remove(&mut self, id: i64) {
         let Some(key) = self.key_of.remove(&id) else {
             return;
         };
-        if let Some((ids, _)) = self.by_key.get_mut(&key) {
-            ids.remove(&id);
-            if ids.is_empty() {
+        if let Some((rows, _, _)) = self.by_key.get_mut(&key) {
+            *rows -= 1;
+            if *rows == 0 {
                 self.by_key.remove(&key);
             }
         }
@@ -156,7 +158,7 @@ impl Queue for DurableQueue {
         Ok(())
     }
     fn pending_for(&self, key: &str) -> Option<Pending> {
-        self.keys().by_key.get(key).map(|(_, last)| *last)
+        self.keys().by_key.get(key).map(|&(_, _, last)| last)
     }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.store.outbox_pending(limit).await
