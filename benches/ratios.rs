@@ -15,7 +15,7 @@
 //! `TIERCACHE_RATIOS_N` times (default 100,000), in a function named `profile_<scenario>`, so
 //! that `valgrind --tool=callgrind --toggle-collect='*profile_*'` counts only that:
 //! scenarios `l1_tiercache`, `l1_tiercache_nostats`, `l1_moka`, `l2_tiercache`, `l2_sqlite`,
-//! `mget100`, `gets100`, `write_behind`.
+//! `mget100`, `gets100`, `write_behind`, `write_behind_memory`.
 
 mod common;
 
@@ -522,6 +522,12 @@ fn profile(scenario: &str, n: usize) {
                     profile_gets100(&rt, &l2, n)
                 }
             }
+        }
+        "write_behind_memory" => {
+            let dir = tempfile::tempdir().expect("a tempdir");
+            let mt = common::multi_thread(2);
+            let c = memory_write_behind(&mt, &dir.path().join("wb.db"), Duration::from_millis(5));
+            profile_write_behind(&mt, &c, n);
         }
         "write_behind" => {
             let dir = tempfile::tempdir().expect("a tempdir");

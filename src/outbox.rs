@@ -223,9 +223,11 @@ pub(crate) struct MemoryQueue {
 struct MemoryRows {
     next_id: i64,
     /// The pending row of each key.
-    by_key: HashMap<String, OutboxRow>,
-    /// Pending rows' ids, oldest first, with their keys.
-    order: std::collections::BTreeMap<i64, String>,
+    by_key: HashMap<Arc<str>, OutboxRow>,
+    /// The key of each pending row's id (ids of superseded rows are gone from here).
+    key_of: HashMap<i64, Arc<str>>,
+    /// Ids in arrival order; superseded ones are skipped, and swept out now and then.
+    order: std::collections::VecDeque<i64>,
     /// Rows the source refused for good, by id.
     dead: std::collections::BTreeMap<i64, OutboxRow>,
 }
@@ -233,16 +235,56 @@ struct MemoryRows {
 impl MemoryRows {
     /// The pending row with this id, if it is still the pending row of its key.
     fn pending_mut(&mut self, id: i64) -> Option<&mut OutboxRow> {
-        let key = self.order.get(&id)?;
-        self.by_key.get_mut(key).filter(|r| r.id == id)
+        let key = self.key_of.get(&id)?;
+        self.by_key.get_mut(key)
     }
 
-    fn insert(&mut self, row: OutboxRow) {
-        if let Some(old) = self.by_key.remove(&row.key) {
-            self.order.remove(&old.id);
+    /// Adds a write under a new id; a pending write of the same key is superseded (coalesced:
+    /// only the last write of a key is delivered), keeping the time of the oldest.
+    fn push(&mut self, key: &str, op: OutboxOp, now: u64) {
+        self.next_id += 1;
+        let id = self.next_id;
+        // One lookup for a key already pending (the common case when writes coalesce).
+        let shared = match self.by_key.get_mut(key) {
+            Some(row) => {
+                let shared = self.key_of.remove(&row.id);
+                row.id = id;
+                row.op = op;
+                row.attempts = 0;
+                row.next_attempt = 0;
+                row.last_error = None;
+                shared.unwrap_or_else(|| Arc::from(key))
+            }
+            None => {
+                let shared: Arc<str> = Arc::from(key);
+                self.by_key.insert(
+                    shared.clone(),
+                    OutboxRow {
+                        id,
+                        key: key.to_owned(),
+                        op,
+                        created_at: now,
+                        attempts: 0,
+                        next_attempt: 0,
+                        last_error: None,
+                        dead: false,
+                    },
+                );
+                shared
+            }
+        };
+        self.key_of.insert(id, shared);
+        self.order.push_back(id);
+        if self.order.len() > 2 * self.key_of.len() + 1024 {
+            let live = &self.key_of;
+            self.order.retain(|id| live.contains_key(id));
         }
-        self.order.insert(row.id, row.key.clone());
-        self.by_key.insert(row.key.clone(), row);
+    }
+
+    /// Takes the pending row with this id out.
+    fn take(&mut self, id: i64) -> Option<OutboxRow> {
+        let key = self.key_of.remove(&id)?;
+        self.by_key.remove(&key)
     }
 }
 
@@ -252,19 +294,7 @@ impl MemoryQueue {
     }
 
     pub(crate) fn push(&self, key: &str, op: OutboxOp, now: u64) {
-        let mut rows = self.lock();
-        rows.next_id += 1;
-        let id = rows.next_id;
-        rows.insert(OutboxRow {
-            id,
-            key: key.to_owned(),
-            op,
-            created_at: now,
-            attempts: 0,
-            next_attempt: 0,
-            last_error: None,
-            dead: false,
-        });
+        self.lock().push(key, op, now);
     }
 
     /// Pending rows, dead letters and the oldest pending write's time.
@@ -294,20 +324,18 @@ impl Queue for MemoryQueue {
         let rows = self.lock();
         Ok(rows
             .order
-            .values()
+            .iter()
+            .filter_map(|id| rows.key_of.get(id))
+            .filter_map(|k| rows.by_key.get(k))
             .take(limit)
-            .filter_map(|k| rows.by_key.get(k).cloned())
+            .cloned()
             .collect())
     }
 
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
         let mut rows = self.lock();
         for id in ids {
-            if rows.pending_mut(id).is_some() {
-                if let Some(key) = rows.order.remove(&id) {
-                    rows.by_key.remove(&key);
-                }
-            }
+            rows.take(id);
         }
         Ok(())
     }
@@ -328,11 +356,9 @@ impl Queue for MemoryQueue {
             r.next_attempt = next_attempt;
             r.last_error = Some(error.clone());
             if dead {
-                r.dead = true;
-                if let Some(key) = rows.order.remove(&id) {
-                    if let Some(row) = rows.by_key.remove(&key) {
-                        rows.dead.insert(id, row);
-                    }
+                if let Some(mut row) = rows.take(id) {
+                    row.dead = true;
+                    rows.dead.insert(id, row);
                 }
             }
         }
@@ -345,17 +371,12 @@ impl Queue for MemoryQueue {
 
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
         let mut rows = self.lock();
-        let Some(mut row) = rows.dead.remove(&id) else {
+        let Some(row) = rows.dead.remove(&id) else {
             return Ok(false);
         };
-        if retry {
-            // Back in line, unless a newer write of the key is already pending.
-            if !rows.by_key.contains_key(&row.key) {
-                row.dead = false;
-                row.attempts = 0;
-                row.next_attempt = 0;
-                rows.insert(row);
-            }
+        // Back in line, unless a newer write of the key is already pending.
+        if retry && !rows.by_key.contains_key(row.key.as_str()) {
+            rows.push(&row.key, row.op, row.created_at);
         }
         Ok(true)
     }
