@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::breaker::BreakerState;
-use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::clock::{millis, now_millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
@@ -1325,12 +1325,4 @@ async fn load(
         tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
     }
     Ok((entry, how))
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<TieredCache>();
-    let _ = from_millis;
-    let _: Option<SystemTime> = None;
 }
