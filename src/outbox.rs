@@ -783,3 +783,67 @@ async fn run(deliverer: Arc<Deliverer>, notify: Arc<Notify>, mut stop: watch::Re
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn put(v: &str) -> OutboxOp {
+        OutboxOp::Put(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn memory_queue_coalesces_and_a_late_completion_keeps_the_newer_write() -> Result<()> {
+        let q = MemoryQueue::default();
+        q.push("k", put("1"), 10);
+        q.push("other", put("x"), 11);
+        q.push("k", put("2"), 12);
+        let pending = q.pending(10).await?;
+        assert_eq!(pending.len(), 2, "one row per key");
+        let k = pending
+            .iter()
+            .find(|r| r.key == "k")
+            .cloned()
+            .expect("k is pending");
+        assert_eq!(
+            (k.op.clone(), k.created_at),
+            (put("2"), 10),
+            "last write, oldest time"
+        );
+        // A write arrives while `k` is being delivered: completing the delivered id must not
+        // drop it, and neither must a failure report for the old id.
+        q.push("k", put("3"), 13);
+        q.failed(vec![k.id], 99, "late".into(), true).await?;
+        q.complete(vec![k.id]).await?;
+        assert_eq!(q.pending_for("k"), Some(Pending::Put));
+        let left: Vec<_> = q
+            .pending(10)
+            .await?
+            .into_iter()
+            .map(|r| (r.key, r.op))
+            .collect();
+        assert!(left.contains(&("k".to_owned(), put("3"))), "{left:?}");
+        assert!(q.dead_letters().await?.is_empty());
+        q.push("k", OutboxOp::Delete, 14);
+        assert_eq!(q.pending_for("k"), Some(Pending::Delete));
+        assert_eq!(q.depth().0, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn durable_pending_keys_follow_the_newest_row() {
+        let mut keys = PendingKeys::default();
+        keys.add(1, "k", Pending::Put);
+        keys.add(3, "k", Pending::Delete);
+        keys.add(2, "k", Pending::Put);
+        assert_eq!(keys.by_key.get("k").map(|e| e.2), Some(Pending::Delete));
+        for id in [1, 2] {
+            keys.remove(id);
+        }
+        assert!(keys.by_key.contains_key("k"));
+        keys.remove(3);
+        keys.remove(3);
+        assert!(keys.by_key.is_empty() && keys.key_of.is_empty());
+    }
+}
