@@ -1150,6 +1150,14 @@ impl BreakerState {
         self.transition(CircuitState::Open, TransitionCause::RateLimited)
     }
 
+    /// Closed, no failure counted, not forced: the state of a healthy dependency, where a
+    /// success changes nothing worth recording.
+    pub fn is_clean(&self) -> bool {
+        self.state == CircuitState::Closed
+            && self.consecutive_failures == 0
+            && self.forced.is_none()
+    }
+
     /// Opens at once (from closed or half-open) with the next recovery timeout, for a failure
     /// that will not pass within the next calls, such as a full disk. Does nothing while forced
     /// or already open.
@@ -1398,6 +1406,11 @@ impl CircuitBreaker {
         let now = self.now_ms();
         let t = self.lock().open_until(now, crate::clock::to_millis(until));
         self.emit(t)
+    }
+
+    /// Whether the breaker is clean (see [`BreakerState::is_clean`]).
+    pub fn is_clean(&self) -> bool {
+        self.lock().is_clean()
     }
 
     /// Opens at once with the next recovery timeout (see [`BreakerState::trip`]).

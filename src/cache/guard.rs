@@ -66,11 +66,11 @@ impl SourceGuard {
                 Ok(json) => json
                     .as_deref()
                     .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
-                    .is_none_or(|st| is_clean(&st)),
+                    .is_none_or(|st| st.is_clean()),
                 // L2 unreadable: the memory copy decides.
                 Err(_) => true,
             };
-            if persisted_clean && is_clean(&self.breaker.state_snapshot()) {
+            if persisted_clean && self.breaker.is_clean() {
                 return self.breaker.try_acquire();
             }
         }
@@ -87,7 +87,7 @@ impl SourceGuard {
     /// Reports how the call made under `permit` ended.
     pub(crate) async fn complete(&self, permit: Permit, end: CallEnd<'_>) {
         if let CallEnd::Answered(latency) = end {
-            if is_clean(&self.breaker.state_snapshot()) {
+            if self.breaker.is_clean() {
                 // A success that leaves a clean breaker clean: nothing worth a write.
                 let t = self.breaker.complete(permit, Outcome::success(latency));
                 self.events.transition(Tier::L3, t, None);
@@ -195,13 +195,6 @@ impl SourceGuard {
             .unwrap_or_else(|| self.breaker.update(|st, _, _| f(st)));
         self.events.transition(Tier::L3, t, None);
     }
-}
-
-/// Closed, nothing counted against it, not forced: the state of a healthy source.
-fn is_clean(st: &BreakerState) -> bool {
-    st.state() == crate::breaker::CircuitState::Closed
-        && st.consecutive_failures() == 0
-        && st.forced().is_none()
 }
 
 /// Runs one source call under the guard: refused calls are never sent, and the outcome is

@@ -431,29 +431,52 @@ impl TieredCache {
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
         match inner.l2.get(key).await {
-            Ok(Some(e)) if e.is_servable(now) => {
-                let e = Arc::new(e);
-                if e.is_fresh(now, max_age) {
-                    inner.stats.hit(Tier::L2);
-                    inner.l1.insert(key, e.clone()).await;
-                    inner.l2.touch(key, now);
-                    return Ok(self.served(&e, Tier::L2, Freshness::Fresh, now));
-                }
-                inner.stats.miss(Tier::L2);
-                if candidate
-                    .as_ref()
-                    .is_none_or(|(c, _)| e.stored_at > c.stored_at)
+            Ok(found) => {
+                if let Some(served) = self
+                    .consider_l2(key, found, max_age, &mut candidate, now)
+                    .await
                 {
-                    candidate = Some((e, Tier::L2));
+                    return Ok(served);
                 }
             }
-            Ok(_) => inner.stats.miss(Tier::L2),
             Err(e) => {
                 inner.stats.error(Tier::L2);
                 tracing::warn!(key, error = %e, "L2 read failed; going on without it");
             }
         }
         self.ask_source(key, max_age, candidate, now).await
+    }
+
+    /// What L2 answered for `key`: a fresh entry is promoted into L1 and served (`Some`); a
+    /// stale one becomes the `candidate` if it is newer than the one L1 had.
+    async fn consider_l2(
+        &self,
+        key: &str,
+        found: Option<Entry>,
+        max_age: Option<u64>,
+        candidate: &mut Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> Option<Option<Lookup>> {
+        let inner = &*self.inner;
+        let Some(e) = found.filter(|e| e.is_servable(now)) else {
+            inner.stats.miss(Tier::L2);
+            return None;
+        };
+        let e = Arc::new(e);
+        if e.is_fresh(now, max_age) {
+            inner.stats.hit(Tier::L2);
+            inner.l1.insert(key, e.clone()).await;
+            inner.l2.touch(key, now);
+            return Some(self.served(&e, Tier::L2, Freshness::Fresh, now));
+        }
+        inner.stats.miss(Tier::L2);
+        if candidate
+            .as_ref()
+            .is_none_or(|(c, _)| e.stored_at > c.stored_at)
+        {
+            *candidate = Some((e, Tier::L2));
+        }
+        None
     }
 
     /// The source's turn: load (single-flight), or fall back to the stale candidate.
@@ -635,7 +658,7 @@ impl TieredCache {
                 }
                 other => {
                     inner.stats.miss(Tier::L1);
-                    candidates[d] = other.filter(|e| e.is_servable(now)).map(|e| (e, Tier::L1));
+                    candidates[d] = self.servable_l1(k, other, now).await;
                     l1_misses.push(d);
                 }
             }
@@ -650,29 +673,12 @@ impl TieredCache {
                         found.into_iter().collect();
                     for d in l1_misses {
                         let k = distinct[d].0;
-                        match found.remove(k).filter(|e| e.is_servable(now)) {
-                            Some(e) if e.is_fresh(now, max_age) => {
-                                inner.stats.hit(Tier::L2);
-                                let e = Arc::new(e);
-                                inner.l1.insert(k, e.clone()).await;
-                                inner.l2.touch(k, now);
-                                answers[d] =
-                                    Some(Ok(self.served(&e, Tier::L2, Freshness::Fresh, now)));
-                            }
-                            Some(e) => {
-                                inner.stats.miss(Tier::L2);
-                                if candidates[d]
-                                    .as_ref()
-                                    .is_none_or(|(c, _)| e.stored_at > c.stored_at)
-                                {
-                                    candidates[d] = Some((Arc::new(e), Tier::L2));
-                                }
-                                to_source.push(d);
-                            }
-                            None => {
-                                inner.stats.miss(Tier::L2);
-                                to_source.push(d);
-                            }
+                        let answer = self
+                            .consider_l2(k, found.remove(k), max_age, &mut candidates[d], now)
+                            .await;
+                        match answer {
+                            Some(served) => answers[d] = Some(Ok(served)),
+                            None => to_source.push(d),
                         }
                     }
                 }
@@ -824,18 +830,10 @@ impl TieredCache {
         let inner = &*self.inner;
         let timer = inner.stats.start();
         match inner.settings.strategy {
-            Strategy::ReadThrough | Strategy::CacheAside => {
-                if let Err(e) = inner.l2.remove(key).await {
-                    inner.stats.error(Tier::L2);
-                    tracing::warn!(key, error = %e, "L2 delete failed");
-                }
-            }
+            Strategy::ReadThrough | Strategy::CacheAside => self.remove_l2(key).await,
             Strategy::WriteThrough => {
                 self.write_source(key, None).await?;
-                if let Err(e) = inner.l2.remove(key).await {
-                    inner.stats.error(Tier::L2);
-                    tracing::warn!(key, error = %e, "L2 delete failed");
-                }
+                self.remove_l2(key).await;
             }
             Strategy::WriteBehind => {
                 let now = self.now();
@@ -845,10 +843,7 @@ impl TieredCache {
                     .await?;
                 if inner.memory_queue.is_some() {
                     // The memory outbox does not write L2: drop the old copy here.
-                    if let Err(e) = inner.l2.remove(key).await {
-                        inner.stats.error(Tier::L2);
-                        tracing::warn!(key, error = %e, "L2 delete failed");
-                    }
+                    self.remove_l2(key).await;
                 }
             }
         }
@@ -868,6 +863,13 @@ impl TieredCache {
         self.check(key)?;
         self.inner.l1.remove(key).await;
         self.inner.l2.remove(key).await
+    }
+
+    async fn remove_l2(&self, key: &str) {
+        if let Err(e) = self.inner.l2.remove(key).await {
+            self.inner.stats.error(Tier::L2);
+            tracing::warn!(key, error = %e, "L2 delete failed");
+        }
     }
 
     async fn put_l2(&self, key: &str, entry: Entry) {

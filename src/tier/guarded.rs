@@ -20,7 +20,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
-use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, CircuitState, Outcome};
+use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
@@ -117,11 +117,7 @@ impl Guarded {
         }
         let error = self.last_error();
         self.events.transition(Tier::L2, t, error.as_deref());
-        let clean = |b: &CircuitBreaker| {
-            let s = b.status();
-            s.state == CircuitState::Closed && s.consecutive_failures == 0 && s.forced.is_none()
-        };
-        if result.is_ok() && clean(&self.reads) && clean(&self.writes) {
+        if result.is_ok() && self.reads.is_clean() && self.writes.is_clean() {
             self.healthy.store(true, Ordering::Relaxed);
         }
         result
