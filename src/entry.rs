@@ -1,5 +1,6 @@
 //! The unit every tier stores: bytes (or "not found") with a validator and three deadlines.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -11,8 +12,9 @@ use crate::clock::from_millis;
 pub(crate) struct Entry {
     /// The bytes; `None` for a negative entry (the source said "not found").
     pub(crate) value: Option<Bytes>,
-    /// The source's validator (ETag), exactly as received.
-    pub(crate) validator: Option<String>,
+    /// The source's validator (ETag), exactly as received. Shared, so that L1 can hold entries
+    /// by value and a hit clones no more than a raw moka hit does (the `Bytes`).
+    pub(crate) validator: Option<Arc<str>>,
     /// When the source last gave or confirmed this value.
     pub(crate) stored_at: u64,
     /// Served as fresh until then.
@@ -27,7 +29,7 @@ pub(crate) struct Entry {
 impl Entry {
     pub(crate) fn new(
         value: Option<Bytes>,
-        validator: Option<String>,
+        validator: Option<Arc<str>>,
         stored_at: u64,
         fresh_until: u64,
         stale_until: u64,
@@ -66,7 +68,7 @@ impl Entry {
 
     /// Bytes held, for the size bounds of the tiers.
     pub(crate) fn size(&self) -> usize {
-        self.value.as_ref().map_or(0, Bytes::len) + self.validator.as_ref().map_or(0, String::len)
+        self.value.as_ref().map_or(0, Bytes::len) + self.validator.as_ref().map_or(0, |v| v.len())
     }
 
     /// The same bytes, confirmed by the source at `now` with new deadlines.
