@@ -154,7 +154,8 @@ async fn l1_moka(keys: &[String]) -> Moka<String, Bytes> {
         .build();
     let v = common::value();
     for k in keys {
-        m.insert(k.clone(), v.clone()).await;
+        // Each key its own buffer, as `common::fill` gives tiercache.
+        m.insert(k.clone(), Bytes::copy_from_slice(&v)).await;
     }
     m
 }

@@ -14,6 +14,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.
     fn now(&self) -> SystemTime;
+
+    /// The current time in milliseconds since the UNIX epoch (0 before it), the unit deadlines
+    /// are kept in. Provided from [`now`](Self::now); a clock that can read it more cheaply
+    /// overrides it, as [`SystemClock`] does (every L1 hit reads it).
+    #[inline]
+    fn now_millis(&self) -> u64 {
+        to_millis(self.now())
+    }
 }
 
 /// The operating system's wall clock, read coarsely where the system offers it.
@@ -29,26 +37,40 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     #[inline]
     fn now(&self) -> SystemTime {
-        coarse_now()
+        match coarse() {
+            Some((secs, nanos)) => UNIX_EPOCH + Duration::new(secs, nanos),
+            None => SystemTime::now(),
+        }
+    }
+
+    #[inline]
+    fn now_millis(&self) -> u64 {
+        match coarse() {
+            Some((secs, nanos)) => secs
+                .saturating_mul(1000)
+                .saturating_add(u64::from(nanos / 1_000_000)),
+            None => to_millis(SystemTime::now()),
+        }
     }
 }
 
+/// `CLOCK_REALTIME_COARSE` as seconds and nanoseconds since the UNIX epoch; `None` before
+/// 1970 or for a value the kernel does not give (the precise clock decides then).
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 #[inline]
-fn coarse_now() -> SystemTime {
+fn coarse() -> Option<(u64, u32)> {
     use rustix::time::{clock_gettime, ClockId};
     let ts = clock_gettime(ClockId::RealtimeCoarse);
     match (u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
-        (Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => UNIX_EPOCH + Duration::new(secs, nanos),
-        // Before 1970, or a value the kernel does not give: the precise clock decides.
-        _ => SystemTime::now(),
+        (Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => Some((secs, nanos)),
+        _ => None,
     }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
 #[inline]
-fn coarse_now() -> SystemTime {
-    SystemTime::now()
+fn coarse() -> Option<(u64, u32)> {
+    None
 }
 
 /// A clock that only moves when told to. Clones share one time.
@@ -102,6 +124,10 @@ impl Clock for MockClock {
     fn now(&self) -> SystemTime {
         from_millis(self.millis.load(Ordering::SeqCst))
     }
+
+    fn now_millis(&self) -> u64 {
+        self.millis.load(Ordering::SeqCst)
+    }
 }
 
 /// Milliseconds since the UNIX epoch (0 for times before it), the unit deadlines are stored in.
@@ -121,7 +147,7 @@ pub(crate) fn from_millis(ms: u64) -> SystemTime {
 /// `clock.now()` in milliseconds since the UNIX epoch.
 #[inline]
 pub(crate) fn now_millis(clock: &dyn Clock) -> u64 {
-    to_millis(clock.now())
+    clock.now_millis()
 }
 
 /// A duration in whole milliseconds, saturating.
@@ -146,5 +172,10 @@ mod tests {
         };
         assert!(gap < Duration::from_secs(1), "coarse clock off by {gap:?}");
         assert!(to_millis(coarse) > 1_700_000_000_000);
+        let ms = SystemClock.now_millis();
+        assert!(
+            ms.abs_diff(to_millis(precise)) < 1000,
+            "{ms} vs {precise:?}"
+        );
     }
 }

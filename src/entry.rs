@@ -1,35 +1,26 @@
 //! The unit every tier stores: bytes (or "not found") with a validator and three deadlines.
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use bytes::Bytes;
-
-use crate::clock::from_millis;
 
 /// A cached answer of the source. Deadlines are milliseconds since the UNIX epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// The bytes; `None` for a negative entry (the source said "not found").
     pub(crate) value: Option<Bytes>,
-    /// The source's validator (ETag), exactly as received. Shared, so that L1 can hold entries
-    /// by value and a hit clones no more than a raw moka hit does (the `Bytes`).
-    pub(crate) validator: Option<Arc<str>>,
+    /// The source's validator (ETag), exactly as received.
+    pub(crate) validator: Option<String>,
     /// When the source last gave or confirmed this value.
     pub(crate) stored_at: u64,
     /// Served as fresh until then.
     pub(crate) fresh_until: u64,
     /// Served as stale (when the source cannot answer) until then; dropped after.
     pub(crate) stale_until: u64,
-    /// `fresh_until` as a wall-clock time: the L1-hit check compares it with the clock's reading
-    /// directly, without converting that reading to milliseconds.
-    fresh_at: SystemTime,
 }
 
 impl Entry {
     pub(crate) fn new(
         value: Option<Bytes>,
-        validator: Option<Arc<str>>,
+        validator: Option<String>,
         stored_at: u64,
         fresh_until: u64,
         stale_until: u64,
@@ -40,14 +31,7 @@ impl Entry {
             stored_at,
             fresh_until,
             stale_until,
-            fresh_at: from_millis(fresh_until),
         }
-    }
-
-    /// [`is_fresh`](Self::is_fresh) with no maximum age, against a clock reading.
-    #[inline]
-    pub(crate) fn is_fresh_at(&self, now: SystemTime) -> bool {
-        now < self.fresh_at
     }
 
     /// Whether the entry is fresh at `now`, given a per-read maximum age.
@@ -68,7 +52,7 @@ impl Entry {
 
     /// Bytes held, for the size bounds of the tiers.
     pub(crate) fn size(&self) -> usize {
-        self.value.as_ref().map_or(0, Bytes::len) + self.validator.as_ref().map_or(0, |v| v.len())
+        self.value.as_ref().map_or(0, Bytes::len) + self.validator.as_ref().map_or(0, String::len)
     }
 
     /// The same bytes, confirmed by the source at `now` with new deadlines.

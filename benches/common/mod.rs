@@ -187,7 +187,8 @@ pub async fn fill(cache: &TieredCache, keys: &[String]) {
     let v = value();
     stream::iter(keys)
         .map(|k| {
-            let v = v.clone();
+            // Each key its own buffer, as values are in a real cache.
+            let v = Bytes::copy_from_slice(&v);
             async move { cache.set(k, v).await.expect("set") }
         })
         .buffer_unordered(256)

@@ -63,7 +63,7 @@ macro_rules! in_span {
     }};
 }
 
-type LoadResult = Result<(Entry, Loaded)>;
+type LoadResult = Result<(Arc<Entry>, Loaded)>;
 
 /// Settings fixed at build time.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ pub(crate) struct Inner {
     settings: Settings,
     offline: Arc<AtomicBool>,
     closed: AtomicBool,
-    flights: Flights<(Entry, Loaded)>,
+    flights: Flights<(Arc<Entry>, Loaded)>,
     stats: Arc<Stats>,
     outbox: Option<Outbox>,
     /// The outbox's storage in [`OutboxMode::Memory`].
@@ -320,20 +320,19 @@ impl TieredCache {
             return Err(Error::Closed);
         }
         let timer = inner.stats.start_sampled();
-        let (e, at) = match inner.l1.get(key).await {
-            // The hit hands out moka's own clone of the value: nothing is cloned twice.
-            Some(e) if e.is_fresh_at(inner.clock.now()) => {
+        let now = self.now();
+        let e = inner.l1.get(key).await;
+        if let Some(e) = &e {
+            if now < e.fresh_until {
                 inner.stats.hit(Tier::L1);
                 inner.stats.record(Tier::L1, Op::Get, timer);
                 if e.value.is_none() {
                     inner.stats.negative_hit();
                 }
-                return Ok(e.value);
+                return Ok(e.value.clone());
             }
-            e => (e, inner.clock.now()),
-        };
+        }
         self.check_basic(key)?;
-        let now = crate::clock::to_millis(at);
         let candidate = self.servable_l1(key, e, now).await;
         Ok(self
             .lookup_after_l1(key, None, candidate, now)
@@ -379,9 +378,9 @@ impl TieredCache {
     async fn servable_l1(
         &self,
         key: &str,
-        e: Option<Entry>,
+        e: Option<Arc<Entry>>,
         now: u64,
-    ) -> Option<(Entry, Tier)> {
+    ) -> Option<(Arc<Entry>, Tier)> {
         match e {
             Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
             Some(_) => {
@@ -397,7 +396,7 @@ impl TieredCache {
         &'a self,
         key: &'a str,
         max_age: Option<u64>,
-        candidate: Option<(Entry, Tier)>,
+        candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
     ) -> futures_util::future::BoxFuture<'a, Result<Option<Lookup>>> {
         Box::pin(async move {
@@ -436,7 +435,7 @@ impl TieredCache {
         &self,
         key: &str,
         max_age: Option<u64>,
-        mut candidate: Option<(Entry, Tier)>,
+        mut candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
@@ -464,7 +463,7 @@ impl TieredCache {
         key: &str,
         found: Option<Entry>,
         max_age: Option<u64>,
-        candidate: &mut Option<(Entry, Tier)>,
+        candidate: &mut Option<(Arc<Entry>, Tier)>,
         now: u64,
     ) -> Option<Option<Lookup>> {
         let inner = &*self.inner;
@@ -472,6 +471,7 @@ impl TieredCache {
             inner.stats.miss(Tier::L2);
             return None;
         };
+        let e = Arc::new(e);
         if e.is_fresh(now, max_age) {
             inner.stats.hit(Tier::L2);
             inner.l1.insert(key, e.clone()).await;
@@ -493,7 +493,7 @@ impl TieredCache {
         &self,
         key: &str,
         max_age: Option<u64>,
-        candidate: Option<(Entry, Tier)>,
+        candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
@@ -553,7 +553,7 @@ impl TieredCache {
     fn fallback(
         &self,
         key: &str,
-        candidate: Option<(Entry, Tier)>,
+        candidate: Option<(Arc<Entry>, Tier)>,
         reason: StaleReason,
         source: SourceError,
         now: u64,
@@ -586,7 +586,7 @@ impl TieredCache {
                 tier,
                 freshness,
                 age: Duration::from_millis(now.saturating_sub(e.stored_at)),
-                validator: e.validator.as_deref().map(str::to_owned),
+                validator: e.validator.clone(),
             }),
             None => {
                 self.inner.stats.negative_hit();
@@ -656,7 +656,7 @@ impl TieredCache {
             }
         }
         let mut answers: Vec<Option<Result<Option<Lookup>>>> = vec![None; distinct.len()];
-        let mut candidates: Vec<Option<(Entry, Tier)>> = vec![None; distinct.len()];
+        let mut candidates: Vec<Option<(Arc<Entry>, Tier)>> = vec![None; distinct.len()];
         // L1.
         let mut l1_misses = Vec::new();
         for (d, (k, _)) in distinct.iter().enumerate() {
@@ -822,7 +822,7 @@ impl TieredCache {
                     .await?;
             }
         }
-        inner.l1.insert(key, entry).await;
+        inner.l1.insert(key, Arc::new(entry)).await;
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
         }
@@ -1087,7 +1087,7 @@ impl TieredCache {
         self.check(key)?;
         let now = self.now();
         let held = match self.inner.l2.get(key).await {
-            Ok(e) => e.filter(|e| e.is_servable(now)),
+            Ok(e) => e.filter(|e| e.is_servable(now)).map(Arc::new),
             Err(_) => self.inner.l1.get(key).await,
         };
         if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
@@ -1238,14 +1238,14 @@ fn source_failure(key: &str, e: SourceError) -> Error {
 async fn load(
     inner: Arc<Inner>,
     key: String,
-    prev: Option<Entry>,
+    prev: Option<Arc<Entry>>,
     max_age: Option<u64>,
 ) -> LoadResult {
     let clock = inner.clock.clone();
     let now = now_millis(clock.as_ref());
     // A load that finished just before this one started has already filled L1.
     if let Some(e) = inner.l1.get(&key).await {
-        let same = prev.as_ref() == Some(&e);
+        let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
         if !same && e.is_fresh(now, max_age) {
             return Ok((e, Loaded::AlreadyCached));
         }
@@ -1274,13 +1274,7 @@ async fn load(
         }) => {
             inner.stats.source_call(SourceOutcome::Ok);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
-            let entry = Entry::new(
-                Some(value),
-                validator.map(Arc::from),
-                now,
-                fresh_until,
-                stale_until,
-            );
+            let entry = Entry::new(Some(value), validator, now, fresh_until, stale_until);
             (entry, Loaded::Fetched)
         }
         Ok(Fetched::NotModified { ttl }) => {
@@ -1322,6 +1316,7 @@ async fn load(
         }
     };
     // L1 first: readers see the answer at once; L2 follows (a bytes-free renewal for a 304).
+    let entry = Arc::new(entry);
     let remember = settings.negative_ttl > 0 || entry.value.is_some();
     if remember {
         inner.l1.insert(&key, entry.clone()).await;
@@ -1333,7 +1328,7 @@ async fn load(
                 .renew(&key, entry.stored_at, entry.fresh_until, entry.stale_until)
                 .await
         }
-        _ if remember => inner.l2.put(&key, entry.clone()).await,
+        _ if remember => inner.l2.put(&key, (*entry).clone()).await,
         _ => Ok(()),
     };
     if let Err(e) = written {

@@ -1,17 +1,19 @@
 //! L1: memory, a `moka::future::Cache` bounded by bytes.
 
+use std::sync::Arc;
+
 use moka::future::Cache;
 
 use crate::entry::Entry;
 
-/// Per-entry overhead counted against the byte bound besides key and value: moka's node and the
-/// `Entry` held in it.
+/// Per-entry overhead counted against the byte bound besides key and value: moka's node, the
+/// `Arc<Entry>` and its fields.
 const ENTRY_OVERHEAD: usize = 160;
 
 /// The memory tier.
 #[derive(Clone)]
 pub(crate) struct MemoryTier {
-    cache: Cache<String, Entry>,
+    cache: Cache<String, Arc<Entry>>,
 }
 
 impl std::fmt::Debug for MemoryTier {
@@ -33,7 +35,7 @@ impl MemoryTier {
     pub(crate) fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &String, entry: &Entry| -> u32 {
+            .weigher(|key: &String, entry: &Arc<Entry>| -> u32 {
                 u32::try_from(key.len() + entry.size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
             .build();
@@ -45,11 +47,11 @@ impl MemoryTier {
     pub(crate) fn get<'a>(
         &'a self,
         key: &'a str,
-    ) -> impl std::future::Future<Output = Option<Entry>> + 'a {
+    ) -> impl std::future::Future<Output = Option<Arc<Entry>>> + 'a {
         self.cache.get(key)
     }
 
-    pub(crate) async fn insert(&self, key: &str, entry: Entry) {
+    pub(crate) async fn insert(&self, key: &str, entry: Arc<Entry>) {
         self.cache.insert(key.to_owned(), entry).await;
     }
 

@@ -608,7 +608,7 @@ fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry>
     let value: Option<Vec<u8>> = r.get(offset)?;
     Ok(Entry::new(
         value.map(Bytes::from),
-        r.get_ref(offset + 1)?.as_str_or_null()?.map(Arc::from),
+        r.get(offset + 1)?,
         to_u64(r.get(offset + 2)?),
         to_u64(r.get(offset + 3)?),
         to_u64(r.get(offset + 4)?),
