@@ -257,6 +257,36 @@ pub fn raw_get(conn: &Connection, key: &str) -> Option<RawEntry> {
         .expect("select")
 }
 
+/// One prepared `rarray` SELECT of many keys, decoded as [`raw_get`] decodes one row.
+pub fn raw_get_many(conn: &Connection, keys: &[&str]) -> Vec<(String, RawEntry)> {
+    let array: std::rc::Rc<Vec<rusqlite::types::Value>> = std::rc::Rc::new(
+        keys.iter()
+            .map(|k| rusqlite::types::Value::from((*k).to_owned()))
+            .collect(),
+    );
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT key, value, validator, stored_at, fresh_until, stale_until
+             FROM entries WHERE key IN rarray(?1)",
+        )
+        .expect("prepare");
+    stmt.query_map([array], |r| {
+        Ok((
+            r.get(0)?,
+            (
+                r.get::<_, Option<Vec<u8>>>(1)?.map(Bytes::from),
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ),
+        ))
+    })
+    .expect("query")
+    .collect::<rusqlite::Result<_>>()
+    .expect("rows")
+}
+
 /// One prepared upsert of an entry (its own transaction, as each lone `set` is).
 pub fn raw_put(conn: &Connection, key: &str, value: &[u8], now: i64) {
     conn.prepare_cached(UPSERT)

@@ -815,12 +815,16 @@ impl TieredCache {
                 self.write_source(key, Some(&value)).await?;
                 self.put_l2(key, entry.clone()).await;
             }
-            Strategy::WriteBehind => {
-                self.outbox()?
-                    .queue()
-                    .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
-                    .await?;
-            }
+            // The memory outbox is a plain push: no boxed future, no copy of the entry.
+            Strategy::WriteBehind => match &inner.memory_queue {
+                Some(queue) => queue.push(key, OutboxOp::Put(value), now),
+                None => {
+                    self.outbox()?
+                        .queue()
+                        .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
+                        .await?;
+                }
+            },
         }
         inner.l1.insert(key, Arc::new(entry)).await;
         if let Some(outbox) = &inner.outbox {
