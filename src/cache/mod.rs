@@ -439,7 +439,11 @@ impl TieredCache {
         now: u64,
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
-        match inner.l2.get(key).await {
+        let found = match inner.l2.get_now(key) {
+            Some(found) => found,
+            None => inner.l2.get(key).await,
+        };
+        match found {
             Ok(found) => {
                 if let Some(served) = self
                     .consider_l2(key, found, max_age, &mut candidate, now)

@@ -141,6 +141,22 @@ impl Store for Guarded {
         self.read(self.inner.get(key)).await
     }
 
+    fn get_now(&self, key: &str) -> Option<Result<Option<Entry>>> {
+        // Only on the healthy fast path of `call`, with its failure handling; a tripped or
+        // probing breaker goes through `get` and its permit.
+        if !self.healthy.load(Ordering::Relaxed) {
+            return None;
+        }
+        let result = self.inner.get_now(key)?;
+        if let Err(e) = &result {
+            if e.is_storage() {
+                self.healthy.store(false, Ordering::Relaxed);
+                self.record_failure(&self.reads, e);
+            }
+        }
+        Some(result)
+    }
+
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
         self.read(self.inner.get_many(keys)).await
     }

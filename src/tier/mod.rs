@@ -71,6 +71,13 @@ pub(crate) type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + 
 #[async_trait]
 pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get(&self, key: &str) -> Result<Option<Entry>>;
+    /// [`get`](Self::get) answered on the calling thread, for a backend that reads without
+    /// waiting on anything (an embedded database): no boxed future on the L2-hit path. `None`
+    /// when the read must go through `get` (a remote backend, or a guard that must take a
+    /// breaker permit first).
+    fn get_now(&self, _key: &str) -> Option<Result<Option<Entry>>> {
+        None
+    }
     /// All of `keys` that are held, in one statement.
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>>;
     async fn put(&self, key: &str, entry: Entry) -> Result<()>;

@@ -340,6 +340,19 @@ impl SqliteTier {
         f(&conn)
     }
 
+    /// One entry, read on this thread (reads never wait on the writer: WAL).
+    fn read_entry(&self, key: &str) -> Result<Option<Entry>> {
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT value, validator, stored_at, fresh_until, stale_until FROM entries WHERE key = ?1",
+            )?
+            .query_row([key], |r| row_to_entry(r, 0))
+            .optional()
+        })
+        .map_err(storage("read an entry"))
+    }
+
     /// Runs `f`, which makes at most one change (one modifying statement: SQLite undoes a
     /// failed statement by itself), in the writer thread's next transaction, and waits for the
     /// commit.
@@ -682,15 +695,11 @@ const OUTBOX_COLUMNS: &str =
 #[async_trait]
 impl Store for SqliteTier {
     async fn get(&self, key: &str) -> Result<Option<Entry>> {
-        self.read_statements.fetch_add(1, Ordering::Relaxed);
-        self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT value, validator, stored_at, fresh_until, stale_until FROM entries WHERE key = ?1",
-            )?
-            .query_row([key], |r| row_to_entry(r, 0))
-            .optional()
-        })
-        .map_err(storage("read an entry"))
+        self.read_entry(key)
+    }
+
+    fn get_now(&self, key: &str) -> Option<Result<Option<Entry>>> {
+        Some(self.read_entry(key))
     }
 
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
