@@ -15,7 +15,8 @@
 //! `TIERCACHE_RATIOS_N` times (default 100,000), in a function named `profile_<scenario>`, so
 //! that `valgrind --tool=callgrind --toggle-collect='*profile_*'` counts only that:
 //! scenarios `l1_tiercache`, `l1_tiercache_nostats`, `l1_moka`, `l2_tiercache`, `l2_sqlite`,
-//! `mget100`, `gets100`, `write_behind`, `write_behind_memory`.
+//! `mget100`, `gets100`, `write_behind`, `write_behind_memory`. The L2 scenarios read each of
+//! 10,000 keys once from L2 (promoting it): keep `TIERCACHE_RATIOS_N` at 10,000 or fewer there.
 
 mod common;
 
