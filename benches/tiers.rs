@@ -39,7 +39,8 @@ async fn raw_moka(keys: &[String], v: &Bytes) -> Moka<String, Bytes> {
         .weigher(|k: &String, v: &Bytes| (k.len() + v.len() + 160) as u32)
         .build();
     for k in keys {
-        m.insert(k.clone(), v.clone()).await;
+        // Each key its own buffer, as `common::fill` gives tiercache.
+        m.insert(k.clone(), Bytes::copy_from_slice(v)).await;
     }
     m
 }
