@@ -57,6 +57,9 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     fn pending_for(&self, key: &str) -> Option<Pending>;
     /// Pending (not dead) rows, oldest first.
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// How many rows are pending, and the keys whose last attempt failed with that error
+    /// (each key once, oldest first), without copying any value.
+    async fn summary(&self) -> Result<(u64, Vec<(String, String)>)>;
     /// Removes delivered rows.
     async fn complete(&self, ids: Vec<i64>) -> Result<()>;
     /// Records a failed attempt on these rows.
@@ -162,6 +165,9 @@ impl Queue for DurableQueue {
     }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.store.outbox_pending(limit).await
+    }
+    async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        self.store.outbox_summary().await
     }
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
         self.store.outbox_complete(ids.clone()).await?;
@@ -354,6 +360,19 @@ impl Queue for MemoryQueue {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        let rows = self.lock();
+        // One row per key: no key can appear twice.
+        let stuck = rows
+            .order
+            .iter()
+            .filter_map(|id| rows.key_of.get(id))
+            .filter_map(|k| rows.by_key.get(k))
+            .filter_map(|r| Some((r.key.clone(), r.last_error.clone()?)))
+            .collect();
+        Ok((rows.by_key.len() as u64, stuck))
     }
 
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
@@ -614,17 +633,9 @@ impl Outbox {
 
     /// What is pending now, without delivering.
     pub(crate) async fn report_pending(&self) -> Result<FlushReport> {
-        let rows = self.deliverer.queue.pending(usize::MAX >> 1).await?;
-        let mut stuck: Vec<(String, String)> = Vec::new();
-        for r in &rows {
-            if let Some(err) = &r.last_error {
-                if !stuck.iter().any(|(k, _)| k == &r.key) {
-                    stuck.push((r.key.clone(), err.clone()));
-                }
-            }
-        }
+        let (pending, stuck) = self.deliverer.queue.summary().await?;
         Ok(FlushReport {
-            pending: rows.len() as u64,
+            pending,
             stuck,
             ..FlushReport::default()
         })

@@ -482,6 +482,29 @@ async fn write_behind_waits_while_the_breaker_is_open() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_flush_report_counts_every_pending_row_and_names_each_stuck_key_once() -> TestResult {
+    for memory in [false, true] {
+        let (source, clock) = (FakeSource::new(), MockClock::new());
+        let mut b = builder(&source, &clock).strategy(Strategy::WriteBehind);
+        if memory {
+            b = b.outbox(tiercache::OutboxMode::Memory);
+        }
+        let cache = b.build()?;
+        cache.force_source_open().await;
+        cache.set("a", "1").await?;
+        cache.set("b", "1").await?;
+        cache.set("a", "2").await?;
+        let report = cache.flush().await?;
+        // The durable outbox keeps a row per write; the memory one coalesces per key.
+        assert_eq!(report.pending, if memory { 2 } else { 3 }, "{report:?}");
+        let keys: Vec<&str> = report.stuck.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["a", "b"], "memory={memory}: {report:?}");
+        assert!(report.stuck.iter().all(|(_, e)| e.contains("circuit")));
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn memory_outbox_delivers_and_reports_its_backlog() -> TestResult {
     let (source, clock) = (FakeSource::new(), MockClock::new());
     source.fail_writes(Some(outage()));

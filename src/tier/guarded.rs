@@ -200,6 +200,10 @@ impl Store for Guarded {
         self.read(self.inner.outbox_pending(limit)).await
     }
 
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        self.read(self.inner.outbox_summary()).await
+    }
+
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
         self.write(self.inner.outbox_complete(ids)).await
     }

@@ -97,6 +97,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         -> Result<i64>;
     /// Pending (not dead) outbox rows, oldest first.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// How many outbox rows are pending, and the keys whose last attempt failed with that
+    /// error (each key once, oldest first), without reading any value.
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)>;
     /// Removes these outbox rows: delivered (or superseded), in one statement.
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()>;
     /// Records a failed attempt on these rows.

@@ -800,6 +800,27 @@ impl Store for SqliteTier {
         .map_err(storage("read the outbox"))
     }
 
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT key, last_error FROM outbox WHERE dead = 0 ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            let (mut pending, mut stuck, mut seen) =
+                (0u64, Vec::new(), std::collections::HashSet::new());
+            while let Some(r) = rows.next()? {
+                pending += 1;
+                if let Some(error) = r.get::<_, Option<String>>(1)? {
+                    let key: String = r.get(0)?;
+                    if seen.insert(key.clone()) {
+                        stuck.push((key, error));
+                    }
+                }
+            }
+            Ok((pending, stuck))
+        })
+        .map_err(storage("read the outbox"))
+    }
+
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
         self.write(move |conn, _| {
             // One statement for the batch; the array (an `Rc`) is built on the writer thread.
