@@ -483,6 +483,8 @@ const MAX_BATCH: usize = 1024;
 pub const READER_CACHE_KIB: u64 = 16 * 1024;
 /// Last-access updates kept waiting for a write; past this, later reads are not recorded.
 const MAX_TOUCHES: usize = 16 * 1024;
+/// Last-access updates applied with one commit, at most.
+const TOUCHES_PER_COMMIT: usize = 1024;
 
 fn writer_loop(
     mut conn: Connection,
@@ -501,8 +503,17 @@ fn writer_loop(
         // Reads' last-access times are a hint for eviction: they ride along with the next
         // write and never commit on their own (a commit makes every read connection drop its
         // page cache, so a read-only workload must not cause one).
-        let mut touches =
-            std::mem::take(&mut *shared_touches.lock().unwrap_or_else(|e| e.into_inner()));
+        // At most `TOUCHES_PER_COMMIT` of them per commit, oldest first, so that the write
+        // after a long read-only stretch does not wait for thousands of updates.
+        let mut touches = {
+            let mut shared = shared_touches.lock().unwrap_or_else(|e| e.into_inner());
+            if shared.len() > TOUCHES_PER_COMMIT {
+                let rest = shared.split_off(TOUCHES_PER_COMMIT);
+                std::mem::replace(&mut *shared, rest)
+            } else {
+                std::mem::take(&mut *shared)
+            }
+        };
         let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
         for (done, result) in completions {
             done(result);
@@ -930,5 +941,57 @@ impl Store for SqliteTier {
             Ok(new)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory_tier() -> SqliteTier {
+        SqliteTier::open(SqliteOptions {
+            location: Location::Memory,
+            max_bytes: 1 << 30,
+            synchronous: Synchronous::default(),
+            on_corrupt: OnCorrupt::default(),
+            readers: 1,
+            busy_timeout: Duration::from_secs(1),
+            pragmas: Vec::new(),
+        })
+        .expect("a memory database")
+    }
+
+    fn last_access(tier: &SqliteTier, key: &str) -> i64 {
+        tier.read(|c| {
+            c.query_row(
+                "SELECT last_access FROM entries WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+        })
+        .expect("the entry")
+    }
+
+    #[tokio::test]
+    async fn a_commit_applies_a_bounded_number_of_touches_oldest_first() -> Result<()> {
+        let tier = memory_tier();
+        let keys: Vec<String> = (0..TOUCHES_PER_COMMIT + 10)
+            .map(|i| format!("k{i}"))
+            .collect();
+        for k in &keys {
+            tier.put(k, Entry::new(Some(Bytes::from_static(b"v")), None, 1, 2, 3))
+                .await?;
+        }
+        for k in &keys {
+            tier.touch(k, 50);
+        }
+        // The next write carries the first `TOUCHES_PER_COMMIT`; the rest wait for the one after.
+        tier.put("other", Entry::new(None, None, 1, 2, 2)).await?;
+        assert_eq!(last_access(&tier, &keys[0]), 50);
+        assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT - 1]), 50);
+        assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT]), 1);
+        tier.put("other", Entry::new(None, None, 1, 2, 2)).await?;
+        assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT + 9]), 50);
+        Ok(())
     }
 }
