@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
@@ -60,6 +61,9 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// How many rows are pending, and the keys whose last attempt failed with that error
     /// (each key once, oldest first), without copying any value.
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)>;
+    /// The bytes of `key`'s newest undelivered write, when it is a put: what a read of `key`
+    /// must answer while the source still holds the old value.
+    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>>;
     /// Removes delivered rows.
     async fn complete(&self, ids: Vec<i64>) -> Result<()>;
     /// Records a failed attempt on these rows.
@@ -168,6 +172,9 @@ impl Queue for DurableQueue {
     }
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {
         self.store.outbox_summary().await
+    }
+    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>> {
+        self.store.outbox_value(key).await
     }
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
         self.store.outbox_complete(ids.clone()).await?;
@@ -360,6 +367,13 @@ impl Queue for MemoryQueue {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(match self.lock().by_key.get(key).map(|r| &r.op) {
+            Some(OutboxOp::Put(value)) => Some(value.clone()),
+            _ => None,
+        })
     }
 
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {

@@ -505,6 +505,48 @@ async fn a_flush_report_counts_every_pending_row_and_names_each_stuck_key_once()
 }
 
 #[tokio::test]
+async fn an_undelivered_write_is_read_back_after_both_tiers_dropped_it() -> TestResult {
+    for memory in [false, true] {
+        let (source, clock) = (FakeSource::new(), MockClock::new());
+        source.insert("a", "old");
+        let mut b = builder(&source, &clock)
+            .strategy(Strategy::WriteBehind)
+            // Room in L2 for about 60 1 KiB entries: later writes evict the first.
+            .sqlite_capacity(64 * 1024);
+        if memory {
+            b = b.outbox(tiercache::OutboxMode::Memory);
+        }
+        let cache = b.build()?;
+        cache.force_source_open().await;
+        cache.set("a", "new").await?;
+        for i in 0..160 {
+            cache.set(&format!("filler/{i}"), vec![b'x'; 1024]).await?;
+        }
+        cache.clear_memory().await;
+        let l = cache.lookup("a").await?.expect("the pending write");
+        assert_eq!(
+            (l.value.as_ref(), l.freshness),
+            (&b"new"[..], Freshness::Fresh),
+            "memory={memory}"
+        );
+        cache.clear_memory().await;
+        let batch = cache.mget(&["a"]).await;
+        let l = batch[0].as_ref().expect("no error").as_ref().expect("held");
+        assert_eq!(l.value, "new", "memory={memory}: mget reads it back too");
+        assert_eq!(
+            source.fetch_count(),
+            0,
+            "the source's old value is not asked for"
+        );
+        // Delivered once the source is back; the source then holds it.
+        cache.reset_source_breaker().await;
+        assert!(cache.flush().await?.is_complete());
+        assert_eq!(source.value("a").unwrap(), "new");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn memory_outbox_delivers_and_reports_its_backlog() -> TestResult {
     let (source, clock) = (FakeSource::new(), MockClock::new());
     source.fail_writes(Some(outage()));

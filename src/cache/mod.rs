@@ -516,6 +516,13 @@ impl TieredCache {
                 (Some(Pending::Put), Some((e, tier))) => {
                     return Ok(self.served(e, *tier, Freshness::Fresh, now));
                 }
+                // Both tiers dropped the copy (evicted, or a memory outbox that never wrote
+                // L2): the outbox still holds the bytes.
+                (Some(Pending::Put), None) => {
+                    if let Some(served) = self.pending_write(key, now).await {
+                        return Ok(served);
+                    }
+                }
                 _ => {}
             }
         }
@@ -580,6 +587,37 @@ impl TieredCache {
                 source,
             }),
         }
+    }
+
+    /// A write-behind key's undelivered put, read back from the outbox and held in L1 again.
+    /// `None` when the outbox no longer has it (delivered meanwhile) or cannot be read: the
+    /// source answers then.
+    async fn pending_write(&self, key: &str, now: u64) -> Option<Option<Lookup>> {
+        let inner = &*self.inner;
+        let outbox = inner.outbox.as_ref()?;
+        let value = match outbox.queue().pending_value(key).await {
+            Ok(value) => value?,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "could not read a pending write back from the outbox");
+                return None;
+            }
+        };
+        let fresh_until = add(now, inner.settings.ttl);
+        let entry = Entry::new(
+            Some(value),
+            None,
+            now,
+            fresh_until,
+            add(fresh_until, inner.settings.stale_ttl),
+        );
+        let tier = if inner.memory_queue.is_some() {
+            Tier::L1
+        } else {
+            Tier::L2
+        };
+        let served = self.served(&entry, tier, Freshness::Fresh, now);
+        inner.l1.insert(key, Arc::new(entry)).await;
+        Some(served)
     }
 
     #[inline]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
@@ -198,6 +199,10 @@ impl Store for Guarded {
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.read(self.inner.outbox_pending(limit)).await
+    }
+
+    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>> {
+        self.read(self.inner.outbox_value(key)).await
     }
 
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {

@@ -97,6 +97,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         -> Result<i64>;
     /// Pending (not dead) outbox rows, oldest first.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// The bytes of the newest pending outbox row of `key`, when that row is a put.
+    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>>;
     /// How many outbox rows are pending, and the keys whose last attempt failed with that
     /// error (each key once, oldest first), without reading any value.
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)>;

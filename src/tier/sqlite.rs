@@ -811,6 +811,23 @@ impl Store for SqliteTier {
         .map_err(storage("read the outbox"))
     }
 
+    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>> {
+        self.read(|conn| {
+            let newest: Option<(String, Option<Vec<u8>>)> = conn
+                .prepare_cached(
+                    "SELECT op, value FROM outbox WHERE key = ?1 AND dead = 0
+                     ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(match newest {
+                Some((op, value)) if op == "put" => value.map(Bytes::from),
+                _ => None,
+            })
+        })
+        .map_err(storage("read the outbox"))
+    }
+
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
         self.read(|conn| {
             let mut stmt = conn
