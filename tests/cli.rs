@@ -486,6 +486,57 @@ async fn put_under_write_through_sends_a_put_before_returning() {
 }
 
 #[tokio::test]
+async fn delete_under_write_through_deletes_on_github_and_in_the_cache() {
+    let env = Env::new().await;
+    accept_writes(&env, CONTENTS).await;
+    let file = env.dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 9090\n").unwrap();
+    env.run(&[
+        "--strategy",
+        "write-through",
+        "put",
+        KEY,
+        file.to_str().unwrap(),
+    ])
+    .await
+    .expect(0);
+    env.reset().await;
+    // GitHub now holds the file: the delete reads its sha, then sends it.
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.file_object("config/prod.toml", "abc"))
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.json(
+            200,
+            serde_json::json!({"content": null, "commit": {"sha": "def"}}),
+        ))
+        .expect(1)
+        .mount(&env.fake.server)
+        .await;
+    let run = env
+        .run(&["--strategy", "write-through", "delete", KEY])
+        .await;
+    run.expect(0);
+    assert!(run.stderr.contains("GitHub"), "{}", run.stderr);
+    let deletes: Vec<Value> = env
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r.method.as_str() == "DELETE")
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(deletes[0]["sha"], "abc");
+    // The cache no longer holds the old bytes.
+    let gone = env.run(&["--offline", "get", KEY]).await;
+    assert_ne!(gone.code, 0, "{}", gone.out());
+    assert!(!gone.out().contains("port = 9090"), "{}", gone.out());
+}
+
+#[tokio::test]
 async fn put_under_read_through_writes_only_the_local_cache() {
     let env = Env::new().await;
     let args: Vec<String> = [

@@ -131,6 +131,12 @@ enum Command {
         /// The file to read the bytes from; `-` for stdin
         file: PathBuf,
     },
+    /// Delete a file per --strategy (write-through: GitHub first; write-behind: the outbox;
+    /// read-through, cache-aside: the local cache only)
+    Delete {
+        /// OWNER/REPO/PATH[@REF]
+        key: String,
+    },
     /// Deliver the write-behind outbox to GitHub; exit 1 if anything is left
     Flush,
     /// Fetch every file under a directory into the cache (for offline use)
@@ -273,6 +279,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Command::Get { key, json } => get(&settings, &key, json).await,
             Command::Mget { keys, json } => mget(&settings, &keys, json).await,
             Command::Put { key, file } => put(&settings, &key, &file).await,
+            Command::Delete { key } => delete(&settings, &key).await,
             Command::Flush => flush(&settings).await,
             Command::Warm { prefix } => warm(&settings, &prefix).await,
             Command::Stats { json } => stats(&settings, json).await,
@@ -481,62 +488,84 @@ async fn put(s: &Settings, key: &str, file: &std::path::Path) -> Result<u8, Fail
         std::fs::read(file)
             .map_err(|e| Failure::usage(format!("cannot read the file {}: {e}", file.display())))?
     };
+    let what = format!("the write of {key} ({} bytes)", bytes.len());
+    write(
+        s,
+        key,
+        &what,
+        |cache| async move { cache.set(key, bytes).await },
+    )
+    .await
+}
+
+async fn delete(s: &Settings, key: &str) -> Result<u8, Failure> {
+    let what = format!("the deletion of {key}");
+    write(
+        s,
+        key,
+        &what,
+        |cache| async move { cache.delete(key).await },
+    )
+    .await
+}
+
+/// Runs one write (`op`) under --strategy and reports where it went: GitHub, the outbox
+/// (delivered before exit when GitHub answers), or the local cache only.
+async fn write<F, Fut>(s: &Settings, key: &str, what: &str, op: F) -> Result<u8, Failure>
+where
+    F: FnOnce(TieredCache) -> Fut,
+    Fut: std::future::Future<Output = tiercache::Result<()>>,
+{
     if s.offline && matches!(s.strategy, Strategy::WriteThrough | Strategy::WriteBehind) {
         // The library's write paths do not consult offline mode; refuse rather than contact GitHub.
         return Err(Failure::usage(format!(
-            "--offline cannot be combined with put under {}: that strategy writes to GitHub",
+            "--offline cannot be combined with this command under {}: that strategy writes to \
+             GitHub",
             s.strategy
         )));
     }
-    let size = bytes.len();
     let cache = open(s, s.strategy)?;
-    cache
-        .set(key, bytes)
+    op(cache.clone())
         .await
         .map_err(|e| Failure::from_error(&e))?;
     match s.strategy {
         Strategy::WriteThrough => {
-            eprintln!("tiercache: wrote {key} ({size} bytes) to GitHub and the cache");
+            eprintln!("tiercache: {what} went to GitHub and the cache");
             Ok(0)
         }
         Strategy::WriteBehind => {
             let report = cache.flush().await.map_err(|e| Failure::from_error(&e))?;
-            if report.dead_lettered > 0 {
-                let why = report
-                    .stuck
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .map(|(_, e)| e.as_str())
-                    .unwrap_or("see `tiercache stats`");
-                return Err(Failure::runtime(format!(
-                    "GitHub refused the write of {key} for good; it is kept as a dead letter: {why}"
-                )));
-            }
-            if report.pending > 0 {
-                let why = report
+            let why_for_key = || {
+                report
                     .stuck
                     .iter()
                     .find(|(k, _)| k == key)
                     .or(report.stuck.first())
-                    .map(|(_, e)| format!(": {e}"))
-                    .unwrap_or_default();
+                    .map(|(_, e)| e.clone())
+            };
+            if report.dead_lettered > 0 {
+                let why = why_for_key().unwrap_or_else(|| "see `tiercache stats`".into());
+                return Err(Failure::runtime(format!(
+                    "GitHub refused {what} for good; it is kept as a dead letter: {why}"
+                )));
+            }
+            if report.pending > 0 {
+                let why = why_for_key().map(|e| format!(": {e}")).unwrap_or_default();
                 eprintln!(
-                    "tiercache: queued {key} ({size} bytes): the write is durable in {} but not \
-                     delivered yet{why}; {} write(s) pending, run `tiercache flush` later",
+                    "tiercache: queued {what}: it is durable in {} but not delivered yet{why}; \
+                     {} write(s) pending, run `tiercache flush` later",
                     s.db.display(),
                     report.pending
                 );
             } else {
-                eprintln!(
-                    "tiercache: wrote {key} ({size} bytes) to GitHub (write-behind, delivered)"
-                );
+                eprintln!("tiercache: {what} went to GitHub (write-behind, delivered)");
             }
             Ok(0)
         }
         _ => {
             eprintln!(
-                "tiercache: wrote {key} ({size} bytes) to the local cache only: the {} strategy \
-                 does not write to GitHub (use --strategy write-through or write-behind)",
+                "tiercache: {what} went to the local cache only: the {} strategy does not write \
+                 to GitHub (use --strategy write-through or write-behind)",
                 s.strategy
             );
             Ok(0)
