@@ -276,6 +276,40 @@ async fn ttl_zero_sends_a_conditional_request_and_a_304_renews_the_copy() {
 }
 
 #[tokio::test]
+async fn tiercache_log_prints_the_crates_own_events_and_never_the_token() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let args: Vec<String> = [
+        "--db",
+        env.db().to_str().unwrap(),
+        "--api-url",
+        &env.fake.server.uri(),
+        "get",
+        KEY,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // `run_raw` fails the test if the token shows up anywhere in the output.
+    let run = env
+        .run_raw(&args, &[("TIERCACHE_LOG", "trace")], None)
+        .await;
+    run.expect(0);
+    assert!(
+        run.stderr.contains("tiercache::source::github") && run.stderr.contains("GitHub request"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("hyper") && !run.stderr.contains("octocrab"),
+        "only tiercache's own events: {}",
+        run.stderr
+    );
+    let bad = env.run_raw(&args, &[("TIERCACHE_LOG", "loud")], None).await;
+    bad.expect(64);
+    assert!(bad.stderr.contains("TIERCACHE_LOG"), "{}", bad.stderr);
+}
+
+#[tokio::test]
 async fn an_outage_with_a_cached_copy_serves_it_stale_and_exits_0() {
     let env = Env::new().await;
     env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;

@@ -51,6 +51,8 @@ Environment:
                      (default: <platform cache dir>/tiercache/cache.db)
   GITHUB_API_URL     the API base URL when --api-url is not given (default: https://api.github.com)
   TIERCACHE_CONFIG   the config file when --config is not given
+  TIERCACHE_LOG      log tiercache's own events to stderr at this level: error, warn, info,
+                     debug or trace (default: no log)
 
 Config file (TOML; every key optional; unknown keys are an error):
   db = \"/path/cache.db\"      api_url = \"https://github.example.com/api/v3\"
@@ -238,6 +240,34 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
+/// `TIERCACHE_LOG=<level>`: tiercache's own events on stderr. Only this crate's: the HTTP
+/// stack's debug output would carry request headers, and with them the token.
+fn init_log() -> Result<(), Failure> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
+    let Ok(level) = std::env::var("TIERCACHE_LOG") else {
+        return Ok(());
+    };
+    let level: tracing::Level = level.trim().parse().map_err(|_| {
+        Failure::usage(format!(
+            "TIERCACHE_LOG={level:?}: expected error, warn, info, debug or trace"
+        ))
+    })?;
+    let ours = tracing_subscriber::filter::filter_fn(move |m| {
+        m.target().starts_with("tiercache") && *m.level() <= level
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(ours),
+        )
+        .try_init()
+        .map_err(|e| Failure::runtime(format!("cannot start the log: {e}")))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -249,6 +279,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Err(f) = init_log() {
+        eprintln!("tiercache: error: {}", f.message);
+        return ExitCode::from(f.code);
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
