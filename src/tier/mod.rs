@@ -1,5 +1,5 @@
-//! The tiers below the strategy: [`memory`] (L1, moka) is a concrete type on the hot path; L2 sits
-//! behind the [`Store`] trait so a second backend (PostgreSQL, Redis) can follow the SQLite one.
+//! The tiers below the strategy: `memory` (L1, moka) is a concrete type on the hot path; L2 sits
+//! behind the `Store` trait so a second backend (PostgreSQL, Redis) can follow the SQLite one.
 
 use async_trait::async_trait;
 use bytes::Bytes;
