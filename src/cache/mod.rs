@@ -615,6 +615,7 @@ impl TieredCache {
         } else {
             Tier::L2
         };
+        inner.stats.hit(tier);
         let served = self.served(&entry, tier, Freshness::Fresh, now);
         inner.l1.insert(key, Arc::new(entry)).await;
         Some(served)
