@@ -605,7 +605,7 @@ fn tree(f: &Fake, truncated: bool) -> ResponseTemplate {
 async fn list_walks_the_tree_of_the_given_ref_under_a_directory() {
     let f = Fake::start().await;
     Mock::given(method("GET"))
-        .and(path("/repos/o/r/git/trees/release/2.0"))
+        .and(path("/repos/o/r/git/trees/release%2F2.0"))
         .and(query_param("recursive", "1"))
         .respond_with(tree(&f, false))
         .expect(1)

@@ -37,7 +37,7 @@ use octocrab::Octocrab;
 use serde_json::{json, Value};
 
 pub use key::GitHubKey;
-use key::{encode_path, repo_path, GitHubPrefix};
+use key::{encode, repo_path, GitHubPrefix};
 
 use super::{Fetched, RateLimit, Source, SourceError};
 use crate::clock::{Clock, SystemClock};
@@ -781,11 +781,12 @@ impl GitHubSource {
             Some(r) => r.clone(),
             None => self.default_branch(p).await?,
         };
-        // The ref goes in the URL path; its '/'s stay ('feature/x'), each component is encoded.
+        // The ref is one path segment: its '/'s are encoded too ('feature%2Fx'), as clients of
+        // this endpoint commonly send them; left bare, they would split the segment.
         let pq = format!(
             "{}/git/trees/{}?recursive=1",
             repo_path(&p.owner, &p.repo),
-            encode_path(&reference)
+            encode(&reference)
         );
         let a = self.send(Method::GET, &pq, JSON, None, None).await?;
         if a.status != StatusCode::OK {
