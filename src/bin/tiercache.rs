@@ -559,6 +559,25 @@ where
         )));
     }
     let cache = open(s, s.strategy)?;
+    // The newest dead letter of this key before the write: one after it is this write's. The
+    // flush report alone cannot tell, as the background flusher may deliver (or dead-letter)
+    // the write before `flush` runs.
+    let newest_dead = |letters: Vec<tiercache::DeadLetter>| {
+        letters
+            .into_iter()
+            .filter(|d| d.key == key)
+            .max_by_key(|d| d.id)
+    };
+    let dead_before = match s.strategy {
+        Strategy::WriteBehind => newest_dead(
+            cache
+                .dead_letters()
+                .await
+                .map_err(|e| Failure::from_error(&e))?,
+        )
+        .map(|d| d.id),
+        _ => None,
+    };
     op(cache.clone())
         .await
         .map_err(|e| Failure::from_error(&e))?;
@@ -569,22 +588,27 @@ where
         }
         Strategy::WriteBehind => {
             let report = cache.flush().await.map_err(|e| Failure::from_error(&e))?;
-            let why_for_key = || {
-                report
-                    .stuck
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .or(report.stuck.first())
-                    .map(|(_, e)| e.clone())
-            };
-            if report.dead_lettered > 0 {
-                let why = why_for_key().unwrap_or_else(|| "see `tiercache stats`".into());
+            let refused = newest_dead(
+                cache
+                    .dead_letters()
+                    .await
+                    .map_err(|e| Failure::from_error(&e))?,
+            )
+            .filter(|d| Some(d.id) > dead_before);
+            if let Some(d) = refused {
+                let why = d.error.unwrap_or_else(|| "see `tiercache stats`".into());
                 return Err(Failure::runtime(format!(
                     "GitHub refused {what} for good; it is kept as a dead letter: {why}"
                 )));
             }
             if report.pending > 0 {
-                let why = why_for_key().map(|e| format!(": {e}")).unwrap_or_default();
+                let why = report
+                    .stuck
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .or(report.stuck.first())
+                    .map(|(_, e)| format!(": {e}"))
+                    .unwrap_or_default();
                 eprintln!(
                     "tiercache: queued {what}: it is durable in {} but not delivered yet{why}; \
                      {} write(s) pending, run `tiercache flush` later",
