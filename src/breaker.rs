@@ -71,7 +71,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::clock::{from_millis, millis, Clock};
 use crate::error::{Error, Result};
 
 /// Number of time buckets in the sliding failure-rate window. Each covers `window / BUCKETS`.
@@ -1334,7 +1334,7 @@ impl CircuitBreaker {
     }
 
     fn now_ms(&self) -> u64 {
-        now_millis(&*self.clock)
+        self.clock.now_millis()
     }
 
     fn emit(&self, transition: Option<Transition>) -> Option<Transition> {
@@ -2150,7 +2150,7 @@ mod tests {
     #[test]
     fn circuit_breaker_with_a_mock_clock() {
         let clock = MockClock::new();
-        let t0 = crate::clock::now_millis(&clock);
+        let t0 = clock.now_millis();
         let b = CircuitBreaker::new(exact(), Arc::new(clock.clone())).named("l3");
         assert_eq!(b.name(), "l3");
         assert!(b.allows_request());

@@ -144,12 +144,6 @@ pub(crate) fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// `clock.now()` in milliseconds since the UNIX epoch.
-#[inline]
-pub(crate) fn now_millis(clock: &dyn Clock) -> u64 {
-    clock.now_millis()
-}
-
 /// A duration in whole milliseconds, saturating.
 #[inline]
 pub(crate) fn millis(d: Duration) -> u64 {

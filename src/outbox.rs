@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use crate::cache::guard::{guarded, SourceGuard};
-use crate::clock::{from_millis, millis, now_millis, Clock};
+use crate::clock::{from_millis, millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
@@ -318,6 +318,14 @@ impl MemoryRows {
         }
     }
 
+    /// The pending rows, oldest first.
+    fn in_order(&self) -> impl Iterator<Item = &OutboxRow> {
+        self.order
+            .iter()
+            .filter_map(|id| self.key_of.get(id))
+            .filter_map(|k| self.by_key.get(k))
+    }
+
     /// Takes the pending row with this id out.
     fn take(&mut self, id: i64) -> Option<OutboxRow> {
         let key = self.key_of.remove(&id)?;
@@ -358,15 +366,7 @@ impl Queue for MemoryQueue {
         self.lock().by_key.get(key).map(|r| pending_kind(&r.op))
     }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let rows = self.lock();
-        Ok(rows
-            .order
-            .iter()
-            .filter_map(|id| rows.key_of.get(id))
-            .filter_map(|k| rows.by_key.get(k))
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(self.lock().in_order().take(limit).cloned().collect())
     }
 
     async fn pending_value(&self, key: &str) -> Result<Option<Bytes>> {
@@ -380,10 +380,7 @@ impl Queue for MemoryQueue {
         let rows = self.lock();
         // One row per key: no key can appear twice.
         let stuck = rows
-            .order
-            .iter()
-            .filter_map(|id| rows.key_of.get(id))
-            .filter_map(|k| rows.by_key.get(k))
+            .in_order()
             .filter_map(|r| Some((r.key.clone(), r.last_error.clone()?)))
             .collect();
         Ok((rows.by_key.len() as u64, stuck))
@@ -670,7 +667,7 @@ impl Deliverer {
     async fn round(&self, ignore_delays: bool) -> Result<Round> {
         let _one_at_a_time = self.round.lock().await;
         let rows = self.queue.pending(ROUND_ROWS).await?;
-        let now = now_millis(self.clock.as_ref());
+        let now = self.clock.now_millis();
         // Group by key, in order of each key's oldest row.
         let mut order: Vec<String> = Vec::new();
         let mut by_key: HashMap<String, Vec<OutboxRow>> = HashMap::new();
@@ -757,7 +754,7 @@ impl Deliverer {
             }
         };
         let result = guarded(&self.guard, self.timeout, call).await;
-        let now = now_millis(self.clock.as_ref());
+        let now = self.clock.now_millis();
         match result {
             Ok(()) => Ok(Delivery::Delivered(ids(&rows))),
             // Not sent: the breaker is open. Nothing to record; the key waits its turn.
@@ -816,7 +813,7 @@ async fn run(deliverer: Arc<Deliverer>, notify: Arc<Notify>, mut stop: watch::Re
         }
         wait = match deliverer.round(false).await {
             Ok(round) => {
-                let now = now_millis(deliverer.clock.as_ref());
+                let now = deliverer.clock.now_millis();
                 match (round.next_due, round.stuck.is_empty()) {
                     (Some(due), _) => {
                         Duration::from_millis(due.saturating_sub(now).clamp(10, 60_000))

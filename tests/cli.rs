@@ -138,6 +138,14 @@ impl Env {
         self.run_raw(&all, &[], None).await
     }
 
+    /// Writes `content` to a file and runs `--strategy STRATEGY put KEY FILE`.
+    async fn put(&self, strategy: &str, content: &str) -> Run {
+        let file = self.dir.path().join("prod.toml");
+        std::fs::write(&file, content).unwrap();
+        self.run(&["--strategy", strategy, "put", KEY, file.to_str().unwrap()])
+            .await
+    }
+
     /// Runs the binary with exactly `args`, extra environment and optional stdin.
     async fn run_raw(&self, args: &[String], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Run {
         let mut cmd = tokio::process::Command::new(binary());
@@ -465,28 +473,23 @@ async fn accept_writes(env: &Env, contents: &str) {
         .await;
 }
 
-fn puts(reqs: &[Request]) -> Vec<Value> {
+/// The JSON bodies of the requests made with `method`.
+fn bodies(reqs: &[Request], method: &str) -> Vec<Value> {
     reqs.iter()
-        .filter(|r| r.method.as_str() == "PUT")
+        .filter(|r| r.method.as_str() == method)
         .map(|r| serde_json::from_slice(&r.body).unwrap())
         .collect()
+}
+
+fn puts(reqs: &[Request]) -> Vec<Value> {
+    bodies(reqs, "PUT")
 }
 
 #[tokio::test]
 async fn put_under_write_through_sends_a_put_before_returning() {
     let env = Env::new().await;
     accept_writes(&env, CONTENTS).await;
-    let file = env.dir.path().join("prod.toml");
-    std::fs::write(&file, "port = 9090\n").unwrap();
-    let run = env
-        .run(&[
-            "--strategy",
-            "write-through",
-            "put",
-            KEY,
-            file.to_str().unwrap(),
-        ])
-        .await;
+    let run = env.put("write-through", "port = 9090\n").await;
     run.expect(0);
     let sent = puts(&env.requests().await);
     assert_eq!(sent.len(), 1);
@@ -500,16 +503,7 @@ async fn put_under_write_through_sends_a_put_before_returning() {
 
     // GitHub refuses: exit 1, the cache keeps the old bytes.
     env.outage().await;
-    std::fs::write(&file, "port = 1\n").unwrap();
-    let refused = env
-        .run(&[
-            "--strategy",
-            "write-through",
-            "put",
-            KEY,
-            file.to_str().unwrap(),
-        ])
-        .await;
+    let refused = env.put("write-through", "port = 1\n").await;
     refused.expect(1);
     let v = env
         .run(&["--offline", "get", KEY, "--json"])
@@ -523,17 +517,7 @@ async fn put_under_write_through_sends_a_put_before_returning() {
 async fn delete_under_write_through_deletes_on_github_and_in_the_cache() {
     let env = Env::new().await;
     accept_writes(&env, CONTENTS).await;
-    let file = env.dir.path().join("prod.toml");
-    std::fs::write(&file, "port = 9090\n").unwrap();
-    env.run(&[
-        "--strategy",
-        "write-through",
-        "put",
-        KEY,
-        file.to_str().unwrap(),
-    ])
-    .await
-    .expect(0);
+    env.put("write-through", "port = 9090\n").await.expect(0);
     env.reset().await;
     // GitHub now holds the file: the delete reads its sha, then sends it.
     Mock::given(method("GET"))
@@ -555,13 +539,7 @@ async fn delete_under_write_through_deletes_on_github_and_in_the_cache() {
         .await;
     run.expect(0);
     assert!(run.stderr.contains("GitHub"), "{}", run.stderr);
-    let deletes: Vec<Value> = env
-        .requests()
-        .await
-        .iter()
-        .filter(|r| r.method.as_str() == "DELETE")
-        .map(|r| serde_json::from_slice(&r.body).unwrap())
-        .collect();
+    let deletes = bodies(&env.requests().await, "DELETE");
     assert_eq!(deletes.len(), 1);
     assert_eq!(deletes[0]["sha"], "abc");
     // The cache no longer holds the old bytes.
@@ -596,17 +574,7 @@ async fn put_under_read_through_writes_only_the_local_cache() {
 async fn write_behind_keeps_the_write_through_an_outage_and_flush_delivers_it_later() {
     let env = Env::new().await;
     env.outage().await;
-    let file = env.dir.path().join("prod.toml");
-    std::fs::write(&file, "port = 7070\n").unwrap();
-    let put = env
-        .run(&[
-            "--strategy",
-            "write-behind",
-            "put",
-            KEY,
-            file.to_str().unwrap(),
-        ])
-        .await;
+    let put = env.put("write-behind", "port = 7070\n").await;
     put.expect(0);
     assert!(put.stderr.contains("queued"), "{}", put.stderr);
     assert!(put.stderr.contains("flush"), "{}", put.stderr);
@@ -647,17 +615,7 @@ async fn write_behind_keeps_the_write_through_an_outage_and_flush_delivers_it_la
 async fn put_under_write_behind_with_github_up_is_delivered_before_exit() {
     let env = Env::new().await;
     accept_writes(&env, CONTENTS).await;
-    let file = env.dir.path().join("prod.toml");
-    std::fs::write(&file, "port = 6060\n").unwrap();
-    let put = env
-        .run(&[
-            "--strategy",
-            "write-behind",
-            "put",
-            KEY,
-            file.to_str().unwrap(),
-        ])
-        .await;
+    let put = env.put("write-behind", "port = 6060\n").await;
     put.expect(0);
     assert!(put.stderr.contains("delivered"), "{}", put.stderr);
     assert_eq!(puts(&env.requests().await).len(), 1);
@@ -819,17 +777,7 @@ async fn dead_letters_are_listed_retried_and_discarded() {
         .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
         .mount(&env.fake.server)
         .await;
-    let file = env.dir.path().join("prod.toml");
-    std::fs::write(&file, "port = 5050\n").unwrap();
-    env.run(&[
-        "--strategy",
-        "write-behind",
-        "put",
-        KEY,
-        file.to_str().unwrap(),
-    ])
-    .await
-    .expect(1);
+    env.put("write-behind", "port = 5050\n").await.expect(1);
     let listed = env
         .run(&["dead-letters", "--json"])
         .await

@@ -8,7 +8,7 @@ use crate::breaker::{
     BreakerPolicy, BreakerState, BreakerStatus, CircuitBreaker, Outcome, Permit, Rejected,
     Transition,
 };
-use crate::clock::{now_millis, to_millis, Clock};
+use crate::clock::{to_millis, Clock};
 use crate::event::Events;
 use crate::lookup::Tier;
 use crate::source::SourceError;
@@ -132,7 +132,7 @@ impl SourceGuard {
         f: impl FnOnce(&mut BreakerState, u64, &BreakerPolicy) -> R + Send + 'static,
     ) -> Option<R> {
         let store = self.store.as_ref()?;
-        let now = now_millis(self.clock.as_ref());
+        let now = self.clock.now_millis();
         let policy = self.breaker.policy().clone();
         let fallback = self.breaker.state_snapshot();
         let slot: Arc<Mutex<Option<(R, BreakerState)>>> = Arc::new(Mutex::new(None));

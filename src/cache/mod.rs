@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::breaker::BreakerState;
-use crate::clock::{millis, now_millis, Clock};
+use crate::clock::{millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
@@ -300,7 +300,7 @@ impl TieredCache {
 
     #[inline]
     fn now(&self) -> u64 {
-        now_millis(self.inner.clock.as_ref())
+        self.inner.clock.now_millis()
     }
 
     // ---------------------------------------------------------------- reads
@@ -1289,7 +1289,7 @@ async fn load(
     max_age: Option<u64>,
 ) -> LoadResult {
     let clock = inner.clock.clone();
-    let now = now_millis(clock.as_ref());
+    let now = clock.now_millis();
     // A load that finished just before this one started has already filled L1.
     if let Some(e) = inner.l1.get(&key).await {
         let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
@@ -1308,7 +1308,7 @@ async fn load(
         inner.source.fetch(&key, validator.as_deref()),
     )
     .await;
-    let now = now_millis(clock.as_ref());
+    let now = clock.now_millis();
     let deadlines = |ttl: Option<Duration>, base: u64| {
         let fresh_until = add(now, ttl.map_or(base, millis));
         (fresh_until, add(fresh_until, settings.stale_ttl))

@@ -84,15 +84,7 @@ impl Guarded {
     ) -> Result<T> {
         if self.healthy.load(Ordering::Relaxed) {
             let result = op.await;
-            match &result {
-                Err(e) if e.is_storage() => {
-                    // The first failure after a healthy run: count it, from now on through
-                    // the breakers.
-                    self.healthy.store(false, Ordering::Relaxed);
-                    self.record_failure(breaker, e);
-                }
-                _ => {}
-            }
+            self.after_healthy_call(breaker, &result);
             return result;
         }
         let permit = breaker.try_acquire().map_err(|r| Error::Storage {
@@ -125,6 +117,17 @@ impl Guarded {
     }
 
     /// Counts a failure outside a permit (a healthy-path call that failed).
+    /// The outcome of a call made on the healthy fast path: the first storage failure after a
+    /// healthy run is counted, and calls go through the breakers from then on.
+    fn after_healthy_call<T>(&self, breaker: &CircuitBreaker, result: &Result<T>) {
+        if let Err(e) = result {
+            if e.is_storage() {
+                self.healthy.store(false, Ordering::Relaxed);
+                self.record_failure(breaker, e);
+            }
+        }
+    }
+
     fn record_failure(&self, breaker: &CircuitBreaker, e: &Error) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
         let mut t = breaker.record_failure();
@@ -149,12 +152,7 @@ impl Store for Guarded {
             return None;
         }
         let result = self.inner.get_now(key)?;
-        if let Err(e) = &result {
-            if e.is_storage() {
-                self.healthy.store(false, Ordering::Relaxed);
-                self.record_failure(&self.reads, e);
-            }
-        }
+        self.after_healthy_call(&self.reads, &result);
         Some(result)
     }
 
