@@ -10,7 +10,8 @@ use support::{outage, FakeSource};
 use tiercache::breaker::{BreakerPolicy, CircuitState};
 use tiercache::source::SourceError;
 use tiercache::{
-    Clock, Event, Freshness, HealthStatus, MockClock, StaleReason, Strategy, Tier, TieredCache,
+    Clock, Event, Freshness, HealthStatus, MockClock, OutboxMode, StaleReason, Strategy, Tier,
+    TieredCache,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -483,13 +484,13 @@ async fn write_behind_waits_while_the_breaker_is_open() -> TestResult {
 
 #[tokio::test]
 async fn a_flush_report_counts_every_pending_row_and_names_each_stuck_key_once() -> TestResult {
-    for memory in [false, true] {
+    for mode in [OutboxMode::Durable, OutboxMode::Memory] {
+        let memory = mode == OutboxMode::Memory;
         let (source, clock) = (FakeSource::new(), MockClock::new());
-        let mut b = builder(&source, &clock).strategy(Strategy::WriteBehind);
-        if memory {
-            b = b.outbox(tiercache::OutboxMode::Memory);
-        }
-        let cache = b.build()?;
+        let cache = builder(&source, &clock)
+            .strategy(Strategy::WriteBehind)
+            .outbox(mode)
+            .build()?;
         cache.force_source_open().await;
         cache.set("a", "1").await?;
         cache.set("b", "1").await?;
@@ -498,7 +499,7 @@ async fn a_flush_report_counts_every_pending_row_and_names_each_stuck_key_once()
         // The durable outbox keeps a row per write; the memory one coalesces per key.
         assert_eq!(report.pending, if memory { 2 } else { 3 }, "{report:?}");
         let keys: Vec<&str> = report.stuck.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["a", "b"], "memory={memory}: {report:?}");
+        assert_eq!(keys, ["a", "b"], "{mode:?}: {report:?}");
         assert!(report.stuck.iter().all(|(_, e)| e.contains("circuit")));
     }
     Ok(())
@@ -506,17 +507,15 @@ async fn a_flush_report_counts_every_pending_row_and_names_each_stuck_key_once()
 
 #[tokio::test]
 async fn an_undelivered_write_is_read_back_after_both_tiers_dropped_it() -> TestResult {
-    for memory in [false, true] {
+    for mode in [OutboxMode::Durable, OutboxMode::Memory] {
         let (source, clock) = (FakeSource::new(), MockClock::new());
         source.insert("a", "old");
-        let mut b = builder(&source, &clock)
+        let cache = builder(&source, &clock)
             .strategy(Strategy::WriteBehind)
+            .outbox(mode)
             // Room in L2 for about 60 1 KiB entries: later writes evict the first.
-            .sqlite_capacity(64 * 1024);
-        if memory {
-            b = b.outbox(tiercache::OutboxMode::Memory);
-        }
-        let cache = b.build()?;
+            .sqlite_capacity(64 * 1024)
+            .build()?;
         cache.force_source_open().await;
         cache.set("a", "new").await?;
         for i in 0..160 {
@@ -527,12 +526,12 @@ async fn an_undelivered_write_is_read_back_after_both_tiers_dropped_it() -> Test
         assert_eq!(
             (l.value.as_ref(), l.freshness),
             (&b"new"[..], Freshness::Fresh),
-            "memory={memory}"
+            "{mode:?}"
         );
         cache.clear_memory().await;
         let batch = cache.mget(&["a"]).await;
         let l = batch[0].as_ref().expect("no error").as_ref().expect("held");
-        assert_eq!(l.value, "new", "memory={memory}: mget reads it back too");
+        assert_eq!(l.value, "new", "{mode:?}: mget reads it back too");
         assert_eq!(
             source.fetch_count(),
             0,
@@ -552,7 +551,7 @@ async fn memory_outbox_delivers_and_reports_its_backlog() -> TestResult {
     source.fail_writes(Some(outage()));
     let cache = builder(&source, &clock)
         .strategy(Strategy::WriteBehind)
-        .outbox(tiercache::OutboxMode::Memory)
+        .outbox(OutboxMode::Memory)
         .build()?;
     cache.set("a", "1").await?;
     cache.set("a", "2").await?;
