@@ -9,17 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-use crate::cache::guard::{guarded, SourceGuard};
 use crate::clock::{from_millis, millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
+use crate::source::guard::{guarded, SourceGuard};
 use crate::source::{Source, SourceError};
+use crate::tier::fence::Fences;
+use crate::tier::memory::MemoryTier;
 use crate::tier::{OutboxOp, OutboxRow, Store};
 
 /// Where pending writes wait.
@@ -39,31 +40,20 @@ pub enum OutboxMode {
     Memory,
 }
 
-/// What a key's undelivered writes leave it as: the cache must not fetch such a key from the
-/// source (it would read its own write back as the source's older value).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Pending {
-    /// The last undelivered write sets a value.
-    Put,
-    /// The last undelivered write deletes the key.
-    Delete,
-}
-
 /// The outbox's storage: the L2 database, or memory.
 #[async_trait]
 pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     /// Adds a write (`entry`: the L2 entry written with it, for the durable outbox).
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()>;
-    /// Whether `key` has undelivered writes, and what the last one does.
-    fn pending_for(&self, key: &str) -> Option<Pending>;
     /// Pending (not dead) rows, oldest first.
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
     /// How many rows are pending, and the keys whose last attempt failed with that error
     /// (each key once, oldest first), without copying any value.
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)>;
-    /// The bytes of `key`'s newest undelivered write, when it is a put: what a read of `key`
-    /// must answer while the source still holds the old value.
-    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>>;
+    /// `key`'s newest undelivered write: what a read of `key` must answer while the source
+    /// still holds the old value. This is the one place pending state lives (the durable
+    /// outbox asks the database every time; nothing is mirrored in memory).
+    async fn newest(&self, key: &str) -> Result<Option<OutboxOp>>;
     /// Removes delivered rows.
     async fn complete(&self, ids: Vec<i64>) -> Result<()>;
     /// Records a failed attempt on these rows.
@@ -80,92 +70,27 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool>;
 }
 
-/// The durable outbox: rows in the L2 database, and in memory which keys have undelivered rows
-/// (loaded on open, kept up to date by every change made through this queue).
+/// The durable outbox: rows in the L2 database. Every question about pending writes is asked
+/// of the database, so no copy in memory can disagree with it (another process's writes
+/// included).
 #[derive(Debug)]
 pub(crate) struct DurableQueue {
     store: Arc<dyn Store>,
-    keys: Mutex<PendingKeys>,
-}
-
-/// Undelivered rows by key (how many, and what the newest does), and each row's key.
-#[derive(Debug, Default)]
-struct PendingKeys {
-    by_key: HashMap<Arc<str>, (usize, i64, Pending)>,
-    key_of: IdMap<Arc<str>>,
-}
-
-impl PendingKeys {
-    fn add(&mut self, id: i64, key: &str, op: Pending) {
-        let shared = match self.by_key.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(key),
-        };
-        let (rows, newest, last) = self.by_key.entry(shared.clone()).or_insert((0, id, op));
-        *rows += 1;
-        if id >= *newest {
-            *newest = id;
-            *last = op;
-        }
-        self.key_of.insert(id, shared);
-    }
-
-    fn remove(&mut self, id: i64) {
-        let Some(key) = self.key_of.remove(&id) else {
-            return;
-        };
-        if let Some((rows, _, _)) = self.by_key.get_mut(&key) {
-            *rows -= 1;
-            if *rows == 0 {
-                self.by_key.remove(&key);
-            }
-        }
-    }
-}
-
-fn pending_kind(op: &OutboxOp) -> Pending {
-    match op {
-        OutboxOp::Put(_) => Pending::Put,
-        OutboxOp::Delete => Pending::Delete,
-    }
 }
 
 impl DurableQueue {
-    /// `pending`: the undelivered rows found on open (id, key, whether a delete).
-    pub(crate) fn new(store: Arc<dyn Store>, pending: Vec<(i64, String, bool)>) -> Self {
-        let mut keys = PendingKeys::default();
-        for (id, key, delete) in pending {
-            keys.add(
-                id,
-                &key,
-                if delete {
-                    Pending::Delete
-                } else {
-                    Pending::Put
-                },
-            );
-        }
-        Self {
-            store,
-            keys: Mutex::new(keys),
-        }
-    }
-
-    fn keys(&self) -> std::sync::MutexGuard<'_, PendingKeys> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
     }
 }
 
 #[async_trait]
 impl Queue for DurableQueue {
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
-        let kind = pending_kind(&op);
-        let id = self.store.enqueue(key, entry, op, now).await?;
-        self.keys().add(id, key, kind);
-        Ok(())
+        self.store.enqueue(key, entry, op, now).await.map(drop)
     }
-    fn pending_for(&self, key: &str) -> Option<Pending> {
-        self.keys().by_key.get(key).map(|&(_, _, last)| last)
+    async fn newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        self.store.outbox_newest(key).await
     }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.store.outbox_pending(limit).await
@@ -173,16 +98,8 @@ impl Queue for DurableQueue {
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {
         self.store.outbox_summary().await
     }
-    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>> {
-        self.store.outbox_value(key).await
-    }
     async fn complete(&self, ids: Vec<i64>) -> Result<()> {
-        self.store.outbox_complete(ids.clone()).await?;
-        let mut keys = self.keys();
-        for id in ids {
-            keys.remove(id);
-        }
-        Ok(())
+        self.store.outbox_complete(ids).await
     }
     async fn failed(
         &self,
@@ -192,35 +109,14 @@ impl Queue for DurableQueue {
         dead: bool,
     ) -> Result<()> {
         self.store
-            .outbox_failed(ids.clone(), next_attempt, error, dead)
-            .await?;
-        if dead {
-            // Refused for good: the source's value stands; the write waits as a dead letter.
-            let mut keys = self.keys();
-            for id in ids {
-                keys.remove(id);
-            }
-        }
-        Ok(())
+            .outbox_failed(ids, next_attempt, error, dead)
+            .await
     }
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
         self.store.dead_letters().await
     }
     async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
-        let row = if retry {
-            self.store
-                .dead_letters()
-                .await?
-                .into_iter()
-                .find(|r| r.id == id)
-        } else {
-            None
-        };
-        let found = self.store.resolve_dead_letter(id, retry).await?;
-        if let (true, Some(row)) = (found, row) {
-            self.keys().add(row.id, &row.key, pending_kind(&row.op));
-        }
-        Ok(found)
+        self.store.resolve_dead_letter(id, retry).await
     }
 }
 
@@ -342,6 +238,11 @@ impl MemoryQueue {
         self.lock().push(key, op, now);
     }
 
+    /// `key`'s pending write, without waiting.
+    pub(crate) fn newest_now(&self, key: &str) -> Option<OutboxOp> {
+        self.lock().by_key.get(key).map(|r| r.op.clone())
+    }
+
     /// Pending rows, dead letters and the oldest pending write's time.
     pub(crate) fn depth(&self) -> (u64, u64, Option<u64>) {
         let rows = self.lock();
@@ -362,18 +263,11 @@ impl Queue for MemoryQueue {
         self.push(key, op, now);
         Ok(())
     }
-    fn pending_for(&self, key: &str) -> Option<Pending> {
-        self.lock().by_key.get(key).map(|r| pending_kind(&r.op))
+    async fn newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        Ok(self.newest_now(key))
     }
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         Ok(self.lock().in_order().take(limit).cloned().collect())
-    }
-
-    async fn pending_value(&self, key: &str) -> Result<Option<Bytes>> {
-        Ok(match self.lock().by_key.get(key).map(|r| &r.op) {
-            Some(OutboxOp::Put(value)) => Some(value.clone()),
-            _ => None,
-        })
     }
 
     async fn summary(&self) -> Result<(u64, Vec<(String, String)>)> {
@@ -436,12 +330,16 @@ impl Queue for MemoryQueue {
     }
 }
 
+/// Why a delivery was held back without being sent.
+const NOT_SENT: &str = "offline mode is on (or the cache is closed): not sent";
+
 /// Rows read per delivery round.
 const ROUND_ROWS: usize = 4096;
 /// Keys delivered at once.
 const DELIVERY_CONCURRENCY: usize = 8;
-/// Rounds one `flush` makes at most (new writes may keep arriving while it works).
-const FLUSH_ROUNDS: usize = 16;
+/// Rounds one `flush` makes at most (new writes may keep arriving while it works; each round
+/// must make progress for the next to run).
+const FLUSH_ROUNDS: usize = 64;
 /// Delivered rows removed per statement.
 const COMPLETE_BATCH: usize = 64;
 
@@ -521,8 +419,26 @@ struct Deliverer {
     retries: AtomicU64,
     /// Offline mode: nothing is sent.
     offline: Arc<AtomicBool>,
+    /// Set when the cache is dropped or closed: nothing more is sent.
+    stopped: AtomicBool,
+    /// The cache's tiers, kept in step with what delivery settles.
+    tiers: LocalTiers,
     /// Serializes rounds so a flush and the background task never deliver one key twice at once.
     round: tokio::sync::Mutex<()>,
+}
+
+/// The cache's own tiers as the flusher sees them: a settled write changes what its key reads
+/// as, so the flusher updates them (behind the key's fence) before it removes the rows.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalTiers {
+    pub(crate) l1: MemoryTier,
+    pub(crate) l2: Arc<dyn Store>,
+    pub(crate) fences: Arc<Fences>,
+    /// The memory outbox never wrote L2: a delivered put writes it there.
+    pub(crate) memory_mode: bool,
+    /// Lifetimes of an entry written for a delivered put (ms).
+    pub(crate) ttl: u64,
+    pub(crate) stale_ttl: u64,
 }
 
 /// How deliveries are timed.
@@ -561,6 +477,7 @@ impl Outbox {
         events: Events,
         retry: Retry,
         offline: Arc<AtomicBool>,
+        tiers: LocalTiers,
         background: bool,
     ) -> Result<Self> {
         let handle = if background {
@@ -584,6 +501,8 @@ impl Outbox {
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             offline,
+            stopped: AtomicBool::new(false),
+            tiers,
             round: tokio::sync::Mutex::new(()),
         });
         let notify = Arc::new(Notify::new());
@@ -614,22 +533,30 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Stops the flusher: from now on nothing is sent (a delivery already on the wire finishes
+    /// and is recorded, so no breaker probe slot or row is left half done), and the background
+    /// task ends after its current round.
     pub(crate) fn stop(&self) {
+        self.deliverer.stopped.store(true, Ordering::SeqCst);
         let _ = self.stop.send(true);
-        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            task.abort();
-        }
+        self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// One attempt for every pending key, ignoring retry delays; repeated while new writes
     /// arrive and everything goes through.
     pub(crate) async fn flush(&self) -> Result<FlushReport> {
         let mut report = FlushReport::default();
+        // Rounds go on while they make progress: after an outage the breaker is half-open and
+        // admits a few probes per round, and every success lets more through.
         for _ in 0..FLUSH_ROUNDS {
             let round = self.deliverer.round(true).await?;
             report.delivered += round.delivered;
             report.dead_lettered += round.dead_lettered;
-            if !round.stuck.is_empty() || round.attempted == 0 {
+            let progress = round.delivered + round.dead_lettered > 0;
+            if round.attempted == 0 || round.stuck.is_empty() && !progress {
+                break;
+            }
+            if !round.stuck.is_empty() && !progress {
                 report.stuck = round.stuck;
                 break;
             }
@@ -740,8 +667,8 @@ impl Deliverer {
         let Some(last) = rows.last() else {
             return Ok(Delivery::Delivered(Vec::new()));
         };
-        if self.offline.load(Ordering::Relaxed) {
-            return Ok(Delivery::Held("offline mode is on: not sent".into()));
+        if !self.may_send() {
+            return Ok(Delivery::Held(NOT_SENT.into()));
         }
         let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
         let call = async {
@@ -753,10 +680,16 @@ impl Deliverer {
                 },
             }
         };
-        let result = guarded(&self.guard, self.timeout, call).await;
+        // The offline and stop switches are checked again right before the call is sent
+        // (waiting for the breaker's permit takes time): I3.
+        let result = guarded(&self.guard, self.timeout, || self.may_send(), call).await;
         let now = self.clock.now_millis();
         match result {
-            Ok(()) => Ok(Delivery::Delivered(ids(&rows))),
+            Ok(()) => {
+                self.settled(key, last.id, Some(&last.op), now).await;
+                Ok(Delivery::Delivered(ids(&rows)))
+            }
+            Err(_) if !self.may_send() => Ok(Delivery::Held(NOT_SENT.into())),
             // Not sent: the breaker is open. Nothing to record; the key waits its turn.
             Err(e @ SourceError::CircuitOpen { .. }) => Ok(Delivery::Held(e.to_string())),
             Err(e) if e.is_transient() => {
@@ -776,12 +709,56 @@ impl Deliverer {
                 self.queue
                     .failed(ids(&rows), now, msg.clone(), true)
                     .await?;
+                // Refused: the source's value stands (I1). Unless a newer write of the key is
+                // pending, the local copy of the refused write must go.
+                self.settled(key, last.id, None, now).await;
                 self.events.emit(Event::DeadLetter {
                     key: key.to_owned(),
                     error: msg.clone(),
                 });
                 Ok(Delivery::Dead(msg))
             }
+        }
+    }
+
+    fn may_send(&self) -> bool {
+        !self.offline.load(Ordering::SeqCst) && !self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Brings the local tiers in line with a settled write (`id`: its newest row): `Some(op)`
+    /// delivered, `None` refused (the local copy goes unless a newer write of the key is
+    /// pending; the next read asks the source). A delivered delete runs before its rows are
+    /// removed, so a read never finds neither the row nor the settled state.
+    async fn settled(&self, key: &str, id: i64, delivered: Option<&OutboxOp>, now: u64) {
+        let t = &self.tiers;
+        let written = match delivered {
+            Some(OutboxOp::Put(value)) if t.memory_mode => {
+                t.fences.bump(key);
+                let fresh_until = now.saturating_add(t.ttl);
+                let entry = Entry::new(
+                    Some(value.clone()),
+                    None,
+                    now,
+                    fresh_until,
+                    fresh_until.saturating_add(t.stale_ttl),
+                );
+                t.l2.put(key, entry).await
+            }
+            // The durable outbox wrote the entry with the row.
+            Some(OutboxOp::Put(_)) => return,
+            Some(OutboxOp::Delete) | None => {
+                t.fences.bump(key);
+                t.l1.remove(key).await;
+                if t.memory_mode {
+                    // A newer write in the memory outbox shadows L2 until it is delivered.
+                    t.l2.remove(key).await
+                } else {
+                    t.l2.remove_settled(key, id).await
+                }
+            }
+        };
+        if let Err(e) = written {
+            tracing::warn!(key, error = %e, "write-behind: could not update L2 after a delivery");
         }
     }
 
@@ -862,7 +839,7 @@ mod tests {
         q.push("k", put("3"), 13);
         q.failed(vec![k.id], 99, "late".into(), true).await?;
         q.complete(vec![k.id]).await?;
-        assert_eq!(q.pending_for("k"), Some(Pending::Put));
+        assert!(matches!(q.newest_now("k"), Some(OutboxOp::Put(_))));
         let left: Vec<_> = q
             .pending(10)
             .await?
@@ -872,24 +849,8 @@ mod tests {
         assert!(left.contains(&("k".to_owned(), put("3"))), "{left:?}");
         assert!(q.dead_letters().await?.is_empty());
         q.push("k", OutboxOp::Delete, 14);
-        assert_eq!(q.pending_for("k"), Some(Pending::Delete));
+        assert_eq!(q.newest_now("k"), Some(OutboxOp::Delete));
         assert_eq!(q.depth().0, 2);
         Ok(())
-    }
-
-    #[test]
-    fn durable_pending_keys_follow_the_newest_row() {
-        let mut keys = PendingKeys::default();
-        keys.add(1, "k", Pending::Put);
-        keys.add(3, "k", Pending::Delete);
-        keys.add(2, "k", Pending::Put);
-        assert_eq!(keys.by_key.get("k").map(|e| e.2), Some(Pending::Delete));
-        for id in [1, 2] {
-            keys.remove(id);
-        }
-        assert!(keys.by_key.contains_key("k"));
-        keys.remove(3);
-        keys.remove(3);
-        assert!(keys.by_key.is_empty() && keys.key_of.is_empty());
     }
 }

@@ -633,7 +633,7 @@ async fn corrupt_file_fails_or_is_moved_aside() -> TestResult {
 }
 
 #[tokio::test]
-async fn undecodable_value_is_an_error_and_dropped() -> TestResult {
+async fn undecodable_value_is_an_error_and_the_entry_is_kept() -> TestResult {
     #[derive(serde::Deserialize, Debug)]
     struct Config {
         #[allow(dead_code)]
@@ -648,7 +648,14 @@ async fn undecodable_value_is_an_error_and_dropped() -> TestResult {
         Err(Error::Decode { key, .. }) => assert_eq!(key, "cfg"),
         other => panic!("expected a decode error, got {other:?}"),
     }
-    assert_eq!(cache.get("cfg").await?, None, "dropped from L1 and L2");
+    // A type mismatch is the caller's error: the entry stays, in L1 and in L2 (issue #12).
+    assert_eq!(cache.get("cfg").await?.as_deref(), Some(&b"{not json"[..]));
+    cache.clear_memory().await;
+    assert_eq!(
+        cache.lookup("cfg").await?.map(|l| (l.value, l.tier)),
+        Some((bytes::Bytes::from_static(b"{not json"), Tier::L2)),
+        "kept in L2"
+    );
     cache
         .set_json("cfg", &serde_json::json!({"port": 8080}))
         .await?;

@@ -12,6 +12,7 @@ use crate::key::KeyError;
 
 #[cfg(feature = "github")]
 pub mod github;
+pub(crate) mod guard;
 
 /// The answer of a successful [`Source::fetch`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,9 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
-use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
+use super::{FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
 use crate::entry::Entry;
@@ -156,7 +155,7 @@ impl Store for Guarded {
         Some(result)
     }
 
-    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
+    async fn get_many(&self, keys: &[&str]) -> Result<Found> {
         self.read(self.inner.get_many(keys)).await
     }
 
@@ -164,15 +163,22 @@ impl Store for Guarded {
         self.write(self.inner.put(key, entry)).await
     }
 
-    async fn renew(
+    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool> {
+        self.write(self.inner.put_fill(key, entry, guard)).await
+    }
+
+    async fn renew_fill(
         &self,
         key: &str,
-        stored_at: u64,
-        fresh_until: u64,
-        stale_until: u64,
-    ) -> Result<()> {
-        self.write(self.inner.renew(key, stored_at, fresh_until, stale_until))
+        deadlines: (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool> {
+        self.write(self.inner.renew_fill(key, deadlines, guard))
             .await
+    }
+
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
+        self.write(self.inner.remove_settled(key, settled_id)).await
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
@@ -199,8 +205,8 @@ impl Store for Guarded {
         self.read(self.inner.outbox_pending(limit)).await
     }
 
-    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>> {
-        self.read(self.inner.outbox_value(key)).await
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        self.read(self.inner.outbox_newest(key)).await
     }
 
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {

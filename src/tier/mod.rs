@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::entry::Entry;
 use crate::error::Result;
 
+pub(crate) mod fence;
 pub(crate) mod guarded;
 pub(crate) mod memory;
 pub mod sqlite;
@@ -63,6 +64,58 @@ pub struct StoreSummary {
     pub oldest_pending_ms: Option<u64>,
 }
 
+/// What [`Store::get_many`] found: the entries held, and the keys' pending outbox writes.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    pub(crate) entries: Vec<(String, Entry)>,
+    pub(crate) pending: Vec<(String, OutboxOp)>,
+}
+
+/// What a fill saw of its key's L2 row when it started: the row it may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// L2 could not be read: only the fence decides.
+    Unknown,
+    /// No row.
+    Absent,
+    /// A row with this `stored_at`.
+    StoredAt(u64),
+}
+
+impl Observed {
+    pub(crate) fn of(found: &Option<Entry>) -> Self {
+        match found {
+            Some(e) => Observed::StoredAt(e.stored_at),
+            None => Observed::Absent,
+        }
+    }
+
+    /// Whether the row now held (its `stored_at`, or `None`) is still the one observed.
+    pub(crate) fn matches(self, now_held: Option<u64>) -> bool {
+        match self {
+            Observed::Unknown => true,
+            Observed::Absent => now_held.is_none(),
+            Observed::StoredAt(t) => now_held == Some(t),
+        }
+    }
+}
+
+/// The condition under which a fill is written: no write of the key began since the fill
+/// started (checked by the writer when it runs the statement), and the row is still the one the
+/// fill observed. See [`fence`].
+pub(crate) struct FillGuard {
+    pub(crate) observed: Observed,
+    pub(crate) still_valid: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for FillGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillGuard")
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A read-modify-write of one meta value, run inside the store's write transaction.
 pub(crate) type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
 
@@ -78,18 +131,27 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn get_now(&self, _key: &str) -> Option<Result<Option<Entry>>> {
         None
     }
-    /// All of `keys` that are held, in one statement.
-    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>>;
+    /// All of `keys` that are held, and the newest pending outbox write of each that has one,
+    /// in one statement.
+    async fn get_many(&self, keys: &[&str]) -> Result<Found>;
     async fn put(&self, key: &str, entry: Entry) -> Result<()>;
-    /// New deadlines for the bytes already held; the bytes are not rewritten.
-    async fn renew(
+    /// A fill from the source: `put`, but only while `guard` holds. Returns whether it was
+    /// written.
+    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool>;
+    /// A 304 from the source: new deadlines for the bytes already held (the bytes are not
+    /// rewritten), but only while `guard` holds. Returns whether it was
+    /// written.
+    async fn renew_fill(
         &self,
         key: &str,
-        stored_at: u64,
-        fresh_until: u64,
-        stale_until: u64,
-    ) -> Result<()>;
+        deadlines: (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool>;
     async fn remove(&self, key: &str) -> Result<()>;
+    /// Removes `key`'s entry after its outbox rows up to `settled_id` were settled (a delivered
+    /// delete, a refused write), unless a newer write of the key is pending: checked in the same
+    /// step as the removal, so a write that arrived meanwhile keeps its entry.
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()>;
     /// Records a read for the least-recently-used bound; best effort, never waits.
     fn touch(&self, key: &str, now: u64);
     /// Write-behind: the entry (or its removal) and an outbox row, in one transaction.
@@ -97,8 +159,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         -> Result<i64>;
     /// Pending (not dead) outbox rows, oldest first.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
-    /// The bytes of the newest pending outbox row of `key`, when that row is a put.
-    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>>;
+    /// The newest pending (not dead) outbox write of `key`: what `key` reads as until it is
+    /// delivered.
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>>;
     /// How many outbox rows are pending, and the keys whose last attempt failed with that
     /// error (each key once, oldest first), without reading any value.
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)>;

@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
+use super::{FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, Store, StoreSummary};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 
@@ -408,17 +408,6 @@ impl SqliteTier {
         self.writer.send(msg).map_err(|_| Error::Closed)
     }
 
-    /// The undelivered outbox rows: id, key, and whether the row is a delete.
-    pub(crate) fn pending_keys(&self) -> Result<Vec<(i64, String, bool)>> {
-        self.read(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT id, key, op = 'delete' FROM outbox WHERE dead = 0")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect()
-        })
-        .map_err(storage("read the outbox"))
-    }
-
     /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
     pub(crate) fn read_statements(&self) -> u64 {
         self.read_statements.load(Ordering::Relaxed)
@@ -671,6 +660,22 @@ fn put_entry(
     Ok(())
 }
 
+/// Whether a fill may replace `key`'s row: no write began since it started, and the row is the
+/// one it observed (another process's write changes it).
+fn fill_allowed(conn: &Connection, key: &str, guard: &FillGuard) -> rusqlite::Result<bool> {
+    if !(guard.still_valid)() {
+        return Ok(false);
+    }
+    if guard.observed == Observed::Unknown {
+        return Ok(true);
+    }
+    let held: Option<i64> = conn
+        .prepare_cached("SELECT stored_at FROM entries WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    Ok(guard.observed.matches(held.map(to_u64)))
+}
+
 fn remove_entry(conn: &Connection, state: &mut WriterState, key: &str) -> rusqlite::Result<()> {
     let old: Option<i64> = conn
         .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING size")?
@@ -713,24 +718,40 @@ impl Store for SqliteTier {
         Some(self.read_entry(key))
     }
 
-    async fn get_many(&self, keys: &[&str]) -> Result<Vec<(String, Entry)>> {
+    async fn get_many(&self, keys: &[&str]) -> Result<Found> {
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Found::default());
         }
         self.read_statements.fetch_add(1, Ordering::Relaxed);
         // One statement for the whole batch: the keys travel as one array parameter, so there
-        // is no parameter limit to chunk around.
+        // is no parameter limit to chunk around. The entries and the newest pending outbox row
+        // of each key come back together (`kind` 0: entry, 1: pending put, 2: pending delete).
         let array: Rc<Vec<Value>> =
             Rc::new(keys.iter().map(|k| Value::from((*k).to_owned())).collect());
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT key, value, validator, stored_at, fresh_until, stale_until
-                 FROM entries WHERE key IN rarray(?1)",
+                "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
+                 FROM entries WHERE key IN rarray(?1)
+                 UNION ALL
+                 SELECT key, value, NULL, 0, 0, 0, CASE op WHEN 'put' THEN 1 ELSE 2 END
+                 FROM outbox WHERE id IN (
+                   SELECT max(id) FROM outbox WHERE key IN rarray(?1) AND dead = 0 GROUP BY key)",
             )?;
-            let rows = stmt.query_map([array], |r| {
-                Ok((r.get::<_, String>(0)?, row_to_entry(r, 1)?))
-            })?;
-            rows.collect()
+            let mut rows = stmt.query([array])?;
+            let mut found = Found::default();
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                match r.get::<_, i64>(6)? {
+                    0 => found.entries.push((key, row_to_entry(r, 1)?)),
+                    1 => {
+                        let v: Option<Vec<u8>> = r.get(1)?;
+                        let op = OutboxOp::Put(v.map(Bytes::from).unwrap_or_default());
+                        found.pending.push((key, op));
+                    }
+                    _ => found.pending.push((key, OutboxOp::Delete)),
+                }
+            }
+            Ok(found)
         })
         .map_err(storage("read a batch of entries"))
     }
@@ -741,21 +762,50 @@ impl Store for SqliteTier {
             .await
     }
 
-    async fn renew(
+    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |conn, state| {
+            if !fill_allowed(conn, &key, &guard)? {
+                return Ok(false);
+            }
+            put_entry(conn, state, &key, &entry).map(|()| true)
+        })
+        .await
+    }
+
+    async fn renew_fill(
         &self,
         key: &str,
-        stored_at: u64,
-        fresh_until: u64,
-        stale_until: u64,
-    ) -> Result<()> {
+        (stored_at, fresh_until, stale_until): (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool> {
         let key = key.to_owned();
         self.write(move |conn, _| {
+            if !fill_allowed(conn, &key, &guard)? {
+                return Ok(false);
+            }
             conn.prepare_cached(
                 "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
                  WHERE key = ?1",
             )?
             .execute(params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)])
-            .map(drop)
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| {
+            let newer: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE key = ?1 AND dead = 0 AND id > ?2)",
+                )?
+                .query_row(params![key, settled_id], |r| r.get(0))?;
+            if newer {
+                return Ok(());
+            }
+            remove_entry(conn, state, &key)
         })
         .await
     }
@@ -811,7 +861,8 @@ impl Store for SqliteTier {
         .map_err(storage("read the outbox"))
     }
 
-    async fn outbox_value(&self, key: &str) -> Result<Option<Bytes>> {
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
         self.read(|conn| {
             let newest: Option<(String, Option<Vec<u8>>)> = conn
                 .prepare_cached(
@@ -820,10 +871,10 @@ impl Store for SqliteTier {
                 )?
                 .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            Ok(match newest {
-                Some((op, value)) if op == "put" => value.map(Bytes::from),
-                _ => None,
-            })
+            Ok(newest.map(|(op, value)| match (op.as_str(), value) {
+                ("put", v) => OutboxOp::Put(v.map(Bytes::from).unwrap_or_default()),
+                _ => OutboxOp::Delete,
+            }))
         })
         .map_err(storage("read the outbox"))
     }

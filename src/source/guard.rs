@@ -26,6 +26,16 @@ pub(crate) enum CallEnd<'a> {
     Failed(&'a SourceError),
     /// The source's budget is spent until then (ms).
     RateLimited(u64),
+    /// The call was not sent after all (offline, closed).
+    NotSent,
+}
+
+/// The error of a call [`guarded`] did not send.
+pub(crate) fn not_sent() -> SourceError {
+    SourceError::Unavailable {
+        status: None,
+        message: "offline mode is on (or the cache is closed): the source was not contacted".into(),
+    }
 }
 
 #[derive(Debug)]
@@ -101,6 +111,7 @@ impl SourceGuard {
                 (Outcome::Failure, None)
             }
             CallEnd::RateLimited(until) => (Outcome::Cancelled, Some(until)),
+            CallEnd::NotSent => (Outcome::Cancelled, None),
         };
         let t = self
             .persisted(move |st, now, policy| {
@@ -199,9 +210,14 @@ impl SourceGuard {
 
 /// Runs one source call under the guard: refused calls are never sent, and the outcome is
 /// reported.
+///
+/// `may_send` is asked after the permit is granted, right before the call is polled: when it
+/// says no (offline mode switched on while the permit was awaited, the cache closed), nothing is
+/// sent, the permit is handed back, and the call fails with [`not_sent`].
 pub(crate) async fn guarded<T>(
     guard: &SourceGuard,
     timeout: Duration,
+    may_send: impl Fn() -> bool,
     call: impl std::future::Future<Output = Result<T, SourceError>>,
 ) -> Result<T, SourceError> {
     let permit = guard
@@ -215,6 +231,10 @@ pub(crate) async fn guarded<T>(
             },
             _ => SourceError::CircuitOpen { until: r.until() },
         })?;
+    if !may_send() {
+        guard.complete(permit, CallEnd::NotSent).await;
+        return Err(not_sent());
+    }
     let started = Instant::now();
     let result = match tokio::time::timeout(timeout, call).await {
         Ok(r) => r,

@@ -1,0 +1,321 @@
+//! Administration: write-behind flush and dead letters, close, warm, stats, health, breakers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+use crate::tier::Observed;
+
+impl TieredCache {
+    // ---------------------------------------------------------------- write-behind
+
+    /// Delivers the write-behind outbox now: one attempt for every pending key, ignoring retry
+    /// delays. Returns what was delivered and what is stuck, and why.
+    ///
+    /// Under other strategies there is no outbox and the report is empty.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the outbox cannot be read.
+    pub async fn flush(&self) -> Result<FlushReport> {
+        match &self.inner.outbox {
+            Some(outbox) => outbox.flush().await,
+            None => Ok(FlushReport::default()),
+        }
+    }
+
+    /// Writes the source refused for good, kept until retried or discarded.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(Vec::new());
+        };
+        Ok(outbox
+            .queue()
+            .dead_letters()
+            .await?
+            .into_iter()
+            .map(DeadLetter::from)
+            .collect())
+    }
+
+    /// Moves a dead letter back into the outbox for another attempt. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn retry_dead_letter(&self, id: i64) -> Result<bool> {
+        let Some(outbox) = &self.inner.outbox else {
+            return Ok(false);
+        };
+        let found = outbox.queue().resolve(id, true).await?;
+        outbox.notify();
+        Ok(found)
+    }
+
+    /// Deletes a dead letter for good. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn discard_dead_letter(&self, id: i64) -> Result<bool> {
+        match &self.inner.outbox {
+            Some(outbox) => outbox.queue().resolve(id, false).await,
+            None => Ok(false),
+        }
+    }
+
+    /// The write-behind backlog: pending writes, dead letters, and the oldest pending write's
+    /// age in ms. `None` under other strategies (or when L2 cannot be read).
+    pub(super) async fn backlog(&self) -> Option<BacklogHealth> {
+        let inner = &*self.inner;
+        inner.outbox.as_ref()?;
+        let now = self.now();
+        let (pending, dead_letters, oldest) = match &inner.memory_queue {
+            Some(q) => q.depth(),
+            None => {
+                let s = inner.l2.summary(now).await.ok()?;
+                (s.outbox_depth, s.dead_letters, s.oldest_pending_ms)
+            }
+        };
+        Some(BacklogHealth {
+            pending,
+            dead_letters,
+            oldest_pending_age_ms: oldest.map(|t| now.saturating_sub(t)),
+        })
+    }
+
+    /// Flushes the outbox (within the close timeout), then stops the background tasks. What is
+    /// left stays in the database for the next open. Later calls fail with [`Error::Closed`].
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when the outbox cannot be read.
+    pub async fn close(&self) -> Result<FlushReport> {
+        let write_behind = self.inner.settings.strategy == Strategy::WriteBehind;
+        let report = match &self.inner.outbox {
+            Some(outbox) if write_behind => {
+                let flushed =
+                    tokio::time::timeout(self.inner.settings.close_timeout, outbox.flush()).await;
+                outbox.stop();
+                match flushed {
+                    Ok(r) => r?,
+                    Err(_) => outbox.report_pending().await?,
+                }
+            }
+            _ => FlushReport::default(),
+        };
+        self.inner.closed.store(true, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    // ---------------------------------------------------------------- warm
+
+    /// Fetches every key the source lists under `prefix` into the cache (conditional requests
+    /// for what is already held), with bounded concurrency, calling `progress` after each key.
+    /// This is what makes a folder of components available offline.
+    ///
+    /// # Errors
+    /// [`Error::Source`] / [`Error::Unavailable`] when the listing fails. Per-key failures are in
+    /// the summary.
+    pub async fn warm(
+        &self,
+        prefix: &str,
+        progress: impl Fn(WarmProgress) + Send + Sync,
+    ) -> Result<WarmSummary> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        if self.is_offline() {
+            return Err(Error::Unavailable {
+                key: prefix.to_owned(),
+                reason: StaleReason::Offline,
+                source: SourceError::Unavailable {
+                    status: None,
+                    message: "offline mode is on: the source was not contacted".into(),
+                },
+            });
+        }
+        let inner = &*self.inner;
+        let offline = inner.offline.clone();
+        let keys = guarded(
+            &inner.guard,
+            inner.settings.timeout,
+            || !offline.load(Ordering::SeqCst),
+            inner.source.list(prefix),
+        )
+        .await
+        .map_err(|e| source_failure(prefix, e))?;
+        let total = keys.len();
+        let mut summary = WarmSummary {
+            listed: total,
+            ..WarmSummary::default()
+        };
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<(String, Result<Loaded>)> = stream::iter(keys)
+            .map(|k| {
+                let done = &done;
+                let progress = &progress;
+                async move {
+                    let r = self.warm_one(&k).await;
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    progress(WarmProgress { done: n, total });
+                    (k, r)
+                }
+            })
+            .buffer_unordered(self.inner.settings.fetch_concurrency)
+            .collect()
+            .await;
+        for (k, r) in results {
+            match r {
+                Ok(Loaded::Fetched) => summary.fetched += 1,
+                Ok(Loaded::NotModified) => summary.not_modified += 1,
+                Ok(Loaded::AlreadyCached) => summary.cached += 1,
+                Err(e) => summary.failed.push((k, e.to_string())),
+            }
+        }
+        summary.failed.sort();
+        Ok(summary)
+    }
+
+    pub(super) async fn warm_one(&self, key: &str) -> Result<Loaded> {
+        self.check(key)?;
+        let inner = &*self.inner;
+        let now = self.now();
+        let token = inner.fences.token(key);
+        let (held, observed) = match inner.l2.get(key).await {
+            Ok(e) => {
+                let observed = Observed::of(&e);
+                (e.filter(|e| e.is_servable(now)).map(Arc::new), observed)
+            }
+            Err(_) => (inner.l1.get(key).await, Observed::Unknown),
+        };
+        if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
+            return Ok(Loaded::AlreadyCached);
+        }
+        // An undelivered write of the key is newer than anything the source could say.
+        if let Some(outbox) = &inner.outbox {
+            if outbox.queue().newest(key).await?.is_some() {
+                return Ok(Loaded::AlreadyCached);
+            }
+        }
+        let seen = super::read::Seen {
+            token,
+            observed,
+            outbox_checked: true,
+        };
+        let flight = inner.flights.join(key, || {
+            load(self.inner.clone(), key.to_owned(), held, None, seen)
+        });
+        flight.wait().await.map(|(_, how)| how)
+    }
+
+    // ---------------------------------------------------------------- introspection
+
+    /// A snapshot of the stats: per-tier hits, misses, errors and latency percentiles, stale
+    /// serves by reason, source calls by outcome, the rate-limit budget, the breakers and the
+    /// write-behind backlog.
+    pub async fn stats(&self) -> StatsSnapshot {
+        let inner = &*self.inner;
+        let breaker = |name: &str, s: crate::breaker::BreakerStatus| crate::stats::BreakerStats {
+            name: name.to_owned(),
+            state: s.state.as_str().to_owned(),
+            transitions: s.transitions,
+            consecutive_failures: s.consecutive_failures,
+        };
+        let mut outbox = crate::stats::OutboxStats::default();
+        if let Some(o) = &inner.outbox {
+            (outbox.delivered, outbox.retries) = o.counters();
+        }
+        if let Some(b) = self.backlog().await {
+            outbox.depth = b.pending;
+            outbox.dead_letters = b.dead_letters;
+            outbox.oldest_pending_age_ms = b.oldest_pending_age_ms;
+        }
+        inner.stats.snapshot(SnapshotExtras {
+            rate_limit: inner.source.rate_limit(),
+            breakers: vec![
+                breaker("l2_read", inner.l2_guard.status().0),
+                breaker("l2_write", inner.l2_guard.status().1),
+                breaker("l3", inner.guard.status()),
+            ],
+            outbox,
+        })
+    }
+
+    /// Whether each tier is working: breaker states, last errors, the write-behind backlog.
+    /// The L3 breaker is re-read from the database first, so another process's trip shows.
+    pub async fn health(&self) -> HealthReport {
+        let inner = &*self.inner;
+        inner.guard.refresh().await;
+        let (reads, writes) = inner.l2_guard.status();
+        let l2 = TierHealth::from_breakers([reads, writes], inner.l2_guard.last_error());
+        let l3 = TierHealth::from_breaker(inner.guard.status(), inner.guard.last_error());
+        let backlog = self.backlog().await;
+        HealthReport::overall(l2, l3, self.is_offline(), backlog)
+    }
+
+    /// Subscribes to significant events: breaker transitions, stale serves, tiers degraded and
+    /// recovered, dead letters. A subscriber that falls more than 256 events behind loses the
+    /// oldest (see [`tokio::sync::broadcast`]).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The source breaker's status.
+    pub fn source_breaker_status(&self) -> crate::breaker::BreakerStatus {
+        self.inner.guard.status()
+    }
+
+    /// Forces the source's breaker open: no source calls until [`reset_source_breaker`]
+    /// (persisted, so other processes on the same database respect it too).
+    ///
+    /// [`reset_source_breaker`]: Self::reset_source_breaker
+    pub async fn force_source_open(&self) {
+        self.inner.guard.apply(BreakerState::force_open).await;
+    }
+
+    /// Forces the source's breaker closed: failures are counted but never open it.
+    pub async fn force_source_closed(&self) {
+        self.inner.guard.apply(BreakerState::force_close).await;
+    }
+
+    /// Resets the source's breaker to closed, forgetting failures and rate-limit holds.
+    pub async fn reset_source_breaker(&self) {
+        self.inner.guard.apply(BreakerState::reset).await;
+    }
+
+    /// Zeroes the stats.
+    pub fn reset_stats(&self) {
+        self.inner.stats.reset();
+    }
+
+    /// What the L2 database holds: entries, bytes, stale entries, outbox depth, dead letters.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn store_summary(&self) -> Result<StoreSummary> {
+        self.inner.l2.summary(self.now()).await
+    }
+
+    /// The source's last seen rate-limit budget.
+    pub fn rate_limit(&self) -> Option<crate::source::RateLimit> {
+        self.inner.source.rate_limit()
+    }
+
+    /// Drops everything L1 holds (L2 and the source are untouched): frees memory, or makes the
+    /// next reads come from L2.
+    pub async fn clear_memory(&self) {
+        self.inner.l1.clear().await;
+    }
+
+    /// Entries and weighted bytes in L1 (after pending maintenance).
+    pub async fn memory_usage(&self) -> (u64, u64) {
+        self.inner.l1.run_pending_tasks().await;
+        (self.inner.l1.entry_count(), self.inner.l1.weighted_size())
+    }
+
+    #[doc(hidden)]
+    /// Statements run on L2's read connections so far (tests prove `mget` makes one).
+    pub fn l2_read_statements(&self) -> u64 {
+        self.inner.sqlite.read_statements()
+    }
+}

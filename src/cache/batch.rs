@@ -1,0 +1,164 @@
+//! `mget`: the read pipeline for many keys at once (one pass over L1, one L2 statement).
+
+use std::sync::Arc;
+
+use super::read::{Probe, Seen};
+use super::*;
+use crate::tier::Observed;
+
+impl TieredCache {
+    /// Looks up many keys at once: one pass over L1, one SQL statement for all L1 misses, and
+    /// the source (with bounded concurrency, one call per distinct key) for what is left.
+    ///
+    /// The results are in the order of `keys`; a failed key does not fail the others.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// use tiercache::{Strategy, TieredCache};
+    ///
+    /// let cache = TieredCache::builder().strategy(Strategy::CacheAside).build()?;
+    /// cache.set("a", "1").await?;
+    /// let results = cache.mget(&["a", "b", "a"]).await;
+    /// assert_eq!(results[0].as_ref().unwrap().as_ref().unwrap().value, "1");
+    /// assert!(results[1].as_ref().unwrap().is_none());
+    /// # Ok(()) }
+    /// ```
+    pub async fn mget<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Result<Option<Lookup>>> {
+        self.mget_with(keys, &ReadOptions::default()).await
+    }
+
+    /// [`mget`](Self::mget) with per-call options.
+    pub async fn mget_with<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        options: &ReadOptions,
+    ) -> Vec<Result<Option<Lookup>>> {
+        let span = tracing::debug_span!("tiercache.mget", keys = keys.len());
+        let max_age = options.max_age.map(millis);
+        in_span!(span, self.mget_inner(keys, max_age))
+    }
+
+    pub(super) async fn mget_inner<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+        max_age: Option<u64>,
+    ) -> Vec<Result<Option<Lookup>>> {
+        let inner = &*self.inner;
+        let timer = inner.stats.start();
+        let now = self.now();
+        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let mut slots: Vec<Option<Result<Option<Lookup>>>> = vec![None; keys.len()];
+        // Distinct valid keys, each with the input positions it answers.
+        let mut distinct: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for (i, &k) in keys.iter().enumerate() {
+            if let Err(e) = self.check(k) {
+                slots[i] = Some(Err(e));
+                continue;
+            }
+            match index.get(k) {
+                Some(&d) => {
+                    let entry: &mut (&str, Vec<usize>) = &mut distinct[d];
+                    entry.1.push(i);
+                }
+                None => {
+                    index.insert(k, distinct.len());
+                    distinct.push((k, vec![i]));
+                }
+            }
+        }
+        let mut answers: Vec<Option<Result<Option<Lookup>>>> = vec![None; distinct.len()];
+        let mut candidates: Vec<Option<(Arc<Entry>, Tier)>> = vec![None; distinct.len()];
+        // Each key's fence token, taken before L2 is read, and the L2 row seen.
+        let mut tokens: Vec<u64> = vec![0; distinct.len()];
+        let mut observed: Vec<Observed> = vec![Observed::Unknown; distinct.len()];
+        // L1.
+        let mut l1_misses = Vec::new();
+        for (d, (k, _)) in distinct.iter().enumerate() {
+            match inner.l1.get(k).await {
+                Some(e) if e.is_fresh(now, max_age) => {
+                    inner.stats.hit(Tier::L1);
+                    answers[d] = Some(Ok(self.served(&e, Tier::L1, Freshness::Fresh, now)));
+                }
+                other => {
+                    inner.stats.miss(Tier::L1);
+                    tokens[d] = inner.fences.token(k);
+                    // A pending write of the memory outbox shadows L2 (as in `lookup_slow`).
+                    let pending = inner.memory_queue.as_ref().and_then(|q| q.newest_now(k));
+                    if let Some(op) = pending {
+                        answers[d] = Some(Ok(self.serve_pending(k, op, tokens[d], now).await));
+                        continue;
+                    }
+                    candidates[d] = self.servable_l1(k, other, now).await;
+                    l1_misses.push(d);
+                }
+            }
+        }
+        // L2: one statement for all L1 misses.
+        let mut to_source = Vec::new();
+        let mut outbox_checked = false;
+        if !l1_misses.is_empty() {
+            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d].0).collect();
+            match inner.l2.get_many(&wanted).await {
+                Ok(found) => {
+                    let mut pending: std::collections::HashMap<String, OutboxOp> =
+                        found.pending.into_iter().collect();
+                    let mut found: std::collections::HashMap<String, Entry> =
+                        found.entries.into_iter().collect();
+                    outbox_checked = true;
+                    for d in l1_misses {
+                        let k = distinct[d].0;
+                        let entry = found.remove(k);
+                        observed[d] = Observed::of(&entry);
+                        // An undelivered write is the answer, whatever L2 holds (I1, I2).
+                        if let Some(op) = pending.remove(k) {
+                            answers[d] = Some(Ok(self.serve_pending(k, op, tokens[d], now).await));
+                            continue;
+                        }
+                        let probe = self
+                            .consider_l2(k, entry, max_age, &mut candidates[d], now, tokens[d])
+                            .await;
+                        match probe {
+                            Probe::Fresh(served) => answers[d] = Some(Ok(served)),
+                            Probe::Miss => to_source.push(d),
+                        }
+                    }
+                }
+                Err(e) => {
+                    inner.stats.error(Tier::L2);
+                    tracing::warn!(error = %e, "L2 batch read failed; going on without it");
+                    to_source = l1_misses;
+                }
+            }
+        }
+        // The source, for what is left.
+        let distinct_ref = &distinct;
+        let fetched: Vec<(usize, Result<Option<Lookup>>)> = stream::iter(to_source)
+            .map(|d| {
+                let candidate = candidates[d].take();
+                let seen = Seen {
+                    token: tokens[d],
+                    observed: observed[d],
+                    outbox_checked,
+                };
+                async move {
+                    let key = distinct_ref[d].0;
+                    (d, self.ask_source(key, max_age, candidate, now, seen).await)
+                }
+            })
+            .buffer_unordered(inner.settings.fetch_concurrency)
+            .collect()
+            .await;
+        for (d, r) in fetched {
+            answers[d] = Some(r);
+        }
+        for (d, (_, positions)) in distinct.iter().enumerate() {
+            let answer = answers[d].take().unwrap_or(Ok(None));
+            for &i in positions {
+                slots[i] = Some(answer.clone());
+            }
+        }
+        inner.stats.record(Tier::L2, Op::Mget, timer);
+        slots.into_iter().map(|s| s.unwrap_or(Ok(None))).collect()
+    }
+}

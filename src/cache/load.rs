@@ -1,0 +1,159 @@
+//! The fill: one load from the source, run by single-flight, written into L2 and L1 behind the key's fence.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::read::Seen;
+use super::*;
+use crate::source::guard::not_sent;
+use crate::tier::FillGuard;
+
+/// Classifies a source error into the cache's error.
+pub(super) fn source_failure(key: &str, e: SourceError) -> Error {
+    let reason = match &e {
+        SourceError::RateLimited { .. } => Some(StaleReason::RateLimited),
+        SourceError::Timeout { .. } => Some(StaleReason::Timeout),
+        SourceError::CircuitOpen { .. } => Some(StaleReason::CircuitOpen),
+        e if e.counts_as_failure() => Some(StaleReason::SourceError),
+        _ => None,
+    };
+    match reason {
+        Some(reason) => Error::Unavailable {
+            key: key.to_owned(),
+            reason,
+            source: e,
+        },
+        None => Error::Source {
+            key: key.to_owned(),
+            source: e,
+        },
+    }
+}
+
+/// One load from the source, run as its own task by single-flight.
+pub(super) async fn load(
+    inner: Arc<Inner>,
+    key: String,
+    prev: Option<Arc<Entry>>,
+    max_age: Option<u64>,
+    seen: Seen,
+) -> LoadResult {
+    let Seen {
+        token, observed, ..
+    } = seen;
+    let clock = inner.clock.clone();
+    let now = clock.now_millis();
+    // A load that finished just before this one started has already filled L1.
+    if let Some(e) = inner.l1.get(&key).await {
+        let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
+        if !same && e.is_fresh(now, max_age) {
+            return Ok((e, Loaded::AlreadyCached));
+        }
+    }
+    let validator = prev
+        .as_ref()
+        .filter(|p| p.value.is_some())
+        .and_then(|p| p.validator.clone());
+    let settings = &inner.settings;
+    let offline = inner.offline.clone();
+    let fetched = guarded(
+        &inner.guard,
+        settings.timeout,
+        || !offline.load(Ordering::SeqCst),
+        inner.source.fetch(&key, validator.as_deref()),
+    )
+    .await;
+    let now = clock.now_millis();
+    let deadlines = |ttl: Option<Duration>, base: u64| {
+        let fresh_until = add(now, ttl.map_or(base, millis));
+        (fresh_until, add(fresh_until, settings.stale_ttl))
+    };
+    let (entry, how) = match fetched {
+        Ok(Fetched::Value {
+            value,
+            validator,
+            ttl,
+        }) => {
+            inner.stats.source_call(SourceOutcome::Ok);
+            let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
+            let entry = Entry::new(Some(value), validator, now, fresh_until, stale_until);
+            (entry, Loaded::Fetched)
+        }
+        Ok(Fetched::NotModified { ttl }) => {
+            inner.stats.source_call(SourceOutcome::NotModified);
+            let Some(prev) = prev.filter(|p| p.value.is_some()) else {
+                inner.stats.source_call(SourceOutcome::Failed);
+                return Err(source_failure(
+                    &key,
+                    SourceError::InvalidResponse {
+                        message: "the source answered \"not modified\" to an unconditional request"
+                            .into(),
+                    },
+                ));
+            };
+            let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
+            (
+                prev.renewed(now, fresh_until, stale_until),
+                Loaded::NotModified,
+            )
+        }
+        Ok(Fetched::NotFound) => {
+            inner.stats.source_call(SourceOutcome::NotFound);
+            let fresh_until = add(now, settings.negative_ttl);
+            let entry = Entry::new(None, None, now, fresh_until, fresh_until);
+            (entry, Loaded::Fetched)
+        }
+        Err(e) if inner.offline.load(Ordering::SeqCst) => {
+            // Offline switched on while the call waited for its permit: nothing was sent.
+            let _ = e;
+            return Err(source_failure(&key, not_sent()));
+        }
+        Err(e) => {
+            inner
+                .stats
+                .source_call(if e.rate_limited_until().is_some() {
+                    SourceOutcome::RateLimited
+                } else {
+                    SourceOutcome::Failed
+                });
+            if !matches!(e, SourceError::CircuitOpen { .. }) {
+                inner.stats.error(Tier::L3);
+            }
+            return Err(source_failure(&key, e));
+        }
+    };
+    // L1 first (readers see the answer at once), then L2; both behind the key's fence, and L2
+    // only over the row this read saw: a write that raced this load wins (I1). When L2 refuses
+    // the fill (a write, maybe another process's, got there first), the L1 copy goes too.
+    let entry = Arc::new(entry);
+    let remember = settings.negative_ttl > 0 || entry.value.is_some();
+    if remember && inner.fences.unchanged(&key, token) {
+        inner.l1.insert(&key, entry.clone()).await;
+        if !inner.fences.unchanged(&key, token) {
+            inner.l1.remove(&key).await;
+        }
+        let fences = inner.fences.clone();
+        let fenced_key = key.clone();
+        let guard = FillGuard {
+            observed,
+            still_valid: Box::new(move || fences.unchanged(&fenced_key, token)),
+        };
+        let written = match how {
+            Loaded::NotModified => {
+                let deadlines = (entry.stored_at, entry.fresh_until, entry.stale_until);
+                inner.l2.renew_fill(&key, deadlines, guard).await
+            }
+            _ => inner.l2.put_fill(&key, (*entry).clone(), guard).await,
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => inner.l1.remove(&key).await,
+            Err(e) => {
+                inner.stats.error(Tier::L2);
+                tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
+            }
+        }
+    }
+    Ok((entry, how))
+}

@@ -1,0 +1,429 @@
+//! Reads: one resolve pipeline (L1 → L2 → pending writes → the source → stale fallback) behind `get`, `lookup` and `get_json`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::source::guard::not_sent;
+use crate::tier::Observed;
+
+/// What a read saw before it asked the source.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seen {
+    /// The key's fence token, taken before L2 was read.
+    pub(crate) token: u64,
+    /// The L2 row seen.
+    pub(crate) observed: Observed,
+    /// Whether the outbox was already asked for a pending write of the key.
+    pub(crate) outbox_checked: bool,
+}
+
+/// What one tier's probe found for a key.
+#[derive(Debug)]
+pub(super) enum Probe {
+    /// A fresh answer: a value, or `None` for a fresh "not found".
+    Fresh(Option<Lookup>),
+    /// Nothing fresh here (a stale copy, if any, became the candidate).
+    Miss,
+}
+
+impl TieredCache {
+    // ---------------------------------------------------------------- reads
+
+    /// The value of `key`, or `None` when it does not exist (or, under
+    /// [`Strategy::CacheAside`], is not cached).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Unavailable`] when the source failed and no stale copy
+    /// could stand in; [`Error::Source`] when the source refused the request.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        // The L1 hit, without building a `Lookup` (no validator copy). The key rules are checked
+        // after an L1 miss, before L2 or the source is touched: nothing enters L1 without
+        // passing them, so an invalid key can only miss here.
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        let timer = inner.stats.start_sampled();
+        let now = self.now();
+        let e = inner.l1.get(key).await;
+        if let Some(e) = &e {
+            if now < e.fresh_until {
+                inner.stats.hit(Tier::L1);
+                inner.stats.record(Tier::L1, Op::Get, timer);
+                if e.value.is_none() {
+                    inner.stats.negative_hit();
+                }
+                return Ok(e.value.clone());
+            }
+        }
+        self.check_basic(key)?;
+        let candidate = self.servable_l1(key, e, now).await;
+        Ok(self
+            .lookup_after_l1(key, None, candidate, now)
+            .await?
+            .map(|l| l.value))
+    }
+
+    /// The value of `key` with where it came from: the tier, fresh or stale (and why), its age.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>> {
+        self.lookup_inner(key, None).await
+    }
+
+    /// [`lookup`](Self::lookup) with per-call options.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn lookup_with(&self, key: &str, options: &ReadOptions) -> Result<Option<Lookup>> {
+        self.lookup_inner(key, options.max_age.map(millis)).await
+    }
+
+    pub(super) async fn lookup_inner(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+    ) -> Result<Option<Lookup>> {
+        self.check_basic(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start_sampled();
+        let e = inner.l1.get(key).await;
+        let now = self.now();
+        if let Some(e) = &e {
+            if e.is_fresh(now, max_age) {
+                inner.stats.hit(Tier::L1);
+                inner.stats.record(Tier::L1, Op::Get, timer);
+                return Ok(self.served(e, Tier::L1, Freshness::Fresh, now));
+            }
+        }
+        let candidate = self.servable_l1(key, e, now).await;
+        self.lookup_after_l1(key, max_age, candidate, now).await
+    }
+
+    /// The L1 copy that may still stand in as stale; one past its stale deadline is dropped
+    /// (L1 has no expiry of its own: see `MemoryTier::new`).
+    pub(super) async fn servable_l1(
+        &self,
+        key: &str,
+        e: Option<Arc<Entry>>,
+        now: u64,
+    ) -> Option<(Arc<Entry>, Tier)> {
+        match e {
+            Some(e) if e.is_servable(now) => Some((e, Tier::L1)),
+            Some(_) => {
+                self.inner.l1.remove(key).await;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Everything after L1 could not answer fresh, boxed so the L1-hit future stays small.
+    pub(super) fn lookup_after_l1<'a>(
+        &'a self,
+        key: &'a str,
+        max_age: Option<u64>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<Lookup>>> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            inner.stats.miss(Tier::L1);
+            self.check_source(key)?;
+            let timer = inner.stats.start();
+            let span = tracing::debug_span!(
+                "tiercache.get",
+                key,
+                tier = tracing::field::Empty,
+                freshness = tracing::field::Empty
+            );
+            let result = in_span!(span.clone(), self.lookup_slow(key, max_age, candidate, now));
+            let tier = match &result {
+                Ok(Some(l)) => {
+                    span.record("tier", l.tier.as_str());
+                    span.record(
+                        "freshness",
+                        match l.freshness {
+                            Freshness::Fresh => "fresh",
+                            Freshness::Stale { reason } => reason.as_str(),
+                        },
+                    );
+                    l.tier
+                }
+                _ => Tier::L3,
+            };
+            inner.stats.record(tier, Op::Get, timer);
+            result
+        })
+    }
+
+    /// Everything after an L1 miss: pending writes of the memory outbox, L2, pending writes of
+    /// the durable outbox, then the source.
+    pub(super) async fn lookup_slow(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+        mut candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
+        // Taken before L2 is read: a write that lands after this keeps this read's promotion
+        // and fill out of the tiers.
+        let token = inner.fences.token(key);
+        // The memory outbox writes L2 only on delivery: its pending write shadows L2.
+        if let Some(queue) = &inner.memory_queue {
+            if let Some(op) = queue.newest_now(key) {
+                return Ok(self.serve_pending(key, op, token, now).await);
+            }
+        }
+        let found = match inner.l2.get_now(key) {
+            Some(found) => found,
+            None => inner.l2.get(key).await,
+        };
+        let observed = match &found {
+            Ok(found) => Observed::of(found),
+            Err(_) => Observed::Unknown,
+        };
+        match found {
+            Ok(found) => {
+                if let Probe::Fresh(served) = self
+                    .consider_l2(key, found, max_age, &mut candidate, now, token)
+                    .await
+                {
+                    return Ok(served);
+                }
+            }
+            Err(e) => {
+                inner.stats.error(Tier::L2);
+                tracing::warn!(key, error = %e, "L2 read failed; going on without it");
+            }
+        }
+        let seen = Seen {
+            token,
+            observed,
+            outbox_checked: false,
+        };
+        self.ask_source(key, max_age, candidate, now, seen).await
+    }
+
+    /// What L2 answered for `key`: a fresh entry is promoted into L1 and served
+    /// ([`Probe::Fresh`]); a stale one becomes the `candidate` if it is newer than the one L1
+    /// had.
+    pub(super) async fn consider_l2(
+        &self,
+        key: &str,
+        found: Option<Entry>,
+        max_age: Option<u64>,
+        candidate: &mut Option<(Arc<Entry>, Tier)>,
+        now: u64,
+        token: u64,
+    ) -> Probe {
+        let inner = &*self.inner;
+        let Some(e) = found.filter(|e| e.is_servable(now)) else {
+            inner.stats.miss(Tier::L2);
+            return Probe::Miss;
+        };
+        let e = Arc::new(e);
+        if e.is_fresh(now, max_age) {
+            inner.stats.hit(Tier::L2);
+            self.promote(key, e.clone(), token).await;
+            inner.l2.touch(key, now);
+            return Probe::Fresh(self.served(&e, Tier::L2, Freshness::Fresh, now));
+        }
+        inner.stats.miss(Tier::L2);
+        if candidate
+            .as_ref()
+            .is_none_or(|(c, _)| e.stored_at > c.stored_at)
+        {
+            *candidate = Some((e, Tier::L2));
+        }
+        Probe::Miss
+    }
+
+    /// Puts what a read found into L1, unless a write of the key began since `token` was taken
+    /// (then the write's value, or its absence, stands: see `tier::fence`).
+    pub(super) async fn promote(&self, key: &str, e: Arc<Entry>, token: u64) {
+        let inner = &*self.inner;
+        if !inner.fences.unchanged(key, token) {
+            return;
+        }
+        inner.l1.insert(key, e).await;
+        if !inner.fences.unchanged(key, token) {
+            inner.l1.remove(key).await;
+        }
+    }
+
+    /// The source's turn: pending writes first, then load (single-flight), or fall back to the
+    /// stale candidate.
+    pub(super) async fn ask_source(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+        seen: Seen,
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
+        if !inner.settings.strategy.reads_through() {
+            return Ok(None);
+        }
+        // A key with an undelivered write-behind write (of this process or of any other one
+        // sharing the database, whatever its strategy): the source still has the old value, so
+        // the write is the answer (I1, I2).
+        if inner.memory_queue.is_none() && !seen.outbox_checked {
+            if let Some(outbox) = &inner.outbox {
+                match outbox.queue().newest(key).await {
+                    Ok(Some(op)) => return Ok(self.serve_pending(key, op, seen.token, now).await),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "could not read the outbox; asking the source");
+                    }
+                }
+            }
+        }
+        if self.is_offline() {
+            return self.fallback(key, candidate, StaleReason::Offline, not_sent(), now);
+        }
+        let prev = candidate.as_ref().map(|(e, _)| e.clone());
+        let flight = inner.flights.join(key, || {
+            load(self.inner.clone(), key.to_owned(), prev, max_age, seen)
+        });
+        if !flight.leader {
+            inner.stats.coalesced_waiter();
+        }
+        let result = match (inner.settings.soft_timeout, &candidate) {
+            (Some(soft), Some(_)) => match tokio::time::timeout(soft, flight.wait()).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unavailable {
+                    key: key.to_owned(),
+                    reason: StaleReason::Timeout,
+                    source: SourceError::Timeout { after: soft },
+                }),
+            },
+            _ => flight.wait().await,
+        };
+        match result {
+            Ok((entry, _)) => Ok(self.served(&entry, Tier::L3, Freshness::Fresh, self.now())),
+            Err(Error::Unavailable { reason, source, .. }) => {
+                // Offline switched on while the call waited for its turn: it was not sent.
+                let reason = if self.is_offline() {
+                    StaleReason::Offline
+                } else {
+                    reason
+                };
+                self.fallback(key, candidate, reason, source, now)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Serves the stale candidate, or says the key is unavailable.
+    pub(super) fn fallback(
+        &self,
+        key: &str,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        reason: StaleReason,
+        source: SourceError,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        match candidate {
+            Some((e, tier)) if e.is_servable(now) => {
+                self.inner.stats.stale_served(reason);
+                tracing::info!(key, %tier, %reason, "serving a stale copy");
+                self.inner.events.emit(Event::StaleServed {
+                    key: key.to_owned(),
+                    tier,
+                    reason,
+                });
+                // A candidate is never fresh for this read (else it would have been served).
+                Ok(self.served(&e, tier, Freshness::Stale { reason }, now))
+            }
+            _ => Err(Error::Unavailable {
+                key: key.to_owned(),
+                reason,
+                source,
+            }),
+        }
+    }
+
+    /// A key's undelivered write-behind write, read back from the outbox: a put is served (and
+    /// held in L1 again), a delete reads as "not found".
+    pub(super) async fn serve_pending(
+        &self,
+        key: &str,
+        op: OutboxOp,
+        token: u64,
+        now: u64,
+    ) -> Option<Lookup> {
+        let inner = &*self.inner;
+        let tier = if inner.memory_queue.is_some() {
+            Tier::L1
+        } else {
+            Tier::L2
+        };
+        inner.stats.hit(tier);
+        let OutboxOp::Put(value) = op else {
+            return None;
+        };
+        let fresh_until = add(now, inner.settings.ttl);
+        let entry = Arc::new(Entry::new(
+            Some(value),
+            None,
+            now,
+            fresh_until,
+            add(fresh_until, inner.settings.stale_ttl),
+        ));
+        let served = self.served(&entry, tier, Freshness::Fresh, now);
+        self.promote(key, entry, token).await;
+        served
+    }
+
+    #[inline]
+    pub(super) fn served(
+        &self,
+        e: &Entry,
+        tier: Tier,
+        freshness: Freshness,
+        now: u64,
+    ) -> Option<Lookup> {
+        match &e.value {
+            Some(value) => Some(Lookup {
+                value: value.clone(),
+                tier,
+                freshness,
+                age: Duration::from_millis(now.saturating_sub(e.stored_at)),
+                validator: e.validator.clone(),
+            }),
+            None => {
+                self.inner.stats.negative_hit();
+                None
+            }
+        }
+    }
+
+    /// Reads `key` and decodes it from JSON. A value that fails to decode is an error for this
+    /// call and is counted; the entry stays cached (a type mismatch is the caller's error, and
+    /// another reader may expect another type).
+    ///
+    /// # Errors
+    /// As [`get`](Self::get), and [`Error::Decode`].
+    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.get(key).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            // The caller asked for a type the value is not: the caller's error, and the entry
+            // stays (it may be right for another reader).
+            self.inner.stats.decode_error();
+            Error::Decode {
+                key: key.to_owned(),
+                message: e.to_string(),
+            }
+        })
+    }
+}

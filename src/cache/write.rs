@@ -1,0 +1,200 @@
+//! Writes: the strategies (`set`, `delete`, `invalidate`), one write path for the library and the CLI.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+impl TieredCache {
+    // ---------------------------------------------------------------- writes
+
+    /// Writes `value` under `key` with the default TTL, following the strategy.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; under write-through, the source's refusal (the caches are left
+    /// untouched); under write-behind, [`Error::Storage`] when the write could not be made
+    /// durable (it is then not acknowledged).
+    pub async fn set(&self, key: &str, value: impl Into<Bytes>) -> Result<()> {
+        self.set_entry(key, value.into(), None).await
+    }
+
+    /// [`set`](Self::set) with its own TTL.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_entry(key, value.into(), Some(millis(ttl))).await
+    }
+
+    /// Encodes `value` as JSON and [`set`](Self::set)s it.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set), and [`Error::Encode`].
+    pub async fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Encode {
+            key: key.to_owned(),
+            message: e.to_string(),
+        })?;
+        self.set(key, bytes).await
+    }
+
+    pub(super) async fn set_entry(&self, key: &str, value: Bytes, ttl: Option<u64>) -> Result<()> {
+        self.check(key)?;
+        let span = tracing::debug_span!(
+            "tiercache.set",
+            key,
+            strategy = self.inner.settings.strategy.as_str()
+        );
+        in_span!(span, self.set_checked(key, value, ttl))
+    }
+
+    pub(super) async fn set_checked(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<u64>,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        // Sampled, like L1 hits: a memory-mode set costs about a moka insert.
+        let timer = inner.stats.start_sampled();
+        let now = self.now();
+        let fresh_until = add(now, ttl.unwrap_or(inner.settings.ttl));
+        let entry = Entry::new(
+            Some(value.clone()),
+            None,
+            now,
+            fresh_until,
+            add(fresh_until, inner.settings.stale_ttl),
+        );
+        if inner.settings.strategy == Strategy::WriteThrough {
+            // L3 first; refused → error, the caches untouched.
+            self.write_source(key, Some(&value)).await?;
+        }
+        // Before any tier changes: a fill or promotion that raced this write stays out (I1).
+        inner.fences.bump(key);
+        match inner.settings.strategy {
+            Strategy::ReadThrough | Strategy::CacheAside | Strategy::WriteThrough => {
+                self.put_l2(key, entry.clone()).await
+            }
+            // The memory outbox is a plain push: no boxed future, no copy of the entry.
+            Strategy::WriteBehind => match &inner.memory_queue {
+                Some(queue) => queue.push(key, OutboxOp::Put(value), now),
+                None => {
+                    self.outbox()?
+                        .queue()
+                        .enqueue(key, Some(entry.clone()), OutboxOp::Put(value), now)
+                        .await?;
+                }
+            },
+        }
+        inner.l1.insert(key, Arc::new(entry)).await;
+        if let Some(outbox) = &inner.outbox {
+            outbox.notify();
+        }
+        inner.stats.record(Tier::L1, Op::Set, timer);
+        Ok(())
+    }
+
+    /// Deletes `key`, following the strategy.
+    ///
+    /// # Errors
+    /// As [`set`](Self::set).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.check(key)?;
+        let inner = &*self.inner;
+        let timer = inner.stats.start();
+        if inner.settings.strategy == Strategy::WriteThrough {
+            self.write_source(key, None).await?;
+        }
+        inner.fences.bump(key);
+        match inner.settings.strategy {
+            Strategy::ReadThrough | Strategy::CacheAside | Strategy::WriteThrough => {
+                self.remove_l2(key).await
+            }
+            Strategy::WriteBehind => {
+                let now = self.now();
+                self.outbox()?
+                    .queue()
+                    .enqueue(key, None, OutboxOp::Delete, now)
+                    .await?;
+                if inner.memory_queue.is_some() {
+                    // The memory outbox does not write L2: drop the old copy here.
+                    self.remove_l2(key).await;
+                }
+            }
+        }
+        inner.l1.remove(key).await;
+        if let Some(outbox) = &inner.outbox {
+            outbox.notify();
+        }
+        inner.stats.record(Tier::L1, Op::Delete, timer);
+        Ok(())
+    }
+
+    /// Drops `key` from L1 and L2 without telling the source.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`], [`Error::Storage`].
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        self.check(key)?;
+        self.inner.fences.bump(key);
+        self.inner.l1.remove(key).await;
+        self.inner.l2.remove(key).await
+    }
+
+    pub(super) async fn remove_l2(&self, key: &str) {
+        if let Err(e) = self.inner.l2.remove(key).await {
+            self.inner.stats.error(Tier::L2);
+            tracing::warn!(key, error = %e, "L2 delete failed");
+        }
+    }
+
+    pub(super) async fn put_l2(&self, key: &str, entry: Entry) {
+        if let Err(e) = self.inner.l2.put(key, entry).await {
+            self.inner.stats.error(Tier::L2);
+            tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
+        }
+    }
+
+    pub(super) fn outbox(&self) -> Result<&Outbox> {
+        self.inner.outbox.as_ref().ok_or(Error::Closed)
+    }
+
+    /// Write-through: the source first.
+    pub(super) async fn write_source(&self, key: &str, value: Option<&Bytes>) -> Result<()> {
+        let inner = &*self.inner;
+        if self.is_offline() {
+            return Err(Error::Unavailable {
+                key: key.to_owned(),
+                reason: StaleReason::Offline,
+                source: SourceError::Unavailable {
+                    status: None,
+                    message: "offline mode is on: the source was not contacted".into(),
+                },
+            });
+        }
+        let call = async {
+            match value {
+                Some(v) => inner.source.put(key, v).await,
+                None => inner.source.delete(key).await,
+            }
+        };
+        let offline = inner.offline.clone();
+        guarded(
+            &inner.guard,
+            inner.settings.timeout,
+            || !offline.load(Ordering::SeqCst),
+            call,
+        )
+        .await
+        .map_err(|e| source_failure(key, e))
+    }
+}
