@@ -44,8 +44,9 @@ pub enum Error {
         /// What SQLite said.
         message: String,
     },
-    /// The source failed and no stale copy could stand in for it.
-    #[error("{key:?} is unavailable ({reason}): {source}")]
+    /// The source failed and no stale copy could stand in for it. Its text names the key and
+    /// the reason; the source's error is its [`source()`](std::error::Error::source).
+    #[error("{key:?} is unavailable ({reason})")]
     Unavailable {
         /// The key.
         key: String,
@@ -56,8 +57,9 @@ pub enum Error {
         source: SourceError,
     },
     /// The source refused a write or a read for a reason that is not an outage (401, a conflict,
-    /// an unsupported operation, a key the source cannot parse).
-    #[error("{key:?}: {source}")]
+    /// an unsupported operation, a key the source cannot parse). Its text names the key; the
+    /// source's error is its [`source()`](std::error::Error::source).
+    #[error("the source refused {key:?}")]
     Source {
         /// The key.
         key: String,
@@ -100,14 +102,18 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
-    /// The key was refused.
+    /// The key was refused: by the cache ([`Error::InvalidKey`]) or by the source
+    /// ([`SourceError::InvalidKey`]).
     pub fn is_invalid_key(&self) -> bool {
         matches!(self, Error::InvalidKey { .. })
+            || matches!(self.source_error(), Some(SourceError::InvalidKey(_)))
     }
 
-    /// The key does not exist.
+    /// The key does not exist: [`Error::NotFound`], or the source said so
+    /// ([`SourceError::NotFound`], the answer of a write or delete).
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
+            || matches!(self.source_error(), Some(SourceError::NotFound { .. }))
     }
 
     /// The L2 tier failed.
@@ -153,5 +159,160 @@ impl Error {
     }
 }
 
+/// An error and its causes, each said once: `error: cause: root cause`, for the texts the cache
+/// keeps (a warm-up's failures). A cause whose text the error already quotes is not repeated.
+pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let link = cause.to_string();
+        if !text.contains(&link) {
+            text.push_str(": ");
+            text.push_str(&link);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 /// `Result<T, tiercache::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    /// An app's own error with a cause of its own, for a chain three links deep under the source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("could not reach the catalog")]
+    struct CatalogDown(#[source] std::io::Error);
+
+    /// The text of every link of `e`'s chain, outermost first.
+    fn links(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        let mut out = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push(cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+
+    fn every_source_error() -> Vec<SourceError> {
+        let reset = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        vec![
+            SourceError::unavailable("Bad Gateway").with_status(502),
+            SourceError::timeout(Duration::from_secs(3)),
+            SourceError::rate_limited(reset, "API rate limit exceeded").with_status(403),
+            SourceError::unauthorized("Bad credentials").with_status(401),
+            SourceError::conflict("sha mismatch").with_status(409),
+            SourceError::not_found("Not Found"),
+            SourceError::rejected("a directory, not a file").with_status(400),
+            SourceError::InvalidKey(KeyError::Malformed("no path".into())),
+            SourceError::invalid_response("expected JSON"),
+            SourceError::CircuitOpen { until: Some(reset) },
+            SourceError::unsupported("put"),
+            SourceError::other("a plain message"),
+            SourceError::other(CatalogDown(io)),
+        ]
+    }
+
+    #[test]
+    fn no_link_of_a_chain_repeats_the_next() {
+        for source in every_source_error() {
+            let wrapped = [
+                Error::Unavailable {
+                    key: "k/1".into(),
+                    reason: StaleReason::SourceError,
+                    source: source.clone(),
+                },
+                Error::Source {
+                    key: "k/1".into(),
+                    source: source.clone(),
+                },
+            ];
+            for e in wrapped {
+                let chain = links(&e);
+                assert!(chain.len() >= 2, "{e:?} hides its source");
+                assert_eq!(chain[1], source.to_string());
+                for pair in chain.windows(2) {
+                    assert!(
+                        !pair[0].contains(&pair[1]),
+                        "{:?} repeats its cause {:?}",
+                        pair[0],
+                        pair[1]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_chain_reaches_an_apps_own_error() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = Error::Unavailable {
+            key: "parts/bolt".into(),
+            reason: StaleReason::SourceError,
+            source: SourceError::other(CatalogDown(io)),
+        };
+        assert_eq!(
+            links(&e).join(": "),
+            "\"parts/bolt\" is unavailable (source_error): source error: \
+             could not reach the catalog: connection reset"
+        );
+        let cause = std::error::Error::source(&e)
+            .and_then(std::error::Error::source)
+            .expect("the app's error");
+        assert!(cause.downcast_ref::<CatalogDown>().is_some());
+    }
+
+    #[test]
+    fn invalid_key_and_not_found_include_the_sources_answers() {
+        let key_error = || KeyError::Malformed("no path".into());
+        let by_source = |source: SourceError| {
+            [
+                Error::Source {
+                    key: "k".into(),
+                    source: source.clone(),
+                },
+                Error::Unavailable {
+                    key: "k".into(),
+                    reason: StaleReason::SourceError,
+                    source,
+                },
+            ]
+        };
+
+        assert!(Error::invalid_key("k", key_error()).is_invalid_key());
+        for e in by_source(SourceError::InvalidKey(key_error())) {
+            assert!(e.is_invalid_key() && !e.is_not_found(), "{e:?}");
+        }
+
+        assert!(Error::NotFound { key: "k".into() }.is_not_found());
+        for e in by_source(SourceError::not_found("Not Found")) {
+            assert!(e.is_not_found() && !e.is_invalid_key(), "{e:?}");
+        }
+
+        for e in by_source(SourceError::rejected("no")) {
+            assert!(!e.is_not_found() && !e.is_invalid_key(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn other_source_errors_are_equal_only_to_their_clones() {
+        let a = SourceError::other("boom");
+        assert_eq!(a, a.clone());
+        assert_ne!(a, SourceError::other("boom"));
+        assert_eq!(
+            SourceError::rejected("x").with_status(400),
+            SourceError::Rejected {
+                status: Some(400),
+                message: "x".into()
+            }
+        );
+        assert_ne!(SourceError::rejected("x"), SourceError::conflict("x"));
+    }
+}

@@ -697,7 +697,7 @@ impl Deliverer {
                 if let Some(until) = e.rate_limited_until() {
                     next = next.max(crate::clock::to_millis(until));
                 }
-                let msg = e.to_string();
+                let msg = crate::error::chain_text(&e);
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 self.queue
                     .failed(ids(&rows), next, msg.clone(), false)
@@ -705,7 +705,7 @@ impl Deliverer {
                 Ok(Delivery::Retry(msg))
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = crate::error::chain_text(&e);
                 self.queue
                     .failed(ids(&rows), now, msg.clone(), true)
                     .await?;

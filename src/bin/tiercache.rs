@@ -35,7 +35,6 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tiercache::source::github::GitHubSource;
-use tiercache::source::SourceError;
 use tiercache::{Error, ReadOptions, Strategy, TieredCache};
 
 use config::{Flags, Settings};
@@ -216,7 +215,7 @@ impl Failure {
     /// The exit code and message for a library error.
     fn from_error(e: &Error) -> Self {
         let code = exit_code(e);
-        let mut message = e.to_string();
+        let mut message = chain(e);
         if e.is_unavailable() {
             message.push_str(" (and no cached copy could stand in)");
         }
@@ -225,19 +224,29 @@ impl Failure {
 }
 
 fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::InvalidKey { .. } | Error::Config(_) => EXIT_USAGE,
-        Error::Source {
-            source: SourceError::InvalidKey(_),
-            ..
-        } => EXIT_USAGE,
-        Error::NotFound { .. }
-        | Error::Source {
-            source: SourceError::NotFound { .. },
-            ..
-        } => EXIT_NOT_FOUND,
-        _ => EXIT_RUNTIME,
+    if e.is_invalid_key() || matches!(e, Error::Config(_)) {
+        EXIT_USAGE
+    } else if e.is_not_found() {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_RUNTIME
     }
+}
+
+/// An error and its causes, each said once: `error: cause: root cause`. A cause whose text the
+/// error already quotes is not repeated.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let link = cause.to_string();
+        if !text.contains(&link) {
+            text.push_str(": ");
+            text.push_str(&link);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// `TIERCACHE_LOG=<level>`: tiercache's own events on stderr. Only this crate's: the HTTP
@@ -426,7 +435,7 @@ async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failure> {
             if json {
                 println!(
                     "{}",
-                    output::error_json(key, &e.to_string(), exit_code(&e) == EXIT_NOT_FOUND)
+                    output::error_json(key, &chain(&e), exit_code(&e) == EXIT_NOT_FOUND)
                 );
             }
             Err(Failure::from_error(&e))
@@ -497,7 +506,7 @@ async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8, Failure> 
                     writeln!(
                         out,
                         "{}",
-                        output::error_json(key, &e.to_string(), f.code == EXIT_NOT_FOUND)
+                        output::error_json(key, &chain(&e), f.code == EXIT_NOT_FOUND)
                     )
                 } else {
                     Ok(())
@@ -835,4 +844,50 @@ async fn dead_letters(s: &Settings, action: DeadLetterAction, json: bool) -> Res
         println!("{done} dead letter(s) discarded");
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiercache::source::SourceError;
+
+    /// A wrapper that quotes its cause in its own text, as some storage errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("could not write: disk full")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn chain_says_every_cause_once() {
+        let e = Error::Source {
+            key: "o/r/README.md".into(),
+            source: SourceError::unauthorized("Bad credentials").with_status(401),
+        };
+        assert_eq!(
+            chain(&e),
+            "the source refused \"o/r/README.md\": \
+             source refused the credentials (HTTP 401): Bad credentials"
+        );
+        let quoting = Quoting(std::io::Error::other("disk full"));
+        assert_eq!(chain(&quoting), "could not write: disk full");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_sources_answers() {
+        let source = |source| Error::Source {
+            key: "k".into(),
+            source,
+        };
+        assert_eq!(
+            exit_code(&source(SourceError::not_found("gone"))),
+            EXIT_NOT_FOUND
+        );
+        assert_eq!(
+            exit_code(&source(SourceError::InvalidKey(tiercache::KeyError::Empty))),
+            EXIT_USAGE
+        );
+        assert_eq!(
+            exit_code(&source(SourceError::rejected("no"))),
+            EXIT_RUNTIME
+        );
+    }
 }

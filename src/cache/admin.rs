@@ -169,7 +169,7 @@ impl TieredCache {
                 Ok(Loaded::Fetched) => summary.fetched += 1,
                 Ok(Loaded::NotModified) => summary.not_modified += 1,
                 Ok(Loaded::AlreadyCached) => summary.cached += 1,
-                Err(e) => summary.failed.push((k, e.to_string())),
+                Err(e) => summary.failed.push((k, crate::error::chain_text(&e))),
             }
         }
         summary.failed.sort();
