@@ -9,7 +9,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::outbox::OutboxMode;
 use crate::source::{NoSource, Source};
-use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
+use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous, MAX_BUSY_TIMEOUT};
 
 use super::{Strategy, TieredCache};
 
@@ -148,7 +148,9 @@ impl TieredCacheBuilder {
     }
 
     /// How long a database call waits for a lock another process holds before it fails (and
-    /// counts against L2's breaker). Default: 5 s.
+    /// counts against L2's breaker). Default: 5 s. At most
+    /// [`MAX_BUSY_TIMEOUT`](crate::tier::sqlite::MAX_BUSY_TIMEOUT) (`i32::MAX` ms, about 24.8
+    /// days, SQLite's limit); `build()` refuses a longer one.
     pub fn sqlite_busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
         self
@@ -391,6 +393,12 @@ impl TieredCacheBuilder {
             return fail(format!(
                 "the {} strategy writes to the source, but no source was given",
                 self.strategy
+            ));
+        }
+        if self.busy_timeout.as_millis() > MAX_BUSY_TIMEOUT.as_millis() {
+            return fail(format!(
+                "sqlite_busy_timeout is {:?}; SQLite takes at most i32::MAX milliseconds ({:?}, about 24.8 days)",
+                self.busy_timeout, MAX_BUSY_TIMEOUT
             ));
         }
         let word = |s: &str| {

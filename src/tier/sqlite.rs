@@ -24,6 +24,10 @@ use super::{MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 
+/// The longest [`sqlite_busy_timeout`](crate::TieredCacheBuilder::sqlite_busy_timeout) SQLite
+/// accepts: `i32::MAX` milliseconds (about 24.8 days); `build()` refuses a longer one.
+pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// The schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -256,7 +260,7 @@ impl SqliteTier {
                 ))
             }
         };
-        conn.busy_timeout(opts.busy_timeout).map_err(corrupt)?;
+        conn.busy_timeout(busy_timeout(opts)).map_err(corrupt)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(corrupt)?;
@@ -307,7 +311,7 @@ impl SqliteTier {
     fn open_reader(uri: &str, opts: &SqliteOptions) -> Result<Connection> {
         let conn = Connection::open_with_flags(uri, Self::flags())
             .map_err(storage("open a read connection"))?;
-        conn.busy_timeout(opts.busy_timeout)
+        conn.busy_timeout(busy_timeout(opts))
             .map_err(storage("configure a read connection"))?;
         if opts.location == Location::Memory {
             // A shared-cache memory database locks tables; readers that read uncommitted data
@@ -423,6 +427,12 @@ impl SqliteTier {
     pub(crate) fn read_statements(&self) -> u64 {
         self.read_statements.load(Ordering::Relaxed)
     }
+}
+
+/// The busy timeout, capped at what SQLite takes (the builder refuses a longer one; the cap
+/// keeps rusqlite from panicking should options come from elsewhere).
+fn busy_timeout(opts: &SqliteOptions) -> Duration {
+    opts.busy_timeout.min(MAX_BUSY_TIMEOUT)
 }
 
 fn apply_pragmas(conn: &Connection, pragmas: &[(String, String)]) -> rusqlite::Result<()> {
