@@ -307,10 +307,13 @@ impl TieredCacheBuilder {
     /// [`WriteBehind`](Strategy::WriteBehind) (the outbox flusher is a task).
     ///
     /// # Errors
-    /// [`Error::Config`] for a configuration that cannot work (zero or absurd sizes, an
-    /// unwritable path, a stale window or timeout that makes no sense, a write strategy without a
-    /// source); [`Error::CorruptDatabase`] for a damaged database file (unless
-    /// [`OnCorrupt::MoveAside`]).
+    /// [`Error::Config`] for a configuration that cannot work (zero or absurd sizes, a path that
+    /// is a directory or in a directory that does not exist, a stale window or timeout that makes
+    /// no sense, a write strategy without a source), or a database of a newer tiercache;
+    /// [`Error::Storage`] when the database file cannot be opened or set up (the SQLite error is
+    /// its [`source`](std::error::Error::source)); [`Error::ForeignDatabase`] for a SQLite
+    /// database of another application (left untouched); [`Error::CorruptDatabase`] for a file
+    /// that is not SQLite or is damaged (left untouched, unless [`OnCorrupt::MoveAside`]).
     pub fn build(self) -> Result<TieredCache> {
         self.validate()?;
         let sqlite = SqliteOptions {
@@ -422,6 +425,15 @@ impl TieredCacheBuilder {
                     "sqlite_path {} is a directory, not a database file",
                     path.display()
                 ));
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dir.exists() {
+                    return fail(format!(
+                        "cannot open the database file {}: its directory {} does not exist",
+                        path.display(),
+                        dir.display()
+                    ));
+                }
             }
         }
         Ok(())

@@ -28,10 +28,19 @@ use crate::error::{Error, Result};
 /// accepts: `i32::MAX` milliseconds (about 24.8 days); `build()` refuses a longer one.
 pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
-/// The schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The `PRAGMA application_id` of a tiercache database: the ASCII bytes `tier`
+/// (`0x74696572`, 1953064306). A database file with another non-zero id belongs to another
+/// application and is refused untouched ([`Error::ForeignDatabase`]).
+pub const APPLICATION_ID: i32 = 0x7469_6572;
 
-/// The database schema (created on open; versioned with `PRAGMA user_version`).
+/// The schema version written to `PRAGMA user_version`.
+///
+/// History: 1, the first (no `application_id`); 2, `outbox.superseded` and the outbox indexes,
+/// and `application_id` set to [`APPLICATION_ID`].
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The database schema of version [`SCHEMA_VERSION`], as a new database is created. An older
+/// database is brought to it by the migrations, one version at a time.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS entries (
     key         TEXT PRIMARY KEY NOT NULL,
@@ -52,13 +61,39 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
-    dead         INTEGER NOT NULL DEFAULT 0
+    dead         INTEGER NOT NULL DEFAULT 0,
+    superseded   INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
+CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 );
 ";
+
+/// The tables of a version 1 database (which had no `application_id`): a file with exactly
+/// these, `user_version` 1 and `application_id` 0 is an older tiercache's, and is migrated.
+const TABLES_V1: [&str; 3] = ["entries", "meta", "outbox"];
+
+/// One step of the schema's history: the SQL that takes a database of version `to - 1` to
+/// version `to`. Run in one transaction with the version bump.
+struct Migration {
+    to: i64,
+    sql: &'static str,
+}
+
+/// Every step, oldest first; the last one's `to` is [`SCHEMA_VERSION`].
+const MIGRATIONS: &[Migration] = &[Migration {
+    to: 2,
+    // `superseded`: 1 on a dead letter a newer write of its key came after.
+    // `outbox_by_key`: the newest pending write of a key; `outbox_by_dead`: the pending scan.
+    sql: "
+        ALTER TABLE outbox ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
+        CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);
+    ",
+}];
 
 /// SQLite's `synchronous` setting for the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +117,9 @@ pub enum OnCorrupt {
     #[default]
     Fail,
     /// The file is renamed to `<name>.corrupt-<unix ms>` (kept, never deleted) and a fresh
-    /// database is created in its place.
+    /// database is created in its place. Only for a file that is not SQLite or is damaged: a
+    /// valid database of another application is refused ([`Error::ForeignDatabase`]), never
+    /// moved.
     MoveAside,
 }
 
@@ -236,44 +273,39 @@ impl SqliteTier {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     }
 
+    /// Opens the write connection. The file is looked at first, without writing anything: a
+    /// file of another application, a newer schema or a damaged file is refused as it was
+    /// found. Only then is it switched to WAL and its schema created or migrated.
     fn open_writer(uri: &str, opts: &SqliteOptions) -> Result<Connection> {
-        let path_for_errors = match &opts.location {
+        let path = match &opts.location {
             Location::File(p) => p.clone(),
             Location::Memory => PathBuf::from(":memory:"),
         };
-        let conn = Connection::open_with_flags(uri, Self::flags()).map_err(|e| {
-            Error::Config(format!(
-                "cannot open the database file {}: {e}",
-                path_for_errors.display()
-            ))
+        let conn = Connection::open_with_flags(uri, Self::flags()).map_err(|e| Error::Storage {
+            message: format!("cannot open the database file {}: {e}", path.display()),
+            source: Some(Arc::new(e)),
         })?;
-        let corrupt = |e: rusqlite::Error| {
-            if is_corruption(&e) {
-                Error::CorruptDatabase {
-                    path: path_for_errors.clone(),
-                    message: e.to_string(),
-                }
-            } else {
-                Error::Config(format!(
-                    "cannot use the database file {}: {e}",
-                    path_for_errors.display()
-                ))
+        let fail = open_error(&path);
+        conn.busy_timeout(busy_timeout(opts)).map_err(&fail)?;
+        // Reads only, up to the WAL switch.
+        let found = inspect(&conn).map_err(&fail)?;
+        refuse(&found, &path)?;
+        if opts.location != Location::Memory && found != Found::Empty {
+            // Catch a damaged file now rather than on the first read of a damaged page.
+            let check: String = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+                .map_err(&fail)?;
+            if check != "ok" {
+                return Err(Error::CorruptDatabase {
+                    path: path.clone(),
+                    message: check,
+                });
             }
-        };
-        conn.busy_timeout(busy_timeout(opts)).map_err(corrupt)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(corrupt)?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::Config(format!(
-                "the database {} has schema version {version}, newer than this tiercache ({SCHEMA_VERSION})",
-                path_for_errors.display()
-            )));
         }
         if opts.location != Location::Memory {
             let mode: String = conn
                 .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-                .map_err(corrupt)?;
+                .map_err(&fail)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 tracing::warn!(%mode, "SQLite refused WAL mode");
             }
@@ -283,27 +315,10 @@ impl SqliteTier {
             Synchronous::Full => "FULL",
         };
         conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
-            .map_err(corrupt)?;
-        // The schema and its version in one transaction: a process killed while creating it
-        // leaves no half-made database.
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-        ))
-        .map_err(corrupt)?;
-        apply_pragmas(&conn, &opts.pragmas).map_err(corrupt)?;
-        if opts.location != Location::Memory {
-            // Catch a damaged file now rather than on the first read of a damaged page.
-            let check: String = conn
-                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-                .map_err(corrupt)?;
-            if check != "ok" {
-                return Err(Error::CorruptDatabase {
-                    path: path_for_errors,
-                    message: check,
-                });
-            }
-        }
-        rusqlite::vtab::array::load_module(&conn).map_err(corrupt)?;
+            .map_err(&fail)?;
+        create_or_migrate(&conn, &path)?;
+        apply_pragmas(&conn, &opts.pragmas).map_err(&fail)?;
+        rusqlite::vtab::array::load_module(&conn).map_err(&fail)?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
@@ -433,6 +448,137 @@ impl SqliteTier {
 /// keeps rusqlite from panicking should options come from elsewhere).
 fn busy_timeout(opts: &SqliteOptions) -> Duration {
     opts.busy_timeout.min(MAX_BUSY_TIMEOUT)
+}
+
+/// What an existing database file holds, as seen before anything is written to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    /// No schema, no ids: a new or empty file.
+    Empty,
+    /// A tiercache database of this schema version ([`APPLICATION_ID`] set).
+    Ours(i64),
+    /// A version 1 tiercache database (from before `application_id`).
+    OursV1,
+    /// Something else: what was found, for the error.
+    Foreign(String),
+}
+
+/// Reads the file's `application_id`, `user_version` and tables (no writes).
+fn inspect(conn: &Connection) -> rusqlite::Result<Found> {
+    let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let mut stmt = conn.prepare("SELECT type, name FROM sqlite_master ORDER BY name")?;
+    let objects = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let tables: Vec<&str> = objects
+        .iter()
+        .filter(|(kind, name)| kind == "table" && !name.starts_with("sqlite_"))
+        .map(|(_, name)| name.as_str())
+        .collect();
+    Ok(if app_id == APPLICATION_ID {
+        Found::Ours(version)
+    } else if app_id == 0 && version == 0 && objects.is_empty() {
+        Found::Empty
+    } else if app_id == 0 && version == 1 && tables == TABLES_V1 {
+        Found::OursV1
+    } else {
+        const SHOWN: usize = 8;
+        let mut listed = tables[..tables.len().min(SHOWN)].join(", ");
+        if tables.len() > SHOWN {
+            listed.push_str(&format!(", and {} more", tables.len() - SHOWN));
+        }
+        Found::Foreign(format!(
+            "application_id {app_id:#x} (tiercache's is {APPLICATION_ID:#x}), user_version {version}, tables [{listed}]"
+        ))
+    })
+}
+
+/// The files tiercache does not open: another application's, or a newer tiercache's.
+fn refuse(found: &Found, path: &Path) -> Result<()> {
+    match found {
+        Found::Foreign(what) => Err(Error::ForeignDatabase {
+            path: path.to_owned(),
+            message: what.clone(),
+        }),
+        Found::Ours(version) if *version > SCHEMA_VERSION => Err(Error::Config(format!(
+            "the database {} has schema version {version}, newer than this tiercache ({SCHEMA_VERSION})",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A SQLite error while opening: [`Error::CorruptDatabase`] for a damaged or non-SQLite file,
+/// else [`Error::Storage`] with the SQLite error as its source.
+fn open_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| {
+        if is_corruption(&e) {
+            Error::CorruptDatabase {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
+        } else {
+            Error::Storage {
+                message: format!("cannot use the database file {}: {e}", path.display()),
+                source: Some(Arc::new(e)),
+            }
+        }
+    }
+}
+
+/// Brings the database to [`SCHEMA_VERSION`]: creates the schema in an empty database, or runs
+/// the migrations after the version found, each step in its own transaction with its version
+/// bump. Each transaction looks at the file again under the write lock, so that processes
+/// opening one file at once neither create nor migrate it twice.
+fn create_or_migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let fail = open_error(path);
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(&fail)?;
+        let step = (|| -> Result<bool> {
+            let found = inspect(conn).map_err(&fail)?;
+            refuse(&found, path)?;
+            let (sql, to) = match found {
+                Found::Empty | Found::Ours(0) => (SCHEMA, SCHEMA_VERSION),
+                Found::Ours(v) if v >= SCHEMA_VERSION => return Ok(true),
+                Found::Ours(from) => migration_from(from, path)?,
+                Found::OursV1 => migration_from(1, path)?,
+                // Refused above.
+                Found::Foreign(_) => return Ok(true),
+            };
+            conn.execute_batch(&format!(
+                "{sql}; PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version={to};"
+            ))
+            .map_err(&fail)?;
+            Ok(to >= SCHEMA_VERSION)
+        })();
+        match step {
+            Ok(done) => {
+                conn.execute_batch("COMMIT").map_err(&fail)?;
+                if done {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The step that migrates a database of version `from`, and the version it makes.
+fn migration_from(from: i64, path: &Path) -> Result<(&'static str, i64)> {
+    MIGRATIONS
+        .iter()
+        .find(|m| m.to == from + 1)
+        .map(|m| (m.sql, m.to))
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the database {} has schema version {from}, which this tiercache cannot migrate",
+                path.display()
+            ))
+        })
 }
 
 fn apply_pragmas(conn: &Connection, pragmas: &[(String, String)]) -> rusqlite::Result<()> {
@@ -986,6 +1132,60 @@ mod tests {
             pragmas: Vec::new(),
         })
         .expect("a memory database")
+    }
+
+    /// The columns and indexes of every table, as SQLite describes them.
+    fn shape(conn: &Connection) -> Vec<String> {
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("tables");
+        let mut shape = Vec::new();
+        for t in tables {
+            for pragma in ["table_info", "index_list"] {
+                let mut stmt = conn
+                    .prepare(&format!("SELECT * FROM pragma_{pragma}('{t}') ORDER BY 2"))
+                    .expect("pragma");
+                let n = stmt.column_count();
+                let rows = stmt
+                    .query_map([], |r| {
+                        (0..n)
+                            .map(|i| r.get::<_, Value>(i).map(|v| format!("{v:?}")))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .expect("rows");
+                for row in rows {
+                    shape.push(format!("{t} {pragma} {}", row.expect("row").join(" ")));
+                }
+            }
+        }
+        shape
+    }
+
+    #[test]
+    fn a_migrated_database_has_the_shape_of_a_new_one() {
+        assert_eq!(MIGRATIONS.last().map(|m| m.to), Some(SCHEMA_VERSION));
+        let new = Connection::open_in_memory().expect("db");
+        new.execute_batch(SCHEMA).expect("schema");
+        let old = Connection::open_in_memory().expect("db");
+        // Version 1: the current schema without what the migrations add.
+        let v1 = SCHEMA
+            .replace(",\n    superseded   INTEGER NOT NULL DEFAULT 0", "")
+            .replace(
+                "CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);",
+                "",
+            )
+            .replace(
+                "CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);",
+                "",
+            );
+        assert!(!v1.contains("superseded") && !v1.contains("INDEX"), "{v1}");
+        old.execute_batch(&v1).expect("v1");
+        for m in MIGRATIONS {
+            old.execute_batch(m.sql).expect("migration");
+        }
+        assert!(shape(&new).iter().any(|l| l.contains("superseded")));
+        assert_eq!(shape(&old), shape(&new));
     }
 
     fn last_access(tier: &SqliteTier, key: &str) -> i64 {
