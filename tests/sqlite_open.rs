@@ -334,3 +334,91 @@ async fn a_version_1_database_is_migrated_and_its_data_kept() -> TestResult {
     assert!(again.lookup("a").await?.is_some());
     Ok(())
 }
+
+// ------------------------------------------------------------------ the file going away
+
+fn remove_db(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(sibling(path, suffix));
+    }
+    Ok(())
+}
+
+fn is_gone_error(e: &Error, path: &Path) -> bool {
+    let msg = e.to_string();
+    e.is_storage()
+        && msg.contains("deleted or replaced")
+        && msg.contains(&path.display().to_string())
+}
+
+#[tokio::test]
+async fn a_deleted_database_file_fails_the_writes_and_shows_in_health() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("cache.db");
+    let cache = TieredCache::builder()
+        .sqlite_path(&path)
+        .strategy(tiercache::Strategy::CacheAside)
+        .build()?;
+    cache.set("a", "alpha").await?;
+    assert_eq!(
+        cache.health().await.status,
+        tiercache::HealthStatus::Healthy
+    );
+    remove_db(&path)?;
+
+    // Cache-aside keeps a value L2 could not take in L1 (the set succeeds); the L2 write fails,
+    // and after three failures L2's write breaker opens.
+    for i in 0..3 {
+        cache.set(&format!("k{i}"), "v").await?;
+    }
+    let health = cache.health().await;
+    assert_ne!(health.status, tiercache::HealthStatus::Healthy, "{health}");
+    assert_ne!(
+        health.l2.status,
+        tiercache::HealthStatus::Healthy,
+        "{health}"
+    );
+    let last = health.l2.last_error.clone().unwrap_or_default();
+    assert!(last.contains("deleted or replaced"), "{health}");
+    assert!(
+        !path.exists(),
+        "nothing written to a new file at the path either"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_behind_set_on_a_deleted_or_replaced_file_is_a_storage_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for replace in [false, true] {
+        let path = dir.path().join(format!("cache-{replace}.db"));
+        let cache = TieredCache::builder()
+            .sqlite_path(&path)
+            .source(support::FakeSource::new())
+            .strategy(tiercache::Strategy::WriteBehind)
+            .build()?;
+        cache.set("a", "alpha").await?;
+        if replace {
+            // Another file (another cache's database) renamed over it.
+            let other = dir.path().join("other.db");
+            drop(
+                TieredCache::builder()
+                    .sqlite_path(&other)
+                    .strategy(tiercache::Strategy::CacheAside)
+                    .build()?,
+            );
+            std::fs::rename(&other, &path)?;
+        } else {
+            remove_db(&path)?;
+        }
+        let err = cache.set("b", "beta").await.expect_err("not durable");
+        assert!(is_gone_error(&err, &path), "{err:?}");
+        assert_eq!(
+            cache.get("b").await?,
+            None,
+            "a refused write is not acknowledged anywhere"
+        );
+    }
+    Ok(())
+}

@@ -165,6 +165,72 @@ struct WriterState {
     now_hint: u64,
     total_bytes: u64,
     max_bytes: u64,
+    /// The database file, checked before each commit (`None`: a memory database).
+    file: Option<FileWatch>,
+}
+
+/// The identity of the database file as it was opened: on unix its device and inode, elsewhere
+/// only its existence.
+#[cfg(unix)]
+type FileId = (u64, u64);
+#[cfg(not(unix))]
+type FileId = ();
+
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> FileId {}
+
+/// The database file at its path, as it was opened. A file deleted or replaced under a running
+/// cache would take every later write with it (SQLite keeps writing to the unlinked file, lost
+/// at the next open): checked with one `stat` per commit, such writes fail instead.
+#[derive(Debug, Clone)]
+struct FileWatch {
+    path: PathBuf,
+    id: FileId,
+}
+
+impl FileWatch {
+    fn new(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::Storage {
+            message: format!(
+                "cannot read the metadata of the database file {}: {e}",
+                path.display()
+            ),
+            source: Some(Arc::new(e)),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            id: file_id(&meta),
+        })
+    }
+
+    /// `Err` when the file at the path is gone or is another file. Other `stat` failures pass:
+    /// they prove neither, and SQLite reports a file it cannot use.
+    fn check(&self) -> Result<()> {
+        let gone = |how: &str, source: Option<crate::error::BoxError>| {
+            Error::Storage {
+            message: format!(
+                "the database file {} was deleted or replaced while the cache was running ({how}); \
+                 writes are refused rather than lost (reopen the cache to use the file now at that path)",
+                self.path.display()
+            ),
+            source,
+        }
+        };
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if file_id(&meta) == self.id => Ok(()),
+            Ok(_) => Err(gone("another file is at its path", None)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(gone("it is gone", Some(Arc::new(e))))
+            }
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 /// The SQLite tier.
@@ -175,6 +241,7 @@ pub(crate) struct SqliteTier {
     next_reader: AtomicUsize,
     read_statements: AtomicU64,
     location: Location,
+    file: Option<FileWatch>,
 }
 
 impl std::fmt::Debug for SqliteTier {
@@ -240,6 +307,10 @@ impl SqliteTier {
             })
             .map(|v| v as i64)
             .map_err(storage("count the bytes held"))?;
+        let file = match &opts.location {
+            Location::File(path) => Some(FileWatch::new(path)?),
+            Location::Memory => None,
+        };
         let (tx, rx) = mpsc::channel();
         let touches = Touches::default();
         let writer_touches = touches.clone();
@@ -248,6 +319,7 @@ impl SqliteTier {
             now_hint: 0,
             total_bytes: to_u64(total_bytes),
             max_bytes: opts.max_bytes,
+            file: file.clone(),
         };
         thread::Builder::new()
             .name("tiercache-sqlite-writer".into())
@@ -263,7 +335,16 @@ impl SqliteTier {
             next_reader: AtomicUsize::new(0),
             read_statements: AtomicU64::new(0),
             location: opts.location,
+            file,
         })
+    }
+
+    /// `Err` ([`Error::Storage`]) when the database file was deleted or replaced since it was
+    /// opened (one `stat`; always `Ok` for a memory database). The writer makes the same check
+    /// before each commit; this lets health report it without a write.
+    #[allow(dead_code)] // For `TieredCache::health`.
+    pub(crate) fn check_file(&self) -> Result<()> {
+        self.file.as_ref().map_or(Ok(()), FileWatch::check)
     }
 
     fn flags() -> OpenFlags {
@@ -684,6 +765,14 @@ fn commit_batch(
     touches: &mut Vec<(String, u64)>,
     state: &mut WriterState,
 ) -> Vec<(Completion, Result<()>)> {
+    // Nothing is committed to a file no longer at its path: the writes would be lost.
+    if let Some(Err(err)) = state.file.as_ref().map(FileWatch::check) {
+        touches.clear();
+        return jobs
+            .into_iter()
+            .map(|job| (job(None), Err(err.clone())))
+            .collect();
+    }
     let bytes_before = state.total_bytes;
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
