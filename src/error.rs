@@ -44,6 +44,19 @@ pub enum Error {
         /// What SQLite said.
         message: String,
     },
+    /// The database file is a valid SQLite database of another application (its
+    /// `application_id`, schema version or tables are not tiercache's). It was refused before
+    /// anything was written to it, and [`OnCorrupt::MoveAside`](crate::OnCorrupt::MoveAside)
+    /// never moves it: point `sqlite_path` at another file.
+    #[error(
+        "the database file {path:?} is not a tiercache database; it was left untouched: {message}"
+    )]
+    ForeignDatabase {
+        /// The file.
+        path: PathBuf,
+        /// What was found in it.
+        message: String,
+    },
     /// The source failed and no stale copy could stand in for it. Its text names the key and
     /// the reason; the source's error is its [`source()`](std::error::Error::source).
     #[error("{key:?} is unavailable ({reason})")]

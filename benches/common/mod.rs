@@ -229,8 +229,12 @@ pub fn raw_db(path: &Path) -> Connection {
     ))
     .expect("synchronous, cache_size");
     conn.execute_batch(SCHEMA).expect("schema");
-    conn.execute_batch("PRAGMA user_version=1;")
-        .expect("user_version");
+    conn.execute_batch(&format!(
+        "PRAGMA user_version={}; PRAGMA application_id={};",
+        tiercache::tier::sqlite::SCHEMA_VERSION,
+        tiercache::tier::sqlite::APPLICATION_ID
+    ))
+    .expect("user_version");
     conn.set_prepared_statement_cache_capacity(32);
     rusqlite::vtab::array::load_module(&conn).expect("the array module");
     conn

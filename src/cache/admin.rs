@@ -247,7 +247,12 @@ impl TieredCache {
         let inner = &*self.inner;
         inner.guard.refresh().await;
         let (reads, writes) = inner.l2_guard.status();
-        let l2 = TierHealth::from_breakers([reads, writes], inner.l2_guard.last_error());
+        let mut l2 = TierHealth::from_breakers([reads, writes], inner.l2_guard.last_error());
+        // The file deleted or replaced under the cache: every write will fail.
+        if let Err(e) = inner.sqlite.check_file() {
+            l2.status = HealthStatus::Unhealthy;
+            l2.last_error = Some(e.to_string());
+        }
         let l3 = TierHealth::from_breaker(inner.guard.status(), inner.guard.last_error());
         let backlog = self.backlog().await;
         HealthReport::overall(l2, l3, self.is_offline(), backlog)

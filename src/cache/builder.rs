@@ -9,7 +9,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::outbox::OutboxMode;
 use crate::source::{NoSource, Source};
-use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
+use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous, MAX_BUSY_TIMEOUT};
 
 use super::{Strategy, TieredCache};
 
@@ -148,7 +148,9 @@ impl TieredCacheBuilder {
     }
 
     /// How long a database call waits for a lock another process holds before it fails (and
-    /// counts against L2's breaker). Default: 5 s.
+    /// counts against L2's breaker). Default: 5 s. At most
+    /// [`MAX_BUSY_TIMEOUT`](crate::tier::sqlite::MAX_BUSY_TIMEOUT) (`i32::MAX` ms, about 24.8
+    /// days, SQLite's limit); `build()` refuses a longer one.
     pub fn sqlite_busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
         self
@@ -305,10 +307,13 @@ impl TieredCacheBuilder {
     /// [`WriteBehind`](Strategy::WriteBehind) (the outbox flusher is a task).
     ///
     /// # Errors
-    /// [`Error::Config`] for a configuration that cannot work (zero or absurd sizes, an
-    /// unwritable path, a stale window or timeout that makes no sense, a write strategy without a
-    /// source); [`Error::CorruptDatabase`] for a damaged database file (unless
-    /// [`OnCorrupt::MoveAside`]).
+    /// [`Error::Config`] for a configuration that cannot work (zero or absurd sizes, a path that
+    /// is a directory or in a directory that does not exist, a stale window or timeout that makes
+    /// no sense, a write strategy without a source), or a database of a newer tiercache;
+    /// [`Error::Storage`] when the database file cannot be opened or set up (the SQLite error is
+    /// its [`source`](std::error::Error::source)); [`Error::ForeignDatabase`] for a SQLite
+    /// database of another application (left untouched); [`Error::CorruptDatabase`] for a file
+    /// that is not SQLite or is damaged (left untouched, unless [`OnCorrupt::MoveAside`]).
     pub fn build(self) -> Result<TieredCache> {
         self.validate()?;
         let sqlite = SqliteOptions {
@@ -393,6 +398,12 @@ impl TieredCacheBuilder {
                 self.strategy
             ));
         }
+        if self.busy_timeout.as_millis() > MAX_BUSY_TIMEOUT.as_millis() {
+            return fail(format!(
+                "sqlite_busy_timeout is {:?}; SQLite takes at most i32::MAX milliseconds ({:?}, about 24.8 days)",
+                self.busy_timeout, MAX_BUSY_TIMEOUT
+            ));
+        }
         let word = |s: &str| {
             !s.is_empty()
                 && s.chars()
@@ -414,6 +425,15 @@ impl TieredCacheBuilder {
                     "sqlite_path {} is a directory, not a database file",
                     path.display()
                 ));
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dir.exists() {
+                    return fail(format!(
+                        "cannot open the database file {}: its directory {} does not exist",
+                        path.display(),
+                        dir.display()
+                    ));
+                }
             }
         }
         Ok(())

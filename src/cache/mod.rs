@@ -13,7 +13,7 @@ use crate::clock::{millis, Clock};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::{Event, Events};
-use crate::health::{BacklogHealth, HealthReport, TierHealth};
+use crate::health::{BacklogHealth, HealthReport, HealthStatus, TierHealth};
 use crate::key;
 use crate::lookup::{Freshness, Lookup, StaleReason, Tier};
 use crate::outbox::{

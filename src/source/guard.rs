@@ -107,7 +107,8 @@ impl SourceGuard {
         let (outcome, until) = match end {
             CallEnd::Answered(latency) => (Outcome::success(latency), None),
             CallEnd::Failed(e) => {
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::error::chain_text(e));
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(crate::error::chain_text(e));
                 (Outcome::Failure, None)
             }
             CallEnd::RateLimited(until) => (Outcome::Cancelled, Some(until)),
