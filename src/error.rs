@@ -103,6 +103,15 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// A dead letter was not retried: a newer write of its key came after it, and delivering
+    /// the old write would roll the source back (I4). It stays a dead letter; discard it.
+    #[error("dead letter {id} of {key:?} was superseded by a newer write of the key; retrying it would roll the source back (discard it instead)")]
+    Superseded {
+        /// The dead letter's id.
+        id: i64,
+        /// Its key.
+        key: String,
+    },
     /// The cache has been closed.
     #[error("the cache is closed")]
     Closed,

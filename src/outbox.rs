@@ -21,7 +21,7 @@ use crate::source::guard::{guarded, SourceGuard};
 use crate::source::{Source, SourceError};
 use crate::tier::fence::Fences;
 use crate::tier::memory::MemoryTier;
-use crate::tier::{OutboxOp, OutboxRow, Store};
+use crate::tier::{OutboxOp, OutboxRow, Resolved, Store};
 
 /// Where pending writes wait.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -66,8 +66,11 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<()>;
     /// The dead letters.
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
-    /// Moves a dead letter back to pending (`retry`) or deletes it.
-    async fn resolve(&self, id: i64, retry: bool) -> Result<bool>;
+    /// Moves a dead letter back to pending (`retry`; not when superseded) or deletes it.
+    async fn resolve(&self, id: i64, retry: bool) -> Result<Resolved>;
+    /// A newer write of `key` reached the source (write-through): its dead letters are
+    /// superseded.
+    async fn supersede(&self, key: &str) -> Result<()>;
 }
 
 /// The durable outbox: rows in the L2 database. Every question about pending writes is asked
@@ -115,8 +118,11 @@ impl Queue for DurableQueue {
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
         self.store.dead_letters().await
     }
-    async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
+    async fn resolve(&self, id: i64, retry: bool) -> Result<Resolved> {
         self.store.resolve_dead_letter(id, retry).await
+    }
+    async fn supersede(&self, key: &str) -> Result<()> {
+        self.store.supersede_dead(key).await
     }
 }
 
@@ -175,6 +181,7 @@ impl MemoryRows {
     /// Adds a write under a new id; a pending write of the same key is superseded (coalesced:
     /// only the last write of a key is delivered), keeping the time of the oldest.
     fn push(&mut self, key: &str, op: OutboxOp, now: u64) {
+        self.supersede(key);
         self.next_id += 1;
         let id = self.next_id;
         // One lookup for a key already pending (the common case when writes coalesce).
@@ -201,6 +208,7 @@ impl MemoryRows {
                         next_attempt: 0,
                         last_error: None,
                         dead: false,
+                        superseded: false,
                     },
                 );
                 shared
@@ -211,6 +219,13 @@ impl MemoryRows {
         if self.order.len() > 2 * self.key_of.len() + 1024 {
             let live = &self.key_of;
             self.order.retain(|id| live.contains_key(id));
+        }
+    }
+
+    /// Marks `key`'s dead letters superseded (a newer write came).
+    fn supersede(&mut self, key: &str) {
+        for row in self.dead.values_mut().filter(|r| r.key == key) {
+            row.superseded = true;
         }
     }
 
@@ -317,16 +332,27 @@ impl Queue for MemoryQueue {
         Ok(self.lock().dead.values().cloned().collect())
     }
 
-    async fn resolve(&self, id: i64, retry: bool) -> Result<bool> {
+    async fn resolve(&self, id: i64, retry: bool) -> Result<Resolved> {
         let mut rows = self.lock();
-        let Some(row) = rows.dead.remove(&id) else {
-            return Ok(false);
-        };
-        // Back in line, unless a newer write of the key is already pending.
-        if retry && !rows.by_key.contains_key(row.key.as_str()) {
-            rows.push(&row.key, row.op, row.created_at);
+        match rows.dead.get(&id) {
+            None => return Ok(Resolved::Missing),
+            Some(row) if retry && row.superseded => {
+                return Ok(Resolved::Superseded(row.key.clone()));
+            }
+            Some(_) => {}
         }
-        Ok(true)
+        if let Some(row) = rows.dead.remove(&id) {
+            if retry {
+                // Not superseded: no newer write of the key exists, pending or delivered.
+                rows.push(&row.key, row.op, row.created_at);
+            }
+        }
+        Ok(Resolved::Done)
+    }
+
+    async fn supersede(&self, key: &str) -> Result<()> {
+        self.lock().supersede(key);
+        Ok(())
     }
 }
 
@@ -360,6 +386,10 @@ pub struct DeadLetter {
     pub error: Option<String>,
     /// When the write was made.
     pub created_at: SystemTime,
+    /// A newer write of the key came after this one: retrying it would roll the source back,
+    /// so [`retry_dead_letter`](crate::TieredCache::retry_dead_letter) refuses it with
+    /// [`Error::Superseded`]; discard it.
+    pub superseded: bool,
 }
 
 impl From<OutboxRow> for DeadLetter {
@@ -371,6 +401,7 @@ impl From<OutboxRow> for DeadLetter {
             attempts: r.attempts,
             error: r.last_error,
             created_at: from_millis(r.created_at),
+            superseded: r.superseded,
         }
     }
 }
@@ -706,11 +737,14 @@ impl Deliverer {
             }
             Err(e) => {
                 let msg = crate::error::chain_text(&e);
+                // Refused: the source's value stands (I1). Unless a newer write of the key is
+                // pending, the local copy of the refused write goes: L1 now and again after
+                // (a read racing this may have promoted it), L2 with the dead letter in one step.
+                self.tiers.fences.bump(key);
+                self.tiers.l1.remove(key).await;
                 self.queue
                     .failed(ids(&rows), now, msg.clone(), true)
                     .await?;
-                // Refused: the source's value stands (I1). Unless a newer write of the key is
-                // pending, the local copy of the refused write must go.
                 self.settled(key, last.id, None, now).await;
                 self.events.emit(Event::DeadLetter {
                     key: key.to_owned(),
@@ -749,11 +783,12 @@ impl Deliverer {
             Some(OutboxOp::Delete) | None => {
                 t.fences.bump(key);
                 t.l1.remove(key).await;
-                if t.memory_mode {
+                match (t.memory_mode, delivered) {
                     // A newer write in the memory outbox shadows L2 until it is delivered.
-                    t.l2.remove(key).await
-                } else {
-                    t.l2.remove_settled(key, id).await
+                    (true, _) => t.l2.remove(key).await,
+                    // The refusal removed the entry with the dead letter.
+                    (false, None) => return,
+                    (false, Some(_)) => t.l2.remove_settled(key, id).await,
                 }
             }
         };

@@ -507,6 +507,10 @@ struct World {
     next_value: u64,
     scanned: usize,
     trace: Vec<String>,
+    /// Keys with a dead letter listed by the cache just before the current read began: a
+    /// refusal the cache has not processed yet (the source said no, the dead letter is not yet
+    /// recorded) leaves the refused write admissible, as if still pending.
+    dead_before_read: BTreeSet<String>,
 }
 
 fn never_open() -> BreakerPolicy {
@@ -540,6 +544,7 @@ impl World {
             next_value: 0,
             scanned: 0,
             trace: Vec::new(),
+            dead_before_read: BTreeSet::new(),
         })
     }
 
@@ -769,7 +774,9 @@ impl World {
                 }
                 // A retried dead letter may or may not be read back.
                 let retried = matches!(status, Some(Status::Retried))
-                    || (allowed("refused-served") && matches!(status, Some(Status::Refused(_))));
+                    || (matches!(status, Some(Status::Refused(_)))
+                        && (allowed("refused-served")
+                            || !self.dead_before_read.contains(KEYS[key])));
                 if let (Some(w), true) = (w, retried) {
                     if w.op.as_ref() == Some(x) {
                         return Ok(());
@@ -806,7 +813,9 @@ impl World {
             }
             Answer::NotFound => {
                 let retried = matches!(status, Some(Status::Retried))
-                    || (allowed("refused-served") && matches!(status, Some(Status::Refused(_))));
+                    || (matches!(status, Some(Status::Refused(_)))
+                        && (allowed("refused-served")
+                            || !self.dead_before_read.contains(KEYS[key])));
                 if let (Some(w), true) = (w, retried) {
                     if w.op.is_none() {
                         return Ok(());
@@ -920,8 +929,19 @@ impl World {
         Ok(())
     }
 
+    /// Which keys the cache lists as dead letters now (taken before a read; see
+    /// `dead_before_read`).
+    async fn snapshot_dead(&mut self, cache: &TieredCache) {
+        self.dead_before_read = cache
+            .dead_letters()
+            .await
+            .map(|d| d.into_iter().map(|d| d.key).collect())
+            .unwrap_or_default();
+    }
+
     async fn read_one(&mut self, key: usize, lookup: bool) -> Check {
         let cache = self.cache()?.clone();
+        self.snapshot_dead(&cache).await;
         let start = self.fake.tick();
         let answer = if lookup {
             classify(cache.lookup(KEYS[key]).await, |l| match l {
@@ -1056,6 +1076,7 @@ impl World {
             Op::Mget(ks) => {
                 let cache = self.cache()?.clone();
                 let names: Vec<&str> = ks.iter().map(|k| KEYS[*k]).collect();
+                self.snapshot_dead(&cache).await;
                 let start = self.fake.tick();
                 let results = cache.mget(&names).await;
                 let end = self.fake.tick();
@@ -1195,6 +1216,7 @@ impl World {
                     .builder(strategy)
                     .build()
                     .map_err(|e| format!("second process: build failed: {e}"))?;
+                self.snapshot_dead(&other).await;
                 let start = self.fake.tick();
                 let answer = classify(other.lookup(KEYS[*k]).await, |l| match l {
                     Some(l) => Answer::Value(l.value, Some(l.freshness)),

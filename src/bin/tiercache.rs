@@ -821,14 +821,22 @@ async fn dead_letters(s: &Settings, action: DeadLetterAction, json: bool) -> Res
         Some(id) => vec![id],
         None => letters.iter().map(|d| d.id).collect(),
     };
-    let mut done = 0;
+    let (mut done, mut superseded) = (0, 0);
     for id in &ids {
         let found = if retry {
             cache.retry_dead_letter(*id).await
         } else {
             cache.discard_dead_letter(*id).await
-        }
-        .map_err(|e| Failure::from_error(&e))?;
+        };
+        let found = match found {
+            // `--retry-all` goes on past a letter a newer write superseded; it is reported.
+            Err(e @ tiercache::Error::Superseded { .. }) if only.is_none() => {
+                eprintln!("{e}");
+                superseded += 1;
+                continue;
+            }
+            other => other.map_err(|e| Failure::from_error(&e))?,
+        };
         if found {
             done += 1;
         } else if only.is_some() {
@@ -840,6 +848,11 @@ async fn dead_letters(s: &Settings, action: DeadLetterAction, json: bool) -> Res
     }
     if retry {
         println!("{done} dead letter(s) moved back to the outbox; `tiercache flush` delivers them");
+        if superseded > 0 {
+            println!(
+                "{superseded} dead letter(s) left: superseded by a newer write of their key (`--discard ID` removes one)"
+            );
+        }
     } else {
         println!("{done} dead letter(s) discarded");
     }

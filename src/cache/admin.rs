@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
-use crate::tier::Observed;
+use crate::tier::{Observed, Resolved};
 
 impl TieredCache {
     // ---------------------------------------------------------------- write-behind
@@ -41,16 +41,24 @@ impl TieredCache {
     }
 
     /// Moves a dead letter back into the outbox for another attempt. Returns whether it existed.
+    /// Until it is delivered (or refused again) the key reads as the retried write.
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Superseded`] when a newer write of the key came after it (delivering it would
+    /// roll the source back; it stays a dead letter: discard it); [`Error::Storage`].
     pub async fn retry_dead_letter(&self, id: i64) -> Result<bool> {
         let Some(outbox) = &self.inner.outbox else {
             return Ok(false);
         };
-        let found = outbox.queue().resolve(id, true).await?;
-        outbox.notify();
-        Ok(found)
+        let resolved = outbox.queue().resolve(id, true).await?;
+        match resolved {
+            Resolved::Missing => Ok(false),
+            Resolved::Done => {
+                outbox.notify();
+                Ok(true)
+            }
+            Resolved::Superseded(key) => Err(Error::Superseded { id, key }),
+        }
     }
 
     /// Deletes a dead letter for good. Returns whether it existed.
@@ -59,7 +67,7 @@ impl TieredCache {
     /// [`Error::Storage`].
     pub async fn discard_dead_letter(&self, id: i64) -> Result<bool> {
         match &self.inner.outbox {
-            Some(outbox) => outbox.queue().resolve(id, false).await,
+            Some(outbox) => Ok(outbox.queue().resolve(id, false).await? == Resolved::Done),
             None => Ok(false),
         }
     }

@@ -195,6 +195,13 @@ impl TieredCache {
             call,
         )
         .await
-        .map_err(|e| source_failure(key, e))
+        .map_err(|e| source_failure(key, e))?;
+        // The source took a newer write: older dead letters of the key must not be retried.
+        if let Some(outbox) = &inner.outbox {
+            if let Err(e) = outbox.queue().supersede(key).await {
+                tracing::warn!(key, error = %e, "could not mark the key's dead letters superseded");
+            }
+        }
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, Store, StoreSummary};
+use super::{FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, Resolved, Store, StoreSummary};
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
 use crate::entry::Entry;
@@ -232,8 +232,12 @@ impl Store for Guarded {
         self.read(self.inner.dead_letters()).await
     }
 
-    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool> {
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
         self.write(self.inner.resolve_dead_letter(id, retry)).await
+    }
+
+    async fn supersede_dead(&self, key: &str) -> Result<()> {
+        self.write(self.inner.supersede_dead(key)).await
     }
 
     async fn summary(&self, now: u64) -> Result<StoreSummary> {

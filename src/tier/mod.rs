@@ -42,6 +42,20 @@ pub(crate) struct OutboxRow {
     pub(crate) next_attempt: u64,
     pub(crate) last_error: Option<String>,
     pub(crate) dead: bool,
+    /// A dead letter a newer write of its key came after: retrying it would roll the source
+    /// back (I4).
+    pub(crate) superseded: bool,
+}
+
+/// What became of a dead letter asked to be retried or discarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Resolved {
+    /// No dead letter has this id.
+    Missing,
+    /// Retried (back in the outbox) or discarded.
+    Done,
+    /// Not retried: a newer write of this key came after it. It stays a dead letter.
+    Superseded(String),
 }
 
 /// What the L2 database holds, as counted by one query.
@@ -167,7 +181,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)>;
     /// Removes these outbox rows: delivered (or superseded), in one statement.
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()>;
-    /// Records a failed attempt on these rows.
+    /// Records a failed attempt on these rows. `dead`: refused for good; in the same step,
+    /// the entry of each of their keys is removed unless a newer write of it is pending (the
+    /// source's value stands: I1).
     async fn outbox_failed(
         &self,
         ids: Vec<i64>,
@@ -177,8 +193,10 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<()>;
     /// The dead letters.
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
-    /// Moves a dead letter back to pending (`retry`) or deletes it.
-    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool>;
+    /// Moves a dead letter back to pending (`retry`; refused when superseded) or deletes it.
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved>;
+    /// Marks `key`'s dead letters superseded: a newer write of the key reached the source.
+    async fn supersede_dead(&self, key: &str) -> Result<()>;
     async fn summary(&self, now: u64) -> Result<StoreSummary>;
     async fn load_meta(&self, name: &str) -> Result<Option<String>>;
     /// Atomically replaces a meta value; returns the value written.

@@ -20,7 +20,9 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, Store, StoreSummary};
+use super::{
+    FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, Resolved, Store, StoreSummary,
+};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 
@@ -920,6 +922,24 @@ fn fill_allowed(conn: &Connection, key: &str, guard: &FillGuard) -> rusqlite::Re
     Ok(guard.observed.matches(held.map(to_u64)))
 }
 
+/// Removes `key`'s entry unless a write of it newer than `settled_id` is pending.
+fn remove_unless_pending(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    settled_id: i64,
+) -> rusqlite::Result<()> {
+    let newer: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE key = ?1 AND dead = 0 AND id > ?2)",
+        )?
+        .query_row(params![key, settled_id], |r| r.get(0))?;
+    if newer {
+        return Ok(());
+    }
+    remove_entry(conn, state, key)
+}
+
 fn remove_entry(conn: &Connection, state: &mut WriterState, key: &str) -> rusqlite::Result<()> {
     let old: Option<i64> = conn
         .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING size")?
@@ -946,11 +966,12 @@ fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         next_attempt: to_u64(r.get(6)?),
         last_error: r.get(7)?,
         dead: r.get::<_, i64>(8)? != 0,
+        superseded: r.get::<_, i64>(9)? != 0,
     })
 }
 
 const OUTBOX_COLUMNS: &str =
-    "id, key, op, value, created_at, attempts, next_attempt, last_error, dead";
+    "id, key, op, value, created_at, attempts, next_attempt, last_error, dead, superseded";
 
 #[async_trait]
 impl Store for SqliteTier {
@@ -1040,18 +1061,8 @@ impl Store for SqliteTier {
 
     async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
         let key = key.to_owned();
-        self.write(move |conn, state| {
-            let newer: bool = conn
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE key = ?1 AND dead = 0 AND id > ?2)",
-                )?
-                .query_row(params![key, settled_id], |r| r.get(0))?;
-            if newer {
-                return Ok(());
-            }
-            remove_entry(conn, state, &key)
-        })
-        .await
+        self.write(move |conn, state| remove_unless_pending(conn, state, &key, settled_id))
+            .await
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
@@ -1084,6 +1095,9 @@ impl Store for SqliteTier {
                 OutboxOp::Put(v) => Some(v.as_ref()),
                 OutboxOp::Delete => None,
             };
+            // A newer write: the key's dead letters may no longer be retried (I4).
+            conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
+                .execute([&key])?;
             conn.prepare_cached(
                 "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
             )?
@@ -1162,14 +1176,24 @@ impl Store for SqliteTier {
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.write(move |conn, _| {
+        self.write_atomic(move |conn, state| {
+            let newest = ids.iter().copied().max().unwrap_or(0);
             let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
             conn.prepare_cached(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?2, last_error = ?3, dead = ?4
                  WHERE id IN rarray(?1) AND dead = 0",
             )?
-            .execute(params![ids, to_i64(next_attempt), error, dead as i64])
-            .map(drop)
+            .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
+            if dead {
+                let keys: Vec<String> = conn
+                    .prepare_cached("SELECT DISTINCT key FROM outbox WHERE id IN rarray(?1)")?
+                    .query_map([ids], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for key in keys {
+                    remove_unless_pending(conn, state, &key, newest)?;
+                }
+            }
+            Ok(())
         })
         .await
     }
@@ -1185,14 +1209,32 @@ impl Store for SqliteTier {
         .map_err(storage("read the dead letters"))
     }
 
-    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<bool> {
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
         self.write(move |conn, _| {
-            let sql = if retry {
-                "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
-            } else {
-                "DELETE FROM outbox WHERE id = ?1 AND dead = 1"
+            let row: Option<(String, bool)> = conn
+                .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
+                .optional()?;
+            let sql = match row {
+                None => return Ok(Resolved::Missing),
+                Some((key, true)) if retry => return Ok(Resolved::Superseded(key)),
+                Some(_) if retry => {
+                    "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
+                }
+                Some(_) => "DELETE FROM outbox WHERE id = ?1 AND dead = 1",
             };
-            conn.prepare_cached(sql)?.execute([id]).map(|n| n > 0)
+            conn.prepare_cached(sql)?.execute([id])?;
+            Ok(Resolved::Done)
+        })
+        .await
+    }
+
+    async fn supersede_dead(&self, key: &str) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
+                .execute([&key])
+                .map(drop)
         })
         .await
     }
