@@ -253,6 +253,11 @@ impl MemoryQueue {
         self.lock().push(key, op, now);
     }
 
+    /// The keys with a pending write.
+    pub(crate) fn keys(&self) -> Vec<String> {
+        self.lock().by_key.keys().map(|k| k.to_string()).collect()
+    }
+
     /// `key`'s pending write, without waiting.
     pub(crate) fn newest_now(&self, key: &str) -> Option<OutboxOp> {
         self.lock().by_key.get(key).map(|r| r.op.clone())

@@ -376,6 +376,10 @@ fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
 struct Setup {
     strategy: Strategy,
     mode: OutboxMode,
+    /// Write-behind delivers in the background too (runs then differ with thread timing, so
+    /// shrinking is weaker); without it, deliveries happen at `Flush`, `Restart` and the end,
+    /// and a seed replays exactly.
+    background: bool,
 }
 
 impl Setup {
@@ -555,6 +559,7 @@ impl World {
             .sqlite_path(&self.path)
             .strategy(strategy)
             .outbox(self.setup.mode)
+            .background_flush(self.setup.background)
             .ttl(Duration::from_millis(TTL_MS))
             .stale_ttl(Duration::from_millis(STALE_MS))
             .negative_ttl(Duration::from_millis(NEGATIVE_MS))
@@ -1182,14 +1187,38 @@ impl World {
                     self.note(format!("    dead letter {} {} {}", d.id, d.key, d.op));
                     let found = if retry {
                         let calls = self.calls();
-                        if let Some(wi) =
-                            self.keys[key].writes.iter().rposition(|w| w.ack.is_some())
-                        {
-                            let w = self.keys[key].writes[wi].clone();
-                            if matches!(self.status(key, &w, &calls, seq), Status::Refused(_))
-                                && w.op_name() == d.op
-                            {
-                                self.keys[key].writes[wi].retried.push(seq);
+                        // Only a dead letter of the key's newest write may be retried (I4): an
+                        // older one is superseded, and retrying it is refused.
+                        let newest = self.keys[key]
+                            .writes
+                            .iter()
+                            .rposition(|w| w.ack.is_some())
+                            .map(|wi| (wi, self.keys[key].writes[wi].clone()))
+                            .filter(|(_, w)| {
+                                matches!(self.status(key, w, &calls, seq), Status::Refused(_))
+                                    && w.op_name() == d.op
+                            });
+                        if d.superseded {
+                            match cache.retry_dead_letter(d.id).await {
+                                Err(Error::Superseded { id, .. }) if id == d.id => {
+                                    self.note("    -> superseded: not retried".into());
+                                    return Ok(());
+                                }
+                                other => {
+                                    return Err(format!(
+                                        "I4: retrying a superseded dead letter answered {other:?}"
+                                    ))
+                                }
+                            }
+                        }
+                        match newest {
+                            Some((wi, _)) => self.keys[key].writes[wi].retried.push(seq),
+                            None => {
+                                return Err(format!(
+                                    "I4: dead letter {} of {} is not marked superseded, but it is \
+                                     not the key's newest write",
+                                    d.id, d.key
+                                ))
                             }
                         }
                         cache.retry_dead_letter(d.id).await
@@ -1408,6 +1437,7 @@ fn read_through_model() {
         Setup {
             strategy: Strategy::ReadThrough,
             mode: OutboxMode::Durable,
+            background: false,
         },
         1,
     );
@@ -1419,6 +1449,7 @@ fn cache_aside_model() {
         Setup {
             strategy: Strategy::CacheAside,
             mode: OutboxMode::Durable,
+            background: false,
         },
         2,
     );
@@ -1430,6 +1461,7 @@ fn write_through_model() {
         Setup {
             strategy: Strategy::WriteThrough,
             mode: OutboxMode::Durable,
+            background: false,
         },
         3,
     );
@@ -1441,6 +1473,7 @@ fn write_behind_durable_model() {
         Setup {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Durable,
+            background: false,
         },
         4,
     );
@@ -1452,7 +1485,32 @@ fn write_behind_memory_model() {
         Setup {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Memory,
+            background: false,
         },
         5,
+    );
+}
+
+#[test]
+fn write_behind_durable_background_model() {
+    model(
+        Setup {
+            strategy: Strategy::WriteBehind,
+            mode: OutboxMode::Durable,
+            background: true,
+        },
+        6,
+    );
+}
+
+#[test]
+fn write_behind_memory_background_model() {
+    model(
+        Setup {
+            strategy: Strategy::WriteBehind,
+            mode: OutboxMode::Memory,
+            background: true,
+        },
+        7,
     );
 }

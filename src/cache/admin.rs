@@ -104,15 +104,34 @@ impl TieredCache {
                 let flushed =
                     tokio::time::timeout(self.inner.settings.close_timeout, outbox.flush()).await;
                 outbox.stop();
-                match flushed {
+                let report = match flushed {
                     Ok(r) => r?,
                     Err(_) => outbox.report_pending().await?,
-                }
+                };
+                self.forget_lost_writes().await;
+                report
             }
             _ => FlushReport::default(),
         };
         self.inner.closed.store(true, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The memory outbox loses what `close` could not deliver. Its keys' L2 copies predate
+    /// those writes (the memory outbox writes L2 only on delivery) and may be older than what
+    /// the source holds now: they go, so the next open asks the source (I1).
+    async fn forget_lost_writes(&self) {
+        let inner = &*self.inner;
+        let Some(queue) = &inner.memory_queue else {
+            return;
+        };
+        for key in queue.keys() {
+            inner.fences.bump(&key);
+            inner.l1.remove(&key).await;
+            if let Err(e) = inner.l2.remove(&key).await {
+                tracing::warn!(key, error = %e, "could not drop the L2 copy of an undelivered write");
+            }
+        }
     }
 
     // ---------------------------------------------------------------- warm

@@ -64,6 +64,7 @@ pub struct TieredCacheBuilder {
     pub(crate) storage_breaker: BreakerPolicy,
     pub(crate) persist_breaker: bool,
     pub(crate) outbox_mode: OutboxMode,
+    pub(crate) background_flush: bool,
     pub(crate) pragmas: Vec<(String, String)>,
     pub(crate) busy_timeout: Duration,
 }
@@ -95,6 +96,7 @@ impl Default for TieredCacheBuilder {
             storage_breaker: default_storage_breaker(),
             persist_breaker: true,
             outbox_mode: OutboxMode::Durable,
+            background_flush: true,
             pragmas: Vec::new(),
             busy_timeout: Duration::from_secs(5),
         }
@@ -298,6 +300,28 @@ impl TieredCacheBuilder {
     /// safety for a `set` that costs about a moka insert.
     pub fn outbox(mut self, mode: OutboxMode) -> Self {
         self.outbox_mode = mode;
+        self
+    }
+
+    /// Whether write-behind delivers in the background (default `true`). With `false`, writes
+    /// wait in the outbox until [`flush`](crate::TieredCache::flush) or
+    /// [`close`](crate::TieredCache::close): for batch jobs that deliver at the end, and for
+    /// tests that need every delivery at a known point. Reads are unaffected: a pending write
+    /// reads back as itself.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// use tiercache::{Strategy, TieredCache};
+    /// let cache = TieredCache::builder()
+    ///     .strategy(Strategy::WriteBehind)
+    ///     .background_flush(false)
+    ///     .build()?;
+    /// cache.set("k", "v").await?;
+    /// assert_eq!(cache.stats().await.outbox.depth, 1); // still pending: nothing ran in the background
+    /// # Ok(()) }
+    /// ```
+    pub fn background_flush(mut self, on: bool) -> Self {
+        self.background_flush = on;
         self
     }
 

@@ -253,7 +253,7 @@ impl TieredCache {
                 ttl: settings.ttl,
                 stale_ttl: settings.stale_ttl,
             },
-            b.strategy == Strategy::WriteBehind,
+            b.strategy == Strategy::WriteBehind && b.background_flush,
         )?);
         Ok(Self {
             inner: Arc::new(Inner {

@@ -1185,6 +1185,15 @@ impl Store for SqliteTier {
             )?
             .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
             if dead {
+                // A dead letter with a newer row of its key (the group's older rows, coalesced
+                // into the refused newest one; or a write that arrived during the attempt) is
+                // superseded from the start: never to be retried over the newer write (I4).
+                conn.prepare_cached(
+                    "UPDATE outbox SET superseded = 1
+                     WHERE id IN rarray(?1) AND dead = 1
+                       AND EXISTS (SELECT 1 FROM outbox AS o WHERE o.key = outbox.key AND o.id > outbox.id)",
+                )?
+                .execute([ids.clone()])?;
                 let keys: Vec<String> = conn
                     .prepare_cached("SELECT DISTINCT key FROM outbox WHERE id IN rarray(?1)")?
                     .query_map([ids], |r| r.get(0))?
