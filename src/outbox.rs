@@ -708,21 +708,24 @@ impl Deliverer {
         }
         let attempts = rows.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
         let call = async {
-            match &last.op {
+            let r = match &last.op {
                 OutboxOp::Put(v) => self.source.put(key, v).await,
                 OutboxOp::Delete => match self.source.delete(key).await {
                     Err(SourceError::NotFound { .. }) => Ok(()),
                     other => other,
                 },
-            }
+            };
+            // Dated when the source took it, not after the breaker's bookkeeping.
+            r.map(|()| self.clock.now_millis())
         };
         // The offline and stop switches are checked again right before the call is sent
         // (waiting for the breaker's permit takes time): I3.
         let result = guarded(&self.guard, self.timeout, || self.may_send(), call).await;
         let now = self.clock.now_millis();
         match result {
-            Ok(()) => {
-                self.settled(key, last.id, Some(&last.op), now).await;
+            Ok(accepted_at) => {
+                self.settled(key, last.id, Some(&last.op), accepted_at)
+                    .await;
                 Ok(Delivery::Delivered(ids(&rows)))
             }
             Err(_) if !self.may_send() => Ok(Delivery::Held(NOT_SENT.into())),

@@ -57,14 +57,23 @@ pub(super) async fn load(
         .and_then(|p| p.validator.clone());
     let settings = &inner.settings;
     let offline = inner.offline.clone();
+    // The answer is dated when the source gave it, not after the breaker's bookkeeping.
+    let answered_at = std::sync::atomic::AtomicU64::new(0);
     let fetched = guarded(
         &inner.guard,
         settings.timeout,
         || !offline.load(Ordering::SeqCst),
-        inner.source.fetch(&key, validator.as_deref()),
+        async {
+            let r = inner.source.fetch(&key, validator.as_deref()).await;
+            answered_at.store(clock.now_millis(), Ordering::Relaxed);
+            r
+        },
     )
     .await;
-    let now = clock.now_millis();
+    let now = match answered_at.load(Ordering::Relaxed) {
+        0 => clock.now_millis(),
+        at => at,
+    };
     let deadlines = |ttl: Option<Duration>, base: u64| {
         let fresh_until = add(now, ttl.map_or(base, millis));
         (fresh_until, add(fresh_until, settings.stale_ttl))
