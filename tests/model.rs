@@ -51,13 +51,29 @@
 //!   admissible until the retry is delivered or refused again (dead letters carry no value, so the
 //!   model matches them by key and operation only).
 //! * A delete the source receives is attributed to the newest acknowledged delete of the key.
+//! * A refusal the cache has not recorded yet: the refused newest write stays admissible until
+//!   its dead letter is listed (one of the key that is not superseded and has the write's
+//!   operation: an older, superseded dead letter of the key says nothing), or until a flush or
+//!   close that began after the refusal (both wait for the flusher's round in progress; not
+//!   across a crash, whose dropped flusher finishes its round unwaited for).
+//! * A delivery the cache has not recorded yet: the flusher removes a key's rows only when its
+//!   whole round is done, and until then reads serve the write as pending (fresh, and held in
+//!   L1 again). So the delivered newest write stays admissible (any freshness label) until a
+//!   flush or close that began after the delivery, and a put for a TTL after that one began
+//!   (the copy read back meanwhile) unless the key was invalidated since.
 //!
 //! # Reproducing
 //! `cargo test --test model` runs a short configuration. `TIERCACHE_MODEL_CASES`,
 //! `TIERCACHE_MODEL_OPS` and `TIERCACHE_MODEL_SEED` change the number of cases, the longest op list
 //! and the seed; `TIERCACHE_MODEL_SHRINK_SECS` bounds shrinking; `TIERCACHE_MODEL_ALLOW` lets
 //! known violations pass so a run can look for others (see [`allowed`]). A failure prints the seed, the
-//! shrunk op list and the trace of its last run (each op with what the cache answered).
+//! shrunk op list and the trace of its last run (each op with what the cache answered); a failed
+//! read also prints what the model knew of its key (its newest writes and their status, its last
+//! source calls and values, the dead letters listed before the read).
+//! `TIERCACHE_MODEL_REPLAY='[Set(k3), Mget(["k4", "k1"]), ...]'` runs such a list again instead
+//! of generating cases, `TIERCACHE_MODEL_REPLAY_RUNS` times (default 1, 50 for a background
+//! configuration, whose runs differ with the flusher's timing); pick the configuration by the
+//! test's name, e.g. `cargo test --test model write_behind_memory_background_model`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -508,13 +524,22 @@ struct World {
     offline_spans: Vec<(u64, Option<u64>)>,
     /// Seq of the last close of a memory-outbox cache (its dead letters went with it).
     memory_closed: u64,
+    /// Seq and clock (ms) taken just before each `flush` or `close` began: both wait for the
+    /// background delivery round in progress, so every delivery or refusal the source answered
+    /// before it is recorded by the cache when it returns (unless a crash came in between: a
+    /// dropped cache's flusher finishes its round on its own, unwaited for).
+    quiesces: Vec<(u64, u64)>,
+    /// Seqs of the crashes (drops without close).
+    crashes: Vec<u64>,
     next_value: u64,
     scanned: usize,
     trace: Vec<String>,
-    /// Keys with a dead letter listed by the cache just before the current read began: a
-    /// refusal the cache has not processed yet (the source said no, the dead letter is not yet
-    /// recorded) leaves the refused write admissible, as if still pending.
-    dead_before_read: BTreeSet<String>,
+    /// The dead letters (key, operation) the cache listed just before the current read began,
+    /// superseded ones left out: a refusal the cache has not processed yet (the source said no,
+    /// the dead letter is not yet recorded) leaves the refused write admissible, as if still
+    /// pending. Only a dead letter that is not superseded can be the newest write's: an older
+    /// dead letter of the key (superseded by the newest write) says nothing about it.
+    dead_before_read: BTreeSet<(String, &'static str)>,
 }
 
 fn never_open() -> BreakerPolicy {
@@ -545,6 +570,8 @@ impl World {
             offline: false,
             offline_spans: Vec::new(),
             memory_closed: 0,
+            quiesces: Vec::new(),
+            crashes: Vec::new(),
             next_value: 0,
             scanned: 0,
             trace: Vec::new(),
@@ -673,10 +700,62 @@ impl World {
             }
         }
         Err(format!(
-            "{who} read of {} answered {answer}: {}",
+            "{who} read of {} answered {answer}: {}\n  {}",
             KEYS[key],
-            first_err.unwrap_or_default()
+            first_err.unwrap_or_default(),
+            self.explain(key, start, end, &calls, &history)
         ))
+    }
+
+    /// What the model knew of `key` when a read of it in `[start, end]` was judged.
+    fn explain(
+        &self,
+        key: usize,
+        start: u64,
+        end: u64,
+        calls: &[Call],
+        history: &[Version],
+    ) -> String {
+        let km = &self.keys[key];
+        let writes: Vec<String> = km
+            .writes
+            .iter()
+            .rev()
+            .take(3)
+            .map(|w| {
+                format!(
+                    "{} (start {}, ack {:?}, {:?} at the read's end)",
+                    w.describe(),
+                    w.start,
+                    w.ack,
+                    self.status(key, w, calls, end)
+                )
+            })
+            .collect();
+        let key_calls: Vec<String> = calls
+            .iter()
+            .filter(|c| c.key == KEYS[key])
+            .rev()
+            .take(6)
+            .map(|c| format!("{}: {:?} {:?}", c.seq, c.kind, c.outcome))
+            .collect();
+        let versions: Vec<String> = history
+            .iter()
+            .rev()
+            .take(4)
+            .map(|v| format!("{:?} from {} to {:?}", v.value, v.start, v.end))
+            .collect();
+        format!(
+            "the read ran in seqs [{start}, {end}]; newest writes first: [{}]; invalidated at {}; \
+             local copy held: {}; the key's last source calls: [{}]; its last source values: [{}]; \
+             dead letters listed before the read: {:?}",
+            writes.join("; "),
+            km.invalidated,
+            km.local_valid,
+            key_calls.join("; "),
+            versions.join("; "),
+            self.dead_before_read
+        )
     }
 
     fn admissible_at(
@@ -706,6 +785,13 @@ impl World {
                     w.describe()
                 )),
             };
+        }
+
+        // Latitude: a delivery the cache has not recorded yet.
+        if let (Some(w), Some(Status::Delivered(at))) = (w, status) {
+            if self.delivered_read_as_pending(key, w, at, answer) {
+                return Ok(());
+            }
         }
 
         // Rule 2: a local copy that is certainly held and fresh.
@@ -779,9 +865,10 @@ impl World {
                 }
                 // A retried dead letter may or may not be read back.
                 let retried = matches!(status, Some(Status::Retried))
-                    || (matches!(status, Some(Status::Refused(_)))
-                        && (allowed("refused-served")
-                            || !self.dead_before_read.contains(KEYS[key])));
+                    || match (w, status) {
+                        (Some(w), Some(Status::Refused(at))) => self.refusal_unrecorded(key, w, at),
+                        _ => false,
+                    };
                 if let (Some(w), true) = (w, retried) {
                     if w.op.as_ref() == Some(x) {
                         return Ok(());
@@ -818,9 +905,10 @@ impl World {
             }
             Answer::NotFound => {
                 let retried = matches!(status, Some(Status::Retried))
-                    || (matches!(status, Some(Status::Refused(_)))
-                        && (allowed("refused-served")
-                            || !self.dead_before_read.contains(KEYS[key])));
+                    || match (w, status) {
+                        (Some(w), Some(Status::Refused(at))) => self.refusal_unrecorded(key, w, at),
+                        _ => false,
+                    };
                 if let (Some(w), true) = (w, retried) {
                     if w.op.is_none() {
                         return Ok(());
@@ -934,14 +1022,70 @@ impl World {
         Ok(())
     }
 
-    /// Which keys the cache lists as dead letters now (taken before a read; see
+    /// Which dead letters, not superseded, the cache lists now (taken before a read; see
     /// `dead_before_read`).
     async fn snapshot_dead(&mut self, cache: &TieredCache) {
         self.dead_before_read = cache
             .dead_letters()
             .await
-            .map(|d| d.into_iter().map(|d| d.key).collect())
+            .map(|d| {
+                d.into_iter()
+                    .filter(|d| !d.superseded)
+                    .map(|d| (d.key, d.op))
+                    .collect()
+            })
             .unwrap_or_default();
+    }
+
+    /// Notes that a `flush` or `close` begins (see `quiesces`).
+    fn quiesce(&mut self) {
+        let seq = self.fake.tick();
+        self.quiesces.push((seq, self.now()));
+    }
+
+    /// The first `flush` or `close` after the source answered a delivery at `at` that is sure to
+    /// have waited for the cache to record it (seq and clock ms); `None`: maybe not recorded yet.
+    fn recorded_by(&self, at: u64) -> Option<(u64, u64)> {
+        let (q, time) = *self.quiesces.iter().find(|(q, _)| *q > at)?;
+        if self.crashes.iter().any(|c| *c > at && *c < q) {
+            return None;
+        }
+        Some((q, time))
+    }
+
+    /// Whether the source refused `w` (the key's newest write) at `at` but the cache had not
+    /// recorded the dead letter when the current read began: the refusal is still being
+    /// processed, and the read may have found the write pending. Not after a flush or close
+    /// that began after the refusal (see `quiesces`).
+    fn refusal_unrecorded(&self, key: usize, w: &Write, at: u64) -> bool {
+        allowed("refused-served")
+            || self.recorded_by(at).is_none()
+                && !self
+                    .dead_before_read
+                    .contains(&(KEYS[key].to_owned(), w.op_name()))
+    }
+
+    /// Whether `answer` is `w` (the key's newest write, delivered at `at`) read back as still
+    /// pending: the flusher removes a write's rows only after its round's other deliveries, and
+    /// until then reads serve it as pending (fresh, held in L1 again for a TTL). The model
+    /// cannot see when that happens; a flush or close that began after the delivery bounds it.
+    fn delivered_read_as_pending(&self, key: usize, w: &Write, at: u64, answer: &Answer) -> bool {
+        let matches = match (&w.op, answer) {
+            (Some(v), Answer::Value(x, _)) => v == x,
+            (None, Answer::NotFound) => true,
+            _ => false,
+        };
+        if !matches {
+            return false;
+        }
+        match self.recorded_by(at) {
+            None => true,
+            // A copy read back before the delivery was recorded may stay in L1 until its TTL
+            // (a delete's is not held: it reads as "not found" from the outbox only).
+            Some((q, time)) => {
+                w.op.is_some() && self.keys[key].invalidated < q && self.now() < time + TTL_MS
+            }
+        }
     }
 
     async fn read_one(&mut self, key: usize, lookup: bool) -> Check {
@@ -1035,8 +1179,11 @@ impl World {
         let cache = self.cache.take().ok_or("no cache open")?;
         if crash {
             drop(cache);
+            let seq = self.fake.tick();
+            self.crashes.push(seq);
             self.note("    -> dropped without close".into());
         } else {
+            self.quiesce();
             let report = cache
                 .close()
                 .await
@@ -1122,6 +1269,7 @@ impl World {
             }
             Op::Flush => {
                 let cache = self.cache()?.clone();
+                self.quiesce();
                 let report = cache
                     .flush()
                     .await
@@ -1270,6 +1418,7 @@ impl World {
         self.step(&Op::Offline(false)).await?;
         for round in 0..2 {
             let cache = self.cache()?.clone();
+            self.quiesce();
             let report = cache
                 .flush()
                 .await
@@ -1383,6 +1532,127 @@ fn allowed(what: &str) -> bool {
     std::env::var("TIERCACHE_MODEL_ALLOW").is_ok_and(|v| v.split(',').any(|a| a.trim() == what))
 }
 
+/// Parses an op list as a failure prints it (`[Set(k3), Mget(["k4", "k1"]), ...]`, the brackets
+/// optional), for `TIERCACHE_MODEL_REPLAY`.
+fn parse_ops(text: &str) -> Result<Vec<Op>, String> {
+    let text = text.trim();
+    let text = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    // Split at the commas outside parentheses and brackets.
+    let mut items = Vec::new();
+    let (mut depth, mut from) = (0i32, 0usize);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&text[from..i]);
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&text[from..]);
+    let key = |k: &str| {
+        let k = k.trim().trim_matches('"');
+        KEYS.iter()
+            .position(|n| *n == k)
+            .ok_or_else(|| format!("unknown key {k:?}"))
+    };
+    let flag = |b: &str| match b.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("not a bool: {other:?}")),
+    };
+    let number = |n: &str| {
+        n.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("not a number {n:?}: {e}"))
+    };
+    items
+        .into_iter()
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (name, arg) = match item.split_once('(') {
+                Some((name, rest)) => (
+                    name,
+                    rest.strip_suffix(')')
+                        .ok_or_else(|| format!("unbalanced: {item}"))?,
+                ),
+                None => (item, ""),
+            };
+            let two = || {
+                arg.split_once(',')
+                    .ok_or_else(|| format!("two arguments expected: {item}"))
+            };
+            Ok(match name {
+                "Get" => Op::Get(key(arg)?),
+                "Lookup" => Op::Lookup(key(arg)?),
+                "Mget" => Op::Mget(
+                    arg.trim_matches(|c| c == '[' || c == ']')
+                        .split(',')
+                        .map(key)
+                        .collect::<Result<_, _>>()?,
+                ),
+                "Set" => Op::Set(key(arg)?),
+                "Delete" => Op::Delete(key(arg)?),
+                "Invalidate" => Op::Invalidate(key(arg)?),
+                "ClearMemory" => Op::ClearMemory,
+                "Flush" => Op::Flush,
+                "Advance" => Op::Advance(match arg {
+                    "PastTtl" => Advance::PastTtl,
+                    "PastStale" => Advance::PastStale,
+                    secs => Advance::Secs(number(
+                        secs.strip_prefix("Secs(")
+                            .and_then(|s| s.strip_suffix(')'))
+                            .ok_or_else(|| format!("unknown advance: {item}"))?,
+                    )?),
+                }),
+                "Outage" => Op::Outage(flag(arg)?),
+                "Offline" => Op::Offline(flag(arg)?),
+                "External" => {
+                    let (k, what) = two()?;
+                    Op::External(key(k)?, what.trim() == "delete")
+                }
+                "Refuse" => {
+                    let (k, on) = two()?;
+                    Op::Refuse(key(k)?, flag(on)?)
+                }
+                "Restart" => Op::Restart,
+                "Crash" => Op::Crash,
+                "RetryDead" => Op::RetryDead(number(arg)? as usize),
+                "DiscardDead" => Op::DiscardDead(number(arg)? as usize),
+                "SecondReader" => Op::SecondReader(key(arg)?),
+                other => return Err(format!("unknown op {other:?}")),
+            })
+        })
+        .collect()
+}
+
+/// `TIERCACHE_MODEL_REPLAY`: runs the given op list (as a failure prints it)
+/// `TIERCACHE_MODEL_REPLAY_RUNS` times (default 1, or 50 for a background configuration, whose
+/// runs differ with the flusher's timing) instead of generating cases; the first failure panics
+/// with its trace. Select one configuration by the test's name.
+fn replay(setup: Setup, list: &str) {
+    let ops = parse_ops(list).unwrap_or_else(|e| panic!("TIERCACHE_MODEL_REPLAY: {e}"));
+    let runs = env_u64(
+        "TIERCACHE_MODEL_REPLAY_RUNS",
+        if setup.background { 50 } else { 1 },
+    );
+    for run in 0..runs {
+        if let Err(e) = run_case(setup, &ops) {
+            panic!(
+                "{setup:?}: the replayed list ({} ops) failed on run {}:\n{e}",
+                ops.len(),
+                run + 1
+            );
+        }
+    }
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -1391,6 +1661,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn model(setup: Setup, salt: u8) {
+    if let Ok(list) = std::env::var("TIERCACHE_MODEL_REPLAY") {
+        return replay(setup, &list);
+    }
     let cases = env_u64("TIERCACHE_MODEL_CASES", 12) as u32;
     let max_ops = env_u64("TIERCACHE_MODEL_OPS", 60) as usize;
     let seed = env_u64("TIERCACHE_MODEL_SEED", 0x7133_CAC4E);
