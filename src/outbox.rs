@@ -750,6 +750,13 @@ impl Deliverer {
                 // (a read racing this may have promoted it), L2 with the dead letter in one step.
                 self.tiers.fences.bump(key);
                 self.tiers.l1.remove(key).await;
+                if self.tiers.memory_mode {
+                    // The memory outbox's dead letter ends the pending write's shadow over L2 at
+                    // once (no transaction binds them): L2's older copy goes first.
+                    if let Err(e) = self.tiers.l2.remove(key).await {
+                        tracing::warn!(key, error = %e, "write-behind: could not drop the L2 copy of a refused write's key");
+                    }
+                }
                 self.queue
                     .failed(ids(&rows), now, msg.clone(), true)
                     .await?;

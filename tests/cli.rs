@@ -812,3 +812,91 @@ async fn dead_letters_are_listed_retried_and_discarded() {
         .await
         .expect(2);
 }
+
+/// Issue #12, item 6: a write GitHub refuses is a dead letter and is never served, neither as
+/// fresh from the database nor after the dead letter is discarded; GitHub's answer stands.
+#[tokio::test]
+async fn a_refused_write_behind_put_is_never_served() {
+    let env = Env::new().await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
+        .mount(&env.fake.server)
+        .await;
+    env.put("write-behind", "port = 5050\n").await.expect(1);
+    for round in ["before", "after"] {
+        let got = env.run(&["get", KEY, "--json"]).await;
+        assert!(
+            !got.out().contains("5050"),
+            "{round} the discard: the refused content was served: {}",
+            got.out()
+        );
+        got.expect(2);
+        env.run(&["dead-letters", "--discard-all"]).await.expect(0);
+    }
+}
+
+/// Issue #12, item 7: a delete queued by a write-behind process reads as "not found" in every
+/// later process, whatever its strategy, before and after delivery; GitHub is not asked for the
+/// old file meanwhile.
+#[tokio::test]
+async fn a_pending_write_behind_delete_reads_as_not_found_in_every_strategy() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    env.run(&["get", KEY]).await.expect(0);
+    env.outage().await;
+    env.run(&["--strategy", "write-behind", "delete", KEY])
+        .await
+        .expect(0);
+    // GitHub is back and still has the file.
+    env.reset().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    for strategy in [
+        "read-through",
+        "write-through",
+        "cache-aside",
+        "write-behind",
+    ] {
+        let got = env.run(&["--strategy", strategy, "get", KEY]).await;
+        assert!(!got.out().contains("8080"), "{strategy}: {}", got.out());
+        got.expect(2);
+    }
+    assert!(
+        env.requests()
+            .await
+            .iter()
+            .all(|r| r.method.as_str() != "GET" || r.url.path() != CONTENTS),
+        "the old file was not fetched while its delete was pending"
+    );
+    // The delete is delivered (GitHub's sha look-up, then the DELETE); GitHub then says 404.
+    env.reset().await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.file_object("config/prod.toml", "abc"))
+        .up_to_n_times(1)
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.json(
+            200,
+            serde_json::json!({"content": null, "commit": {"sha": "def"}}),
+        ))
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    env.run(&["flush"]).await.expect(0);
+    assert_eq!(bodies(&env.requests().await, "DELETE").len(), 1);
+    let got = env.run(&["get", KEY]).await;
+    assert!(!got.out().contains("8080"), "{}", got.out());
+    got.expect(2);
+}

@@ -311,13 +311,32 @@ impl TieredCacheBuilder {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// use async_trait::async_trait;
+    /// use tiercache::source::{Fetched, Source, SourceError};
     /// use tiercache::{Strategy, TieredCache};
+    ///
+    /// #[derive(Debug)]
+    /// struct Sink;
+    ///
+    /// #[async_trait]
+    /// impl Source for Sink {
+    ///     async fn fetch(&self, _: &str, _: Option<&str>) -> Result<Fetched, SourceError> {
+    ///         Ok(Fetched::NotFound)
+    ///     }
+    ///     async fn put(&self, _: &str, _: &[u8]) -> Result<(), SourceError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
     /// let cache = TieredCache::builder()
+    ///     .source(Sink)
     ///     .strategy(Strategy::WriteBehind)
     ///     .background_flush(false)
     ///     .build()?;
     /// cache.set("k", "v").await?;
-    /// assert_eq!(cache.stats().await.outbox.depth, 1); // still pending: nothing ran in the background
+    /// assert_eq!(cache.stats().await.outbox.depth, 1); // nothing ran in the background
+    /// assert_eq!(cache.get("k").await?.unwrap(), "v"); // a pending write reads back as itself
+    /// assert_eq!(cache.flush().await?.delivered, 1);
     /// # Ok(()) }
     /// ```
     pub fn background_flush(mut self, on: bool) -> Self {

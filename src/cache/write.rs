@@ -80,6 +80,7 @@ impl TieredCache {
         }
         // Before any tier changes: a fill or promotion that raced this write stays out (I1).
         inner.fences.bump(key);
+        let token = inner.fences.token(key);
         match inner.settings.strategy {
             Strategy::ReadThrough | Strategy::CacheAside | Strategy::WriteThrough => {
                 self.put_l2(key, entry.clone()).await
@@ -96,6 +97,12 @@ impl TieredCache {
             },
         }
         inner.l1.insert(key, Arc::new(entry)).await;
+        // The flusher may have settled this write already (it is in the outbox from the enqueue
+        // on): a refusal cleared L1 before this insert, so the copy must go (a refused write is
+        // never served: I1). Any write of the key since the bump moved the fence.
+        if inner.settings.strategy == Strategy::WriteBehind && !inner.fences.unchanged(key, token) {
+            inner.l1.remove(key).await;
+        }
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
         }

@@ -30,6 +30,8 @@ pub struct FakeSource {
     fetches: Log<String>,
     writes: Log<Bytes>,
     fetch_count: Arc<AtomicUsize>,
+    /// Writes (puts and deletes) begun, counted before any scripted latency.
+    writes_started: Arc<AtomicUsize>,
 }
 
 impl FakeSource {
@@ -64,6 +66,11 @@ impl FakeSource {
 
     pub fn set_latency(&self, latency: Duration) {
         self.script.lock().unwrap().latency = latency;
+    }
+
+    /// Writes begun (counted before the scripted latency; `writes` logs them after it).
+    pub fn writes_started(&self) -> usize {
+        self.writes_started.load(Ordering::SeqCst)
     }
 
     pub fn fetch_count(&self) -> usize {
@@ -110,6 +117,7 @@ impl Source for FakeSource {
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), SourceError> {
+        self.writes_started.fetch_add(1, Ordering::SeqCst);
         let latency = self.script.lock().unwrap().latency;
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -126,6 +134,7 @@ impl Source for FakeSource {
     }
 
     async fn delete(&self, key: &str) -> Result<(), SourceError> {
+        self.writes_started.fetch_add(1, Ordering::SeqCst);
         self.writes.lock().unwrap().push((key.to_owned(), None));
         let mut s = self.script.lock().unwrap();
         if let Some(e) = s.write_error.clone() {
