@@ -1,6 +1,7 @@
 //! The L3 circuit breaker as the cache uses it: every source call asks it first, and its whole
 //! state lives in L2 too, so processes sharing a database file trip and respect one breaker.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,14 @@ pub(crate) struct SourceGuard {
     clock: Arc<dyn Clock>,
     events: Events,
     last_error: Mutex<Option<String>>,
+    /// When the persisted row was last read and found clean (ms; 0: not since the last change
+    /// this process made). Within [`PERSISTED_REFRESH_MS`] of that, a healthy call reads nothing.
+    persisted_clean_at: AtomicU64,
 }
+
+/// How long a clean persisted breaker is trusted without reading it again: another process's
+/// trip (or rate limit) is seen by this one within this time.
+const PERSISTED_REFRESH_MS: u64 = 1_000;
 
 impl SourceGuard {
     /// `store`: where to persist the state (`None`: memory only).
@@ -61,17 +69,27 @@ impl SourceGuard {
             clock,
             events,
             last_error: Mutex::new(None),
+            persisted_clean_at: AtomicU64::new(0),
         }
     }
 
     /// Asks the breaker for a call.
     ///
     /// While the breaker is clean (closed, no failure counted) here and in the database, a call
-    /// costs one read of the persisted state and no write: writes happen only once something
-    /// failed, so a healthy source is not slowed by bookkeeping. (The failure-rate window shared
-    /// between processes therefore counts calls only from the first failure on.)
+    /// reads the persisted state at most once a second ([`PERSISTED_REFRESH_MS`]) and writes
+    /// nothing: writes happen only on transitions and once something failed, so a healthy
+    /// source is not slowed by bookkeeping. (The failure-rate window shared between processes
+    /// therefore counts calls only from the first failure on.)
     pub(crate) async fn acquire(&self) -> Result<Permit, Rejected> {
         if let Some(store) = &self.store {
+            let now = self.clock.now_millis();
+            let clean_at = self.persisted_clean_at.load(Ordering::Relaxed);
+            if clean_at != 0
+                && now.saturating_sub(clean_at) < PERSISTED_REFRESH_MS
+                && self.breaker.is_clean()
+            {
+                return self.breaker.try_acquire();
+            }
             let persisted_clean = match store.load_meta(META_KEY).await {
                 Ok(json) => json
                     .as_deref()
@@ -81,8 +99,10 @@ impl SourceGuard {
                 Err(_) => true,
             };
             if persisted_clean && self.breaker.is_clean() {
+                self.persisted_clean_at.store(now.max(1), Ordering::Relaxed);
                 return self.breaker.try_acquire();
             }
+            self.persisted_clean_at.store(0, Ordering::Relaxed);
         }
         let result = self
             .persisted(|st, now, policy| st.try_acquire(now, policy))
@@ -144,6 +164,7 @@ impl SourceGuard {
         f: impl FnOnce(&mut BreakerState, u64, &BreakerPolicy) -> R + Send + 'static,
     ) -> Option<R> {
         let store = self.store.as_ref()?;
+        self.persisted_clean_at.store(0, Ordering::Relaxed);
         let now = self.clock.now_millis();
         let policy = self.breaker.policy().clone();
         let fallback = self.breaker.state_snapshot();
