@@ -1,9 +1,12 @@
 //! The unit every tier stores: bytes (or "not found") with a validator and three deadlines.
 
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
+
 use bytes::Bytes;
 
 /// A cached answer of the source. Deadlines are milliseconds since the UNIX epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Entry {
     /// The bytes; `None` for a negative entry (the source said "not found").
     pub(crate) value: Option<Bytes>,
@@ -15,7 +18,31 @@ pub(crate) struct Entry {
     pub(crate) fresh_until: u64,
     /// Served as stale (when the source cannot answer) until then; dropped after.
     pub(crate) stale_until: u64,
+    /// The value decoded by a typed view ([`Typed`](crate::Typed)), kept with the bytes it came
+    /// from: every write replaces the whole entry, so a decoded value can never outlive its
+    /// bytes. One type per entry; a second type decodes on every read.
+    pub(crate) decoded: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.value,
+            &self.validator,
+            self.stored_at,
+            self.fresh_until,
+            self.stale_until,
+        ) == (
+            &other.value,
+            &other.validator,
+            other.stored_at,
+            other.fresh_until,
+            other.stale_until,
+        )
+    }
+}
+
+impl Eq for Entry {}
 
 impl Entry {
     pub(crate) fn new(
@@ -31,7 +58,14 @@ impl Entry {
             stored_at,
             fresh_until,
             stale_until,
+            decoded: OnceLock::new(),
         }
+    }
+
+    /// The value decoded as `T` by an earlier typed read, if that is the type it holds.
+    #[inline]
+    pub(crate) fn decoded<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.decoded.get()?.clone().downcast::<T>().ok()
     }
 
     /// Whether the entry is fresh at `now`, given a per-read maximum age.

@@ -93,7 +93,7 @@ pub mod stats;
 pub mod tier;
 
 pub use cache::{
-    ReadOptions, Strategy, TieredCache, TieredCacheBuilder, WarmProgress, WarmSummary,
+    ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use error::{Error, Result};

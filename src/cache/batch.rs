@@ -143,7 +143,11 @@ impl TieredCache {
                 };
                 async move {
                     let key = distinct_ref[d].0;
-                    (d, self.ask_source(key, max_age, candidate, now, seen).await)
+                    (
+                        d,
+                        self.ask_source(key, max_age, candidate, now, seen, None)
+                            .await,
+                    )
                 }
             })
             .buffer_unordered(inner.settings.fetch_concurrency)

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::read::Seen;
+use bytes::Bytes;
+
 use super::*;
 use crate::source::guard::not_sent;
 use crate::tier::FillGuard;
@@ -39,9 +41,6 @@ pub(super) async fn load(
     max_age: Option<u64>,
     seen: Seen,
 ) -> LoadResult {
-    let Seen {
-        token, observed, ..
-    } = seen;
     let clock = inner.clock.clone();
     let now = clock.now_millis();
     // A load that finished just before this one started has already filled L1.
@@ -132,18 +131,27 @@ pub(super) async fn load(
             return Err(source_failure(&key, e));
         }
     };
-    // L1 first (readers see the answer at once), then L2; both behind the key's fence, and L2
-    // only over the row this read saw: a write that raced this load wins (I1). When L2 refuses
-    // the fill (a write, maybe another process's, got there first), the L1 copy goes too.
+    fill(&inner, &key, entry, how, seen).await
+}
+
+/// Writes what a load got into L1, then L2. L1 first (readers see the answer at once), then L2;
+/// both behind the key's fence, and L2 only over the row the read saw: a write that raced the
+/// load wins (I1). When L2 refuses the fill (a write, maybe another process's, got there
+/// first), the L1 copy goes too.
+async fn fill(inner: &Inner, key: &str, entry: Entry, how: Loaded, seen: Seen) -> LoadResult {
+    let Seen {
+        token, observed, ..
+    } = seen;
+    let settings = &inner.settings;
     let entry = Arc::new(entry);
     let remember = settings.negative_ttl > 0 || entry.value.is_some();
-    if remember && inner.fences.unchanged(&key, token) {
-        inner.l1.insert(&key, entry.clone()).await;
-        if !inner.fences.unchanged(&key, token) {
-            inner.l1.remove(&key).await;
+    if remember && inner.fences.unchanged(key, token) {
+        inner.l1.insert(key, entry.clone()).await;
+        if !inner.fences.unchanged(key, token) {
+            inner.l1.remove(key).await;
         }
         let fences = inner.fences.clone();
-        let fenced_key = key.clone();
+        let fenced_key = key.to_owned();
         let guard = FillGuard {
             observed,
             still_valid: Box::new(move || fences.unchanged(&fenced_key, token)),
@@ -151,13 +159,13 @@ pub(super) async fn load(
         let written = match how {
             Loaded::NotModified => {
                 let deadlines = (entry.stored_at, entry.fresh_until, entry.stale_until);
-                inner.l2.renew_fill(&key, deadlines, guard).await
+                inner.l2.renew_fill(key, deadlines, guard).await
             }
-            _ => inner.l2.put_fill(&key, (*entry).clone(), guard).await,
+            _ => inner.l2.put_fill(key, (*entry).clone(), guard).await,
         };
         match written {
             Ok(true) => {}
-            Ok(false) => inner.l1.remove(&key).await,
+            Ok(false) => inner.l1.remove(key).await,
             Err(e) => {
                 inner.stats.error(Tier::L2);
                 tracing::warn!(key, error = %e, "L2 write failed; the value is held in L1 only");
@@ -165,4 +173,51 @@ pub(super) async fn load(
         }
     }
     Ok((entry, how))
+}
+
+/// A per-call loader (`get_with`): `Some` bytes, `None` for "does not exist", or its error.
+pub(super) type CustomLoad = Box<
+    dyn FnOnce() -> futures_util::future::BoxFuture<
+            'static,
+            std::result::Result<Option<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+        > + Send,
+>;
+
+/// One load through a per-call loader instead of the source, filled like a source's answer
+/// (no validator: it is never revalidated, only reloaded). A failure becomes
+/// [`Error::Unavailable`] (reason: source error), so the stale fallback applies.
+pub(super) async fn load_custom(
+    inner: Arc<Inner>,
+    key: String,
+    loader: CustomLoad,
+    seen: Seen,
+) -> LoadResult {
+    let loaded = loader().await;
+    let now = inner.clock.now_millis();
+    let settings = &inner.settings;
+    let entry = match loaded {
+        Ok(Some(value)) => {
+            let fresh_until = add(now, settings.ttl);
+            Entry::new(
+                Some(value),
+                None,
+                now,
+                fresh_until,
+                add(fresh_until, settings.stale_ttl),
+            )
+        }
+        Ok(None) => {
+            let fresh_until = add(now, settings.negative_ttl);
+            Entry::new(None, None, now, fresh_until, fresh_until)
+        }
+        Err(e) => {
+            inner.stats.error(Tier::L3);
+            return Err(Error::Unavailable {
+                key,
+                reason: StaleReason::SourceError,
+                source: SourceError::Other(Arc::from(e)),
+            });
+        }
+    };
+    fill(&inner, &key, entry, Loaded::Fetched, seen).await
 }

@@ -45,12 +45,15 @@ mod batch;
 mod builder;
 mod flight;
 mod load;
+mod loader;
 mod options;
 mod read;
+mod typed;
 mod write;
 
 pub use builder::TieredCacheBuilder;
 pub use options::{ReadOptions, Strategy};
+pub use typed::Typed;
 
 use crate::source::guard::{guarded, SourceGuard};
 use crate::tier::fence::Fences;

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::load::{load_custom, CustomLoad};
 use super::*;
 use crate::source::guard::not_sent;
 use crate::tier::Observed;
+use futures_util::future::BoxFuture;
 
 /// What a read saw before it asked the source.
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +65,7 @@ impl TieredCache {
         self.check_basic(key)?;
         let candidate = self.servable_l1(key, e, now).await;
         Ok(self
-            .lookup_after_l1(key, None, candidate, now)
+            .lookup_after_l1(key, None, candidate, now, None)
             .await?
             .map(|l| l.value))
     }
@@ -102,7 +104,8 @@ impl TieredCache {
             }
         }
         let candidate = self.servable_l1(key, e, now).await;
-        self.lookup_after_l1(key, max_age, candidate, now).await
+        self.lookup_after_l1(key, max_age, candidate, now, None)
+            .await
     }
 
     /// The L1 copy that may still stand in as stale; one past its stale deadline is dropped
@@ -130,6 +133,7 @@ impl TieredCache {
         max_age: Option<u64>,
         candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
+        custom: Option<CustomLoad>,
     ) -> futures_util::future::BoxFuture<'a, Result<Option<Lookup>>> {
         Box::pin(async move {
             let inner = &*self.inner;
@@ -142,7 +146,10 @@ impl TieredCache {
                 tier = tracing::field::Empty,
                 freshness = tracing::field::Empty
             );
-            let result = in_span!(span.clone(), self.lookup_slow(key, max_age, candidate, now));
+            let result = in_span!(
+                span.clone(),
+                self.lookup_slow(key, max_age, candidate, now, custom)
+            );
             let tier = match &result {
                 Ok(Some(l)) => {
                     span.record("tier", l.tier.as_str());
@@ -170,6 +177,7 @@ impl TieredCache {
         max_age: Option<u64>,
         mut candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
+        custom: Option<CustomLoad>,
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
         // Taken before L2 is read: a write that lands after this keeps this read's promotion
@@ -208,7 +216,8 @@ impl TieredCache {
             observed,
             outbox_checked: false,
         };
-        self.ask_source(key, max_age, candidate, now, seen).await
+        self.ask_source(key, max_age, candidate, now, seen, custom)
+            .await
     }
 
     /// What L2 answered for `key`: a fresh entry is promoted into L1 and served
@@ -267,9 +276,11 @@ impl TieredCache {
         candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
         seen: Seen,
+        custom: Option<CustomLoad>,
     ) -> Result<Option<Lookup>> {
         let inner = &*self.inner;
-        if !inner.settings.strategy.reads_through() {
+        // A per-call loader stands in for the source under every strategy.
+        if custom.is_none() && !inner.settings.strategy.reads_through() {
             return Ok(None);
         }
         // A key with an undelivered write-behind write (of this process or of any other one
@@ -286,13 +297,20 @@ impl TieredCache {
                 }
             }
         }
-        if self.is_offline() {
+        // Offline concerns the source; a per-call loader is the application's own business.
+        if custom.is_none() && self.is_offline() {
             return self.fallback(key, candidate, StaleReason::Offline, not_sent(), now);
         }
         let prev = candidate.as_ref().map(|(e, _)| e.clone());
-        let flight = inner.flights.join(key, || {
-            load(self.inner.clone(), key.to_owned(), prev, max_age, seen)
-        });
+        let flight = inner
+            .flights
+            .join(key, || -> BoxFuture<'static, LoadResult> {
+                let inner = self.inner.clone();
+                match custom {
+                    Some(loader) => Box::pin(load_custom(inner, key.to_owned(), loader, seen)),
+                    None => Box::pin(load(inner, key.to_owned(), prev, max_age, seen)),
+                }
+            });
         if !flight.leader {
             inner.stats.coalesced_waiter();
         }
