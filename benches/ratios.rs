@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::future::Cache as Moka;
-use tiercache::{Strategy, Tier, TieredCache};
+use tiercache::{Strategy, Tier, TieredCache, Typed};
 
 use common::SlowSource;
 
@@ -175,6 +175,41 @@ async fn moka_gets(moka: &Moka<String, Bytes>, keys: &[String], n: usize) -> f64
     let t = Instant::now();
     for i in 0..n {
         black_box(moka.get(&keys[i & (L1_KEYS - 1)]).await);
+    }
+    per_op(t, n)
+}
+
+/// The typed view's value: about 1 KiB of JSON, like the bytes values.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Payload {
+    name: String,
+    n: u64,
+}
+
+/// A cache holding JSON `Payload`s in L1, each already decoded once by the typed view.
+async fn typed_cache(keys: &[String]) -> (TieredCache, Typed<Payload>) {
+    let cache = TieredCache::builder()
+        .strategy(Strategy::CacheAside)
+        .memory_capacity(64 * MIB)
+        .build()
+        .expect("the cache builds");
+    let typed = cache.typed::<Payload>();
+    for (i, k) in keys.iter().enumerate() {
+        let p = Payload {
+            name: "x".repeat(1000),
+            n: i as u64,
+        };
+        typed.set(k, &p).await.expect("set");
+        typed.get(k).await.expect("get").expect("present");
+    }
+    (cache, typed)
+}
+
+/// ns per typed L1-hit `get`.
+async fn typed_gets(typed: &Typed<Payload>, keys: &[String], n: usize) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        black_box(typed.get(&keys[i & (L1_KEYS - 1)]).await.unwrap());
     }
     per_op(t, n)
 }
@@ -635,6 +670,21 @@ fn main() {
         detail: format!("{a:.0} ns on vs {b:.0} ns off per get; rounds {lo:.2}..{hi:.2}"),
         note: None,
     });
+    // The typed view against the bytes API, on the same cache and keys (JSON values).
+    let (typed_bytes, typed) = rt.block_on(typed_cache(&l1_keys));
+    let (r, a, b, (lo, hi)) = side_by_side(
+        ROUNDS,
+        || rt.block_on(typed_gets(&typed, &l1_keys, L1_GETS)),
+        || rt.block_on(l1_gets(&typed_bytes, &l1_keys, L1_GETS)),
+    );
+    rows.push(Row {
+        name: "typed_hit_vs_bytes_hit",
+        value: r,
+        target: Target::AtMost(1.05),
+        detail: format!("{a:.0} ns typed vs {b:.0} ns bytes per get; rounds {lo:.2}..{hi:.2}"),
+        note: None,
+    });
+    drop((typed_bytes, typed));
     let n = 200_000;
     let (cache_reader, moka_reader) = (Reader::Cache(on.clone()), Reader::Moka(moka.clone()));
     let (r, a, b, (lo, hi)) = side_by_side(

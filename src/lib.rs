@@ -11,13 +11,64 @@
 //!              │                  │ bounded, outbox table  │ ETag revalidation, rate-limit aware
 //! ```
 //!
+//! # The contract
+//! What the cache serves is held to five invariants, by every strategy, every command (the CLI's
+//! included), across restarts, crashes and outages, and between processes sharing one database:
+//!
+//! * **I1** A read never returns a value older than the newest write acknowledged (a `set` or
+//!   `delete` that returned `Ok`) by any process sharing the database, unless the source refused
+//!   that write: then the source's value is the truth, and the refused write is a dead letter,
+//!   never served.
+//! * **I2** An acknowledged delete reads as "not found" everywhere sharing the database; a
+//!   delivered delete is never served from any tier.
+//! * **I3** Offline ([`set_offline`](TieredCache::set_offline)) means no request leaves,
+//!   deliveries already under way included: the switch is checked right before each call is
+//!   sent.
+//! * **I4** Dead letters are never dropped silently and never overwrite a newer delivered write:
+//!   a dead letter a newer write of its key came after is
+//!   [`superseded`](DeadLetter::superseded), and retrying it fails with
+//!   [`Error::Superseded`].
+//! * **I5** Every acknowledged write-behind write is delivered (coalescing allowed: the last
+//!   write of a key stands for the ones before it), in per-key order, across restarts and
+//!   crashes. Pending state lives in one place (the outbox), changed in the same step as the
+//!   write that creates it. ([`OutboxMode::Memory`] trades crash safety away, as documented
+//!   there.)
+//!
+//! How they are held: every write bumps its key's *write fence* before it touches a tier, and a
+//! fill from the source (or a promotion from L2) is written only while the fence has not moved
+//! and L2 still holds the row the read saw, so a slow fill never brings an old value back; a
+//! write-behind write and its L2 entry commit in one transaction, and a pending write is read
+//! back from the outbox whatever the strategy of the reader; a refusal removes the local copy in
+//! the same transaction as it records the dead letter. `tests/model.rs` checks all five against
+//! a reference model over random operation lists (seeded, shrunk on failure), with restarts,
+//! crashes, outages, offline spells, evictions and a second writer changing the source.
+//!
+//! # A `get`'s path through the modules
+//! ```text
+//! cache::read      get ─ L1 hit, fresh? ──────────────────────────────────────────▶ value
+//!   (tier::memory)      │ miss or stale (a stale copy is kept as the candidate)
+//! cache::read      lookup_slow ─ memory outbox pending? ─▶ its write (outbox::queue)
+//!   (tier::sqlite)      │ L2 (one statement) fresh? ─▶ promoted into L1 behind the fence
+//! cache::read      ask_source ─ durable outbox pending? ─▶ its write (any strategy)
+//!                       │ offline? ─▶ stale candidate or Error::Unavailable
+//! cache::flight         │ single-flight: one load per key, run as its own task
+//! cache::load      load ─ source::guard (breaker permit, offline check, timeout) ─▶ Source
+//!                       │ 200 / 304 / 404 ─▶ fill: L1, then L2 behind tier::fence
+//! cache::read      fallback ─ the source failed ─▶ stale candidate (marked why) or error
+//! ```
+//! [`mget`](TieredCache::mget) (`cache::batch`) runs the same steps for many keys, with one L2
+//! statement for all of them (entries and pending writes together).
+//!
 //! # Read path
 //! 1. L1 hit and fresh → returned. L1 keeps an entry until its *stale* deadline, so it can also
 //!    serve stale.
-//! 2. L1 miss → L2 (SQLite). An L2 hit is **promoted** into L1 with its remaining lifetimes.
+//! 2. L1 miss → a pending write-behind write of the key is the answer; else L2 (SQLite). An L2
+//!    hit is **promoted** into L1 with its remaining lifetimes.
 //! 3. No fresh copy → the [`Source`](source::Source), unless the strategy is
-//!    [`CacheAside`](Strategy::CacheAside). Concurrent misses of one key make **one** source call
-//!    (single-flight), across [`get`](TieredCache::get) and [`mget`](TieredCache::mget) alike.
+//!    [`CacheAside`](Strategy::CacheAside) (or a per-call loader:
+//!    [`get_with`](TieredCache::get_with)). Concurrent misses of one key make **one** source
+//!    call (single-flight), across [`get`](TieredCache::get) and [`mget`](TieredCache::mget)
+//!    alike.
 //! 4. An expired entry with a validator (ETag) is **revalidated** with a conditional request; "not
 //!    modified" renews it without moving its bytes.
 //! 5. The source fails, times out, is rate-limited or its breaker is open → the **stale** copy is
@@ -26,7 +77,8 @@
 //! 6. "Not found" is remembered (a negative entry with its own short TTL).
 //!
 //! Every value comes back with where it came from ([`Lookup`]): the [`Tier`], fresh or stale and
-//! why, its age. Callers that only want the bytes use [`get`](TieredCache::get).
+//! why, its age. Callers that only want the bytes use [`get`](TieredCache::get); typed values,
+//! decoded once per entry, come from [`typed`](TieredCache::typed).
 //!
 //! # Strategies
 //! | strategy | `get` on a miss | `set` |
@@ -43,10 +95,15 @@
 //! | `cli` | no | the `tiercache` command-line binary |
 //!
 //! # Modules
-//! * [`source`]: the [`Source`](source::Source) trait and the GitHub source.
-//! * [`tier`]: the SQLite tier's settings and what it holds ([`StoreSummary`]).
+//! * `cache`: the facade [`TieredCache`] over `read` (the one read pipeline), `batch` (`mget`),
+//!   `write` (the strategies), `load` (fills from the source), `loader` (`get_with`), `typed`
+//!   ([`Typed`]), `admin` (flush, dead letters, warm, stats, health), `flight` (single-flight).
+//! * [`source`]: the [`Source`](source::Source) trait, its protections (`source::guard`: breaker,
+//!   timeout, offline switch) and the GitHub source.
+//! * [`tier`]: L1 (`tier::memory`), the SQLite tier's settings and what it holds
+//!   ([`StoreSummary`]), L2 behind its breakers (`tier::guarded`), write fences (`tier::fence`).
+//! * [`outbox`]: the write-behind outbox, its delivery, reports and dead letters.
 //! * [`breaker`]: the circuit breaker, usable on its own.
-//! * [`outbox`]: write-behind delivery reports and dead letters.
 //! * [`stats`], [`health`], [`event`]: what the cache is doing.
 //!
 //! # Example
