@@ -1,0 +1,176 @@
+//! L2: one SQLite database file (WAL), bounded by bytes, that also holds the write-behind outbox
+//! and a small meta table (the persisted L3 breaker).
+//!
+//! Threads: one dedicated writer thread owns the write connection and commits everything queued
+//! since its last commit in one transaction (group commit); reads run on the caller's thread
+//! over a small pool of read connections, each a WAL snapshot that never waits for the writer.
+//! A read of a cached page is a few microseconds, cheaper than any hop to another thread.
+//!
+//! The module's parts: `open` (the file looked at before any write, foreign and corrupt files,
+//! the schema and its migrations, the watch on the file's identity), `writer` (the writer thread:
+//! group commit, jobs, last-access touches, eviction) and `store` (reads, and the write jobs of
+//! the tier's `Store` implementation).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+mod open;
+mod store;
+mod writer;
+
+use open::FileWatch;
+use writer::{Msg, Touches};
+
+/// The longest [`sqlite_busy_timeout`](crate::TieredCacheBuilder::sqlite_busy_timeout) SQLite
+/// accepts: `i32::MAX` milliseconds (about 24.8 days); `build()` refuses a longer one.
+pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// The `PRAGMA application_id` of a tiercache database: the ASCII bytes `tier`
+/// (`0x74696572`, 1953064306). A database file with another non-zero id belongs to another
+/// application and is refused untouched ([`Error::ForeignDatabase`]).
+pub const APPLICATION_ID: i32 = 0x7469_6572;
+
+/// The schema version written to `PRAGMA user_version`.
+///
+/// History: 1, the first (no `application_id`); 2, `outbox.superseded` and the outbox indexes,
+/// and `application_id` set to [`APPLICATION_ID`].
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The database schema of version [`SCHEMA_VERSION`], as a new database is created. An older
+/// database is brought to it by the migrations, one version at a time.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    key         TEXT PRIMARY KEY NOT NULL,
+    value       BLOB,
+    validator   TEXT,
+    stored_at   INTEGER NOT NULL,
+    fresh_until INTEGER NOT NULL,
+    stale_until INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    last_access INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY,
+    key          TEXT NOT NULL,
+    op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+    value        BLOB,
+    created_at   INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    dead         INTEGER NOT NULL DEFAULT 0,
+    superseded   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
+CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+";
+
+/// Page cache of each read connection, in KiB (change it with
+/// [`sqlite_pragma`](crate::TieredCacheBuilder::sqlite_pragma)`("cache_size", ..)`).
+pub const READER_CACHE_KIB: u64 = 16 * 1024;
+
+/// SQLite's `synchronous` setting for the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `NORMAL`: with WAL, a committed transaction survives a crash of the process; a power loss
+    /// may roll back the last transactions. The default.
+    #[default]
+    Normal,
+    /// `FULL`: every commit is synced to disk; survives power loss, costs an fsync per commit.
+    Full,
+}
+
+/// What to do with a database file that is not SQLite or is corrupt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum OnCorrupt {
+    /// `build()` fails with [`Error::CorruptDatabase`]. The default.
+    #[default]
+    Fail,
+    /// The file is renamed to `<name>.corrupt-<unix ms>` (kept, never deleted) and a fresh
+    /// database is created in its place. Only for a file that is not SQLite or is damaged: a
+    /// valid database of another application is refused ([`Error::ForeignDatabase`]), never
+    /// moved.
+    MoveAside,
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+/// Options for opening the SQLite tier.
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteOptions {
+    pub(crate) location: Location,
+    pub(crate) max_bytes: u64,
+    pub(crate) synchronous: Synchronous,
+    pub(crate) on_corrupt: OnCorrupt,
+    pub(crate) readers: usize,
+    pub(crate) busy_timeout: Duration,
+    /// Extra `PRAGMA name=value` run on every connection after the defaults (validated by the
+    /// builder: names and values are plain words).
+    pub(crate) pragmas: Vec<(String, String)>,
+}
+
+/// The SQLite tier.
+pub(crate) struct SqliteTier {
+    writer: mpsc::Sender<Msg>,
+    touches: Touches,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    read_statements: AtomicU64,
+    location: Location,
+    file: Option<FileWatch>,
+}
+
+impl std::fmt::Debug for SqliteTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteTier")
+            .field("location", &self.location)
+            .field("readers", &self.readers.len())
+            .finish()
+    }
+}
+
+fn storage(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |e| Error::storage(what, e)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteTier {
+    /// `Err` ([`Error::Storage`]) when the database file was deleted or replaced since it was
+    /// opened (one `stat`; always `Ok` for a memory database). The writer makes the same check
+    /// before each commit; this lets health report it without a write.
+    pub(crate) fn check_file(&self) -> Result<()> {
+        self.file.as_ref().map_or(Ok(()), FileWatch::check)
+    }
+
+    /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
+    pub(crate) fn read_statements(&self) -> u64 {
+        self.read_statements.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,495 @@
+//! Reads, on the caller's thread over the pool of read connections, and the write jobs of the
+//! tier's [`Store`] implementation (entries, the outbox, the meta table).
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::writer::{WriterState, MAX_TOUCHES};
+use super::{storage, to_i64, to_u64, SqliteTier};
+use crate::entry::Entry;
+use crate::error::Result;
+use crate::tier::{
+    FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, Resolved, Store, StoreSummary,
+};
+
+impl SqliteTier {
+    /// Runs `f` on a free read connection (on this thread).
+    /// The first free connection is taken, so a lone reader always uses the first (its page
+    /// cache stays warm) and concurrent readers spread over the others.
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        for reader in &self.readers {
+            if let Ok(conn) = reader.try_lock() {
+                return f(&conn);
+            }
+        }
+        let n = self.readers.len();
+        let pick = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
+        let conn = self.readers[pick].lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn)
+    }
+
+    /// One entry, read on this thread (reads never wait on the writer: WAL).
+    fn read_entry(&self, key: &str) -> Result<Option<Entry>> {
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT value, validator, stored_at, fresh_until, stale_until FROM entries WHERE key = ?1",
+            )?
+            .query_row([key], |r| row_to_entry(r, 0))
+            .optional()
+        })
+        .map_err(storage("read an entry"))
+    }
+}
+
+fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry> {
+    let value: Option<Vec<u8>> = r.get(offset)?;
+    Ok(Entry::new(
+        value.map(Bytes::from),
+        r.get(offset + 1)?,
+        to_u64(r.get(offset + 2)?),
+        to_u64(r.get(offset + 3)?),
+        to_u64(r.get(offset + 4)?),
+    ))
+}
+
+fn put_entry(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    e: &Entry,
+) -> rusqlite::Result<()> {
+    let old: Option<i64> = conn
+        .prepare_cached("SELECT size FROM entries WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    let size = e.size() as u64;
+    conn.prepare_cached(
+        "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, validator = excluded.validator,
+           stored_at = excluded.stored_at, fresh_until = excluded.fresh_until,
+           stale_until = excluded.stale_until, size = excluded.size, last_access = excluded.last_access",
+    )?
+    .execute(params![
+        key,
+        e.value.as_deref(),
+        e.validator,
+        to_i64(e.stored_at),
+        to_i64(e.fresh_until),
+        to_i64(e.stale_until),
+        to_i64(size),
+    ])?;
+    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64)) + size;
+    state.now_hint = state.now_hint.max(e.stored_at);
+    Ok(())
+}
+
+/// Whether a fill may replace `key`'s row: no write began since it started, and the row is the
+/// one it observed (another process's write changes it).
+fn fill_allowed(conn: &Connection, key: &str, guard: &FillGuard) -> rusqlite::Result<bool> {
+    if !(guard.still_valid)() {
+        return Ok(false);
+    }
+    if guard.observed == Observed::Unknown {
+        return Ok(true);
+    }
+    let held: Option<i64> = conn
+        .prepare_cached("SELECT stored_at FROM entries WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    Ok(guard.observed.matches(held.map(to_u64)))
+}
+
+/// Removes `key`'s entry unless a write of it newer than `settled_id` is pending.
+fn remove_unless_pending(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    settled_id: i64,
+) -> rusqlite::Result<()> {
+    let newer: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE key = ?1 AND dead = 0 AND id > ?2)",
+        )?
+        .query_row(params![key, settled_id], |r| r.get(0))?;
+    if newer {
+        return Ok(());
+    }
+    remove_entry(conn, state, key)
+}
+
+fn remove_entry(conn: &Connection, state: &mut WriterState, key: &str) -> rusqlite::Result<()> {
+    let old: Option<i64> = conn
+        .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING size")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64));
+    Ok(())
+}
+
+fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let op: String = r.get(2)?;
+    let value: Option<Vec<u8>> = r.get(3)?;
+    let op = match (op.as_str(), value) {
+        ("put", Some(v)) => OutboxOp::Put(Bytes::from(v)),
+        ("put", None) => OutboxOp::Put(Bytes::new()),
+        _ => OutboxOp::Delete,
+    };
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        op,
+        created_at: to_u64(r.get(4)?),
+        attempts: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+        next_attempt: to_u64(r.get(6)?),
+        last_error: r.get(7)?,
+        dead: r.get::<_, i64>(8)? != 0,
+        superseded: r.get::<_, i64>(9)? != 0,
+    })
+}
+
+const OUTBOX_COLUMNS: &str =
+    "id, key, op, value, created_at, attempts, next_attempt, last_error, dead, superseded";
+
+#[async_trait]
+impl Store for SqliteTier {
+    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+        self.read_entry(key)
+    }
+
+    fn get_now(&self, key: &str) -> Option<Result<Option<Entry>>> {
+        Some(self.read_entry(key))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Found> {
+        if keys.is_empty() {
+            return Ok(Found::default());
+        }
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        // One statement for the whole batch: the keys travel as one array parameter, so there
+        // is no parameter limit to chunk around. The entries and the newest pending outbox row
+        // of each key come back together (`kind` 0: entry, 1: pending put, 2: pending delete).
+        let array: Rc<Vec<Value>> =
+            Rc::new(keys.iter().map(|k| Value::from((*k).to_owned())).collect());
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
+                 FROM entries WHERE key IN rarray(?1)
+                 UNION ALL
+                 SELECT key, value, NULL, 0, 0, 0, CASE op WHEN 'put' THEN 1 ELSE 2 END
+                 FROM outbox WHERE id IN (
+                   SELECT max(id) FROM outbox WHERE key IN rarray(?1) AND dead = 0 GROUP BY key)",
+            )?;
+            let mut rows = stmt.query([array])?;
+            let mut found = Found::default();
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                match r.get::<_, i64>(6)? {
+                    0 => found.entries.push((key, row_to_entry(r, 1)?)),
+                    1 => {
+                        let v: Option<Vec<u8>> = r.get(1)?;
+                        let op = OutboxOp::Put(v.map(Bytes::from).unwrap_or_default());
+                        found.pending.push((key, op));
+                    }
+                    _ => found.pending.push((key, OutboxOp::Delete)),
+                }
+            }
+            Ok(found)
+        })
+        .map_err(storage("read a batch of entries"))
+    }
+
+    async fn put(&self, key: &str, entry: Entry) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| put_entry(conn, state, &key, &entry))
+            .await
+    }
+
+    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |conn, state| {
+            if !fill_allowed(conn, &key, &guard)? {
+                return Ok(false);
+            }
+            put_entry(conn, state, &key, &entry).map(|()| true)
+        })
+        .await
+    }
+
+    async fn renew_fill(
+        &self,
+        key: &str,
+        (stored_at, fresh_until, stale_until): (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            if !fill_allowed(conn, &key, &guard)? {
+                return Ok(false);
+            }
+            conn.prepare_cached(
+                "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
+                 WHERE key = ?1",
+            )?
+            .execute(params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)])
+            .map(|n| n > 0)
+        })
+        .await
+    }
+
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| remove_unless_pending(conn, state, &key, settled_id))
+            .await
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, state| remove_entry(conn, state, &key))
+            .await
+    }
+
+    fn touch(&self, key: &str, now: u64) {
+        let mut touches = self.touches.lock().unwrap_or_else(|e| e.into_inner());
+        if touches.len() < MAX_TOUCHES {
+            touches.push((key.to_owned(), now));
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        key: &str,
+        entry: Option<Entry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<i64> {
+        let key = key.to_owned();
+        self.write_atomic(move |conn, state| {
+            match &entry {
+                Some(e) => put_entry(conn, state, &key, e)?,
+                None => remove_entry(conn, state, &key)?,
+            }
+            let value = match &op {
+                OutboxOp::Put(v) => Some(v.as_ref()),
+                OutboxOp::Delete => None,
+            };
+            // A newer write: the key's dead letters may no longer be retried (I4).
+            conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
+                .execute([&key])?;
+            conn.prepare_cached(
+                "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
+            )?
+            .execute(params![key, op.name(), value, to_i64(now)])?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?1"
+            ))?;
+            let rows = stmt.query_map([limit], row_to_outbox)?;
+            rows.collect()
+        })
+        .map_err(storage("read the outbox"))
+    }
+
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        self.read(|conn| {
+            let newest: Option<(String, Option<Vec<u8>>)> = conn
+                .prepare_cached(
+                    "SELECT op, value FROM outbox WHERE key = ?1 AND dead = 0
+                     ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(newest.map(|(op, value)| match (op.as_str(), value) {
+                ("put", v) => OutboxOp::Put(v.map(Bytes::from).unwrap_or_default()),
+                _ => OutboxOp::Delete,
+            }))
+        })
+        .map_err(storage("read the outbox"))
+    }
+
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT key, last_error FROM outbox WHERE dead = 0 ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            let (mut pending, mut stuck, mut seen) =
+                (0u64, Vec::new(), std::collections::HashSet::new());
+            while let Some(r) = rows.next()? {
+                pending += 1;
+                if let Some(error) = r.get::<_, Option<String>>(1)? {
+                    let key: String = r.get(0)?;
+                    if seen.insert(key.clone()) {
+                        stuck.push((key, error));
+                    }
+                }
+            }
+            Ok((pending, stuck))
+        })
+        .map_err(storage("read the outbox"))
+    }
+
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
+        self.write(move |conn, _| {
+            // One statement for the batch; the array (an `Rc`) is built on the writer thread.
+            let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
+            conn.prepare_cached("DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0")?
+                .execute([ids])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn outbox_failed(
+        &self,
+        ids: Vec<i64>,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        self.write_atomic(move |conn, state| {
+            let newest = ids.iter().copied().max().unwrap_or(0);
+            let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
+            conn.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?2, last_error = ?3, dead = ?4
+                 WHERE id IN rarray(?1) AND dead = 0",
+            )?
+            .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
+            if dead {
+                // A dead letter with a newer row of its key (the group's older rows, coalesced
+                // into the refused newest one; or a write that arrived during the attempt) is
+                // superseded from the start: never to be retried over the newer write (I4).
+                conn.prepare_cached(
+                    "UPDATE outbox SET superseded = 1
+                     WHERE id IN rarray(?1) AND dead = 1
+                       AND EXISTS (SELECT 1 FROM outbox AS o WHERE o.key = outbox.key AND o.id > outbox.id)",
+                )?
+                .execute([ids.clone()])?;
+                let keys: Vec<String> = conn
+                    .prepare_cached("SELECT DISTINCT key FROM outbox WHERE id IN rarray(?1)")?
+                    .query_map([ids], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for key in keys {
+                    remove_unless_pending(conn, state, &key, newest)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 1 ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], row_to_outbox)?;
+            rows.collect()
+        })
+        .map_err(storage("read the dead letters"))
+    }
+
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
+        self.write(move |conn, _| {
+            let row: Option<(String, bool)> = conn
+                .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
+                .optional()?;
+            let sql = match row {
+                None => return Ok(Resolved::Missing),
+                Some((key, true)) if retry => return Ok(Resolved::Superseded(key)),
+                Some(_) if retry => {
+                    "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
+                }
+                Some(_) => "DELETE FROM outbox WHERE id = ?1 AND dead = 1",
+            };
+            conn.prepare_cached(sql)?.execute([id])?;
+            Ok(Resolved::Done)
+        })
+        .await
+    }
+
+    async fn supersede_dead(&self, key: &str) -> Result<()> {
+        let key = key.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
+                .execute([&key])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        self.read(|conn| {
+            let (entries, bytes, stale, negative) = conn.query_row(
+                "SELECT count(*), total(size), total(fresh_until <= ?1), total(value IS NULL) FROM entries",
+                [to_i64(now)],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, f64>(3)?)),
+            )?;
+            let (depth, dead, oldest) = conn.query_row(
+                "SELECT total(dead = 0), total(dead = 1), min(CASE WHEN dead = 0 THEN created_at END) FROM outbox",
+                [],
+                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, f64>(1)?, r.get::<_, Option<i64>>(2)?)),
+            )?;
+            Ok(StoreSummary {
+                entries: to_u64(entries),
+                bytes: bytes as u64,
+                stale_entries: stale as u64,
+                negative_entries: negative as u64,
+                outbox_depth: depth as u64,
+                dead_letters: dead as u64,
+                oldest_pending_ms: oldest.map(to_u64),
+            })
+        })
+        .map_err(storage("summarize the database"))
+    }
+
+    async fn load_meta(&self, name: &str) -> Result<Option<String>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))
+                .optional()
+        })
+        .map_err(storage("read a meta value"))
+    }
+
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>> {
+        let name = name.to_owned();
+        self.write(move |conn, _| {
+            let old: Option<String> = conn
+                .prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+                .query_row([&name], |r| r.get(0))
+                .optional()?;
+            let new = update(old);
+            match &new {
+                Some(v) => conn
+                    .prepare_cached(
+                        "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    )?
+                    .execute(params![name, v])?,
+                None => conn
+                    .prepare_cached("DELETE FROM meta WHERE name = ?1")?
+                    .execute([&name])?,
+            };
+            Ok(new)
+        })
+        .await
+    }
+}
