@@ -21,8 +21,8 @@
 //! The token is read from `GITHUB_TOKEN` only and is never printed.
 //!
 //! This file holds the command line, settings, exit codes and error printing; the commands live
-//! in [`read`] (`get`, `mget`, `warm`), [`write`] (`put`, `delete`), [`outbox`] (`flush`,
-//! `dead-letters`) and [`status`] (`stats`, `health`).
+//! in [`read`] (`get`, `mget`, `warm`), [`write`](mod@write) (`put`, `delete`), [`outbox`]
+//! (`flush`, `dead-letters`) and [`status`] (`stats`, `health`).
 
 #[path = "tiercache/config.rs"]
 mod config;
