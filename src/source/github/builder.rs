@@ -83,7 +83,9 @@ impl GitHubSourceBuilder {
     }
 
     /// The overall deadline of one call (`fetch`, `put`, `delete`, `list`, including every
-    /// request and body it needs). Default 10 s. Past it: [`SourceError::Timeout`](crate::source::SourceError::Timeout).
+    /// request and body it needs). Default 10 s. Past it: [`SourceError::Timeout`].
+    ///
+    /// [`SourceError::Timeout`]: crate::source::SourceError::Timeout
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
