@@ -19,15 +19,26 @@
 //!
 //! The config file (`--config FILE` or `$TIERCACHE_CONFIG`) is described in [`config`].
 //! The token is read from `GITHUB_TOKEN` only and is never printed.
+//!
+//! This file holds the command line, settings, exit codes and error printing; the commands live
+//! in [`read`] (`get`, `mget`, `warm`), [`write`](mod@write) (`put`, `delete`), [`outbox`]
+//! (`flush`, `dead-letters`) and [`status`] (`stats`, `health`).
 
 #[path = "tiercache/config.rs"]
 mod config;
 #[path = "tiercache/duration.rs"]
 mod duration;
+#[path = "tiercache/outbox.rs"]
+mod outbox;
 #[path = "tiercache/output.rs"]
 mod output;
+#[path = "tiercache/read.rs"]
+mod read;
+#[path = "tiercache/status.rs"]
+mod status;
+#[path = "tiercache/write.rs"]
+mod write;
 
-use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,10 +46,10 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tiercache::source::github::GitHubSource;
-use tiercache::{Error, ReadOptions, Strategy, TieredCache};
+use tiercache::{Error, Strategy, TieredCache};
 
 use config::{Flags, Settings};
-use output::Served;
+use outbox::DeadLetterAction;
 
 const AFTER_HELP: &str = "\
 Keys name files on GitHub: OWNER/REPO/PATH[@REF], e.g. octo/app/config/prod.toml@main.
@@ -319,14 +330,14 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         match cli.command {
-            Command::Get { key, json } => get(&settings, &key, json).await,
-            Command::Mget { keys, json } => mget(&settings, &keys, json).await,
-            Command::Put { key, file } => put(&settings, &key, &file).await,
-            Command::Delete { key } => delete(&settings, &key).await,
-            Command::Flush => flush(&settings).await,
-            Command::Warm { prefix } => warm(&settings, &prefix).await,
-            Command::Stats { json } => stats(&settings, json).await,
-            Command::Health { json } => health(&settings, json).await,
+            Command::Get { key, json } => read::get(&settings, &key, json).await,
+            Command::Mget { keys, json } => read::mget(&settings, &keys, json).await,
+            Command::Put { key, file } => write::put(&settings, &key, &file).await,
+            Command::Delete { key } => write::delete(&settings, &key).await,
+            Command::Flush => outbox::flush(&settings).await,
+            Command::Warm { prefix } => read::warm(&settings, &prefix).await,
+            Command::Stats { json } => status::stats(&settings, json).await,
+            Command::Health { json } => status::health(&settings, json).await,
             Command::DeadLetters {
                 retry,
                 discard,
@@ -341,7 +352,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     _ if discard_all => DeadLetterAction::Discard(None),
                     _ => DeadLetterAction::List,
                 };
-                dead_letters(&settings, action, json).await
+                outbox::dead_letters(&settings, action, json).await
             }
         }
     })
@@ -393,470 +404,6 @@ fn read_strategy(s: &Settings) -> Strategy {
         Strategy::CacheAside => Strategy::CacheAside,
         _ => Strategy::ReadThrough,
     }
-}
-
-/// `--ttl` applies at read time too, to copies already cached (like HTTP's `max-age`).
-fn read_options(s: &Settings) -> ReadOptions {
-    match s.ttl {
-        Some(ttl) => ReadOptions::new().max_age(ttl),
-        None => ReadOptions::new(),
-    }
-}
-
-async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
-    let result = cache.lookup_with(key, &read_options(s)).await;
-    match result {
-        Ok(Some(l)) => {
-            let served = Served::new(key, l);
-            served.warn_if_stale();
-            let mut out = std::io::stdout().lock();
-            let written = if json {
-                writeln!(out, "{}", served.to_json())
-            } else {
-                out.write_all(&served.lookup.value)
-            };
-            written
-                .and_then(|()| out.flush())
-                .map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
-            Ok(0)
-        }
-        Ok(None) => {
-            let message = not_found_message(s, key);
-            if json {
-                println!("{}", output::error_json(key, &message, true));
-            }
-            Err(Failure {
-                code: EXIT_NOT_FOUND,
-                message,
-            })
-        }
-        Err(e) => {
-            if json {
-                println!(
-                    "{}",
-                    output::error_json(key, &chain(&e), exit_code(&e) == EXIT_NOT_FOUND)
-                );
-            }
-            Err(Failure::from_error(&e))
-        }
-    }
-}
-
-fn not_found_message(s: &Settings, key: &str) -> String {
-    if s.strategy == Strategy::CacheAside {
-        format!("{key:?} is not in the cache (cache-aside never asks GitHub)")
-    } else {
-        format!("{key:?} was not found on GitHub")
-    }
-}
-
-async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
-    let results = cache.mget_with(keys, &read_options(s)).await;
-    let mut code = 0u8;
-    let worse = |code: u8, new: u8| -> u8 {
-        let rank = |c: u8| match c {
-            EXIT_USAGE => 3,
-            EXIT_RUNTIME => 2,
-            EXIT_NOT_FOUND => 1,
-            _ => 0,
-        };
-        if rank(new) > rank(code) {
-            new
-        } else {
-            code
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    let many = keys.len() > 1;
-    for (i, (key, result)) in keys.iter().zip(results).enumerate() {
-        let written = match result {
-            Ok(Some(l)) => {
-                let served = Served::new(key, l);
-                served.warn_if_stale();
-                if json {
-                    writeln!(out, "{}", served.to_json())
-                } else {
-                    let sep = if i > 0 { "\n" } else { "" };
-                    let head = if many {
-                        format!("{sep}==> {key} <==\n")
-                    } else {
-                        String::new()
-                    };
-                    out.write_all(head.as_bytes())
-                        .and_then(|()| out.write_all(&served.lookup.value))
-                }
-            }
-            Ok(None) => {
-                let message = not_found_message(s, key);
-                eprintln!("tiercache: {message}");
-                code = worse(code, EXIT_NOT_FOUND);
-                if json {
-                    writeln!(out, "{}", output::error_json(key, &message, true))
-                } else {
-                    Ok(())
-                }
-            }
-            Err(e) => {
-                let f = Failure::from_error(&e);
-                eprintln!("tiercache: error: {}", f.message);
-                code = worse(code, f.code);
-                if json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::error_json(key, &chain(&e), f.code == EXIT_NOT_FOUND)
-                    )
-                } else {
-                    Ok(())
-                }
-            }
-        };
-        written.map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
-    }
-    out.flush()
-        .map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
-    Ok(code)
-}
-
-async fn put(s: &Settings, key: &str, file: &std::path::Path) -> Result<u8, Failure> {
-    let bytes = if file.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .map_err(|e| Failure::runtime(format!("cannot read stdin: {e}")))?;
-        buf
-    } else {
-        std::fs::read(file)
-            .map_err(|e| Failure::usage(format!("cannot read the file {}: {e}", file.display())))?
-    };
-    let what = format!("the write of {key} ({} bytes)", bytes.len());
-    write(
-        s,
-        key,
-        &what,
-        |cache| async move { cache.set(key, bytes).await },
-    )
-    .await
-}
-
-async fn delete(s: &Settings, key: &str) -> Result<u8, Failure> {
-    let what = format!("the deletion of {key}");
-    write(
-        s,
-        key,
-        &what,
-        |cache| async move { cache.delete(key).await },
-    )
-    .await
-}
-
-/// Runs one write (`op`) under --strategy and reports where it went: GitHub, the outbox
-/// (delivered before exit when GitHub answers), or the local cache only.
-async fn write<F, Fut>(s: &Settings, key: &str, what: &str, op: F) -> Result<u8, Failure>
-where
-    F: FnOnce(TieredCache) -> Fut,
-    Fut: std::future::Future<Output = tiercache::Result<()>>,
-{
-    if s.offline && matches!(s.strategy, Strategy::WriteThrough | Strategy::WriteBehind) {
-        // The library's write paths do not consult offline mode; refuse rather than contact GitHub.
-        return Err(Failure::usage(format!(
-            "--offline cannot be combined with this command under {}: that strategy writes to \
-             GitHub",
-            s.strategy
-        )));
-    }
-    let cache = open(s, s.strategy)?;
-    // The newest dead letter of this key before the write: one after it is this write's. The
-    // flush report alone cannot tell, as the background flusher may deliver (or dead-letter)
-    // the write before `flush` runs.
-    let newest_dead = |letters: Vec<tiercache::DeadLetter>| {
-        letters
-            .into_iter()
-            .filter(|d| d.key == key)
-            .max_by_key(|d| d.id)
-    };
-    let dead_before = match s.strategy {
-        Strategy::WriteBehind => newest_dead(
-            cache
-                .dead_letters()
-                .await
-                .map_err(|e| Failure::from_error(&e))?,
-        )
-        .map(|d| d.id),
-        _ => None,
-    };
-    op(cache.clone())
-        .await
-        .map_err(|e| Failure::from_error(&e))?;
-    match s.strategy {
-        Strategy::WriteThrough => {
-            eprintln!("tiercache: {what} went to GitHub and the cache");
-            Ok(0)
-        }
-        Strategy::WriteBehind => {
-            let report = cache.flush().await.map_err(|e| Failure::from_error(&e))?;
-            let refused = newest_dead(
-                cache
-                    .dead_letters()
-                    .await
-                    .map_err(|e| Failure::from_error(&e))?,
-            )
-            .filter(|d| Some(d.id) > dead_before);
-            if let Some(d) = refused {
-                let why = d.error.unwrap_or_else(|| "see `tiercache stats`".into());
-                return Err(Failure::runtime(format!(
-                    "GitHub refused {what} for good; it is kept as a dead letter: {why}"
-                )));
-            }
-            if report.pending > 0 {
-                let why = report
-                    .stuck
-                    .iter()
-                    .find(|(k, _)| k == key)
-                    .or(report.stuck.first())
-                    .map(|(_, e)| format!(": {e}"))
-                    .unwrap_or_default();
-                eprintln!(
-                    "tiercache: queued {what}: it is durable in {} but not delivered yet{why}; \
-                     {} write(s) pending, run `tiercache flush` later",
-                    s.db.display(),
-                    report.pending
-                );
-            } else {
-                eprintln!("tiercache: {what} went to GitHub (write-behind, delivered)");
-            }
-            Ok(0)
-        }
-        _ => {
-            eprintln!(
-                "tiercache: {what} went to the local cache only: the {} strategy does not write \
-                 to GitHub (use --strategy write-through or write-behind)",
-                s.strategy
-            );
-            Ok(0)
-        }
-    }
-}
-
-async fn flush(s: &Settings) -> Result<u8, Failure> {
-    // The outbox exists whatever --strategy says; only the write-behind cache delivers it.
-    if s.offline {
-        return Err(Failure::usage(
-            "flush delivers writes to GitHub; it cannot run with --offline",
-        ));
-    }
-    let cache = open(s, Strategy::WriteBehind)?;
-    let report = cache.flush().await.map_err(|e| Failure::from_error(&e))?;
-    let summary = cache
-        .store_summary()
-        .await
-        .map_err(|e| Failure::from_error(&e))?;
-    println!(
-        "delivered {}, pending {}, dead letters {}",
-        report.delivered, report.pending, summary.dead_letters
-    );
-    for (key, err) in &report.stuck {
-        eprintln!("tiercache: {key}: {err}");
-    }
-    if report.pending > 0 || summary.dead_letters > 0 {
-        let mut parts = Vec::new();
-        if report.pending > 0 {
-            parts.push(format!("{} write(s) still pending", report.pending));
-        }
-        if summary.dead_letters > 0 {
-            parts.push(format!(
-                "{} dead letter(s) GitHub refused for good",
-                summary.dead_letters
-            ));
-        }
-        return Err(Failure::runtime(format!(
-            "the outbox is not empty: {}",
-            parts.join(", ")
-        )));
-    }
-    Ok(0)
-}
-
-async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
-    if s.offline {
-        return Err(Failure::usage(
-            "warm fetches from GitHub; it cannot run with --offline",
-        ));
-    }
-    let cache = open(s, read_strategy(s))?;
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {pos}/{len} ({elapsed})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("warming {prefix}"));
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let progress = {
-        let bar = bar.clone();
-        move |p: tiercache::WarmProgress| {
-            bar.set_length(p.total as u64);
-            bar.set_position(p.done as u64);
-        }
-    };
-    let result = cache.warm(prefix, progress).await;
-    bar.finish_and_clear();
-    let summary = result.map_err(|e| Failure::from_error(&e))?;
-    println!(
-        "warmed {prefix}: {} listed, {} fetched, {} unchanged (304), {} already fresh, {} failed",
-        summary.listed,
-        summary.fetched,
-        summary.not_modified,
-        summary.cached,
-        summary.failed.len()
-    );
-    for (key, err) in &summary.failed {
-        eprintln!("tiercache: {key}: {err}");
-    }
-    if summary.failed.is_empty() {
-        Ok(0)
-    } else {
-        Err(Failure::runtime(format!(
-            "{} of {} files could not be fetched",
-            summary.failed.len(),
-            summary.listed
-        )))
-    }
-}
-
-async fn stats(s: &Settings, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
-    let summary = cache
-        .store_summary()
-        .await
-        .map_err(|e| Failure::from_error(&e))?;
-    let health = cache.health().await;
-    let breaker = |t: &tiercache::health::TierHealth| {
-        t.breaker
-            .as_ref()
-            .map_or("unknown", |b| b.state.as_str())
-            .to_owned()
-    };
-    let report = output::StatsReport {
-        db: s.db.display().to_string(),
-        entries: summary.entries,
-        bytes: summary.bytes,
-        stale_entries: summary.stale_entries,
-        negative_entries: summary.negative_entries,
-        outbox_depth: summary.outbox_depth,
-        dead_letters: summary.dead_letters,
-        oldest_pending_age_ms: summary.oldest_pending_ms.map(|t| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            now.saturating_sub(t)
-        }),
-        l3_breaker: breaker(&health.l3),
-        l2_breaker: breaker(&health.l2),
-    };
-    if json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
-    } else {
-        print!("{report}");
-    }
-    Ok(0)
-}
-
-async fn health(s: &Settings, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
-    let report = cache.health().await;
-    if json {
-        println!("{}", serde_json::to_value(&report).unwrap_or_default());
-    } else {
-        print!("{report}");
-    }
-    let unhealthy = report.status == tiercache::HealthStatus::Unhealthy;
-    Ok(if unhealthy { EXIT_RUNTIME } else { 0 })
-}
-
-/// What `dead-letters` does: list, or retry / discard one (`Some(id)`) or all (`None`).
-enum DeadLetterAction {
-    List,
-    Retry(Option<i64>),
-    Discard(Option<i64>),
-}
-
-async fn dead_letters(s: &Settings, action: DeadLetterAction, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
-    let letters = cache
-        .dead_letters()
-        .await
-        .map_err(|e| Failure::from_error(&e))?;
-    let (retry, only) = match action {
-        DeadLetterAction::List => {
-            for d in &letters {
-                if json {
-                    println!("{}", serde_json::to_value(d).unwrap_or_default());
-                } else {
-                    println!(
-                        "{}\t{}\t{}\t{} attempt(s)\t{}",
-                        d.id,
-                        d.op,
-                        d.key,
-                        d.attempts,
-                        d.error.as_deref().unwrap_or("")
-                    );
-                }
-            }
-            return Ok(0);
-        }
-        DeadLetterAction::Retry(only) => (true, only),
-        DeadLetterAction::Discard(only) => (false, only),
-    };
-    let ids: Vec<i64> = match only {
-        Some(id) => vec![id],
-        None => letters.iter().map(|d| d.id).collect(),
-    };
-    let (mut done, mut superseded) = (0, 0);
-    for id in &ids {
-        let found = if retry {
-            cache.retry_dead_letter(*id).await
-        } else {
-            cache.discard_dead_letter(*id).await
-        };
-        let found = match found {
-            // `--retry-all` goes on past a letter a newer write superseded; it is reported.
-            Err(e @ tiercache::Error::Superseded { .. }) if only.is_none() => {
-                eprintln!("{e}");
-                superseded += 1;
-                continue;
-            }
-            other => other.map_err(|e| Failure::from_error(&e))?,
-        };
-        if found {
-            done += 1;
-        } else if only.is_some() {
-            return Err(Failure {
-                code: EXIT_NOT_FOUND,
-                message: format!("there is no dead letter {id}"),
-            });
-        }
-    }
-    if retry {
-        println!("{done} dead letter(s) moved back to the outbox; `tiercache flush` delivers them");
-        if superseded > 0 {
-            println!(
-                "{superseded} dead letter(s) left: superseded by a newer write of their key (`--discard ID` removes one)"
-            );
-        }
-    } else {
-        println!("{done} dead letter(s) discarded");
-    }
-    Ok(0)
 }
 
 #[cfg(test)]
