@@ -367,13 +367,12 @@ fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> {
             })?;
         }
     }
-    let mut gh = GitHubSource::builder()
+    // One deadline per source call: the cache's (`--timeout`), not a second one in the source.
+    let source = GitHubSource::builder()
         .base_url(s.api_url.as_str())
-        .token_from_env();
-    if let Some(t) = s.timeout {
-        gh = gh.timeout(t);
-    }
-    let source = gh.build().map_err(|e| Failure::from_error(&e))?;
+        .token_from_env()
+        .build()
+        .map_err(|e| Failure::from_error(&e))?;
     let mut b = TieredCache::builder()
         .sqlite_path(&s.db)
         .source(source)

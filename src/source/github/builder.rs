@@ -24,7 +24,7 @@ pub struct GitHubSourceBuilder {
     base_url: String,
     token: TokenSetting,
     user_agent: String,
-    timeout: Duration,
+    timeout: Option<Duration>,
     connect_timeout: Duration,
     commit_message: String,
     clock: Arc<dyn Clock>,
@@ -36,7 +36,7 @@ impl Default for GitHubSourceBuilder {
             base_url: DEFAULT_BASE_URL.to_owned(),
             token: TokenSetting::FromEnv,
             user_agent: concat!("tiercache/", env!("CARGO_PKG_VERSION")).to_owned(),
-            timeout: Duration::from_secs(10),
+            timeout: None,
             connect_timeout: Duration::from_secs(5),
             commit_message: DEFAULT_COMMIT_MESSAGE.to_owned(),
             clock: Arc::new(SystemClock),
@@ -82,12 +82,16 @@ impl GitHubSourceBuilder {
         self
     }
 
-    /// The overall deadline of one call (`fetch`, `put`, `delete`, `list`, including every
-    /// request and body it needs). Default 10 s. Past it: [`SourceError::Timeout`].
+    /// An overall deadline of one call (`fetch`, `put`, `delete`, `list`, including every
+    /// request and body it needs), for using the source on its own. Past it:
+    /// [`SourceError::Timeout`]. Default: none. Under a [`TieredCache`](crate::TieredCache)
+    /// leave it unset: the cache puts one deadline around every source call
+    /// ([`TieredCacheBuilder::timeout`](crate::TieredCacheBuilder::timeout)), and two deadlines
+    /// on one call only make the shorter one win unannounced.
     ///
     /// [`SourceError::Timeout`]: crate::source::SourceError::Timeout
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = Some(timeout);
         self
     }
 
@@ -165,7 +169,7 @@ impl GitHubSourceBuilder {
                 self.user_agent
             ))
         })?;
-        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
+        if self.timeout.is_some_and(|t| t.is_zero()) || self.connect_timeout.is_zero() {
             return Err(config_err("GitHub timeouts must be above zero".to_owned()));
         }
         let source = GitHubSource {

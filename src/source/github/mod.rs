@@ -87,7 +87,7 @@ pub struct GitHubSource {
     base: String,
     token: Option<Secret>,
     user_agent: HeaderValue,
-    timeout: Duration,
+    timeout: Option<Duration>,
     connect_timeout: Duration,
     commit_message: String,
     clock: Arc<dyn Clock>,
@@ -128,16 +128,18 @@ impl GitHubSource {
         GitHubKey::parse(key)
     }
 
-    /// Runs `f` under the overall deadline.
+    /// Runs `f` under the overall deadline, when one was set (see
+    /// [`GitHubSourceBuilder::timeout`]).
     async fn within<T>(
         &self,
         f: impl Future<Output = Result<T, SourceError>>,
     ) -> Result<T, SourceError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let Some(after) = self.timeout else {
+            return f.await;
+        };
+        match tokio::time::timeout(after, f).await {
             Ok(r) => r,
-            Err(_) => Err(SourceError::Timeout {
-                after: self.timeout,
-            }),
+            Err(_) => Err(SourceError::Timeout { after }),
         }
     }
 }

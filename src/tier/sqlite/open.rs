@@ -33,11 +33,14 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[Migration {
     to: 2,
     // `superseded`: 1 on a dead letter a newer write of its key came after.
-    // `outbox_by_key`: the newest pending write of a key; `outbox_by_dead`: the pending scan.
+    // `outbox_by_key`: the newest pending write of a key; `outbox_by_dead`: the pending scan;
+    // `outbox_dead_by_key`: a key's dead letters (marked superseded by every write of the key:
+    // without it, each write-behind set scanned the key's pending rows).
     sql: "
         ALTER TABLE outbox ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0;
         CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
         CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);
+        CREATE INDEX IF NOT EXISTS outbox_dead_by_key ON outbox(key) WHERE dead = 1;
     ",
 }];
 
@@ -478,6 +481,10 @@ mod tests {
             )
             .replace(
                 "CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);",
+                "",
+            )
+            .replace(
+                "CREATE INDEX IF NOT EXISTS outbox_dead_by_key ON outbox(key) WHERE dead = 1;",
                 "",
             );
         assert!(!v1.contains("superseded") && !v1.contains("INDEX"), "{v1}");
