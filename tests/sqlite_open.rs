@@ -318,7 +318,7 @@ async fn a_version_1_database_is_migrated_and_its_data_kept() -> TestResult {
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox' AND sql IS NOT NULL ORDER BY name")?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    assert_eq!(indexes, ["outbox_by_dead", "outbox_by_key"]);
+    assert_eq!(indexes, ["outbox_by_key", "outbox_dead_by_key"]);
     let note: String = conn.query_row("SELECT value FROM meta WHERE name = 'note'", [], |r| {
         r.get(0)
     })?;

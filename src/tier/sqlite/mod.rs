@@ -69,7 +69,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     superseded   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
-CREATE INDEX IF NOT EXISTS outbox_by_dead ON outbox(dead, id);
 CREATE INDEX IF NOT EXISTS outbox_dead_by_key ON outbox(key) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY NOT NULL,
