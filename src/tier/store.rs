@@ -25,9 +25,10 @@
 //!   ([`OutboxStore::enqueue`], [`OutboxStore::outbox_failed`]) and some read both at once
 //!   ([`EntryStore::get_many`]). This is what keeps the cache's invariants (I1 to I5, see the
 //!   crate docs) across processes and crashes.
-//! * Outbox row ids are assigned by the store, increase with every [`OutboxStore::enqueue`]
-//!   (across processes), and are never reused while a row with that id may still exist: the
-//!   outbox is ordered by id, and "newer" means a higher id.
+//! * Outbox row ids are assigned by the store: each [`OutboxStore::enqueue`] (from any process)
+//!   gets an id higher than that of every row the outbox holds at that moment (SQLite's
+//!   `INTEGER PRIMARY KEY`; a sequence does too). The outbox is ordered by id, and "newer" means
+//!   a higher id.
 //! * Times are milliseconds since the UNIX epoch, as given by the cache's clock; the store keeps
 //!   them as given and compares them only where documented.
 
@@ -372,7 +373,8 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug + 'static {
     /// A write-behind write, **in one step** (one transaction): writes `key`'s entry (`Some`)
     /// or removes it (`None`); marks every dead letter of `key`
     /// [`superseded`](OutboxRow::superseded) (this write is newer); and appends a pending row
-    /// ([`OutboxRow::new`]`(id, key, op, now)`) with a new id, higher than every id before it.
+    /// ([`OutboxRow::new`]`(id, key, op, now)`) with a new id, higher than that of every row
+    /// the outbox holds.
     /// Returns that id. If this returns `Err`, none of it happened: the write is refused, and
     /// nothing of it may be read or delivered later.
     async fn enqueue(
