@@ -27,7 +27,8 @@ pub enum Error {
     /// The builder was given a configuration that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The SQLite tier failed (I/O, disk full, locked, corrupt).
+    /// The L2 store failed (I/O, disk full, locked, corrupt; for a store given to
+    /// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store), whatever it reports).
     #[error("L2 storage error: {message}")]
     Storage {
         /// What failed.

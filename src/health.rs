@@ -118,7 +118,8 @@ pub struct HealthReport {
     pub status: HealthStatus,
     /// Memory.
     pub l1: TierHealth,
-    /// SQLite.
+    /// L2 (SQLite, or the store given to
+    /// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store)).
     pub l2: TierHealth,
     /// The source.
     pub l3: TierHealth,

@@ -100,8 +100,10 @@
 //!   ([`Typed`]), `admin` (flush, dead letters, warm, stats, health), `flight` (single-flight).
 //! * [`source`]: the [`Source`](source::Source) trait, its protections (`source::guard`: breaker,
 //!   timeout, offline switch) and the GitHub source.
-//! * [`tier`]: L1 (`tier::memory`), the SQLite tier's settings and what it holds
-//!   ([`StoreSummary`]), L2 behind its breakers (`tier::guarded`), write fences (`tier::fence`).
+//! * [`tier`]: L1 (`tier::memory`), the L2 storage traits ([`tier::store`]: entries, outbox,
+//!   shared state; SQLite implements them, and
+//!   [`TieredCacheBuilder::store`] takes another backend), the SQLite tier's settings, L2 behind
+//!   its breakers (`tier::guarded`), write fences (`tier::fence`).
 //! * [`outbox`]: the write-behind outbox, its delivery, reports and dead letters.
 //! * [`breaker`]: the circuit breaker, usable on its own.
 //! * [`stats`], [`health`], [`event`]: what the cache is doing.

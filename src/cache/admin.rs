@@ -276,7 +276,7 @@ impl TieredCache {
         let (reads, writes) = inner.l2_guard.status();
         let mut l2 = TierHealth::from_breakers([reads, writes], inner.l2_guard.last_error());
         // The file deleted or replaced under the cache: every write will fail.
-        if let Err(e) = inner.sqlite.check_file() {
+        if let Some(Err(e)) = inner.sqlite.as_ref().map(|s| s.check_file()) {
             l2.status = HealthStatus::Unhealthy;
             l2.last_error = Some(e.to_string());
         }
@@ -346,8 +346,12 @@ impl TieredCache {
     }
 
     #[doc(hidden)]
-    /// Statements run on L2's read connections so far (tests prove `mget` makes one).
+    /// Statements run on L2's read connections so far (tests prove `mget` makes one); 0 for a
+    /// store given to the builder.
     pub fn l2_read_statements(&self) -> u64 {
-        self.inner.sqlite.read_statements()
+        self.inner
+            .sqlite
+            .as_ref()
+            .map_or(0, |s| s.read_statements())
     }
 }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::outbox::OutboxMode;
 use crate::source::{NoSource, Source};
 use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous, MAX_BUSY_TIMEOUT};
+use crate::tier::Store;
 
 use super::{Strategy, TieredCache};
 
@@ -67,6 +68,8 @@ pub struct TieredCacheBuilder {
     pub(crate) background_flush: bool,
     pub(crate) pragmas: Vec<(String, String)>,
     pub(crate) busy_timeout: Duration,
+    /// L2 given by the caller instead of SQLite.
+    pub(crate) store: Option<Arc<dyn Store>>,
 }
 
 impl Default for TieredCacheBuilder {
@@ -99,6 +102,7 @@ impl Default for TieredCacheBuilder {
             background_flush: true,
             pragmas: Vec::new(),
             busy_timeout: Duration::from_secs(5),
+            store: None,
         }
     }
 }
@@ -125,6 +129,17 @@ impl TieredCacheBuilder {
     /// in-memory database, which does not survive the process.
     pub fn sqlite_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.sqlite_location = Location::File(path.into());
+        self
+    }
+
+    /// Puts `store` under the cache as L2 instead of SQLite: a backend that implements the
+    /// [`tier::store`](crate::tier::store) traits (entries, outbox, shared state), held to the
+    /// contract documented there. The cache wraps it in L2's circuit breakers
+    /// ([`storage_breaker`](Self::storage_breaker)) as it does SQLite; the source's breaker is
+    /// kept in it when [`persist_breaker`](Self::persist_breaker) is on. The `sqlite_*`
+    /// settings do not apply; `build()` refuses a [`sqlite_path`](Self::sqlite_path) with it.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
         self
     }
 
@@ -373,6 +388,11 @@ impl TieredCacheBuilder {
 
     fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::Config(m));
+        if self.store.is_some() && matches!(self.sqlite_location, Location::File(_)) {
+            return fail(
+                "both a store and a sqlite_path were given; L2 is one or the other".to_owned(),
+            );
+        }
         if self.memory_capacity < 4 * KIB || self.memory_capacity > TIB {
             return fail(format!(
                 "memory_capacity is {} bytes; it must be between 4 KiB and 1 TiB",

@@ -22,6 +22,7 @@ use crate::outbox::{
 use crate::source::{Fetched, Source, SourceError};
 use crate::stats::{Op, SnapshotExtras, SourceOutcome, Stats, StatsSnapshot};
 use crate::tier::guarded::Guarded;
+use crate::tier::l2::L2;
 use crate::tier::memory::MemoryTier;
 use crate::tier::sqlite::{Location, SqliteOptions, SqliteTier};
 use crate::tier::{OutboxOp, Store, StoreSummary};
@@ -88,9 +89,12 @@ pub(crate) struct Settings {
 
 pub(crate) struct Inner {
     l1: MemoryTier,
-    l2: Arc<dyn Store>,
+    l2: L2,
     l2_guard: Arc<Guarded>,
-    sqlite: Arc<SqliteTier>,
+    /// The SQLite tier under `l2_guard`; `None` for a store given to the builder.
+    sqlite: Option<Arc<SqliteTier>>,
+    /// The L2 store under `l2_guard`, for Debug.
+    l2_store: Arc<dyn Store>,
     guard: Arc<SourceGuard>,
     events: Events,
     source: Arc<dyn Source>,
@@ -112,7 +116,7 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("TieredCache")
             .field("strategy", &self.settings.strategy)
             .field("l1", &self.l1)
-            .field("l2", &self.sqlite)
+            .field("l2", &self.l2_store)
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
@@ -197,20 +201,29 @@ impl TieredCache {
 
     pub(crate) fn from_builder(mut b: TieredCacheBuilder, sqlite: SqliteOptions) -> Result<Self> {
         let source = b.take_source();
-        let file_backed = matches!(sqlite.location, Location::File(_));
-        let sqlite = Arc::new(SqliteTier::open(sqlite)?);
+        // A store given to the builder is shared state (a database server): the breaker is
+        // persisted there as in a database file; a memory database is this process's alone.
+        let (sqlite, l2_store, shared): (_, Arc<dyn Store>, _) = match b.store.take() {
+            Some(store) => (None, store, true),
+            None => {
+                let file_backed = matches!(sqlite.location, Location::File(_));
+                let tier = Arc::new(SqliteTier::open(sqlite)?);
+                (Some(tier.clone()), tier, file_backed)
+            }
+        };
         let events = Events::new();
         let l2_guard = Arc::new(Guarded::new(
-            sqlite.clone(),
+            l2_store.clone(),
             b.storage_breaker.clone(),
             b.clock.clone(),
             events.clone(),
         ));
-        let l2: Arc<dyn Store> = l2_guard.clone();
+        let l2 = L2::new(l2_guard.clone());
         let guard = Arc::new(SourceGuard::new(
             b.source_breaker.clone(),
             b.clock.clone(),
-            (b.persist_breaker && file_backed).then(|| l2.clone()),
+            (b.persist_breaker && shared)
+                .then(|| l2_guard.clone() as Arc<dyn crate::tier::StateStore>),
             events.clone(),
         ));
         let stats = Arc::new(Stats::with_enabled(b.stats));
@@ -229,7 +242,7 @@ impl TieredCache {
             .then(|| Arc::new(MemoryQueue::default()));
         let queue: Arc<dyn Queue> = match &memory_queue {
             Some(q) => q.clone(),
-            None => Arc::new(DurableQueue::new(l2.clone())),
+            None => Arc::new(DurableQueue::new(l2_guard.clone())),
         };
         let l1 = MemoryTier::new(b.memory_capacity);
         let fences = Arc::new(Fences::default());
@@ -264,6 +277,7 @@ impl TieredCache {
                 l2,
                 l2_guard,
                 sqlite,
+                l2_store,
                 guard,
                 events,
                 source,

@@ -19,8 +19,9 @@ use crate::event::Events;
 use crate::source::guard::SourceGuard;
 use crate::source::Source;
 use crate::tier::fence::Fences;
+use crate::tier::l2::L2;
 use crate::tier::memory::MemoryTier;
-use crate::tier::{OutboxRow, Store};
+use crate::tier::OutboxRow;
 
 mod deliver;
 mod queue;
@@ -112,7 +113,7 @@ impl FlushReport {
 #[derive(Debug, Clone)]
 pub(crate) struct LocalTiers {
     pub(crate) l1: MemoryTier,
-    pub(crate) l2: Arc<dyn Store>,
+    pub(crate) l2: L2,
     pub(crate) fences: Arc<Fences>,
     /// The memory outbox never wrote L2: a delivered put writes it there.
     pub(crate) memory_mode: bool,

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::entry::Entry;
 use crate::error::Result;
-use crate::tier::{OutboxOp, OutboxRow, Resolved, Store};
+use crate::tier::{OutboxOp, OutboxRow, OutboxStore, Resolved};
 
 /// The outbox's storage: the L2 database, or memory.
 #[async_trait]
@@ -48,11 +48,11 @@ pub(crate) trait Queue: Send + Sync + std::fmt::Debug + 'static {
 /// included).
 #[derive(Debug)]
 pub(crate) struct DurableQueue {
-    store: Arc<dyn Store>,
+    store: Arc<dyn OutboxStore>,
 }
 
 impl DurableQueue {
-    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(store: Arc<dyn OutboxStore>) -> Self {
         Self { store }
     }
 }
@@ -60,7 +60,10 @@ impl DurableQueue {
 #[async_trait]
 impl Queue for DurableQueue {
     async fn enqueue(&self, key: &str, entry: Option<Entry>, op: OutboxOp, now: u64) -> Result<()> {
-        self.store.enqueue(key, entry, op, now).await.map(drop)
+        self.store
+            .enqueue(key, entry.map(Into::into), op, now)
+            .await
+            .map(drop)
     }
     async fn newest(&self, key: &str) -> Result<Option<OutboxOp>> {
         self.store.outbox_newest(key).await

@@ -13,7 +13,7 @@ use crate::clock::{to_millis, Clock};
 use crate::event::Events;
 use crate::lookup::Tier;
 use crate::source::SourceError;
-use crate::tier::Store;
+use crate::tier::StateStore;
 
 /// The meta row holding the persisted L3 breaker.
 const META_KEY: &str = "breaker.l3";
@@ -42,7 +42,7 @@ pub(crate) fn not_sent() -> SourceError {
 #[derive(Debug)]
 pub(crate) struct SourceGuard {
     breaker: CircuitBreaker,
-    store: Option<Arc<dyn Store>>,
+    store: Option<Arc<dyn StateStore>>,
     clock: Arc<dyn Clock>,
     events: Events,
     last_error: Mutex<Option<String>>,
@@ -60,7 +60,7 @@ impl SourceGuard {
     pub(crate) fn new(
         policy: BreakerPolicy,
         clock: Arc<dyn Clock>,
-        store: Option<Arc<dyn Store>>,
+        store: Option<Arc<dyn StateStore>>,
         events: Events,
     ) -> Self {
         Self {

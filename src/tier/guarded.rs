@@ -1,4 +1,5 @@
-//! L2 behind circuit breakers: a [`Store`] that wraps a [`Store`]. When the database fails
+//! L2 behind circuit breakers: a [`Store`] that wraps any [`Store`] (the SQLite tier, or one
+//! given to [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store)). When the database fails
 //! (disk full, I/O error, locked too long, corrupt), a breaker opens and calls fail at once, so
 //! the cache carries on through L1 and L3; after the recovery timeout one call probes the
 //! database and a success closes the breaker again.
@@ -19,10 +20,12 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, Resolved, Store, StoreSummary};
+use super::{
+    EntryStore, FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, OutboxStore, Resolved,
+    StateStore, Store, StoreSummary, StoredEntry,
+};
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
-use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::event::Events;
 use crate::lookup::Tier;
@@ -139,12 +142,12 @@ impl Guarded {
 }
 
 #[async_trait]
-impl Store for Guarded {
-    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+impl EntryStore for Guarded {
+    async fn get(&self, key: &str) -> Result<Option<StoredEntry>> {
         self.read(self.inner.get(key)).await
     }
 
-    fn get_now(&self, key: &str) -> Option<Result<Option<Entry>>> {
+    fn get_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
         // Only on the healthy fast path of `call`, with its failure handling; a tripped or
         // probing breaker goes through `get` and its permit.
         if !self.healthy.load(Ordering::Relaxed) {
@@ -159,11 +162,11 @@ impl Store for Guarded {
         self.read(self.inner.get_many(keys)).await
     }
 
-    async fn put(&self, key: &str, entry: Entry) -> Result<()> {
+    async fn put(&self, key: &str, entry: StoredEntry) -> Result<()> {
         self.write(self.inner.put(key, entry)).await
     }
 
-    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool> {
+    async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool> {
         self.write(self.inner.put_fill(key, entry, guard)).await
     }
 
@@ -191,10 +194,17 @@ impl Store for Guarded {
         }
     }
 
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        self.read(self.inner.summary(now)).await
+    }
+}
+
+#[async_trait]
+impl OutboxStore for Guarded {
     async fn enqueue(
         &self,
         key: &str,
-        entry: Option<Entry>,
+        entry: Option<StoredEntry>,
         op: OutboxOp,
         now: u64,
     ) -> Result<i64> {
@@ -239,11 +249,10 @@ impl Store for Guarded {
     async fn supersede_dead(&self, key: &str) -> Result<()> {
         self.write(self.inner.supersede_dead(key)).await
     }
+}
 
-    async fn summary(&self, now: u64) -> Result<StoreSummary> {
-        self.read(self.inner.summary(now)).await
-    }
-
+#[async_trait]
+impl StateStore for Guarded {
     async fn load_meta(&self, name: &str) -> Result<Option<String>> {
         self.read(self.inner.load_meta(name)).await
     }

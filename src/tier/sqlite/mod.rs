@@ -9,7 +9,7 @@
 //! The module's parts: `open` (the file looked at before any write, foreign and corrupt files,
 //! the schema and its migrations, the watch on the file's identity), `writer` (the writer thread:
 //! group commit, jobs, last-access touches, eviction) and `store` (reads, and the write jobs of
-//! the tier's `Store` implementation).
+//! the tier's implementation of the storage traits, `tier::store`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,5 +1,6 @@
 //! Reads, on the caller's thread over the pool of read connections, and the write jobs of the
-//! tier's [`Store`] implementation (entries, the outbox, the meta table).
+//! tier's implementation of the storage traits ([`EntryStore`], [`OutboxStore`], [`StateStore`]:
+//! the entries, the outbox, the meta table).
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -11,10 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::writer::{WriterState, MAX_TOUCHES};
 use super::{storage, to_i64, to_u64, SqliteTier};
-use crate::entry::Entry;
 use crate::error::Result;
 use crate::tier::{
-    FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, Resolved, Store, StoreSummary,
+    EntryStore, FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved,
+    StateStore, StoreSummary, StoredEntry,
 };
 
 impl SqliteTier {
@@ -37,7 +38,7 @@ impl SqliteTier {
     }
 
     /// One entry, read on this thread (reads never wait on the writer: WAL).
-    fn read_entry(&self, key: &str) -> Result<Option<Entry>> {
+    fn read_entry(&self, key: &str) -> Result<Option<StoredEntry>> {
         self.read_statements.fetch_add(1, Ordering::Relaxed);
         self.read(|conn| {
             conn.prepare_cached(
@@ -50,9 +51,9 @@ impl SqliteTier {
     }
 }
 
-fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Entry> {
+fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<StoredEntry> {
     let value: Option<Vec<u8>> = r.get(offset)?;
-    Ok(Entry::new(
+    Ok(StoredEntry::new(
         value.map(Bytes::from),
         r.get(offset + 1)?,
         to_u64(r.get(offset + 2)?),
@@ -65,7 +66,7 @@ fn put_entry(
     conn: &Connection,
     state: &mut WriterState,
     key: &str,
-    e: &Entry,
+    e: &StoredEntry,
 ) -> rusqlite::Result<()> {
     let old: Option<i64> = conn
         .prepare_cached("SELECT size FROM entries WHERE key = ?1")?
@@ -96,17 +97,17 @@ fn put_entry(
 /// Whether a fill may replace `key`'s row: no write began since it started, and the row is the
 /// one it observed (another process's write changes it).
 fn fill_allowed(conn: &Connection, key: &str, guard: &FillGuard) -> rusqlite::Result<bool> {
-    if !(guard.still_valid)() {
+    if !guard.still_valid() {
         return Ok(false);
     }
-    if guard.observed == Observed::Unknown {
+    if guard.observed() == Observed::Unknown {
         return Ok(true);
     }
     let held: Option<i64> = conn
         .prepare_cached("SELECT stored_at FROM entries WHERE key = ?1")?
         .query_row([key], |r| r.get(0))
         .optional()?;
-    Ok(guard.observed.matches(held.map(to_u64)))
+    Ok(guard.allows(held.map(to_u64)))
 }
 
 /// Removes `key`'s entry unless a write of it newer than `settled_id` is pending.
@@ -161,12 +162,12 @@ const OUTBOX_COLUMNS: &str =
     "id, key, op, value, created_at, attempts, next_attempt, last_error, dead, superseded";
 
 #[async_trait]
-impl Store for SqliteTier {
-    async fn get(&self, key: &str) -> Result<Option<Entry>> {
+impl EntryStore for SqliteTier {
+    async fn get(&self, key: &str) -> Result<Option<StoredEntry>> {
         self.read_entry(key)
     }
 
-    fn get_now(&self, key: &str) -> Option<Result<Option<Entry>>> {
+    fn get_now(&self, key: &str) -> Option<Result<Option<StoredEntry>>> {
         Some(self.read_entry(key))
     }
 
@@ -208,13 +209,13 @@ impl Store for SqliteTier {
         .map_err(storage("read a batch of entries"))
     }
 
-    async fn put(&self, key: &str, entry: Entry) -> Result<()> {
+    async fn put(&self, key: &str, entry: StoredEntry) -> Result<()> {
         let key = key.to_owned();
         self.write(move |conn, state| put_entry(conn, state, &key, &entry))
             .await
     }
 
-    async fn put_fill(&self, key: &str, entry: Entry, guard: FillGuard) -> Result<bool> {
+    async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool> {
         let key = key.to_owned();
         self.write(move |conn, state| {
             if !fill_allowed(conn, &key, &guard)? {
@@ -265,10 +266,38 @@ impl Store for SqliteTier {
         }
     }
 
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        self.read(|conn| {
+            let (entries, bytes, stale, negative) = conn.query_row(
+                "SELECT count(*), total(size), total(fresh_until <= ?1), total(value IS NULL) FROM entries",
+                [to_i64(now)],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, f64>(3)?)),
+            )?;
+            let (depth, dead, oldest) = conn.query_row(
+                "SELECT total(dead = 0), total(dead = 1), min(CASE WHEN dead = 0 THEN created_at END) FROM outbox",
+                [],
+                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, f64>(1)?, r.get::<_, Option<i64>>(2)?)),
+            )?;
+            Ok(StoreSummary {
+                entries: to_u64(entries),
+                bytes: bytes as u64,
+                stale_entries: stale as u64,
+                negative_entries: negative as u64,
+                outbox_depth: depth as u64,
+                dead_letters: dead as u64,
+                oldest_pending_ms: oldest.map(to_u64),
+            })
+        })
+        .map_err(storage("summarize the database"))
+    }
+}
+
+#[async_trait]
+impl OutboxStore for SqliteTier {
     async fn enqueue(
         &self,
         key: &str,
-        entry: Option<Entry>,
+        entry: Option<StoredEntry>,
         op: OutboxOp,
         now: u64,
     ) -> Result<i64> {
@@ -434,32 +463,10 @@ impl Store for SqliteTier {
         })
         .await
     }
+}
 
-    async fn summary(&self, now: u64) -> Result<StoreSummary> {
-        self.read(|conn| {
-            let (entries, bytes, stale, negative) = conn.query_row(
-                "SELECT count(*), total(size), total(fresh_until <= ?1), total(value IS NULL) FROM entries",
-                [to_i64(now)],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, f64>(3)?)),
-            )?;
-            let (depth, dead, oldest) = conn.query_row(
-                "SELECT total(dead = 0), total(dead = 1), min(CASE WHEN dead = 0 THEN created_at END) FROM outbox",
-                [],
-                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, f64>(1)?, r.get::<_, Option<i64>>(2)?)),
-            )?;
-            Ok(StoreSummary {
-                entries: to_u64(entries),
-                bytes: bytes as u64,
-                stale_entries: stale as u64,
-                negative_entries: negative as u64,
-                outbox_depth: depth as u64,
-                dead_letters: dead as u64,
-                oldest_pending_ms: oldest.map(to_u64),
-            })
-        })
-        .map_err(storage("summarize the database"))
-    }
-
+#[async_trait]
+impl StateStore for SqliteTier {
     async fn load_meta(&self, name: &str) -> Result<Option<String>> {
         self.read(|conn| {
             conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?

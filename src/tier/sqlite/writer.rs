@@ -273,9 +273,8 @@ mod tests {
 
     use bytes::Bytes;
 
-    use crate::entry::Entry;
     use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
-    use crate::tier::Store;
+    use crate::tier::{EntryStore, StoredEntry};
 
     fn memory_tier() -> SqliteTier {
         SqliteTier::open(SqliteOptions {
@@ -308,18 +307,23 @@ mod tests {
             .map(|i| format!("k{i}"))
             .collect();
         for k in &keys {
-            tier.put(k, Entry::new(Some(Bytes::from_static(b"v")), None, 1, 2, 3))
-                .await?;
+            tier.put(
+                k,
+                StoredEntry::new(Some(Bytes::from_static(b"v")), None, 1, 2, 3),
+            )
+            .await?;
         }
         for k in &keys {
             tier.touch(k, 50);
         }
         // The next write carries the first `TOUCHES_PER_COMMIT`; the rest wait for the one after.
-        tier.put("other", Entry::new(None, None, 1, 2, 2)).await?;
+        tier.put("other", StoredEntry::new(None, None, 1, 2, 2))
+            .await?;
         assert_eq!(last_access(&tier, &keys[0]), 50);
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT - 1]), 50);
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT]), 1);
-        tier.put("other", Entry::new(None, None, 1, 2, 2)).await?;
+        tier.put("other", StoredEntry::new(None, None, 1, 2, 2))
+            .await?;
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT + 9]), 50);
         Ok(())
     }

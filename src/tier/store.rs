@@ -1,0 +1,455 @@
+//! The L2 storage seam: what a backend under the cache must do, split by concern.
+//!
+//! * [`EntryStore`]: the cached entries (read, write, fill behind a [`FillGuard`], remove,
+//!   least-recently-used touches, a summary).
+//! * [`OutboxStore`]: the write-behind outbox (rows in id order, their failures, dead letters).
+//! * [`StateStore`]: a few named strings shared by the processes of one database (the source's
+//!   persisted circuit breaker).
+//! * [`Store`]: all three, implemented for every type that implements them; what
+//!   [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store) takes.
+//!
+//! The SQLite tier is the reference implementation. The cache wraps any store in circuit
+//! breakers (a read and a write breaker): a store need not protect itself from being called
+//! while it is down.
+//!
+//! # What every method owes the cache
+//! * Failures are [`Error::Storage`](crate::Error::Storage). The cache treats them as "L2 could
+//!   not answer" (it goes on with L1 and the source), never as "not there"; a store must never
+//!   answer `Ok(None)` for a read it could not make.
+//! * A method that returns `Ok` has happened: it is visible to every later call on the store
+//!   (from this process and from any other process sharing the backend), and it survives a
+//!   crash of the process if the backend is durable.
+//! * A method that returns `Err` has not happened, or has happened entirely: a step documented
+//!   as one step (a transaction) is never left half done.
+//! * The entries and the outbox live in one backend: some steps change both at once
+//!   ([`OutboxStore::enqueue`], [`OutboxStore::outbox_failed`]) and some read both at once
+//!   ([`EntryStore::get_many`]). This is what keeps the cache's invariants (I1 to I5, see the
+//!   crate docs) across processes and crashes.
+//! * Outbox row ids are assigned by the store: each [`OutboxStore::enqueue`] (from any process)
+//!   gets an id higher than that of every row the outbox holds at that moment (SQLite's
+//!   `INTEGER PRIMARY KEY`; a sequence does too). The outbox is ordered by id, and "newer" means
+//!   a higher id.
+//! * Times are milliseconds since the UNIX epoch, as given by the cache's clock; the store keeps
+//!   them as given and compares them only where documented.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::entry::Entry;
+use crate::error::Result;
+
+/// One cached answer of the source, as a store holds it: the bytes (or "not found"), the
+/// source's validator and three deadlines (ms since the UNIX epoch).
+///
+/// A store keeps all five fields exactly as given and gives them back unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredEntry {
+    /// The bytes; `None` for a negative entry (the source said "not found"), which is not the
+    /// same as an empty value.
+    pub value: Option<Bytes>,
+    /// The source's validator (ETag), exactly as received.
+    pub validator: Option<String>,
+    /// When the source last gave or confirmed this value. A fill's [`Observed`] names the row
+    /// it may replace by this field.
+    pub stored_at: u64,
+    /// Served as fresh until then.
+    pub fresh_until: u64,
+    /// Served as stale (when the source cannot answer) until then. A store may drop an entry
+    /// after this deadline (or to stay within its size bound: least recently used first).
+    pub stale_until: u64,
+}
+
+impl StoredEntry {
+    /// An entry with these fields.
+    pub fn new(
+        value: Option<Bytes>,
+        validator: Option<String>,
+        stored_at: u64,
+        fresh_until: u64,
+        stale_until: u64,
+    ) -> Self {
+        Self {
+            value,
+            validator,
+            stored_at,
+            fresh_until,
+            stale_until,
+        }
+    }
+
+    /// Bytes held (the value and the validator), for a store's size bound.
+    pub fn size(&self) -> usize {
+        self.value.as_ref().map_or(0, Bytes::len) + self.validator.as_ref().map_or(0, String::len)
+    }
+}
+
+impl From<Entry> for StoredEntry {
+    fn from(e: Entry) -> Self {
+        Self::new(
+            e.value,
+            e.validator,
+            e.stored_at,
+            e.fresh_until,
+            e.stale_until,
+        )
+    }
+}
+
+impl From<StoredEntry> for Entry {
+    fn from(e: StoredEntry) -> Self {
+        Entry::new(
+            e.value,
+            e.validator,
+            e.stored_at,
+            e.fresh_until,
+            e.stale_until,
+        )
+    }
+}
+
+/// A write waiting in the write-behind outbox.
+///
+/// Not `#[non_exhaustive]`: a store must persist every kind of write, so a new kind is a
+/// breaking change for stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxOp {
+    /// Write these bytes to the source.
+    Put(Bytes),
+    /// Delete the key at the source (a tombstone).
+    Delete,
+}
+
+impl OutboxOp {
+    /// `"put"` or `"delete"`: a stable name, for a store's `op` column.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OutboxOp::Put(_) => "put",
+            OutboxOp::Delete => "delete",
+        }
+    }
+}
+
+/// One row of the outbox: a pending write, or (`dead`) a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxRow {
+    /// Assigned by [`OutboxStore::enqueue`]; orders the outbox (higher is newer).
+    pub id: i64,
+    /// The key written.
+    pub key: String,
+    /// The write.
+    pub op: OutboxOp,
+    /// When the write was made (the `now` given to [`OutboxStore::enqueue`]).
+    pub created_at: u64,
+    /// Failed delivery attempts so far.
+    pub attempts: u32,
+    /// Not to be attempted before then (set by [`OutboxStore::outbox_failed`]; 0 at first).
+    pub next_attempt: u64,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// Refused by the source for good: a dead letter, no longer pending.
+    pub dead: bool,
+    /// A dead letter a newer write of its key came after: retrying it would roll the source
+    /// back (I4), so [`OutboxStore::resolve_dead_letter`] refuses to.
+    pub superseded: bool,
+}
+
+impl OutboxRow {
+    /// A new pending row: no attempt made, not dead, not superseded.
+    pub fn new(id: i64, key: impl Into<String>, op: OutboxOp, created_at: u64) -> Self {
+        Self {
+            id,
+            key: key.into(),
+            op,
+            created_at,
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            dead: false,
+            superseded: false,
+        }
+    }
+}
+
+/// What became of a dead letter asked to be retried or discarded
+/// ([`OutboxStore::resolve_dead_letter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Resolved {
+    /// No dead letter has this id (never was, already resolved, or not dead).
+    Missing,
+    /// Retried (back in the outbox, pending) or discarded (deleted).
+    Done,
+    /// Not retried: it is [`superseded`](OutboxRow::superseded), a newer write of this key
+    /// came after it. It stays a dead letter. Carries the key.
+    Superseded(String),
+}
+
+/// What the L2 store holds, as counted by one query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StoreSummary {
+    /// Entries held (negative entries included).
+    pub entries: u64,
+    /// Bytes of values and validators held.
+    pub bytes: u64,
+    /// Entries past their fresh deadline.
+    pub stale_entries: u64,
+    /// Entries recording "not found".
+    pub negative_entries: u64,
+    /// Writes waiting for delivery (not dead).
+    pub outbox_depth: u64,
+    /// Writes the source refused for good, kept until retried or discarded.
+    pub dead_letters: u64,
+    /// When the oldest pending write was made (ms since the UNIX epoch).
+    pub oldest_pending_ms: Option<u64>,
+}
+
+/// What [`EntryStore::get_many`] found: the entries held, and the keys' pending outbox writes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Found {
+    /// Each asked key that has an entry, with it (any order; each key at most once).
+    pub entries: Vec<(String, StoredEntry)>,
+    /// Each asked key that has a pending (not dead) outbox row, with the op of its newest such
+    /// row (any order; each key at most once).
+    pub pending: Vec<(String, OutboxOp)>,
+}
+
+/// What a fill saw of its key's entry when it started: the entry it may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Observed {
+    /// The store could not be read: only the write fence decides
+    /// ([`FillGuard::still_valid`]).
+    Unknown,
+    /// No entry.
+    Absent,
+    /// An entry with this [`stored_at`](StoredEntry::stored_at).
+    StoredAt(u64),
+}
+
+impl Observed {
+    pub(crate) fn of(found: &Option<Entry>) -> Self {
+        match found {
+            Some(e) => Observed::StoredAt(e.stored_at),
+            None => Observed::Absent,
+        }
+    }
+
+    /// Whether the entry now held (its `stored_at`, or `None` for no entry) is still the one
+    /// observed. Always `true` for [`Observed::Unknown`].
+    pub fn matches(self, now_held: Option<u64>) -> bool {
+        match self {
+            Observed::Unknown => true,
+            Observed::Absent => now_held.is_none(),
+            Observed::StoredAt(t) => now_held == Some(t),
+        }
+    }
+}
+
+/// The condition under which a fill (an answer of the source, or its "not modified") may be
+/// written: no write of the key began in this process since the fill started
+/// ([`still_valid`](Self::still_valid)), and the key's entry is still the one the fill
+/// [`observed`](Self::observed) (another process's write changes it).
+///
+/// Made by the cache only. A store checks it with [`allows`](Self::allows) **in the same step
+/// as the write** (inside the transaction, under the lock that orders writes of the key): a
+/// check made before the write leaves a window in which a racing `set` is overwritten by an
+/// older value from the source (I1).
+pub struct FillGuard {
+    pub(crate) observed: Observed,
+    pub(crate) still_valid: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl FillGuard {
+    /// Whether no write of the key began in this process since the fill started (the key's
+    /// write fence has not moved). Cheap (one atomic load); may turn `false` at any moment,
+    /// never back to `true`.
+    pub fn still_valid(&self) -> bool {
+        (self.still_valid)()
+    }
+
+    /// The entry the fill saw when it started.
+    pub fn observed(&self) -> Observed {
+        self.observed
+    }
+
+    /// Both conditions: [`still_valid`](Self::still_valid), and `now_held` (the `stored_at` of
+    /// the entry the key holds now, `None` for no entry) [`matches`](Observed::matches) what was
+    /// observed.
+    pub fn allows(&self, now_held: Option<u64>) -> bool {
+        self.still_valid() && self.observed.matches(now_held)
+    }
+}
+
+impl std::fmt::Debug for FillGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillGuard")
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A read-modify-write of one named value ([`StateStore::update_meta`]): given the value held
+/// (`None`: none), returns the value to hold (`None`: remove it).
+pub type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
+
+/// The cached entries.
+///
+/// An entry is keyed by the cache key (a string of at most [`MAX_KEY_LEN`](crate::MAX_KEY_LEN)
+/// bytes). Every write replaces the whole entry: a reader sees the old entry or the new one,
+/// never a mix.
+#[async_trait]
+pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The entry of `key`, or `None` when there is none. A store may leave out an entry past
+    /// its [`stale_until`](StoredEntry::stale_until) (the cache ignores those).
+    async fn get(&self, key: &str) -> Result<Option<StoredEntry>>;
+
+    /// [`get`](Self::get) answered on the calling thread, for a backend that reads without
+    /// waiting on anything (an embedded database): no boxed future on the L2-hit path. `None`
+    /// (the default) when the read must go through `get` (a remote backend). When `Some`, it
+    /// must be exactly what `get` would answer.
+    fn get_now(&self, _key: &str) -> Option<Result<Option<StoredEntry>>> {
+        None
+    }
+
+    /// For many keys at once, from one consistent view (one statement or snapshot): the entry
+    /// of each of `keys` that has one, and for each key with pending (not dead) outbox rows,
+    /// the op of its newest one ([`OutboxStore::outbox_newest`] for every key). A pending
+    /// write is what its key reads as, whatever the entry says, so the two must not come from
+    /// different moments. `keys` has no duplicates; it may be empty.
+    async fn get_many(&self, keys: &[&str]) -> Result<Found>;
+
+    /// Writes `key`'s entry, replacing any (a `set`, or the value of a delivered write).
+    async fn put(&self, key: &str, entry: StoredEntry) -> Result<()>;
+
+    /// A fill from the source: [`put`](Self::put), but only if `guard`
+    /// [`allows`](FillGuard::allows) it, checked **in the same step as the write** against the
+    /// entry held at that moment. Returns whether it was written (`Ok(false)`: the guard
+    /// refused, nothing changed).
+    async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool>;
+
+    /// A "not modified" answer from the source: new deadlines `(stored_at, fresh_until,
+    /// stale_until)` for the entry held (its value and validator are kept), but only if `guard`
+    /// [`allows`](FillGuard::allows) it, checked in the same step as the write. Returns whether
+    /// an entry was renewed (`Ok(false)`: the guard refused, or there is no entry).
+    async fn renew_fill(
+        &self,
+        key: &str,
+        deadlines: (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool>;
+
+    /// Removes `key`'s entry, if any.
+    async fn remove(&self, key: &str) -> Result<()>;
+
+    /// Removes `key`'s entry after its outbox rows up to `settled_id` were settled (a delivered
+    /// delete), unless a newer write of the key is pending (a not-dead outbox row of the key
+    /// with an id above `settled_id`): checked **in the same step** as the removal, so a write
+    /// that arrived meanwhile keeps its entry.
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()>;
+
+    /// Records that `key` was read at `now`, for a least-recently-used size bound. Best effort:
+    /// it must not wait (no I/O on the caller's thread), may be batched, dropped or ignored,
+    /// and must not fail.
+    fn touch(&self, key: &str, now: u64);
+
+    /// What the store holds, counted at `now` (entries past their fresh deadline at `now` are
+    /// stale), outbox included.
+    async fn summary(&self, now: u64) -> Result<StoreSummary>;
+}
+
+/// The write-behind outbox: writes acknowledged to the caller, waiting to be delivered to the
+/// source, and the dead letters (writes the source refused for good).
+///
+/// Rows are ordered by id ([`OutboxRow::id`]); a row is *pending* while not
+/// [`dead`](OutboxRow::dead). The entries it changes are the [`EntryStore`]'s of the same
+/// backend.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + std::fmt::Debug + 'static {
+    /// A write-behind write, **in one step** (one transaction): writes `key`'s entry (`Some`)
+    /// or removes it (`None`); marks every dead letter of `key`
+    /// [`superseded`](OutboxRow::superseded) (this write is newer); and appends a pending row
+    /// ([`OutboxRow::new`]`(id, key, op, now)`) with a new id, higher than that of every row
+    /// the outbox holds.
+    /// Returns that id. If this returns `Err`, none of it happened: the write is refused, and
+    /// nothing of it may be read or delivered later.
+    async fn enqueue(
+        &self,
+        key: &str,
+        entry: Option<StoredEntry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<i64>;
+
+    /// Pending (not dead) rows, oldest (lowest id) first, at most `limit` of them, whatever
+    /// their `next_attempt` (the cache decides when to attempt).
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+
+    /// The op of `key`'s newest (highest id) pending row: what `key` reads as until it is
+    /// delivered. `None` when the key has no pending row.
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>>;
+
+    /// How many rows are pending, and the keys of the pending rows that have a
+    /// [`last_error`](OutboxRow::last_error), each with that error: in id order, each key once
+    /// (its oldest such row). Made without reading any value.
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)>;
+
+    /// Deletes these rows (delivered, or coalesced into a delivered newer row of their key), if
+    /// they are still pending: a row that became a dead letter meanwhile stays. Ids that do not
+    /// exist are ignored.
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()>;
+
+    /// Records a failed attempt on those of these rows still pending: `attempts` + 1,
+    /// `next_attempt`, `last_error` = `error`, and `dead` if `dead`. With `dead` (the source
+    /// refused for good), **in the same step**:
+    /// * each of these rows that has a newer row of its key (any row, dead or not, with a
+    ///   higher id) is marked [`superseded`](OutboxRow::superseded);
+    /// * the entry of each of their keys is removed, unless that key has a pending row newer
+    ///   than the highest of `ids` (the source's value stands: I1; a newer write keeps its
+    ///   entry).
+    async fn outbox_failed(
+        &self,
+        ids: Vec<i64>,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()>;
+
+    /// The dead letters, oldest (lowest id) first.
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
+
+    /// The dead letter `id`: with `retry`, back to pending (`dead` cleared, `attempts` and
+    /// `next_attempt` reset to 0, its id kept), unless it is superseded
+    /// ([`Resolved::Superseded`], unchanged); without, deleted. Checked and changed in one
+    /// step. [`Resolved::Missing`] when no dead letter has this id.
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved>;
+
+    /// Marks every dead letter of `key` [`superseded`](OutboxRow::superseded): a newer write
+    /// of the key reached the source (a write-through write).
+    async fn supersede_dead(&self, key: &str) -> Result<()>;
+}
+
+/// A few named strings shared by every process of one backend (today: the source's circuit
+/// breaker, as JSON, so processes sharing the store share one breaker).
+#[async_trait]
+pub trait StateStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The value named `name`, or `None`.
+    async fn load_meta(&self, name: &str) -> Result<Option<String>>;
+
+    /// Replaces the value named `name` with `update(old)` **atomically**: no other update of
+    /// `name` (from any process) runs between the read of `old` and the write. `update` is
+    /// called exactly once when this returns `Ok` (at most once otherwise) and must not block;
+    /// `None` removes the value. Returns the value written.
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>>;
+}
+
+/// An L2 backend: entries, outbox and shared state in one place. Implemented for every type
+/// that implements the three traits; give one to
+/// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store).
+pub trait Store: EntryStore + OutboxStore + StateStore {}
+
+impl<T: EntryStore + OutboxStore + StateStore + ?Sized> Store for T {}

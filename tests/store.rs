@@ -1,0 +1,638 @@
+//! The public L2 seam (`tiercache::tier::store`, issue #12): an in-memory store written against
+//! the documented contract only, with injected faults, plugged in with
+//! `TieredCacheBuilder::store`. The cache works on it (read-through fills, write-behind writes,
+//! deliveries and dead letters), and its faults degrade the cache (health, fallbacks to L1 and
+//! the source) without a wrong value ever being served.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use support::{outage, FakeSource};
+use tiercache::breaker::BreakerPolicy;
+use tiercache::source::SourceError;
+use tiercache::tier::store::{
+    EntryStore, FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, OutboxStore, Resolved,
+    StateStore, StoreSummary, StoredEntry,
+};
+use tiercache::{
+    Error, Freshness, HealthStatus, MockClock, Result, Strategy, Tier, TieredCache,
+    TieredCacheBuilder,
+};
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+const TTL: Duration = Duration::from_secs(60);
+const RECOVERY: Duration = Duration::from_secs(5);
+
+/// What the store holds, and the faults still to inject.
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<String, StoredEntry>,
+    /// In id order (ids only grow).
+    outbox: Vec<OutboxRow>,
+    last_id: i64,
+    meta: HashMap<String, String>,
+    fail_reads: u32,
+    fail_writes: u32,
+}
+
+/// An in-memory L2: one mutex makes every method one step.
+#[derive(Debug, Clone, Default)]
+struct MemStore {
+    state: Arc<Mutex<State>>,
+}
+
+fn fault(what: &str) -> Error {
+    Error::Storage {
+        message: format!("injected {what} fault"),
+        source: None,
+    }
+}
+
+impl MemStore {
+    /// The next `n` reads fail.
+    fn fail_reads(&self, n: u32) {
+        self.lock().fail_reads = n;
+    }
+
+    /// The next `n` writes fail (and change nothing).
+    fn fail_writes(&self, n: u32) {
+        self.lock().fail_writes = n;
+    }
+
+    fn heal(&self) {
+        let mut s = self.lock();
+        (s.fail_reads, s.fail_writes) = (0, 0);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> Result<MutexGuard<'_, State>> {
+        let mut s = self.lock();
+        if s.fail_reads > 0 {
+            s.fail_reads -= 1;
+            return Err(fault("read"));
+        }
+        Ok(s)
+    }
+
+    fn write(&self) -> Result<MutexGuard<'_, State>> {
+        let mut s = self.lock();
+        if s.fail_writes > 0 {
+            s.fail_writes -= 1;
+            return Err(fault("write"));
+        }
+        Ok(s)
+    }
+
+    /// The value held for `key` (for assertions; no fault).
+    fn value(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        self.lock()
+            .entries
+            .get(key)
+            .map(|e| e.value.as_ref().map(|v| v.to_vec()))
+    }
+
+    fn outbox_len(&self) -> usize {
+        self.lock().outbox.len()
+    }
+}
+
+impl State {
+    fn pending_after(&self, key: &str, id: i64) -> bool {
+        self.outbox
+            .iter()
+            .any(|r| r.key == key && !r.dead && r.id > id)
+    }
+
+    fn newest_pending(&self, key: &str) -> Option<OutboxOp> {
+        self.outbox
+            .iter()
+            .rev()
+            .find(|r| r.key == key && !r.dead)
+            .map(|r| r.op.clone())
+    }
+}
+
+#[async_trait]
+impl EntryStore for MemStore {
+    async fn get(&self, key: &str) -> Result<Option<StoredEntry>> {
+        Ok(self.read()?.entries.get(key).cloned())
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Found> {
+        let s = self.read()?;
+        let mut found = Found::default();
+        for &key in keys {
+            if let Some(e) = s.entries.get(key) {
+                found.entries.push((key.to_owned(), e.clone()));
+            }
+            if let Some(op) = s.newest_pending(key) {
+                found.pending.push((key.to_owned(), op));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn put(&self, key: &str, entry: StoredEntry) -> Result<()> {
+        self.write()?.entries.insert(key.to_owned(), entry);
+        Ok(())
+    }
+
+    async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool> {
+        let mut s = self.write()?;
+        // Checked under the lock that orders every write: the same step as the write.
+        if !guard.allows(s.entries.get(key).map(|e| e.stored_at)) {
+            return Ok(false);
+        }
+        s.entries.insert(key.to_owned(), entry);
+        Ok(true)
+    }
+
+    async fn renew_fill(
+        &self,
+        key: &str,
+        (stored_at, fresh_until, stale_until): (u64, u64, u64),
+        guard: FillGuard,
+    ) -> Result<bool> {
+        let mut s = self.write()?;
+        if !guard.allows(s.entries.get(key).map(|e| e.stored_at)) {
+            return Ok(false);
+        }
+        Ok(match s.entries.get_mut(key) {
+            Some(e) => {
+                (e.stored_at, e.fresh_until, e.stale_until) = (stored_at, fresh_until, stale_until);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        self.write()?.entries.remove(key);
+        Ok(())
+    }
+
+    async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
+        let mut s = self.write()?;
+        if !s.pending_after(key, settled_id) {
+            s.entries.remove(key);
+        }
+        Ok(())
+    }
+
+    fn touch(&self, _key: &str, _now: u64) {}
+
+    async fn summary(&self, now: u64) -> Result<StoreSummary> {
+        let s = self.read()?;
+        let mut summary = StoreSummary::default();
+        summary.entries = s.entries.len() as u64;
+        summary.bytes = s.entries.values().map(|e| e.size() as u64).sum();
+        summary.stale_entries = s.entries.values().filter(|e| e.fresh_until <= now).count() as u64;
+        summary.negative_entries = s.entries.values().filter(|e| e.value.is_none()).count() as u64;
+        let pending = s.outbox.iter().filter(|r| !r.dead);
+        summary.outbox_depth = pending.clone().count() as u64;
+        summary.oldest_pending_ms = pending.map(|r| r.created_at).min();
+        summary.dead_letters = s.outbox.iter().filter(|r| r.dead).count() as u64;
+        Ok(summary)
+    }
+}
+
+#[async_trait]
+impl OutboxStore for MemStore {
+    async fn enqueue(
+        &self,
+        key: &str,
+        entry: Option<StoredEntry>,
+        op: OutboxOp,
+        now: u64,
+    ) -> Result<i64> {
+        let mut s = self.write()?;
+        match entry {
+            Some(e) => s.entries.insert(key.to_owned(), e),
+            None => s.entries.remove(key),
+        };
+        for r in s.outbox.iter_mut().filter(|r| r.key == key && r.dead) {
+            r.superseded = true;
+        }
+        s.last_id += 1;
+        let id = s.last_id;
+        s.outbox.push(OutboxRow::new(id, key, op, now));
+        Ok(id)
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let s = self.read()?;
+        Ok(s.outbox
+            .iter()
+            .filter(|r| !r.dead)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
+        Ok(self.read()?.newest_pending(key))
+    }
+
+    async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
+        let s = self.read()?;
+        let (mut pending, mut stuck) = (0, Vec::<(String, String)>::new());
+        for r in s.outbox.iter().filter(|r| !r.dead) {
+            pending += 1;
+            if let Some(error) = &r.last_error {
+                if !stuck.iter().any(|(k, _)| *k == r.key) {
+                    stuck.push((r.key.clone(), error.clone()));
+                }
+            }
+        }
+        Ok((pending, stuck))
+    }
+
+    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
+        self.write()?
+            .outbox
+            .retain(|r| r.dead || !ids.contains(&r.id));
+        Ok(())
+    }
+
+    async fn outbox_failed(
+        &self,
+        ids: Vec<i64>,
+        next_attempt: u64,
+        error: String,
+        dead: bool,
+    ) -> Result<()> {
+        let mut s = self.write()?;
+        for r in s
+            .outbox
+            .iter_mut()
+            .filter(|r| !r.dead && ids.contains(&r.id))
+        {
+            r.attempts += 1;
+            r.next_attempt = next_attempt;
+            r.last_error = Some(error.clone());
+            r.dead = dead;
+        }
+        if dead {
+            let newest = ids.iter().copied().max().unwrap_or(0);
+            let rows: Vec<(i64, String)> = s
+                .outbox
+                .iter()
+                .filter(|r| ids.contains(&r.id))
+                .map(|r| (r.id, r.key.clone()))
+                .collect();
+            for (id, key) in &rows {
+                let newer = s.outbox.iter().any(|o| o.key == *key && o.id > *id);
+                if let Some(r) = s.outbox.iter_mut().find(|r| r.id == *id && r.dead) {
+                    r.superseded |= newer;
+                }
+            }
+            for (_, key) in rows {
+                if !s.pending_after(&key, newest) {
+                    s.entries.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
+        Ok(self
+            .read()?
+            .outbox
+            .iter()
+            .filter(|r| r.dead)
+            .cloned()
+            .collect())
+    }
+
+    async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
+        let mut s = self.write()?;
+        let Some(i) = s.outbox.iter().position(|r| r.id == id && r.dead) else {
+            return Ok(Resolved::Missing);
+        };
+        let row = &mut s.outbox[i];
+        if retry && row.superseded {
+            return Ok(Resolved::Superseded(row.key.clone()));
+        }
+        if retry {
+            (row.dead, row.attempts, row.next_attempt) = (false, 0, 0);
+        } else {
+            s.outbox.remove(i);
+        }
+        Ok(Resolved::Done)
+    }
+
+    async fn supersede_dead(&self, key: &str) -> Result<()> {
+        let mut s = self.write()?;
+        for r in s.outbox.iter_mut().filter(|r| r.key == key && r.dead) {
+            r.superseded = true;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for MemStore {
+    async fn load_meta(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.read()?.meta.get(name).cloned())
+    }
+
+    async fn update_meta(&self, name: &str, update: MetaUpdate) -> Result<Option<String>> {
+        let mut s = self.write()?;
+        let new = update(s.meta.get(name).cloned());
+        match &new {
+            Some(v) => s.meta.insert(name.to_owned(), v.clone()),
+            None => s.meta.remove(name),
+        };
+        Ok(new)
+    }
+}
+
+/// One failure opens an L2 breaker (faults show at once); probed again after [`RECOVERY`].
+fn builder(store: &MemStore, source: &FakeSource, clock: &MockClock) -> TieredCacheBuilder {
+    let l2_breaker = BreakerPolicy::builder()
+        .failure_threshold(1)
+        .base_recovery(RECOVERY)
+        .max_recovery(RECOVERY)
+        .jitter(0.0)
+        .build()
+        .expect("a valid policy");
+    TieredCache::builder()
+        .store(store.clone())
+        .source(source.clone())
+        .clock(clock.clone())
+        .ttl(TTL)
+        .stale_ttl(Duration::from_secs(3600))
+        .storage_breaker(l2_breaker)
+        // The persisted source breaker has its own test: here, no meta reads take a fault.
+        .persist_breaker(false)
+}
+
+fn refused() -> SourceError {
+    SourceError::Rejected {
+        status: Some(422),
+        message: "Invalid request".into(),
+    }
+}
+
+async fn get(cache: &TieredCache, key: &str) -> Result<Option<String>> {
+    Ok(cache
+        .get(key)
+        .await?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+#[tokio::test]
+async fn read_through_fills_the_custom_store_and_reads_it_back() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("a", "1");
+    let cache = builder(&store, &source, &clock).build()?;
+    assert_eq!(cache.lookup("a").await?.expect("a value").tier, Tier::L3);
+    assert_eq!(store.value("a"), Some(Some(b"1".to_vec())));
+    assert!(cache.get("missing").await?.is_none());
+    assert_eq!(store.value("missing"), Some(None), "a negative entry");
+    cache.clear_memory().await;
+    let l = cache.lookup("a").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"1"[..], Tier::L2));
+    // The batch read goes through `get_many`.
+    cache.clear_memory().await;
+    let batch = cache.mget(&["a", "missing"]).await;
+    assert_eq!(
+        batch[0]
+            .as_ref()
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .map(|l| l.tier),
+        Some(Tier::L2)
+    );
+    assert!(batch[1].as_ref().map_err(|e| e.to_string())?.is_none());
+    assert_eq!(source.fetch_count(), 2, "nothing was fetched twice");
+    let summary = cache.store_summary().await?;
+    assert_eq!((summary.entries, summary.negative_entries), (2, 1));
+    assert_eq!(cache.l2_read_statements(), 0, "no SQLite under the cache");
+    assert_eq!(cache.health().await.status, HealthStatus::Healthy);
+    Ok(())
+}
+
+#[tokio::test]
+async fn write_behind_writes_deliver_and_dead_letter_through_the_custom_store() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    let cache = builder(&store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    cache.set("k", "v1").await?;
+    assert_eq!(
+        (store.outbox_len(), store.value("k")),
+        (1, Some(Some(b"v1".to_vec())))
+    );
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v1"), "pending");
+    assert_eq!(cache.flush().await?.delivered, 1);
+    assert_eq!(source.value("k").as_deref(), Some(&b"v1"[..]));
+    assert_eq!(store.outbox_len(), 0);
+
+    // Refused for good: a dead letter, and the local copy goes with it (the source's value
+    // stands).
+    source.fail_writes(Some(refused()));
+    cache.set("k", "v2").await?;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v2"), "pending");
+    assert_eq!(cache.flush().await?.dead_lettered, 1);
+    assert_eq!(store.value("k"), None);
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v1"));
+    let dead = cache.dead_letters().await?;
+    assert_eq!((dead.len(), dead[0].superseded), (1, false));
+
+    // A newer write supersedes it: its retry is refused; it is kept until discarded.
+    source.fail_writes(None);
+    cache.set("k", "v3").await?;
+    assert!(cache.flush().await?.is_complete());
+    assert!(matches!(
+        cache.retry_dead_letter(dead[0].id).await,
+        Err(Error::Superseded { .. })
+    ));
+    assert!(cache.discard_dead_letter(dead[0].id).await?);
+    assert!(cache.dead_letters().await?.is_empty());
+
+    // A delete.
+    cache.delete("k").await?;
+    assert!(cache.get("k").await?.is_none(), "pending delete");
+    assert_eq!(cache.flush().await?.delivered, 1);
+    assert_eq!(source.value("k"), None);
+    cache.clear_memory().await;
+    assert!(cache.get("k").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_durable_set_is_refused_and_never_served() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let cache = builder(&store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
+    store.fail_writes(1);
+    assert!(matches!(
+        cache.set("k", "new").await,
+        Err(Error::Storage { .. })
+    ));
+    assert_ne!(cache.health().await.l2.status, HealthStatus::Healthy);
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"), "from L1");
+    assert_eq!(store.outbox_len(), 0);
+    assert_eq!(store.value("k"), Some(Some(b"old".to_vec())));
+    clock.advance(RECOVERY);
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"), "from L2");
+    let report = cache.flush().await?;
+    assert_eq!((report.delivered, report.pending), (0, 0));
+    assert_eq!(source.value("k").as_deref(), Some(&b"old"[..]));
+    assert!(source.writes().is_empty(), "nothing was delivered");
+    // Healed: the next set is made durable and delivered.
+    cache.set("k", "newer").await?;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("newer"));
+    assert_eq!(cache.flush().await?.delivered, 1);
+    assert_eq!(source.value("k").as_deref(), Some(&b"newer"[..]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_fill_does_not_leave_the_old_value() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "v1");
+    let cache = builder(&store, &source, &clock).build()?;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v1"));
+    source.insert("k", "v2");
+    clock.advance(TTL + Duration::from_secs(1));
+    store.fail_writes(u32::MAX);
+    let l = cache.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"v2"[..], Tier::L3));
+    assert_eq!(
+        store.value("k"),
+        Some(Some(b"v1".to_vec())),
+        "the fill was not written"
+    );
+    assert_ne!(cache.health().await.l2.status, HealthStatus::Healthy);
+    // L1 holds the new value; without it, the old one in L2 is stale and not served fresh.
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v2"));
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v2"));
+    store.heal();
+    clock.advance(RECOVERY);
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("v2"));
+    assert_eq!(
+        store.value("k"),
+        Some(Some(b"v2".to_vec())),
+        "filled once healed"
+    );
+    assert_eq!(cache.health().await.status, HealthStatus::Healthy);
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_faults_fall_back_to_l1_and_the_source() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("a", "1");
+    source.insert("b", "2");
+    let cache = builder(&store, &source, &clock).build()?;
+    assert_eq!(get(&cache, "a").await?.as_deref(), Some("1"));
+    store.fail_reads(u32::MAX);
+    store.fail_writes(u32::MAX);
+    // L1 answers without L2.
+    assert_eq!(cache.lookup("a").await?.expect("a value").tier, Tier::L1);
+    // A miss goes to the source.
+    let l = cache.lookup("b").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"2"[..], Tier::L3));
+    let health = cache.health().await;
+    assert_ne!(health.l2.status, HealthStatus::Healthy, "{health:?}");
+    assert_ne!(health.status, HealthStatus::Healthy);
+    // Source down too: the stale L1 copy, marked so.
+    clock.advance(TTL + Duration::from_secs(1));
+    source.fail_fetches(Some(outage()));
+    let l = cache.lookup("a").await?.expect("a stale value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"1"[..], Tier::L1));
+    assert!(
+        matches!(l.freshness, Freshness::Stale { .. }),
+        "{:?}",
+        l.freshness
+    );
+    // Nothing anywhere: an error, not "not found".
+    assert!(matches!(
+        cache.get("c").await,
+        Err(Error::Unavailable { .. })
+    ));
+    // Healed: the breaker probes after its recovery time and L2 is back.
+    store.heal();
+    source.fail_fetches(None);
+    clock.advance(RECOVERY);
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "a").await?.as_deref(), Some("1"));
+    assert_eq!(cache.health().await.status, HealthStatus::Healthy);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_dead_lettering_keeps_the_write_pending_until_it_is_recorded() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let cache = builder(&store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    cache.set("k", "new").await?;
+    source.fail_writes(Some(refused()));
+    // The refusal cannot be recorded: the row stays pending, and reads as itself.
+    store.fail_writes(u32::MAX);
+    let _ = cache.flush().await;
+    assert_eq!(store.outbox_len(), 1);
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("new"));
+    // Recorded: a dead letter, and the source's value is read again.
+    store.heal();
+    clock.advance(RECOVERY);
+    let report = cache.flush().await?;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
+    cache.clear_memory().await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
+    assert_eq!(cache.dead_letters().await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_source_breaker_is_persisted_in_the_custom_store() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    let cache = builder(&store, &source, &clock)
+        .persist_breaker(true)
+        .build()?;
+    source.fail_fetches(Some(outage()));
+    assert!(cache.get("k").await.is_err());
+    let meta = store.lock().meta.clone();
+    assert_eq!(meta.len(), 1, "{meta:?}");
+    assert!(
+        meta.values()
+            .all(|v| v.contains("\"consecutive_failures\":1")),
+        "the failure is recorded: {meta:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_store_and_a_sqlite_path_are_refused_together() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let built = TieredCache::builder()
+        .store(MemStore::default())
+        .sqlite_path(dir.path().join("cache.db"))
+        .build();
+    assert!(matches!(built, Err(Error::Config(_))), "{built:?}");
+    assert!(!dir.path().join("cache.db").exists());
+}
