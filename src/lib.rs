@@ -34,6 +34,14 @@
 //!   write that creates it. ([`OutboxMode::Memory`] trades crash safety away, as documented
 //!   there.)
 //!
+//! Between processes the database is shared exactly (entries, pending writes, dead letters,
+//! the breaker), and caches of one process on one file share their write fences, so a write by
+//! one drops the others' L1 copies. What no database can reach is another *operating-system
+//! process's* memory: a long-running process may serve its own L1 copy, fresh by its TTL, for up
+//! to that TTL after a different process wrote the key (cross-process invalidation is the
+//! PostgreSQL fleet's job). Short-lived processes, such as the `tiercache` command, start with an
+//! empty L1 and are not affected.
+//!
 //! How they are held: every write bumps its key's *write fence* before it touches a tier, and a
 //! fill from the source (or a promotion from L2) is written only while the fence has not moved
 //! and L2 still holds the row the read saw, so a slow fill never brings an old value back; a

@@ -327,3 +327,54 @@ async fn a_dropped_cache_leaves_no_probe_slot_taken() -> TestResult {
     assert_eq!(source.inner.value("k2").as_deref(), Some(&b"v2"[..]));
     Ok(())
 }
+
+/// I1 and I2 between two caches of one process on one database file: a write by one is never
+/// answered with the other's older L1 copy.
+#[tokio::test]
+async fn a_write_by_one_cache_is_seen_by_another_on_the_same_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("cache.db");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("k", "v1");
+    for strategy in [
+        Strategy::ReadThrough,
+        Strategy::WriteThrough,
+        Strategy::WriteBehind,
+    ] {
+        let reader = builder(&source, &clock)
+            .strategy(Strategy::ReadThrough)
+            .sqlite_path(&path)
+            .build()?;
+        let writer = builder(&source, &clock)
+            .strategy(strategy)
+            .sqlite_path(&path)
+            .build()?;
+        let before = reader.get("k").await?; // now in the reader's L1
+        assert!(before.is_some(), "{strategy:?}");
+        writer.set("k", format!("{strategy:?}")).await?;
+        assert_eq!(
+            reader.get("k").await?.as_deref(),
+            Some(format!("{strategy:?}").as_bytes()),
+            "{strategy:?}: the reader served its older L1 copy"
+        );
+        writer.delete("k").await?;
+        // Read-through's delete is local (the source is read-only): both then read the
+        // source's value; the others' delete reaches the source and reads as "not found".
+        let expect = (strategy == Strategy::ReadThrough).then(|| bytes::Bytes::from("v1"));
+        assert_eq!(
+            reader.get("k").await?,
+            expect,
+            "{strategy:?}: after the delete"
+        );
+        assert_eq!(
+            writer.get("k").await?,
+            expect,
+            "{strategy:?}: the writer agrees"
+        );
+        writer.flush().await?;
+        source.insert("k", "v1");
+        writer.invalidate("k").await?;
+        reader.invalidate("k").await?;
+    }
+    Ok(())
+}

@@ -131,6 +131,7 @@ impl TieredCache {
             if let Err(e) = inner.l2.remove(&key).await {
                 tracing::warn!(key, error = %e, "could not drop the L2 copy of an undelivered write");
             }
+            inner.fences.spread(inner.peer_id, &key).await;
         }
     }
 

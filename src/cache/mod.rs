@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     memory_queue: Option<Arc<MemoryQueue>>,
     /// Keeps fills from overwriting the writes they raced (see `tier::fence`).
     fences: Arc<Fences>,
+    /// This cache's id among the caches sharing `fences`.
+    peer_id: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -127,6 +129,7 @@ impl Drop for Inner {
         if let Some(outbox) = &self.outbox {
             outbox.stop();
         }
+        self.fences.leave(self.peer_id);
     }
 }
 
@@ -201,6 +204,10 @@ impl TieredCache {
 
     pub(crate) fn from_builder(mut b: TieredCacheBuilder, sqlite: SqliteOptions) -> Result<Self> {
         let source = b.take_source();
+        let db_path = match (&sqlite.location, &b.store) {
+            (Location::File(p), None) => Some(p.clone()),
+            _ => None,
+        };
         // A store given to the builder is shared state (a database server): the breaker is
         // persisted there as in a database file; a memory database is this process's alone.
         let (sqlite, l2_store, shared): (_, Arc<dyn Store>, _) = match b.store.take() {
@@ -245,32 +252,37 @@ impl TieredCache {
             None => Arc::new(DurableQueue::new(l2_guard.clone())),
         };
         let l1 = MemoryTier::new(b.memory_capacity);
-        let fences = Arc::new(Fences::default());
+        // Shared with this process's other caches on the same file (see `tier::fence`).
+        let (fences, peer_id) = Fences::for_file(db_path.as_deref(), &l1);
         let offline = Arc::new(AtomicBool::new(b.offline));
         // Every cache can deliver an outbox (one an earlier write-behind process left, say);
         // only write-behind runs the background flusher.
-        let outbox = Some(Outbox::start(
-            queue,
-            source.clone(),
-            b.clock.clone(),
-            guard.clone(),
-            events.clone(),
-            crate::outbox::Retry {
-                base: b.retry_base,
-                max: b.retry_max,
-                timeout: b.timeout,
-            },
-            offline.clone(),
-            LocalTiers {
-                l1: l1.clone(),
-                l2: l2.clone(),
-                fences: fences.clone(),
-                memory_mode: memory_queue.is_some(),
-                ttl: settings.ttl,
-                stale_ttl: settings.stale_ttl,
-            },
-            b.strategy == Strategy::WriteBehind && b.background_flush,
-        )?);
+        let outbox = Some(
+            Outbox::start(
+                queue,
+                source.clone(),
+                b.clock.clone(),
+                guard.clone(),
+                events.clone(),
+                crate::outbox::Retry {
+                    base: b.retry_base,
+                    max: b.retry_max,
+                    timeout: b.timeout,
+                },
+                offline.clone(),
+                LocalTiers {
+                    l1: l1.clone(),
+                    l2: l2.clone(),
+                    fences: fences.clone(),
+                    peer_id,
+                    memory_mode: memory_queue.is_some(),
+                    ttl: settings.ttl,
+                    stale_ttl: settings.stale_ttl,
+                },
+                b.strategy == Strategy::WriteBehind && b.background_flush,
+            )
+            .inspect_err(|_| fences.leave(peer_id))?,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 l1,
@@ -290,6 +302,7 @@ impl TieredCache {
                 outbox,
                 memory_queue,
                 fences,
+                peer_id,
             }),
         })
     }

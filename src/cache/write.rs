@@ -106,6 +106,8 @@ impl TieredCache {
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
         }
+        // This process's other caches on the file drop their older copy (I1).
+        inner.fences.spread(inner.peer_id, key).await;
         inner.stats.record(Tier::L1, Op::Set, timer);
         Ok(())
     }
@@ -142,6 +144,7 @@ impl TieredCache {
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
         }
+        inner.fences.spread(inner.peer_id, key).await;
         inner.stats.record(Tier::L1, Op::Delete, timer);
         Ok(())
     }
@@ -154,7 +157,9 @@ impl TieredCache {
         self.check(key)?;
         self.inner.fences.bump(key);
         self.inner.l1.remove(key).await;
-        self.inner.l2.remove(key).await
+        let removed = self.inner.l2.remove(key).await;
+        self.inner.fences.spread(self.inner.peer_id, key).await;
+        removed
     }
 
     pub(super) async fn remove_l2(&self, key: &str) {

@@ -245,7 +245,7 @@ impl Deliverer {
                     // A newer write in the memory outbox shadows L2 until it is delivered.
                     (true, _) => t.l2.remove(key).await,
                     // The refusal removed the entry with the dead letter.
-                    (false, None) => return,
+                    (false, None) => Ok(()),
                     (false, Some(_)) => t.l2.remove_settled(key, id).await,
                 }
             }
@@ -253,6 +253,8 @@ impl Deliverer {
         if let Err(e) = written {
             tracing::warn!(key, error = %e, "write-behind: could not update L2 after a delivery");
         }
+        // The other caches of this process on the file drop their copy too.
+        t.fences.spread(t.peer_id, key).await;
     }
 
     /// Exponential backoff with full jitter in the upper half: base·2^(n-1), capped, times a

@@ -115,6 +115,8 @@ pub(crate) struct LocalTiers {
     pub(crate) l1: MemoryTier,
     pub(crate) l2: L2,
     pub(crate) fences: Arc<Fences>,
+    /// This cache's id among the caches sharing `fences`.
+    pub(crate) peer_id: u64,
     /// The memory outbox never wrote L2: a delivered put writes it there.
     pub(crate) memory_mode: bool,
     /// Lifetimes of an entry written for a delivered put (ms).

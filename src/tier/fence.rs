@@ -12,9 +12,20 @@
 //!
 //! Fences are striped: keys that share a stripe only cost each other a skipped fill (the value
 //! is still returned to the reader; it is just not cached), never a wrong answer.
+//!
+//! Caches of one process opened on one database file share one `Fences` ([`Fences::for_file`]):
+//! a write by one of them moves the fence for all, and once it is in L2 it removes the key from
+//! the others' L1 ([`Fences::spread`]), so another cache of the process never serves its older
+//! copy (I1 between the caches of a process). Other processes' L1s are not reached: see the
+//! crate docs.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use super::memory::MemoryTier;
 
 const STRIPES: usize = 1024;
 
@@ -22,7 +33,19 @@ const STRIPES: usize = 1024;
 pub(crate) struct Fences {
     stripes: Box<[AtomicU64]>,
     hasher: std::hash::RandomState,
+    /// The L1 of every cache sharing these fences, by peer id.
+    peers: Mutex<Vec<(u64, MemoryTier)>>,
+    /// How many caches share these fences (a write with no peer skips the lock).
+    peer_count: AtomicUsize,
 }
+
+/// The fences of each database file open in this process.
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<Fences>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Weak<Fences>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Mutex::default)
+}
+
+static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Fences {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -37,11 +60,66 @@ impl Default for Fences {
         Self {
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::hash::RandomState::new(),
+            peers: Mutex::new(Vec::new()),
+            peer_count: AtomicUsize::new(0),
         }
     }
 }
 
 impl Fences {
+    /// The fences shared by this process's caches on the database file at `path` (`None`: a
+    /// memory database, its own), with `l1` joined as a peer. Returns the fences and the peer id
+    /// to [`leave`](Self::leave) with.
+    pub(crate) fn for_file(path: Option<&Path>, l1: &MemoryTier) -> (Arc<Fences>, u64) {
+        let fences = match path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())) {
+            Some(path) => {
+                let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
+                map.retain(|_, w| w.strong_count() > 0);
+                match map.get(&path).and_then(Weak::upgrade) {
+                    Some(f) => f,
+                    None => {
+                        let f = Arc::new(Fences::default());
+                        map.insert(path, Arc::downgrade(&f));
+                        f
+                    }
+                }
+            }
+            None => Arc::new(Fences::default()),
+        };
+        let id = NEXT_PEER.fetch_add(1, Ordering::Relaxed);
+        let mut peers = fences.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.push((id, l1.clone()));
+        fences.peer_count.store(peers.len(), Ordering::Release);
+        drop(peers);
+        (fences, id)
+    }
+
+    /// A cache closing or dropped stops being a peer.
+    pub(crate) fn leave(&self, id: u64) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|(p, _)| *p != id);
+        self.peer_count.store(peers.len(), Ordering::Release);
+    }
+
+    /// After a write of `key` by peer `me` reached L2: the other caches of this process on the
+    /// same file drop their L1 copy.
+    pub(crate) async fn spread(&self, me: u64, key: &str) {
+        if self.peer_count.load(Ordering::Acquire) <= 1 {
+            return;
+        }
+        let others: Vec<MemoryTier> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| *p != me)
+            .map(|(_, l1)| l1.clone())
+            .collect();
+        for l1 in others {
+            l1.remove(key).await;
+        }
+    }
+
     fn stripe(&self, key: &str) -> &AtomicU64 {
         // `STRIPES` is a power of two.
         &self.stripes[(self.hasher.hash_one(key) as usize) & (STRIPES - 1)]
