@@ -378,3 +378,29 @@ async fn a_write_by_one_cache_is_seen_by_another_on_the_same_file() -> TestResul
     }
     Ok(())
 }
+
+/// I4 across writers of one file: a write by one cache supersedes a dead letter another cache
+/// recorded (each writer connection learns of the other's commits through `data_version`).
+#[tokio::test]
+async fn a_write_by_another_writer_supersedes_a_dead_letter() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("cache.db");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let b = builder(&source, &clock).sqlite_path(&path).build()?;
+    b.set("other", "x").await?; // b's writer has looked: no dead letters yet
+    b.flush().await?;
+    let a = builder(&source, &clock).sqlite_path(&path).build()?;
+    source.fail_writes(Some(refused()));
+    a.set("k", "v1").await?;
+    a.flush().await?;
+    assert!(!a.dead_letters().await?[0].superseded);
+    source.fail_writes(None);
+    b.set("k", "v2").await?;
+    let dead = a.dead_letters().await?;
+    assert!(dead[0].superseded, "{dead:?}");
+    assert!(matches!(
+        a.retry_dead_letter(dead[0].id).await,
+        Err(Error::Superseded { .. })
+    ));
+    Ok(())
+}

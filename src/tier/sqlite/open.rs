@@ -163,6 +163,8 @@ impl SqliteTier {
             total_bytes: to_u64(total_bytes),
             max_bytes: opts.max_bytes,
             file: file.clone(),
+            has_dead_letters: None,
+            data_version: 0,
         };
         thread::Builder::new()
             .name("tiercache-sqlite-writer".into())

@@ -311,9 +311,14 @@ impl OutboxStore for SqliteTier {
                 OutboxOp::Put(v) => Some(v.as_ref()),
                 OutboxOp::Delete => None,
             };
-            // A newer write: the key's dead letters may no longer be retried (I4).
-            conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
+            // A newer write: the key's dead letters may no longer be retried (I4). (Skipped
+            // when the outbox holds none, as the writer knows: see `WriterState`.)
+            if state.has_dead_letters(conn)? {
+                conn.prepare_cached(
+                    "UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1",
+                )?
                 .execute([&key])?;
+            }
             conn.prepare_cached(
                 "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
             )?
@@ -401,6 +406,7 @@ impl OutboxStore for SqliteTier {
             )?
             .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
             if dead {
+                state.has_dead_letters = Some(true);
                 // A dead letter with a newer row of its key (the group's older rows, coalesced
                 // into the refused newest one; or a write that arrived during the attempt) is
                 // superseded from the start: never to be retried over the newer write (I4).
@@ -435,7 +441,8 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
-        self.write(move |conn, _| {
+        self.write(move |conn, state| {
+            state.has_dead_letters = None;
             let row: Option<(String, bool)> = conn
                 .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
                 .query_row([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
@@ -456,7 +463,10 @@ impl OutboxStore for SqliteTier {
 
     async fn supersede_dead(&self, key: &str) -> Result<()> {
         let key = key.to_owned();
-        self.write(move |conn, _| {
+        self.write(move |conn, state| {
+            if !state.has_dead_letters(conn)? {
+                return Ok(());
+            }
             conn.prepare_cached("UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1")?
                 .execute([&key])
                 .map(drop)

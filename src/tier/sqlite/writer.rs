@@ -34,6 +34,26 @@ pub(super) struct WriterState {
     pub(super) max_bytes: u64,
     /// The database file, checked before each commit (`None`: a memory database).
     pub(super) file: Option<FileWatch>,
+    /// Whether the outbox holds dead letters (`None`: not known; asked when needed). Every
+    /// write-behind write marks its key's dead letters superseded; with none, that statement is
+    /// skipped. Forgotten whenever another connection (process) committed: `data_version`.
+    pub(super) has_dead_letters: Option<bool>,
+    /// `PRAGMA data_version` as this connection last saw it.
+    pub(super) data_version: i64,
+}
+
+impl WriterState {
+    /// Whether the outbox may hold dead letters (asked of the database when not known).
+    pub(super) fn has_dead_letters(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
+        if let Some(known) = self.has_dead_letters {
+            return Ok(known);
+        }
+        let any: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox WHERE dead = 1)")?
+            .query_row([], |r| r.get(0))?;
+        self.has_dead_letters = Some(any);
+        Ok(any)
+    }
 }
 
 impl SqliteTier {
@@ -177,6 +197,16 @@ fn commit_batch(
                 .collect();
         }
     };
+    // Another connection committed since this one last looked: what it knows of the outbox may
+    // be stale (the write lock is held from here to the commit, so this holds for the batch).
+    match tx.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
+        Ok(v) if v == state.data_version => {}
+        Ok(v) => {
+            state.data_version = v;
+            state.has_dead_letters = None;
+        }
+        Err(_) => state.has_dead_letters = None,
+    }
     let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len());
     let mut aborted = false;
     for job in jobs {
@@ -191,6 +221,7 @@ fn commit_batch(
     }
     if aborted {
         state.total_bytes = bytes_before;
+        state.has_dead_letters = None;
         touches.clear();
         let cause = state.last_failure.take();
         let err = Error::Storage {
