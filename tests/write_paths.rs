@@ -404,3 +404,38 @@ async fn a_write_by_another_writer_supersedes_a_dead_letter() -> TestResult {
     ));
     Ok(())
 }
+
+/// A refusal that comes back after offline mode was switched on is still recorded (a dead
+/// letter, the local copy gone), not held and sent again later.
+#[tokio::test]
+async fn an_answer_that_arrives_after_offline_is_switched_on_is_recorded() -> TestResult {
+    let clock = MockClock::new();
+    let source = Gated {
+        inner: FakeSource::new(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        started: Arc::new(tokio::sync::watch::channel(0).0),
+    };
+    source.inner.insert("k", "old");
+    source.inner.fail_writes(Some(refused()));
+    let cache = TieredCache::builder()
+        .source(source.clone())
+        .clock(clock.clone())
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    cache.set("k", "refused").await?;
+    let mut started = source.started.subscribe();
+    let flusher = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.flush().await })
+    };
+    started.wait_for(|n| *n > 0).await?; // the put is on the wire
+    cache.set_offline(true);
+    source.gate.add_permits(1); // and GitHub says no
+    let report = flusher.await??;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(cache.dead_letters().await?.len(), 1);
+    cache.set_offline(false);
+    assert_eq!(cache.get("k").await?.as_deref(), Some(&b"old"[..]));
+    Ok(())
+}

@@ -8,7 +8,7 @@ use super::read::Seen;
 use bytes::Bytes;
 
 use super::*;
-use crate::source::guard::not_sent;
+use crate::source::guard::is_not_sent;
 use crate::tier::FillGuard;
 
 /// Classifies a source error into the cache's error.
@@ -112,10 +112,10 @@ pub(super) async fn load(
             let entry = Entry::new(None, None, now, fresh_until, fresh_until);
             (entry, Loaded::Fetched)
         }
-        Err(e) if inner.offline.load(Ordering::SeqCst) => {
-            // Offline switched on while the call waited for its permit: nothing was sent.
-            let _ = e;
-            return Err(source_failure(&key, not_sent()));
+        Err(e) if is_not_sent(&e) => {
+            // Offline switched on while the call waited for its permit: nothing was sent (and
+            // nothing is counted as a source call).
+            return Err(source_failure(&key, e));
         }
         Err(e) => {
             inner

@@ -14,7 +14,7 @@ use crate::clock::{millis, Clock};
 use crate::entry::Entry;
 use crate::error::Result;
 use crate::event::{Event, Events};
-use crate::source::guard::{guarded, SourceGuard};
+use crate::source::guard::{guarded, is_not_sent, SourceGuard};
 use crate::source::{Source, SourceError};
 use crate::tier::{OutboxOp, OutboxRow};
 
@@ -171,7 +171,9 @@ impl Deliverer {
                     .await;
                 Ok(Delivery::Delivered(ids(&rows)))
             }
-            Err(_) if !self.may_send() => Ok(Delivery::Held(NOT_SENT.into())),
+            // Not sent after all (offline or closed at the last moment). An answer that did come
+            // back (a refusal, say) is recorded below whatever the switches say now.
+            Err(e) if is_not_sent(&e) => Ok(Delivery::Held(NOT_SENT.into())),
             // Not sent: the breaker is open. Nothing to record; the key waits its turn.
             Err(e @ SourceError::CircuitOpen { .. }) => Ok(Delivery::Held(e.to_string())),
             Err(e) if e.is_transient() => {

@@ -35,8 +35,16 @@ pub(crate) enum CallEnd<'a> {
 pub(crate) fn not_sent() -> SourceError {
     SourceError::Unavailable {
         status: None,
-        message: "offline mode is on (or the cache is closed): the source was not contacted".into(),
+        message: NOT_SENT.into(),
     }
+}
+
+const NOT_SENT: &str = "offline mode is on (or the cache is closed): the source was not contacted";
+
+/// Whether `e` is [`not_sent`]'s: the call never left (as opposed to an answer that came back
+/// after offline mode was switched on, which must be recorded like any other).
+pub(crate) fn is_not_sent(e: &SourceError) -> bool {
+    matches!(e, SourceError::Unavailable { status: None, message } if message == NOT_SENT)
 }
 
 #[derive(Debug)]
