@@ -145,9 +145,9 @@ async fn fill(inner: &Inner, key: &str, entry: Entry, how: Loaded, seen: Seen) -
     let settings = &inner.settings;
     let entry = Arc::new(entry);
     let remember = settings.negative_ttl > 0 || entry.value.is_some();
-    if remember && inner.fences.unchanged(key, token) {
+    if remember && inner.fences.may_cache(key, token) {
         inner.l1.insert(key, entry.clone()).await;
-        if !inner.fences.unchanged(key, token) {
+        if !inner.fences.may_cache(key, token) {
             inner.l1.remove(key).await;
         }
         let fences = inner.fences.clone();

@@ -258,11 +258,11 @@ impl TieredCache {
     /// (then the write's value, or its absence, stands: see `tier::fence`).
     pub(super) async fn promote(&self, key: &str, e: Arc<Entry>, token: u64) {
         let inner = &*self.inner;
-        if !inner.fences.unchanged(key, token) {
+        if !inner.fences.may_cache(key, token) {
             return;
         }
         inner.l1.insert(key, e).await;
-        if !inner.fences.unchanged(key, token) {
+        if !inner.fences.may_cache(key, token) {
             inner.l1.remove(key).await;
         }
     }

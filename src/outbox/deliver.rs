@@ -193,6 +193,8 @@ impl Deliverer {
                 // Refused: the source's value stands (I1). Unless a newer write of the key is
                 // pending, the local copy of the refused write goes: L1 now and again after
                 // (a read racing this may have promoted it), L2 with the dead letter in one step.
+                // Until the last L1 drop, no read puts the key into any L1 (the settling mark).
+                let _settling = self.tiers.fences.settling(key);
                 self.tiers.fences.bump(key);
                 self.tiers.l1.remove(key).await;
                 if self.tiers.memory_mode {

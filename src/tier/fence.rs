@@ -37,6 +37,10 @@ pub(crate) struct Fences {
     peers: Mutex<Vec<(u64, MemoryTier)>>,
     /// How many caches share these fences (a write with no peer skips the lock).
     peer_count: AtomicUsize,
+    /// Keys whose refused write is being settled: no read may put them into L1 until the
+    /// refusal is recorded and every L1 copy dropped (see [`Fences::settling`]).
+    settling: Mutex<Vec<String>>,
+    settling_count: AtomicUsize,
 }
 
 /// The fences of each database file open in this process.
@@ -62,6 +66,8 @@ impl Default for Fences {
             hasher: std::hash::RandomState::new(),
             peers: Mutex::new(Vec::new()),
             peer_count: AtomicUsize::new(0),
+            settling: Mutex::new(Vec::new()),
+            settling_count: AtomicUsize::new(0),
         }
     }
 }
@@ -92,6 +98,36 @@ impl Fences {
         fences.peer_count.store(peers.len(), Ordering::Release);
         drop(peers);
         (fences, id)
+    }
+
+    /// Marks `key` as being settled (a refusal between its first L1 drop and its last): reads
+    /// keep it out of L1 meanwhile. Returns a guard that ends the mark.
+    pub(crate) fn settling<'a>(self: &'a Arc<Self>, key: &str) -> Settling<'a> {
+        self.settling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key.to_owned());
+        self.settling_count.fetch_add(1, Ordering::AcqRel);
+        Settling {
+            fences: self,
+            key: key.to_owned(),
+        }
+    }
+
+    /// Whether `key` is being settled (one atomic load when nothing is).
+    pub(crate) fn is_settling(&self, key: &str) -> bool {
+        self.settling_count.load(Ordering::Acquire) > 0
+            && self
+                .settling
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|k| k == key)
+    }
+
+    /// Whether a read that took `token` may (still) hold `key` in L1.
+    pub(crate) fn may_cache(&self, key: &str, token: u64) -> bool {
+        self.unchanged(key, token) && !self.is_settling(key)
     }
 
     /// A cache closing or dropped stops being a peer.
@@ -138,6 +174,26 @@ impl Fences {
     /// Whether no write of `key` (or of a key on its stripe) began since `token` was taken.
     pub(crate) fn unchanged(&self, key: &str, token: u64) -> bool {
         self.token(key) == token
+    }
+}
+
+/// Ends a [`Fences::settling`] mark when dropped.
+pub(crate) struct Settling<'a> {
+    fences: &'a Arc<Fences>,
+    key: String,
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        let mut keys = self
+            .fences
+            .settling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = keys.iter().position(|k| *k == self.key) {
+            keys.swap_remove(i);
+            self.fences.settling_count.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
