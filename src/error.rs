@@ -144,6 +144,26 @@ impl Error {
         matches!(self, Error::Storage { .. } | Error::CorruptDatabase { .. })
     }
 
+    /// This error and its causes, each said once (`error: cause: root cause`); a cause whose
+    /// text the error already quotes is not repeated. What the `tiercache` command prints.
+    ///
+    /// ```
+    /// use tiercache::source::SourceError;
+    /// use tiercache::Error;
+    ///
+    /// let e = Error::Source {
+    ///     key: "o/r/README.md".into(),
+    ///     source: SourceError::unauthorized("Bad credentials").with_status(401),
+    /// };
+    /// assert_eq!(
+    ///     e.report(),
+    ///     "the source refused \"o/r/README.md\": source refused the credentials (HTTP 401): Bad credentials"
+    /// );
+    /// ```
+    pub fn report(&self) -> String {
+        chain_text(self)
+    }
+
     /// The source's error, where one caused this.
     pub fn source_error(&self) -> Option<&SourceError> {
         match self {
@@ -206,6 +226,17 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
+
+    /// A wrapper that quotes its cause in its own text, as some storage errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("could not write: disk full")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_the_error_quotes_is_not_repeated() {
+        let quoting = Quoting(std::io::Error::other("disk full"));
+        assert_eq!(chain_text(&quoting), "could not write: disk full");
+    }
 
     /// An app's own error with a cause of its own, for a chain three links deep under the source.
     #[derive(Debug, thiserror::Error)]

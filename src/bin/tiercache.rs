@@ -226,7 +226,7 @@ impl Failure {
     /// The exit code and message for a library error.
     fn from_error(e: &Error) -> Self {
         let code = exit_code(e);
-        let mut message = chain(e);
+        let mut message = e.report();
         if e.is_unavailable() {
             message.push_str(" (and no cached copy could stand in)");
         }
@@ -242,22 +242,6 @@ fn exit_code(e: &Error) -> u8 {
     } else {
         EXIT_RUNTIME
     }
-}
-
-/// An error and its causes, each said once: `error: cause: root cause`. A cause whose text the
-/// error already quotes is not repeated.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let link = cause.to_string();
-        if !text.contains(&link) {
-            text.push_str(": ");
-            text.push_str(&link);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 /// `TIERCACHE_LOG=<level>`: tiercache's own events on stderr. Only this crate's: the HTTP
@@ -410,11 +394,6 @@ mod tests {
     use super::*;
     use tiercache::source::SourceError;
 
-    /// A wrapper that quotes its cause in its own text, as some storage errors do.
-    #[derive(Debug, thiserror::Error)]
-    #[error("could not write: disk full")]
-    struct Quoting(#[source] std::io::Error);
-
     #[test]
     fn chain_says_every_cause_once() {
         let e = Error::Source {
@@ -422,12 +401,10 @@ mod tests {
             source: SourceError::unauthorized("Bad credentials").with_status(401),
         };
         assert_eq!(
-            chain(&e),
+            e.report(),
             "the source refused \"o/r/README.md\": \
              source refused the credentials (HTTP 401): Bad credentials"
         );
-        let quoting = Quoting(std::io::Error::other("disk full"));
-        assert_eq!(chain(&quoting), "could not write: disk full");
     }
 
     #[test]

@@ -87,29 +87,9 @@ impl TieredCache {
                     .map_err(Into::into)
             })
         });
-        Ok(self.lookup_or_load(key, custom).await?.map(|l| l.value))
-    }
-
-    /// The read pipeline with `custom` in the source's place after an L1 miss.
-    pub(super) async fn lookup_or_load(
-        &self,
-        key: &str,
-        custom: CustomLoad,
-    ) -> Result<Option<Lookup>> {
-        self.check_basic(key)?;
-        let inner = &*self.inner;
-        let timer = inner.stats.start_sampled();
-        let e = inner.l1.get(key).await;
-        let now = self.now();
-        if let Some(e) = &e {
-            if e.is_fresh(now, None) {
-                inner.stats.hit(Tier::L1);
-                inner.stats.record(Tier::L1, Op::Get, timer);
-                return Ok(self.served(e, Tier::L1, Freshness::Fresh, now));
-            }
-        }
-        let candidate = self.servable_l1(key, e, now).await;
-        self.lookup_after_l1(key, None, candidate, now, Some(custom))
-            .await
+        Ok(self
+            .lookup_inner(key, None, Some(custom))
+            .await?
+            .map(|l| l.value))
     }
 }

@@ -75,7 +75,7 @@ impl TieredCache {
     /// # Errors
     /// As [`get`](Self::get).
     pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>> {
-        self.lookup_inner(key, None).await
+        self.lookup_inner(key, None, None).await
     }
 
     /// [`lookup`](Self::lookup) with per-call options.
@@ -83,13 +83,17 @@ impl TieredCache {
     /// # Errors
     /// As [`get`](Self::get).
     pub async fn lookup_with(&self, key: &str, options: &ReadOptions) -> Result<Option<Lookup>> {
-        self.lookup_inner(key, options.max_age.map(millis)).await
+        self.lookup_inner(key, options.max_age.map(millis), None)
+            .await
     }
 
+    /// `lookup`'s pipeline; `custom` (from `get_with`) stands in for the source after an L1
+    /// miss.
     pub(super) async fn lookup_inner(
         &self,
         key: &str,
         max_age: Option<u64>,
+        custom: Option<CustomLoad>,
     ) -> Result<Option<Lookup>> {
         self.check_basic(key)?;
         let inner = &*self.inner;
@@ -104,7 +108,7 @@ impl TieredCache {
             }
         }
         let candidate = self.servable_l1(key, e, now).await;
-        self.lookup_after_l1(key, max_age, candidate, now, None)
+        self.lookup_after_l1(key, max_age, candidate, now, custom)
             .await
     }
 

@@ -79,8 +79,7 @@ impl TieredCache {
             self.write_source(key, Some(&value)).await?;
         }
         // Before any tier changes: a fill or promotion that raced this write stays out (I1).
-        inner.fences.bump(key);
-        let token = inner.fences.token(key);
+        let token = inner.fences.bump(key);
         match inner.settings.strategy {
             Strategy::ReadThrough | Strategy::CacheAside | Strategy::WriteThrough => {
                 self.put_l2(key, entry.clone()).await

@@ -166,9 +166,10 @@ impl Fences {
         self.stripe(key).load(Ordering::Acquire)
     }
 
-    /// Called by every write before it touches a tier.
-    pub(crate) fn bump(&self, key: &str) {
-        self.stripe(key).fetch_add(1, Ordering::AcqRel);
+    /// Called by every write before it touches a tier. Returns the new token (what a writer
+    /// checks afterwards to learn whether another write followed it).
+    pub(crate) fn bump(&self, key: &str) -> u64 {
+        self.stripe(key).fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Whether no write of `key` (or of a key on its stripe) began since `token` was taken.

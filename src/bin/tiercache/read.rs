@@ -8,9 +8,7 @@ use tiercache::{ReadOptions, Strategy};
 
 use crate::config::Settings;
 use crate::output::{self, Served};
-use crate::{
-    chain, exit_code, open, read_strategy, Failure, EXIT_NOT_FOUND, EXIT_RUNTIME, EXIT_USAGE,
-};
+use crate::{exit_code, open, read_strategy, Failure, EXIT_NOT_FOUND, EXIT_RUNTIME, EXIT_USAGE};
 
 /// `--ttl` applies at read time too, to copies already cached (like HTTP's `max-age`).
 fn read_options(s: &Settings) -> ReadOptions {
@@ -52,7 +50,7 @@ pub(crate) async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failu
             if json {
                 println!(
                     "{}",
-                    output::error_json(key, &chain(&e), exit_code(&e) == EXIT_NOT_FOUND)
+                    output::error_json(key, &e.report(), exit_code(&e) == EXIT_NOT_FOUND)
                 );
             }
             Err(Failure::from_error(&e))
@@ -123,7 +121,7 @@ pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8
                     writeln!(
                         out,
                         "{}",
-                        output::error_json(key, &chain(&e), f.code == EXIT_NOT_FOUND)
+                        output::error_json(key, &e.report(), f.code == EXIT_NOT_FOUND)
                     )
                 } else {
                     Ok(())
