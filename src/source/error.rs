@@ -53,7 +53,7 @@ pub enum SourceError {
         message: String,
     },
     /// The key does not exist at the source (for writes and deletes; reads answer
-    /// [`Fetched::NotFound`]).
+    /// [`Fetched::NotFound`](super::Fetched::NotFound)).
     NotFound {
         /// The source's own text.
         message: String,
