@@ -139,6 +139,48 @@ async fn retrying_a_superseded_dead_letter_does_not_roll_the_source_back() -> Te
     Ok(())
 }
 
+/// A retried dead letter is a pending write again: the "not found" that a read cached while
+/// the write was dead must not be served over it, neither while it is pending nor after it was
+/// delivered (I1). Found by the model test's background configuration (seed 455).
+#[tokio::test]
+async fn a_retried_dead_letter_is_served_not_the_answer_cached_while_it_was_dead() -> TestResult {
+    for mode in [OutboxMode::Durable, OutboxMode::Memory] {
+        let (source, clock) = (FakeSource::new(), MockClock::new());
+        let cache = builder(&source, &clock).outbox(mode).build()?;
+        source.fail_writes(Some(refused()));
+        cache.set("k", "v1").await?;
+        cache.flush().await?;
+        let dead = cache.dead_letters().await?;
+        assert_eq!(dead.len(), 1, "{mode:?}");
+        // The refused write is not served: the source has nothing, and that is cached.
+        assert_eq!(cache.get("k").await?, None, "{mode:?}");
+        source.fail_writes(None);
+        assert!(cache.retry_dead_letter(dead[0].id).await?, "{mode:?}");
+        let pending = cache.lookup("k").await?;
+        assert_eq!(
+            pending.map(|l| l.value).as_deref(),
+            Some(&b"v1"[..]),
+            "{mode:?}: while pending"
+        );
+        assert!(cache.flush().await?.is_complete(), "{mode:?}");
+        assert_eq!(source.value("k").as_deref(), Some(&b"v1"[..]), "{mode:?}");
+        let after = cache.lookup("k").await?;
+        assert_eq!(
+            after.map(|l| l.value).as_deref(),
+            Some(&b"v1"[..]),
+            "{mode:?}: after delivery"
+        );
+        cache.clear_memory().await;
+        let from_l2 = cache.lookup("k").await?;
+        assert_eq!(
+            from_l2.map(|l| l.value).as_deref(),
+            Some(&b"v1"[..]),
+            "{mode:?}: without L1"
+        );
+    }
+    Ok(())
+}
+
 /// Item 4: offline switched on while a delivery waits for the breaker's permit: nothing is sent
 /// after the switch (I3).
 #[tokio::test]

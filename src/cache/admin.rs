@@ -50,10 +50,21 @@ impl TieredCache {
         let Some(outbox) = &self.inner.outbox else {
             return Ok(false);
         };
-        let resolved = outbox.queue().resolve(id, true).await?;
-        match resolved {
+        let queue = outbox.queue();
+        let dead = queue.dead_letters().await?;
+        let Some(key) = dead.into_iter().find(|r| r.id == id).map(|r| r.key) else {
+            return Ok(false);
+        };
+        match queue.resolve(id, true).await? {
             Resolved::Missing => Ok(false),
             Resolved::Done => {
+                // Pending again: what was cached while it was dead (the source's answer) must
+                // not be served over it (I1). The durable store removed the L2 entry with the
+                // row's change; the local copies go now, and the fence bump keeps out a fill
+                // that read them before.
+                if let Err(e) = self.inner.forget(&key).await {
+                    tracing::warn!(key, error = %e, "could not drop the L2 copy of a retried write's key");
+                }
                 outbox.notify();
                 Ok(true)
             }
@@ -126,12 +137,9 @@ impl TieredCache {
             return;
         };
         for key in queue.keys() {
-            inner.fences.bump(&key);
-            inner.l1.remove(&key).await;
-            if let Err(e) = inner.l2.remove(&key).await {
+            if let Err(e) = inner.forget(&key).await {
                 tracing::warn!(key, error = %e, "could not drop the L2 copy of an undelivered write");
             }
-            inner.fences.spread(inner.peer_id, &key).await;
         }
     }
 

@@ -154,11 +154,7 @@ impl TieredCache {
     /// [`Error::InvalidKey`], [`Error::Storage`].
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         self.check(key)?;
-        self.inner.fences.bump(key);
-        self.inner.l1.remove(key).await;
-        let removed = self.inner.l2.remove(key).await;
-        self.inner.fences.spread(self.inner.peer_id, key).await;
-        removed
+        self.inner.forget(key).await
     }
 
     pub(super) async fn remove_l2(&self, key: &str) {
@@ -214,5 +210,17 @@ impl TieredCache {
             }
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Drops every local copy of `key`: the fence first (a fill or promotion that raced this
+    /// stays out), L1, L2, and this process's other caches on the file (I1).
+    pub(super) async fn forget(&self, key: &str) -> Result<()> {
+        self.fences.bump(key);
+        self.l1.remove(key).await;
+        let removed = self.l2.remove(key).await;
+        self.fences.spread(self.peer_id, key).await;
+        removed
     }
 }

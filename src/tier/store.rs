@@ -423,9 +423,10 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug + 'static {
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>>;
 
     /// The dead letter `id`: with `retry`, back to pending (`dead` cleared, `attempts` and
-    /// `next_attempt` reset to 0, its id kept), unless it is superseded
-    /// ([`Resolved::Superseded`], unchanged); without, deleted. Checked and changed in one
-    /// step. [`Resolved::Missing`] when no dead letter has this id.
+    /// `next_attempt` reset to 0, its id kept) and its key's entry removed (what was cached
+    /// while the write was dead is the source's answer, which the pending write overrides: I1),
+    /// unless it is superseded ([`Resolved::Superseded`], unchanged); without, deleted. Checked
+    /// and changed in one step. [`Resolved::Missing`] when no dead letter has this id.
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved>;
 
     /// Marks every dead letter of `key` [`superseded`](OutboxRow::superseded): a newer write

@@ -441,7 +441,7 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
-        self.write(move |conn, state| {
+        self.write_atomic(move |conn, state| {
             state.has_dead_letters = None;
             let row: Option<(String, bool)> = conn
                 .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
@@ -450,7 +450,10 @@ impl OutboxStore for SqliteTier {
             let sql = match row {
                 None => return Ok(Resolved::Missing),
                 Some((key, true)) if retry => return Ok(Resolved::Superseded(key)),
-                Some(_) if retry => {
+                Some((key, false)) if retry => {
+                    // Pending again: what was cached while it was dead (the source's answer)
+                    // must not be served over it (I1). Reads find the row, then the source.
+                    remove_entry(conn, state, &key)?;
                     "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
                 }
                 Some(_) => "DELETE FROM outbox WHERE id = ?1 AND dead = 1",
