@@ -241,6 +241,52 @@ fn miss_to_source(c: &mut Criterion) {
     drop(rt);
 }
 
+/// A cold key read by two callers at once, the source taking 1 ms: the one that started the
+/// load returns once L2 holds the answer, the other (a waiter) when the source answered.
+/// `loader` is what a waiter paid before waiters got the answer early.
+fn coalesced_miss(c: &mut Criterion) {
+    let rt = common::current_thread();
+    let dir = tempfile::tempdir().unwrap();
+    let source = SlowSource::new(Duration::from_millis(1));
+    let cache = common::cache(
+        Strategy::ReadThrough,
+        source.clone(),
+        &dir.path().join("coalesced.db"),
+        64 * MIB,
+        false,
+    );
+    let mut g = c.benchmark_group("coalesced_miss");
+    g.sample_size(10).throughput(Throughput::Elements(1));
+    let n = Cell::new(0usize);
+    // Times one cold get by two callers; `waiter` picks whose time is reported.
+    let timed = |waiter: bool, iters: u64| {
+        let (cache, n) = (&cache, &n);
+        async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                n.set(n.get() + 1);
+                let k = common::key(n.get());
+                let start = std::time::Instant::now();
+                let time = |k: String| async move {
+                    black_box(cache.get(&k).await.unwrap().unwrap());
+                    start.elapsed()
+                };
+                let (loader, other) = tokio::join!(time(k.clone()), time(k));
+                total += if waiter { other } else { loader };
+            }
+            total
+        }
+    };
+    g.bench_function("waiter", |b| {
+        b.to_async(&rt).iter_custom(|i| timed(true, i))
+    });
+    g.bench_function("loader", |b| {
+        b.to_async(&rt).iter_custom(|i| timed(false, i))
+    });
+    g.finish();
+    assert_eq!(source.fetches(), n.get(), "one source call per cold key");
+}
+
 fn sets(c: &mut Criterion) {
     let rt = common::current_thread();
     let dir = tempfile::tempdir().unwrap();
@@ -331,6 +377,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = l1_hit, l2_hit, miss_to_source, sets
+    targets = l1_hit, l2_hit, miss_to_source, coalesced_miss, sets
 }
 criterion_main!(benches);

@@ -76,7 +76,8 @@
 //!    [`CacheAside`](Strategy::CacheAside) (or a per-call loader:
 //!    [`get_with`](TieredCache::get_with)). Concurrent misses of one key make **one** source
 //!    call (single-flight), across [`get`](TieredCache::get) and [`mget`](TieredCache::mget)
-//!    alike.
+//!    alike. The callers that joined the load get the answer as soon as L1 holds it; the one
+//!    that started it returns once L2 holds it too.
 //! 4. An expired entry with a validator (ETag) is **revalidated** with a conditional request; "not
 //!    modified" renews it without moving its bytes.
 //! 5. The source fails, times out, is rate-limited or its breaker is open → the **stale** copy is

@@ -44,6 +44,8 @@ struct State {
 #[derive(Debug, Clone, Default)]
 struct MemStore {
     state: Arc<Mutex<State>>,
+    /// Fills wait for a read lock: a test holding the write lock holds every fill.
+    fills: Arc<tokio::sync::RwLock<()>>,
 }
 
 fn fault(what: &str) -> Error {
@@ -146,6 +148,7 @@ impl EntryStore for MemStore {
     }
 
     async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool> {
+        let _held = self.fills.read().await;
         let mut s = self.write()?;
         // Checked under the lock that orders every write: the same step as the write.
         if !guard.allows(s.entries.get(key).map(|e| e.stored_at)) {
@@ -324,6 +327,9 @@ impl OutboxStore for MemStore {
         }
         if retry {
             (row.dead, row.attempts, row.next_attempt) = (false, 0, 0);
+            // Pending again: the key's entry (the source's answer) goes with it.
+            let key = row.key.clone();
+            s.entries.remove(&key);
         } else {
             s.outbox.remove(i);
         }
@@ -635,4 +641,40 @@ fn a_store_and_a_sqlite_path_are_refused_together() {
         .build();
     assert!(matches!(built, Err(Error::Config(_))), "{built:?}");
     assert!(!dir.path().join("cache.db").exists());
+}
+
+/// A load's waiters get the source's answer when it arrives (it is in L1 then); the caller that
+/// started the load returns once L2 holds it too, so a close or a look at L2 right after it
+/// finds the fill.
+#[tokio::test(start_paused = true)]
+async fn waiters_get_the_answer_before_the_l2_fill_and_the_loader_after() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "v");
+    source.set_latency(Duration::from_millis(50));
+    let cache = builder(&store, &source, &clock).build()?;
+    let held = store.fills.write().await;
+    let leader = tokio::spawn({
+        let cache = cache.clone();
+        async move { get(&cache, "k").await }
+    });
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { get(&cache, "k").await }
+    });
+    // (Paused time: if the waiter waited for the held fill, this deadline would pass at once.)
+    let answered = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+    let answered = answered.map_err(|_| "the waiter waited for the L2 fill")??;
+    assert_eq!(answered?.as_deref(), Some("v"), "while the fill is held");
+    assert_eq!(
+        cache.stats().await.coalesced_waiters,
+        1,
+        "the waiter joined the load"
+    );
+    assert!(!leader.is_finished(), "the loader waits for its fill");
+    assert_eq!(store.value("k"), None);
+    drop(held);
+    assert_eq!(leader.await??.as_deref(), Some("v"));
+    assert_eq!(store.value("k"), Some(Some(b"v".to_vec())));
+    assert_eq!(source.fetch_count(), 1);
+    Ok(())
 }

@@ -238,8 +238,8 @@ impl TieredCache {
             observed,
             outbox_checked: true,
         };
-        let flight = inner.flights.join(key, || {
-            load(self.inner.clone(), key.to_owned(), held, None, seen)
+        let flight = inner.flights.join(key, |early| {
+            load(self.inner.clone(), key.to_owned(), held, None, seen, early)
         });
         flight.wait().await.map(|(_, how)| how)
     }

@@ -1,4 +1,8 @@
 //! Single-flight: concurrent loads of one key share one source call and its result (or error).
+//!
+//! The load may publish its value [`Early`]: the waiters that joined it get it then (when the
+//! source answered and L1 holds it), while the caller that started it waits until the load is
+//! done (L2 written too), so what it does next (a close, a restart, a look at L2) finds the fill.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,7 +12,9 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 
-type Slot<T> = watch::Receiver<Option<Result<T>>>;
+/// The load's result once there is one, and whether the load is done.
+type Stage<T> = Option<(Result<T>, bool)>;
+type Slot<T> = watch::Receiver<Stage<T>>;
 
 /// The loads in progress, by key.
 #[derive(Debug)]
@@ -24,6 +30,23 @@ impl<T> Default for Flights<T> {
     }
 }
 
+/// Lets a load hand its value to the waiters before it is done.
+pub(crate) struct Early<T>(Arc<watch::Sender<Stage<T>>>);
+
+impl<T: Clone> Early<T> {
+    /// Gives the waiters `value` now; the load goes on (its final result reaches the caller
+    /// that started it).
+    pub(crate) fn publish(&self, value: &T) {
+        self.0.send_if_modified(|slot| match slot {
+            None => {
+                *slot = Some((Ok(value.clone()), false));
+                true
+            }
+            Some(_) => false,
+        });
+    }
+}
+
 /// A joined load: wait on it for the shared result.
 pub(crate) struct Flight<T> {
     rx: Slot<T>,
@@ -36,7 +59,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     /// its own task, so it finishes (and fills the caches) even if every waiter gives up.
     pub(crate) fn join<F, Fut>(&self, key: &str, start: F) -> Flight<T>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Early<T>) -> Fut,
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,7 +72,8 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         let (tx, rx) = watch::channel(None);
         map.insert(key.to_owned(), rx.clone());
         drop(map);
-        let fut = start();
+        let tx = Arc::new(tx);
+        let fut = start(Early(tx.clone()));
         let guard = Remove {
             map: Arc::clone(&self.map),
             key: key.to_owned(),
@@ -60,17 +84,25 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             // Unregister first: a caller arriving after this starts a new load (which first
             // re-checks L1, where this one's result now is).
             drop(guard);
-            let _ = tx.send(Some(result));
+            tx.send_replace(Some((result, true)));
         });
         Flight { rx, leader: true }
     }
 }
 
 impl<T: Clone> Flight<T> {
-    /// Waits for the load's result.
+    /// Waits for the load's result: a waiter until it is published, the caller that started
+    /// the load until the load is done.
     pub(crate) async fn wait(mut self) -> Result<T> {
-        match self.rx.wait_for(Option::is_some).await {
-            Ok(v) => v.as_ref().cloned().unwrap_or(Err(Error::Closed)),
+        let leader = self.leader;
+        match self
+            .rx
+            .wait_for(|slot| slot.as_ref().is_some_and(|(_, done)| *done || !leader))
+            .await
+        {
+            Ok(v) => v
+                .as_ref()
+                .map_or(Err(Error::Closed), |(result, _)| result.clone()),
             Err(_) => Err(Error::Closed),
         }
     }

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::flight::Early;
 use super::read::Seen;
 use bytes::Bytes;
 
@@ -40,6 +41,7 @@ pub(super) async fn load(
     prev: Option<Arc<Entry>>,
     max_age: Option<u64>,
     seen: Seen,
+    early: Early<(Arc<Entry>, Loaded)>,
 ) -> LoadResult {
     let clock = inner.clock.clone();
     let now = clock.now_millis();
@@ -131,14 +133,21 @@ pub(super) async fn load(
             return Err(source_failure(&key, e));
         }
     };
-    fill(&inner, &key, entry, how, seen).await
+    fill(&inner, &key, entry, how, seen, early).await
 }
 
-/// Writes what a load got into L1, then L2. L1 first (readers see the answer at once), then L2;
-/// both behind the key's fence, and L2 only over the row the read saw: a write that raced the
-/// load wins (I1). When L2 refuses the fill (a write, maybe another process's, got there
-/// first), the L1 copy goes too.
-async fn fill(inner: &Inner, key: &str, entry: Entry, how: Loaded, seen: Seen) -> LoadResult {
+/// Writes what a load got into L1, then L2. L1 first (readers see the answer at once, and the
+/// load's waiters get it: [`Early`]), then L2; both behind the key's fence, and L2 only over the
+/// row the read saw: a write that raced the load wins (I1). When L2 refuses the fill (a write,
+/// maybe another process's, got there first), the L1 copy goes too.
+async fn fill(
+    inner: &Inner,
+    key: &str,
+    entry: Entry,
+    how: Loaded,
+    seen: Seen,
+    early: Early<(Arc<Entry>, Loaded)>,
+) -> LoadResult {
     let Seen {
         token, observed, ..
     } = seen;
@@ -150,6 +159,7 @@ async fn fill(inner: &Inner, key: &str, entry: Entry, how: Loaded, seen: Seen) -
         if !inner.fences.may_cache(key, token) {
             inner.l1.remove(key).await;
         }
+        early.publish(&(entry.clone(), how));
         let fences = inner.fences.clone();
         let fenced_key = key.to_owned();
         let guard = FillGuard {
@@ -191,6 +201,7 @@ pub(super) async fn load_custom(
     key: String,
     loader: CustomLoad,
     seen: Seen,
+    early: Early<(Arc<Entry>, Loaded)>,
 ) -> LoadResult {
     let loaded = loader().await;
     let now = inner.clock.now_millis();
@@ -219,5 +230,5 @@ pub(super) async fn load_custom(
             });
         }
     };
-    fill(&inner, &key, entry, Loaded::Fetched, seen).await
+    fill(&inner, &key, entry, Loaded::Fetched, seen, early).await
 }

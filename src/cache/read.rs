@@ -308,11 +308,12 @@ impl TieredCache {
         let prev = candidate.as_ref().map(|(e, _)| e.clone());
         let flight = inner
             .flights
-            .join(key, || -> BoxFuture<'static, LoadResult> {
+            .join(key, |early| -> BoxFuture<'static, LoadResult> {
                 let inner = self.inner.clone();
+                let key = key.to_owned();
                 match custom {
-                    Some(loader) => Box::pin(load_custom(inner, key.to_owned(), loader, seen)),
-                    None => Box::pin(load(inner, key.to_owned(), prev, max_age, seen)),
+                    Some(loader) => Box::pin(load_custom(inner, key, loader, seen, early)),
+                    None => Box::pin(load(inner, key, prev, max_age, seen, early)),
                 }
             });
         if !flight.leader {
