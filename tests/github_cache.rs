@@ -250,3 +250,48 @@ async fn a_warmed_directory_is_available_offline() -> TestResult {
     assert_eq!(requests(&f).await.len(), before, "offline sends nothing");
     Ok(())
 }
+
+/// An answer that spends the last of the budget (200, `x-ratelimit-remaining: 0`) opens the
+/// breaker until the reset: the one gate in front of GitHub. Persisted, it holds another cache
+/// on the same file too, whose own source never saw the budget: nothing is sent until the
+/// reset, then one request.
+#[tokio::test]
+async fn the_last_of_the_budget_spent_holds_every_cache_on_the_file_until_the_reset() -> TestResult
+{
+    let f = Fake::start().await;
+    let dir = tempfile::tempdir()?;
+    Mock::given(method("GET"))
+        .respond_with(
+            f.answer(200, 0)
+                .insert_header("etag", "\"v1\"")
+                .set_body_raw(b"v".to_vec(), "application/vnd.github.raw"),
+        )
+        .mount(&f.server)
+        .await;
+    let on_file = || {
+        TieredCache::builder()
+            .source(f.source())
+            .clock(f.clock.clone())
+            .ttl(TTL)
+            .sqlite_path(dir.path().join("cache.db"))
+            .build()
+    };
+    let (first, second) = (on_file()?, on_file()?);
+    assert_eq!(first.get(KEY).await?.as_deref(), Some(&b"v"[..]));
+    for cache in [&second, &first] {
+        let err = cache.get("octo/app/other.txt").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+    }
+    assert_eq!(
+        requests(&f).await.len(),
+        1,
+        "nothing sent while the budget is spent"
+    );
+    f.clock.advance(Duration::from_secs(3601));
+    assert_eq!(
+        second.get("octo/app/other.txt").await?.as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(requests(&f).await.len(), 2);
+    Ok(())
+}

@@ -228,6 +228,7 @@ impl TieredCache {
         let l2 = L2::new(l2_guard.clone());
         let guard = Arc::new(SourceGuard::new(
             b.source_breaker.clone(),
+            source.clone(),
             b.clock.clone(),
             (b.persist_breaker && shared)
                 .then(|| l2_guard.clone() as Arc<dyn crate::tier::StateStore>),

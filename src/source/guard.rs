@@ -12,7 +12,7 @@ use crate::breaker::{
 use crate::clock::{to_millis, Clock};
 use crate::event::Events;
 use crate::lookup::Tier;
-use crate::source::SourceError;
+use crate::source::{Source, SourceError};
 use crate::tier::StateStore;
 
 /// The meta row holding the persisted L3 breaker.
@@ -50,6 +50,8 @@ pub(crate) fn is_not_sent(e: &SourceError) -> bool {
 #[derive(Debug)]
 pub(crate) struct SourceGuard {
     breaker: CircuitBreaker,
+    /// Asked for its budget after every answer: a spent one opens the breaker until its reset.
+    source: Arc<dyn Source>,
     store: Option<Arc<dyn StateStore>>,
     clock: Arc<dyn Clock>,
     events: Events,
@@ -67,12 +69,14 @@ impl SourceGuard {
     /// `store`: where to persist the state (`None`: memory only).
     pub(crate) fn new(
         policy: BreakerPolicy,
+        source: Arc<dyn Source>,
         clock: Arc<dyn Clock>,
         store: Option<Arc<dyn StateStore>>,
         events: Events,
     ) -> Self {
         Self {
             breaker: CircuitBreaker::new(policy, clock.clone()).named("l3"),
+            source,
             store,
             clock,
             events,
@@ -122,10 +126,26 @@ impl SourceGuard {
         result
     }
 
+    /// When the source's last budget is spent (remaining 0, its reset ahead): its reset (ms).
+    fn budget_spent_until(&self) -> Option<u64> {
+        let budget = self.source.rate_limit()?;
+        let reset = to_millis(budget.reset);
+        (budget.remaining == 0 && reset > self.clock.now_millis()).then_some(reset)
+    }
+
     /// Reports how the call made under `permit` ended.
+    ///
+    /// The breaker is the one gate in front of the source: a rate-limited answer opens it until
+    /// the limit passes, and so does an answer that spent the last of the source's budget
+    /// ([`Source::rate_limit`]), so the next call is not sent to be refused. Persisted, this
+    /// holds every process sharing the database.
     pub(crate) async fn complete(&self, permit: Permit, end: CallEnd<'_>) {
+        let spent_until = match end {
+            CallEnd::Answered(_) => self.budget_spent_until(),
+            _ => None,
+        };
         if let CallEnd::Answered(latency) = end {
-            if self.breaker.is_clean() {
+            if spent_until.is_none() && self.breaker.is_clean() {
                 // A success that leaves a clean breaker clean: nothing worth a write.
                 let t = self.breaker.complete(permit, Outcome::success(latency));
                 self.events.transition(Tier::L3, t, None);
@@ -133,7 +153,7 @@ impl SourceGuard {
             }
         }
         let (outcome, until) = match end {
-            CallEnd::Answered(latency) => (Outcome::success(latency), None),
+            CallEnd::Answered(latency) => (Outcome::success(latency), spent_until),
             CallEnd::Failed(e) => {
                 *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(crate::error::chain_text(e));

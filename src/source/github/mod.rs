@@ -17,7 +17,11 @@
 //! * the `x-ratelimit-limit/remaining/reset` headers of every answer are kept
 //!   ([`Source::rate_limit`]). While the last budget seen is spent (remaining 0, reset in the
 //!   future by the configured [`Clock`]), or a secondary rate limit's `Retry-After` has not passed,
-//!   calls send nothing and fail with [`SourceError::RateLimited`] at once.
+//!   calls send nothing and fail with [`SourceError::RateLimited`] at once. That is for a source
+//!   used on its own: under a [`TieredCache`](crate::TieredCache), the cache's L3 circuit
+//!   breaker is the gate. It opens on a rate-limited answer and on the answer that spent the
+//!   budget, until the limit passes, and it is persisted, so it holds every cache sharing the
+//!   database, whose own sources never saw the budget.
 
 // Layout: `builder.rs` checks the settings; `transport.rs` sends one request and classifies a
 // failed answer; `rate_limit.rs` keeps the budget and holds calls off; `contents.rs` reads,
