@@ -92,7 +92,7 @@ async fn metrics(State(cache): State<TieredCache>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            tiercache::stats::PROMETHEUS_CONTENT_TYPE,
         )],
         cache.stats().await.to_prometheus(),
     )

@@ -464,7 +464,15 @@ impl Stats {
             let ns = m.hist.median_equivalent(m.hist.value_at_quantile(q));
             us(ns.min(m.max_ns))
         };
+        let mut buckets = [0u64; super::LATENCY_BUCKETS_SECONDS.len()];
+        let mut below = 0u64;
+        for (b, bound) in buckets.iter_mut().zip(super::LATENCY_BUCKETS_SECONDS) {
+            let upto = m.hist.count_between(0, (bound * 1e9) as u64);
+            *b = upto.saturating_sub(below);
+            below = below.max(upto);
+        }
         Some(LatencyStats {
+            buckets,
             count: m.hist.len(),
             sum: us(m.sum_ns),
             p50: q(0.5),

@@ -133,6 +133,10 @@ pub struct LatencyStats {
     pub p999: f64,
     /// Largest sample, µs.
     pub max: f64,
+    /// Samples per bucket of [`LATENCY_BUCKETS_SECONDS`](super::LATENCY_BUCKETS_SECONDS) (not
+    /// cumulative), for the Prometheus histogram.
+    #[serde(skip)]
+    pub(crate) buckets: [u64; super::LATENCY_BUCKETS_SECONDS.len()],
 }
 
 impl LatencyStats {
