@@ -144,7 +144,6 @@ impl Collector for Exposition {
                 )?;
             }
         }
-        drop(family);
 
         let series = s.stale_served.iter().map(|(r, n)| (*r, *n));
         counters(
@@ -228,7 +227,6 @@ impl Collector for Exposition {
                     ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
                 }
             }
-            drop(family);
             let series = s.breakers.iter().map(|b| (b.name.as_str(), b.transitions));
             counters(
                 &mut enc,
