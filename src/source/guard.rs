@@ -18,6 +18,17 @@ use crate::tier::StateStore;
 /// The meta row holding the persisted L3 breaker.
 const META_KEY: &str = "breaker.l3";
 
+/// The key of the last source failure's text in the persisted breaker row (beside the
+/// [`BreakerState`] fields, which ignore it), so a health check in another process can say what
+/// failed.
+const LAST_ERROR: &str = "last_error";
+
+/// The persisted row's last error, if any.
+fn persisted_last_error(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.get(LAST_ERROR)?.as_str().map(str::to_owned)
+}
+
 /// How a source call ended, for the breaker.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum CallEnd<'a> {
@@ -176,6 +187,7 @@ impl SourceGuard {
         let now = self.clock.now_millis();
         let policy = self.breaker.policy().clone();
         let fallback = self.breaker.state_snapshot();
+        let mine = self.last_error();
         let slot: Arc<Mutex<Option<(R, BreakerState)>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let update = store
@@ -188,7 +200,17 @@ impl SourceGuard {
                         .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
                         .unwrap_or(fallback);
                     let r = f(&mut st, now, &policy);
-                    let json = serde_json::to_string(&st).ok().or(old);
+                    // This process's last error, else the one already stored, kept beside.
+                    let last_error = mine.or_else(|| old.as_deref().and_then(persisted_last_error));
+                    let json = serde_json::to_value(&st)
+                        .ok()
+                        .map(|mut v| {
+                            if let (Some(e), Some(map)) = (last_error, v.as_object_mut()) {
+                                map.insert(LAST_ERROR.into(), e.into());
+                            }
+                            v.to_string()
+                        })
+                        .or(old);
                     *out.lock().unwrap_or_else(|e| e.into_inner()) = Some((r, st));
                     json
                 }),
@@ -209,6 +231,9 @@ impl SourceGuard {
         if let Ok(Some(json)) = store.load_meta(META_KEY).await {
             if let Ok(st) = serde_json::from_str::<BreakerState>(&json) {
                 self.breaker.update(|mine, _, _| *mine = st);
+            }
+            if let Some(e) = persisted_last_error(&json) {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         }
     }
