@@ -49,7 +49,8 @@ pub struct TierHealth {
     pub last_error: Option<String>,
     /// Consecutive failures counted by its breaker.
     pub consecutive_failures: u32,
-    /// When the breaker lets the next call through, if it is open.
+    /// When the breaker lets the next call through, if it is open (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
     pub next_attempt: Option<SystemTime>,
 }
 

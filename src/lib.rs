@@ -158,6 +158,7 @@ pub mod outbox;
 pub mod source;
 pub mod stats;
 pub mod tier;
+mod time;
 
 pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
@@ -171,6 +172,7 @@ pub use lookup::{Freshness, Lookup, StaleReason, Tier};
 pub use outbox::{DeadLetter, FlushReport, OutboxMode};
 pub use tier::sqlite::{OnCorrupt, Synchronous};
 pub use tier::StoreSummary;
+pub use time::describe_at;
 
 /// The README's code, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]
