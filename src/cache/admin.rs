@@ -317,7 +317,7 @@ impl TieredCache {
 
     /// Subscribes to significant events: breaker transitions, stale serves, tiers degraded and
     /// recovered, dead letters. A subscriber that falls more than 256 events behind loses the
-    /// oldest (see [`tokio::sync::broadcast`]).
+    /// oldest (see [`tokio::sync::broadcast`](https://docs.rs/tokio/1/tokio/sync/broadcast/index.html)).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
         self.inner.events.subscribe()
     }
