@@ -11,5 +11,8 @@ fn getting_started_is_the_example_file() {
         "README.md's Getting started block differs from examples/getting_started.rs"
     );
     assert!(readme.contains("tiercache = \"0.1\""));
-    assert!(!readme.contains("\n# "), "no hidden doctest lines: the README is pasted as read");
+    assert!(
+        !readme.contains("\n# "),
+        "no hidden doctest lines: the README is pasted as read"
+    );
 }

@@ -254,7 +254,13 @@ impl fmt::Display for StatsSnapshot {
         }
         f.write_str("\n")?;
         if let Some(rl) = &self.rate_limit {
-            writeln!(f, "rate limit: {}/{} remaining", rl.remaining, rl.limit)?;
+            writeln!(
+                f,
+                "rate limit: {}/{} remaining, resets {}",
+                rl.remaining,
+                rl.limit,
+                crate::time::describe_at(rl.reset, std::time::SystemTime::now())
+            )?;
         }
         for b in &self.breakers {
             writeln!(
