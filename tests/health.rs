@@ -74,3 +74,29 @@ async fn another_process_sees_the_failures_and_the_last_error() -> TestResult {
     assert!(h.to_string().contains("last error"), "{h}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_open_breaker_says_until_when_in_rfc3339() -> TestResult {
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let cache = builder(&source, &clock).build()?;
+    source.fail_fetches(Some(outage()));
+    for _ in 0..5 {
+        assert!(cache.get("a").await.is_err());
+    }
+    let h = serde_json::to_value(cache.health().await)?;
+    assert_eq!(h["l3"]["breaker"]["state"], "open", "{h}");
+    for path in ["/l3/next_attempt", "/l3/breaker/next_attempt"] {
+        let at = h.pointer(path).and_then(|v| v.as_str()).unwrap_or_default();
+        assert!(humantime::parse_rfc3339(at).is_ok(), "{path}: {h}");
+    }
+    let stats = cache.stats().await;
+    let l3 = serde_json::to_value(&stats.breakers)?;
+    let next = l3[2]["next_attempt"].as_str().unwrap_or_default();
+    assert!(humantime::parse_rfc3339(next).is_ok(), "{l3}");
+    let text = stats.to_string();
+    assert!(
+        text.contains("breaker l3: open") && text.contains("; next try "),
+        "{text}"
+    );
+    Ok(())
+}

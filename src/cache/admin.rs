@@ -248,6 +248,8 @@ impl TieredCache {
             state: s.state.as_str().to_owned(),
             transitions: s.transitions,
             consecutive_failures: s.consecutive_failures,
+            next_attempt: s.next_attempt,
+            open_until: s.open_until,
         };
         let mut outbox = crate::stats::OutboxStats::default();
         if let Some(o) = &inner.outbox {

@@ -168,7 +168,7 @@ fn sample_snapshot() -> StatsSnapshot {
                 name: "l3".into(),
                 state: "half_open".into(),
                 transitions: 2,
-                consecutive_failures: 0,
+                ..BreakerStats::default()
             },
         ],
         outbox: OutboxStats {

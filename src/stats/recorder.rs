@@ -736,6 +736,7 @@ mod tests {
                 state: "open".into(),
                 transitions: 3,
                 consecutive_failures: 5,
+                ..BreakerStats::default()
             }],
             outbox: OutboxStats {
                 depth: 2,

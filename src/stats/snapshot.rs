@@ -162,6 +162,13 @@ pub struct BreakerStats {
     pub transitions: u64,
     /// Failures since the last success.
     pub consecutive_failures: u32,
+    /// When an open breaker lets the next call through (RFC 3339 in JSON); `None` when closed
+    /// or forced open.
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
+    pub next_attempt: Option<std::time::SystemTime>,
+    /// The rate-limit reset an open breaker is held until, if that is why it is open.
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
+    pub open_until: Option<std::time::SystemTime>,
 }
 
 /// The state of the write-behind outbox.
@@ -263,11 +270,22 @@ impl fmt::Display for StatsSnapshot {
             )?;
         }
         for b in &self.breakers {
-            writeln!(
+            write!(
                 f,
-                "breaker {}: {} ({} transitions, {} consecutive failures)",
+                "breaker {}: {} ({} transitions, {} consecutive failures",
                 b.name, b.state, b.transitions, b.consecutive_failures
             )?;
+            let now = std::time::SystemTime::now();
+            match (b.open_until, b.next_attempt) {
+                (Some(t), _) => write!(
+                    f,
+                    "; the rate limit is spent, resets {}",
+                    crate::time::describe_at(t, now)
+                )?,
+                (None, Some(t)) => write!(f, "; next try {}", crate::time::describe_at(t, now))?,
+                (None, None) => {}
+            }
+            writeln!(f, ")")?;
         }
         let o = &self.outbox;
         write!(f, "outbox: depth {}", o.depth)?;
