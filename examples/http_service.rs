@@ -5,7 +5,8 @@
 //!   extension, and `x-tiercache-tier` and `x-tiercache-freshness` headers
 //!   (`x-tiercache-stale-reason` when stale); 404 when GitHub says it does not exist, 400 for a
 //!   bad key, 503 with `Retry-After` when GitHub is unavailable and no copy is cached;
-//! * `GET /health` — the health report as JSON; 503 when unhealthy;
+//! * `GET /health` — the health report as JSON: 200 when healthy or degraded (still serving;
+//!   the body's `status` says which, with each tier's last error), 503 when unhealthy;
 //! * `GET /metrics` — the stats in the Prometheus text format.
 //!
 //! By default GitHub is a loopback fake: the service listens on 127.0.0.1 (a free port), prints

@@ -95,7 +95,10 @@ impl StatsSnapshot {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct TierStats {
-    /// Reads this tier answered fresh. For L3: values and "not modified" (HTTP 304) answers.
+    /// Reads this tier answered fresh. For L3: values and "not modified" (HTTP 304) answers,
+    /// one per source call however many reads waited on it (see
+    /// [`coalesced_waiters`](StatsSnapshot::coalesced_waiters)). An `mget` counts each distinct
+    /// key once.
     pub hits: u64,
     /// Reads this tier was asked and did not have fresh (a stale copy found there is a miss).
     /// For L3: "not found" answers.
