@@ -289,8 +289,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("GET /metrics\n  {status}");
     for line in body
         .lines()
-        .filter(|l| l.starts_with("tiercache_hits") || l.starts_with("tiercache_source"))
-        .take(8)
+        .filter(|l| {
+            [
+                "tiercache_hits",
+                "tiercache_source_calls",
+                "tiercache_latency_seconds_sum",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+        })
+        .take(14)
     {
         println!("  {line}");
     }
