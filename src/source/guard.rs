@@ -65,6 +65,9 @@ pub(crate) struct SourceGuard {
     clock: Arc<dyn Clock>,
     events: Events,
     last_error: Mutex<Option<String>>,
+    /// Whether `last_error` was set by a failure not yet written to the persisted row (else
+    /// the row's own last error, maybe another process's newer one, is kept).
+    error_fresh: std::sync::atomic::AtomicBool,
     /// When the persisted row was last read and found clean (ms; 0: not since the last change
     /// this process made). Within [`PERSISTED_REFRESH_MS`] of that, a healthy call reads nothing.
     persisted_clean_at: AtomicU64,
@@ -88,6 +91,7 @@ impl SourceGuard {
             clock,
             events,
             last_error: Mutex::new(None),
+            error_fresh: std::sync::atomic::AtomicBool::new(false),
             persisted_clean_at: AtomicU64::new(0),
         }
     }
@@ -148,6 +152,7 @@ impl SourceGuard {
             CallEnd::Failed(e) => {
                 *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(crate::error::chain_text(e));
+                self.error_fresh.store(true, Ordering::Relaxed);
                 (Outcome::Failure, None)
             }
             CallEnd::RateLimited(until) => (Outcome::Cancelled, Some(until)),
@@ -187,7 +192,11 @@ impl SourceGuard {
         let now = self.clock.now_millis();
         let policy = self.breaker.policy().clone();
         let fallback = self.breaker.state_snapshot();
-        let mine = self.last_error();
+        let mine = self
+            .error_fresh
+            .swap(false, Ordering::Relaxed)
+            .then(|| self.last_error())
+            .flatten();
         let slot: Arc<Mutex<Option<(R, BreakerState)>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let update = store
@@ -200,7 +209,7 @@ impl SourceGuard {
                         .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
                         .unwrap_or(fallback);
                     let r = f(&mut st, now, &policy);
-                    // This process's last error, else the one already stored, kept beside.
+                    // A failure of this call's, else the error already stored, kept beside.
                     let last_error = mine.or_else(|| old.as_deref().and_then(persisted_last_error));
                     let json = serde_json::to_value(&st)
                         .ok()

@@ -290,7 +290,7 @@ impl Collector for Exposition {
 mod tests {
     use crate::stats::sample_snapshot;
 
-    /// `name{labels} value` lines, with `# HELP`/`# TYPE` checked to precede their samples.
+    /// The value of the sample line `series value` (`series` being `name{labels}`).
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .filter(|l| !l.starts_with('#'))
