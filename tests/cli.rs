@@ -492,6 +492,20 @@ async fn accept_writes(env: &Env, contents: &str) {
         .await;
 }
 
+/// GitHub refuses a write of `CONTENTS` for good: the look-up says 404, the PUT a 422.
+async fn refuse_writes(env: &Env) {
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
+        .mount(&env.fake.server)
+        .await;
+}
+
 /// The JSON bodies of the requests made with `method`.
 fn bodies(reqs: &[Request], method: &str) -> Vec<Value> {
     reqs.iter()
@@ -799,17 +813,7 @@ async fn flags_win_over_the_environment_which_wins_over_the_config_file() {
 #[tokio::test]
 async fn dead_letters_are_listed_retried_and_discarded() {
     let env = Env::new().await;
-    // GitHub refuses the write for good: a 422 on the PUT.
-    Mock::given(method("GET"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.not_found())
-        .mount(&env.fake.server)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
-        .mount(&env.fake.server)
-        .await;
+    refuse_writes(&env).await;
     env.put("write-behind", "port = 5050\n").await.expect(1);
     let listed = env
         .run(&["dead-letters", "--json"])
@@ -1050,16 +1054,7 @@ async fn dead_letters_has_a_header_and_says_when_there_are_none() {
         env.run(&["dead-letters", "--json"]).await.expect(0).out(),
         ""
     );
-    Mock::given(method("GET"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.not_found())
-        .mount(&env.fake.server)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.error(422, "Invalid request"))
-        .mount(&env.fake.server)
-        .await;
+    refuse_writes(&env).await;
     env.put("write-behind", "port = 1\n").await.expect(1);
     let text = env.run(&["dead-letters"]).await.expect(0).out();
     let lines: Vec<&str> = text.lines().collect();
