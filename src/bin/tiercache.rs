@@ -199,7 +199,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Also send one real request for KEY to GitHub (past the cache and the breaker) and
-        /// report how it went
+        /// report how it went; exit 1 if it failed. The probe's outcome is reported on its own
+        /// `probe:` line and does not change the breaker
         #[arg(long, value_name = "KEY")]
         probe: Option<String>,
     },
