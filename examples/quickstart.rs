@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::FakeGitHub;
@@ -25,7 +24,7 @@ fn open(db: &std::path::Path, base_url: &str, clock: &MockClock) -> tiercache::R
     let github = GitHubSource::builder()
         .base_url(base_url)
         .anonymous()
-        .clock(Arc::new(clock.clone()))
+        .clock(clock.clone())
         .timeout(Duration::from_secs(5))
         .build()?;
     TieredCache::builder()

@@ -22,6 +22,9 @@ fn open(db: &std::path::Path, source: &CountingSource) -> tiercache::Result<Tier
         .strategy(Strategy::WriteBehind)
         .retry_base(Duration::from_millis(50))
         .retry_max(Duration::from_secs(1))
+        // This demo delivers with explicit `flush` calls, so what each step prints is what that
+        // step did (a service keeps the default: a background flusher delivers on its own).
+        .background_flush(false)
         // Keep the breaker closed through this short demo's failed deliveries.
         .source_breaker(BreakerPolicy::builder().failure_threshold(50).build()?)
         .build()
@@ -43,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (key, value) in [
         ("settings/theme", "dark"),
         ("settings/lang", "en"),
-        ("settings/lang", "fr"), // a second write to one key: coalesced, order kept
+        ("settings/lang", "fr"), // a second write to one key: delivered after the first
         ("settings/tz", "UTC"),
     ] {
         cache.set(key, value).await?;
@@ -52,18 +55,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("   outbox depth: {}", depth(&cache).await?);
     let report = cache.flush().await?;
     println!(
-        "   flush during the outage: delivered {}, pending {} ({} keys stuck, e.g. {:?})",
+        "   flush during the outage: delivered {}, pending {} ({} keys stuck)",
         report.delivered,
         report.pending,
         report.stuck.len(),
-        report.stuck.first().map(|(k, e)| format!("{k}: {e}"))
     );
+    if let Some((key, error)) = report.stuck.first() {
+        println!("   e.g. {key}: {error}");
+    }
+    let lang = cache.get("settings/lang").await?.unwrap_or_default();
     println!(
-        "   reads see the new values meanwhile: settings/lang = {:?}",
-        cache
-            .get("settings/lang")
-            .await?
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        "   reads see the new values meanwhile: settings/lang = {}",
+        String::from_utf8_lossy(&lang)
     );
 
     println!("\n2. the process restarts (the outbox is in the database file)");
@@ -75,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     source.set_down(false);
     let report = cache.flush().await?;
     println!(
-        "   delivered {} writes, pending {}, dead letters {}",
+        "   delivered {} queued writes, pending {}, dead letters {}",
         report.delivered,
         report.pending,
         cache.dead_letters().await?.len()
@@ -83,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("   outbox depth: {}", depth(&cache).await?);
     for key in ["settings/theme", "settings/lang", "settings/tz"] {
         println!(
-            "   source has {key} = {:?}",
+            "   the source has {key} = {}",
             source.value(key).unwrap_or_default()
         );
     }

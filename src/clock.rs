@@ -24,6 +24,20 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// A shared clock is a clock: builders take `impl Clock`, so an `Arc<dyn Clock>` (or an
+/// `Arc<MockClock>`) fits wherever a clock does.
+impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
+    #[inline]
+    fn now(&self) -> SystemTime {
+        (**self).now()
+    }
+
+    #[inline]
+    fn now_millis(&self) -> u64 {
+        (**self).now_millis()
+    }
+}
+
 /// The operating system's wall clock, read coarsely where the system offers it.
 ///
 /// On Linux, Android and FreeBSD this reads `CLOCK_REALTIME_COARSE`: the time of the last

@@ -164,6 +164,70 @@ impl Error {
         chain_text(self)
     }
 
+    /// A stable, machine-readable name for what went wrong, for logs, metrics and JSON (the
+    /// `tiercache` command's `"kind"`). The set is part of the API: a name is never changed,
+    /// and new ones may be added.
+    ///
+    /// | kind | when | retry? |
+    /// |---|---|---|
+    /// | `unavailable` | the source failed or timed out, no stale copy | yes, with backoff |
+    /// | `rate_limited` | the source's budget is spent, no stale copy | after the reset |
+    /// | `circuit_open` | the source failed recently and is not called, no stale copy | after the breaker's recovery |
+    /// | `offline` | offline mode is on and nothing is cached | when back online |
+    /// | `not_found` | the key does not exist | no |
+    /// | `invalid_key` | the key was refused (by the cache or the source) | no |
+    /// | `unauthorized` | the source refused the credentials | after fixing them |
+    /// | `conflict` | the source refused a write (it changed meanwhile) | after re-reading |
+    /// | `rejected` | the source refused the request for another reason | no |
+    /// | `unsupported` | the source cannot do this (e.g. write) | no |
+    /// | `config` | the builder's configuration cannot work | no |
+    /// | `storage` | L2 failed: I/O, disk full, corrupt or foreign database file | depends |
+    /// | `decode`, `encode` | a value did not (de)serialize as the type asked | no |
+    /// | `superseded` | a dead letter was not retried: a newer write came after it | no: discard it |
+    /// | `closed` | the cache was closed | no |
+    /// | `other` | anything else | |
+    ///
+    /// ```
+    /// use tiercache::Error;
+    ///
+    /// assert_eq!(Error::NotFound { key: "o/r/x".into() }.kind(), "not_found");
+    /// assert_eq!(Error::Closed.kind(), "closed");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        use crate::lookup::StaleReason as R;
+        #[allow(unreachable_patterns)] // Variants added later fall to `other` until named.
+        match self {
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::Config(_) => "config",
+            Error::Storage { .. }
+            | Error::CorruptDatabase { .. }
+            | Error::ForeignDatabase { .. } => "storage",
+            Error::Unavailable { reason, source, .. } => match (reason, source) {
+                (R::RateLimited, _) | (_, SourceError::RateLimited { .. }) => "rate_limited",
+                (R::CircuitOpen, _) | (_, SourceError::CircuitOpen { .. }) => "circuit_open",
+                (R::Offline, _) => "offline",
+                _ => "unavailable",
+            },
+            Error::Source { source, .. } => match source {
+                SourceError::Unauthorized { .. } => "unauthorized",
+                SourceError::Conflict { .. } => "conflict",
+                SourceError::NotFound { .. } => "not_found",
+                SourceError::InvalidKey(_) => "invalid_key",
+                SourceError::Unsupported { .. } => "unsupported",
+                SourceError::RateLimited { .. } => "rate_limited",
+                SourceError::CircuitOpen { .. } => "circuit_open",
+                SourceError::Rejected { .. } => "rejected",
+                _ => "unavailable",
+            },
+            Error::Decode { .. } => "decode",
+            Error::Encode { .. } => "encode",
+            Error::NotFound { .. } => "not_found",
+            Error::Superseded { .. } => "superseded",
+            Error::Closed => "closed",
+            _ => "other",
+        }
+    }
+
     /// The source's error, where one caused this.
     pub fn source_error(&self) -> Option<&SourceError> {
         match self {
@@ -368,5 +432,81 @@ mod tests {
             }
         );
         assert_ne!(SourceError::rejected("x"), SourceError::conflict("x"));
+    }
+
+    #[test]
+    fn kinds_are_stable_names() {
+        use std::time::{Duration, SystemTime};
+        let unavailable = |reason, source| Error::Unavailable {
+            key: "k".into(),
+            reason,
+            source,
+        };
+        let refused = |source| Error::Source {
+            key: "k".into(),
+            source,
+        };
+        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(60);
+        let cases = [
+            (
+                unavailable(StaleReason::SourceError, SourceError::unavailable("x")),
+                "unavailable",
+            ),
+            (
+                unavailable(
+                    StaleReason::Timeout,
+                    SourceError::Timeout {
+                        after: Duration::from_secs(1),
+                    },
+                ),
+                "unavailable",
+            ),
+            (
+                unavailable(
+                    StaleReason::RateLimited,
+                    SourceError::rate_limited(until, "x"),
+                ),
+                "rate_limited",
+            ),
+            (
+                unavailable(
+                    StaleReason::CircuitOpen,
+                    SourceError::CircuitOpen { until: None },
+                ),
+                "circuit_open",
+            ),
+            (
+                unavailable(StaleReason::Offline, SourceError::unavailable("x")),
+                "offline",
+            ),
+            (refused(SourceError::unauthorized("x")), "unauthorized"),
+            (refused(SourceError::not_found("x")), "not_found"),
+            (refused(SourceError::rejected("x")), "rejected"),
+            (
+                refused(SourceError::InvalidKey(KeyError::Empty)),
+                "invalid_key",
+            ),
+            (Error::invalid_key("", KeyError::Empty), "invalid_key"),
+            (Error::Config("x".into()), "config"),
+            (
+                Error::Storage {
+                    message: "x".into(),
+                    source: None,
+                },
+                "storage",
+            ),
+            (Error::NotFound { key: "k".into() }, "not_found"),
+            (
+                Error::Superseded {
+                    id: 1,
+                    key: "k".into(),
+                },
+                "superseded",
+            ),
+            (Error::Closed, "closed"),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e:?}");
+        }
     }
 }

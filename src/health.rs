@@ -13,7 +13,8 @@ use crate::breaker::{BreakerStatus, CircuitState};
 pub enum HealthStatus {
     /// Working normally.
     Healthy,
-    /// Working, with something bypassed or pending (a breaker not closed, dead letters, offline).
+    /// Working, with something failing, bypassed or pending: a tier whose last calls failed
+    /// (even before its breaker opens), a breaker not closed, dead letters, offline.
     Degraded,
     /// Only memory is left: L2 and the source are both unavailable.
     Unhealthy,
@@ -48,7 +49,8 @@ pub struct TierHealth {
     pub last_error: Option<String>,
     /// Consecutive failures counted by its breaker.
     pub consecutive_failures: u32,
-    /// When the breaker lets the next call through, if it is open.
+    /// When the breaker lets the next call through, if it is open (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
     pub next_attempt: Option<SystemTime>,
 }
 
@@ -80,9 +82,11 @@ impl TierHealth {
     }
 
     pub(crate) fn from_breaker(breaker: BreakerStatus, last_error: Option<String>) -> Self {
+        // Degraded as soon as a call failed: a closed breaker still counting failures is a
+        // tier that is failing now, not only one whose breaker has tripped.
         let status = match breaker.state {
-            CircuitState::Closed => HealthStatus::Healthy,
-            CircuitState::HalfOpen | CircuitState::Open => HealthStatus::Degraded,
+            CircuitState::Closed if breaker.consecutive_failures == 0 => HealthStatus::Healthy,
+            _ => HealthStatus::Degraded,
         };
         let next_attempt = (breaker.state != CircuitState::Closed)
             .then_some(breaker.next_attempt)

@@ -97,6 +97,32 @@
 //! | [`WriteThrough`](Strategy::WriteThrough) | as read-through | L3 first; only when it accepted, L2 and L1 |
 //! | [`WriteBehind`](Strategy::WriteBehind) | as read-through | L1, plus the L2 entry and a durable outbox row in one transaction; delivered in the background |
 //!
+//! # TTL and stale windows
+//! An entry is fresh for [`ttl`](TieredCacheBuilder::ttl) (default 5 minutes) after the source
+//! gave or confirmed it, then servable as stale for [`stale_ttl`](TieredCacheBuilder::stale_ttl)
+//! (default 24 hours) — only when the source cannot answer, marked
+//! [`Freshness::Stale`] with its [`StaleReason`]. Past that it is never served. "Not found" is
+//! kept for [`negative_ttl`](TieredCacheBuilder::negative_ttl). L2 is an in-memory database
+//! unless [`sqlite_path`](TieredCacheBuilder::sqlite_path) names a file: the default cache does
+//! not survive a restart.
+//!
+//! # Stats, health and errors
+//! * [`stats`](TieredCache::stats) → [`stats::StatsSnapshot`]: per-tier hits, misses, errors
+//!   and the latency of each tier's own work; source calls actually sent (refused ones apart);
+//!   a table (`Display`), JSON (serde), or Prometheus text
+//!   ([`to_prometheus`](stats::StatsSnapshot::to_prometheus), seconds, via `prometheus-client`).
+//! * [`health`](TieredCache::health) → [`HealthReport`]: a tier whose last calls failed is
+//!   degraded with its last error, in every process sharing the database.
+//! * Errors: one [`Error`] enum with predicates ([`is_unavailable`](Error::is_unavailable):
+//!   retry later; [`is_not_found`](Error::is_not_found), [`is_invalid_key`](Error::is_invalid_key):
+//!   do not) and a stable [`kind`](Error::kind) for logs and JSON. A stale answer is not an
+//!   error. Times in JSON are RFC 3339.
+//!
+//! # Your own source
+//! Implement [`source::Source`] (only `fetch` is required) and classify failures with
+//! [`source::SourceError`], so the breaker can tell an outage from a bad request; the example
+//! below is a whole one.
+//!
 //! # Features
 //! | feature | default | what it adds |
 //! |---|---|---|
@@ -159,6 +185,7 @@ pub mod outbox;
 pub mod source;
 pub mod stats;
 pub mod tier;
+mod time;
 
 pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
@@ -172,6 +199,7 @@ pub use lookup::{Freshness, Lookup, StaleReason, Tier};
 pub use outbox::{DeadLetter, FlushReport, OutboxMode};
 pub use tier::sqlite::{OnCorrupt, Synchronous};
 pub use tier::StoreSummary;
+pub use time::describe_at;
 
 /// The README's code, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]

@@ -385,7 +385,10 @@ async fn usage_errors_exit_64() {
     env.run(&["teleport"]).await.expect(64);
     env.run(&["warm", "octo"]).await.expect(64);
     env.run(&["--offline", "warm", "octo/app"]).await.expect(64);
-    env.run(&["--offline", "--strategy", "write-behind", "put", KEY, "-"])
+    env.run(&["--offline", "--strategy", "write-through", "put", KEY, "-"])
+        .await
+        .expect(64);
+    env.run(&["--offline", "--online", "stats"])
         .await
         .expect(64);
     env.run(&["--offline", "flush"]).await.expect(64);
@@ -395,6 +398,22 @@ async fn usage_errors_exit_64() {
     help.expect(0);
     assert!(help.out().contains("TIERCACHE_CONFIG"), "{}", help.out());
     assert!(help.out().contains("stale_ttl"), "the config file keys");
+    for cmd in [
+        "get",
+        "mget",
+        "put",
+        "warm",
+        "stats",
+        "health",
+        "dead-letters",
+    ] {
+        let help = env.run(&[cmd, "--help"]).await;
+        assert!(
+            help.expect(0).out().contains("Examples:\n  tiercache"),
+            "{cmd}: {}",
+            help.out()
+        );
+    }
     let version = env.run(&["--version"]).await;
     version.expect(0);
     assert!(version.out().starts_with("tiercache "));
@@ -469,6 +488,20 @@ async fn accept_writes(env: &Env, contents: &str) {
             201,
             serde_json::json!({"content": {"sha": "abc"}, "commit": {"sha": "def"}}),
         ))
+        .mount(&env.fake.server)
+        .await;
+}
+
+/// GitHub refuses a write of `CONTENTS` for good: the look-up says 404, the PUT a 422.
+async fn refuse_writes(env: &Env) {
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path(CONTENTS))
+        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
         .mount(&env.fake.server)
         .await;
 }
@@ -713,7 +746,7 @@ async fn cache_aside_never_asks_github() {
 }
 
 #[tokio::test]
-async fn the_config_file_sits_between_flags_and_the_environment() {
+async fn flags_win_over_the_environment_which_wins_over_the_config_file() {
     let env = Env::new().await;
     env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
     let from_file = env.dir.path().join("from-file.db");
@@ -728,14 +761,28 @@ async fn the_config_file_sits_between_flags_and_the_environment() {
     )
     .unwrap();
     let from_env = env.dir.path().join("from-env.db");
+    let uri = env.fake.server.uri();
     let envs = [
         ("TIERCACHE_DB", from_env.to_str().unwrap()),
-        ("GITHUB_API_URL", "http://127.0.0.1:9"),
+        ("GITHUB_API_URL", uri.as_str()),
     ];
-    // The file (named by --config) wins over the environment.
+    // The file (named by --config) alone.
     let args = ["--config", config.to_str().unwrap(), "get", KEY].map(str::to_owned);
-    env.run_raw(&args, &envs, None).await.expect(0);
+    env.run_raw(&args, &[], None).await.expect(0);
     assert!(from_file.exists() && !from_env.exists());
+    std::fs::remove_file(&from_file).unwrap();
+    // The environment wins over the file (as with `gh`).
+    std::fs::write(
+        &config,
+        format!(
+            "db = {:?}\napi_url = \"http://127.0.0.1:9\"\n",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    env.run_raw(&args, &envs, None).await.expect(0);
+    assert!(from_env.exists() && !from_file.exists());
+    std::fs::remove_file(&from_env).unwrap();
     // $TIERCACHE_CONFIG names it too; a flag wins over it.
     let flag_db = env.dir.path().join("flag.db");
     let args = ["--db", flag_db.to_str().unwrap(), "stats", "--json"].map(str::to_owned);
@@ -766,17 +813,7 @@ async fn the_config_file_sits_between_flags_and_the_environment() {
 #[tokio::test]
 async fn dead_letters_are_listed_retried_and_discarded() {
     let env = Env::new().await;
-    // GitHub refuses the write for good: a 422 on the PUT.
-    Mock::given(method("GET"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.not_found())
-        .mount(&env.fake.server)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path(CONTENTS))
-        .respond_with(env.fake.error(422, "Invalid request: content is not valid"))
-        .mount(&env.fake.server)
-        .await;
+    refuse_writes(&env).await;
     env.put("write-behind", "port = 5050\n").await.expect(1);
     let listed = env
         .run(&["dead-letters", "--json"])
@@ -899,4 +936,196 @@ async fn a_pending_write_behind_delete_reads_as_not_found_in_every_strategy() {
     let got = env.run(&["get", KEY]).await;
     assert!(!got.out().contains("8080"), "{}", got.out());
     got.expect(2);
+}
+
+#[tokio::test]
+async fn online_undoes_offline_of_the_config_file() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 8080\n", "\"v1\"").await;
+    let config = env.dir.path().join("tiercache.toml");
+    std::fs::write(&config, "offline = true\n").unwrap();
+    let cfg = config.to_str().unwrap();
+    let offline = env.run(&["--config", cfg, "get", KEY]).await;
+    offline.expect(1);
+    assert!(offline.stderr.contains("offline"), "{}", offline.stderr);
+    assert!(env.requests().await.is_empty());
+    for flag in ["--online", "--no-offline"] {
+        let online = env
+            .run(&["--config", cfg, flag, "get", KEY, "--ttl", "0s"])
+            .await;
+        assert_eq!(online.expect(0).stdout, b"port = 8080\n");
+    }
+    assert_eq!(env.requests().await.len(), 2);
+}
+
+#[tokio::test]
+async fn an_offline_write_behind_put_is_queued_and_flushed_later() {
+    let env = Env::new().await;
+    let args = ["--offline", "--strategy", "write-behind", "put", KEY, "-"];
+    let mut all = vec!["--db".to_owned(), env.db().to_str().unwrap().to_owned()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let put = env.run_raw(&all, &[], Some(b"port = 1\n")).await;
+    put.expect(0);
+    assert!(put.stderr.contains("queued"), "{}", put.stderr);
+    assert!(put.stderr.contains("1 write(s) pending"), "{}", put.stderr);
+    assert!(env.requests().await.is_empty(), "offline: nothing sent");
+    accept_writes(&env, CONTENTS).await;
+    env.run(&["flush"]).await.expect(0);
+    assert_eq!(puts(&env.requests().await).len(), 1);
+}
+
+#[tokio::test]
+async fn json_errors_carry_a_stable_kind() {
+    let env = Env::new().await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/contents/missing.txt"))
+        .respond_with(env.fake.not_found())
+        .mount(&env.fake.server)
+        .await;
+    let missing = env.run(&["get", "octo/app/missing.txt", "--json"]).await;
+    let v = missing.expect(2).json();
+    assert_eq!(
+        (v["kind"].as_str(), v["not_found"].as_bool()),
+        (Some("not_found"), Some(true))
+    );
+    env.outage().await;
+    let down = env.run(&["get", KEY, "--json"]).await;
+    let v = down.expect(1).json();
+    assert_eq!(v["kind"], "unavailable", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("503"), "{v}");
+    let lines = env
+        .run(&["mget", "--json", KEY, "not a key"])
+        .await
+        .expect(64)
+        .json_lines();
+    assert_eq!(lines[0]["kind"], "unavailable");
+    assert_eq!(lines[1]["kind"], "invalid_key");
+}
+
+#[tokio::test]
+async fn get_of_a_directory_hints_at_warm() {
+    let env = Env::new().await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/contents/conf"))
+        .respond_with(env.fake.directory("conf"))
+        .mount(&env.fake.server)
+        .await;
+    let run = env.run(&["get", "octo/app/conf"]).await;
+    run.expect(1);
+    assert!(
+        run.stderr.contains("tiercache warm octo/app/conf"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_closed_pipe_ends_quietly() {
+    let env = Env::new().await;
+    // Far more than a pipe holds, so the binary is still writing when the reader goes.
+    let big = vec![b'x'; 4 << 20];
+    env.serve(CONTENTS, &big, "\"v1\"").await;
+    env.run(&["get", KEY]).await.expect(0);
+    let db = env.db();
+    let mut child = tokio::process::Command::new(binary())
+        .args(["--db", db.to_str().unwrap(), "--offline", "get", KEY])
+        .env("GITHUB_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    drop(child.stdout.take()); // the reader goes away at once, like `| head -c1`
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("finishes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "quiet: {stderr}");
+}
+
+#[tokio::test]
+async fn dead_letters_has_a_header_and_says_when_there_are_none() {
+    let env = Env::new().await;
+    let none = env.run(&["dead-letters"]).await;
+    assert_eq!(none.expect(0).out(), "no dead letters\n");
+    assert_eq!(
+        env.run(&["dead-letters", "--json"]).await.expect(0).out(),
+        ""
+    );
+    refuse_writes(&env).await;
+    env.put("write-behind", "port = 1\n").await.expect(1);
+    let text = env.run(&["dead-letters"]).await.expect(0).out();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "ID\tOP\tKEY\tATTEMPTS\tCREATED\tERROR");
+    assert!(lines[1].contains(KEY), "{text}");
+    let json = env
+        .run(&["dead-letters", "--json"])
+        .await
+        .expect(0)
+        .json_lines();
+    let created = json[0]["created_at"].as_str().expect("an RFC 3339 string");
+    assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
+}
+
+#[tokio::test]
+async fn health_notices_failures_across_processes_and_probes() {
+    let env = Env::new().await;
+    env.outage().await;
+    env.run(&["get", KEY]).await.expect(1);
+    // A new process: the failure and its text are in the database.
+    let h = env.run(&["health", "--json"]).await.expect(0).json();
+    assert_eq!(h["l3"]["status"], "degraded", "{h}");
+    assert_eq!(h["l3"]["consecutive_failures"], 1);
+    assert!(
+        h["l3"]["last_error"].as_str().unwrap_or("").contains("503"),
+        "{h}"
+    );
+    // The probe makes one real request, past the breaker.
+    let before = env.requests().await.len();
+    let probed = env.run(&["health", "--probe", KEY]).await;
+    probed.expect(1);
+    assert!(
+        probed.out().contains("probe: failed (unavailable)"),
+        "{}",
+        probed.out()
+    );
+    assert_eq!(env.requests().await.len(), before + 1);
+    env.reset().await;
+    env.serve(CONTENTS, b"ok\n", "\"v1\"").await;
+    let h = env
+        .run(&["health", "--json", "--probe", KEY])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(h["probe"]["ok"], true, "{h}");
+}
+
+#[tokio::test]
+async fn stats_says_why_and_until_when_the_breaker_is_open() {
+    let env = Env::new().await;
+    env.outage().await;
+    // The default breaker opens after 5 consecutive failures.
+    for _ in 0..5 {
+        env.run(&["get", KEY]).await.expect(1);
+    }
+    let text = env.run(&["stats"]).await.expect(0).out();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("GitHub breaker"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("open: 5 consecutive failure(s), last error:"),
+        "{text}"
+    );
+    assert!(
+        line.contains("; next try in ") && line.contains(" UTC)"),
+        "{text}"
+    );
+    assert!(text.contains("rate limit      unknown"), "{text}");
+    let json = env.run(&["stats", "--json"]).await.expect(0).json();
+    assert_eq!(json["l3_breaker"], "open");
+    let until = json["l3_breaker_until"].as_str().expect("RFC 3339");
+    assert!(humantime::parse_rfc3339(until).is_ok(), "{until}");
 }

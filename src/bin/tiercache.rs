@@ -67,7 +67,8 @@ Environment:
 Config file (TOML; every key optional; unknown keys are an error):
   db = \"/path/cache.db\"      api_url = \"https://github.example.com/api/v3\"
   strategy = \"write-behind\"  ttl = \"10m\"   stale_ttl = \"7d\"   timeout = \"5s\"   offline = false
-Flags win over the file; the file wins over the environment.
+Precedence: a flag, then the environment, then the config file (as `gh` does);
+--online undoes `offline = true` of the config file.
 
 Exit codes: 0 success (also when a stale copy was served: stderr says so and why),
 1 unavailable or another runtime error, 2 not found, 64 usage error.";
@@ -108,9 +109,13 @@ struct GlobalArgs {
     /// The deadline of one GitHub call [default: 10s]
     #[arg(long, global = true, value_name = "DUR", value_parser = duration::parse)]
     timeout: Option<Duration>,
-    /// Never contact GitHub; serve what the cache holds, stale included
-    #[arg(long, global = true)]
+    /// Never contact GitHub; serve what the cache holds, stale included (write-behind writes
+    /// are queued for a later `flush`)
+    #[arg(long, global = true, conflicts_with = "online")]
     offline: bool,
+    /// Contact GitHub even if the config file says `offline = true`
+    #[arg(long, global = true, visible_alias = "no-offline")]
+    online: bool,
     /// The config file [default: $TIERCACHE_CONFIG; none]
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -119,6 +124,14 @@ struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print a file's bytes
+    #[command(
+        after_help = "Examples:\n  tiercache get octo/app/config/prod.toml\n  \
+        tiercache get octo/app/config/prod.toml@v1.2.0 --json\n  \
+        tiercache --offline get octo/app/config/prod.toml   # only what is cached\n\n\
+        A directory is fetched with `tiercache warm OWNER/REPO/DIR`.\n\n\
+        With --json, the text of a UTF-8 file is in \"content\"; any other file is in \
+        \"content_base64\". An error is {\"key\", \"error\", \"kind\"} (kinds: see the README)."
+    )]
     Get {
         /// OWNER/REPO/PATH[@REF]
         key: String,
@@ -127,6 +140,10 @@ enum Command {
         json: bool,
     },
     /// Print many files (with --json: one JSON object per line, in input order)
+    #[command(
+        after_help = "Examples:\n  tiercache mget octo/app/a.toml octo/app/b.toml\n  \
+        tiercache mget --json octo/app/a.toml octo/app/b.toml | jq .kind"
+    )]
     Mget {
         /// OWNER/REPO/PATH[@REF] ...
         #[arg(required = true)]
@@ -137,6 +154,10 @@ enum Command {
     },
     /// Write a file per --strategy (write-through: GitHub first; write-behind: the outbox;
     /// read-through, cache-aside: the local cache only)
+    #[command(after_help = "Examples:\n  \
+        tiercache --strategy write-through put octo/app/config/prod.toml prod.toml\n  \
+        echo 'port = 1' | tiercache --strategy write-behind put octo/app/config/prod.toml -\n  \
+        tiercache --offline --strategy write-behind put octo/app/a.toml a.toml   # queued")]
     Put {
         /// OWNER/REPO/PATH[@REF]
         key: String,
@@ -152,23 +173,40 @@ enum Command {
     /// Deliver the write-behind outbox to GitHub; exit 1 if anything is left
     Flush,
     /// Fetch every file under a directory into the cache (for offline use)
+    #[command(after_help = "Examples:\n  tiercache warm octo/app\n  \
+        tiercache warm octo/app/config@main")]
     Warm {
         /// OWNER/REPO[/DIR][@REF]
         prefix: String,
     },
-    /// What the database holds, the write-behind outbox, and the GitHub breaker
+    /// What the database holds, the write-behind outbox, the GitHub breaker (why and until when
+    /// it is open) and rate limit
+    #[command(
+        after_help = "Examples:\n  tiercache stats\n  tiercache stats --json | jq .l3_breaker"
+    )]
     Stats {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
-    /// Whether each tier works (exit 1 when unhealthy)
+    /// Whether each tier works (exit 1 when unhealthy, or when the probe failed)
+    #[command(
+        after_help = "Examples:\n  tiercache health\n  tiercache health --json\n  \
+        tiercache health --probe octo/app/README.md   # one real request to GitHub"
+    )]
     Health {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+        /// Also send one real request for KEY to GitHub (past the cache and the breaker) and
+        /// report how it went; exit 1 if it failed. The probe's outcome is reported on its own
+        /// `probe:` line and does not change the breaker
+        #[arg(long, value_name = "KEY")]
+        probe: Option<String>,
     },
     /// List the writes GitHub refused for good; move them back to the outbox or discard them
+    #[command(after_help = "Examples:\n  tiercache dead-letters\n  \
+        tiercache dead-letters --retry 3 && tiercache flush\n  tiercache dead-letters --discard-all")]
     DeadLetters {
         /// Move this dead letter back to the outbox (then `flush` delivers it)
         #[arg(long, value_name = "ID", conflicts_with_all = ["discard", "retry_all", "discard_all"])]
@@ -214,6 +252,17 @@ impl Failure {
             code: EXIT_USAGE,
             message: message.into(),
         }
+    }
+
+    /// A failed write to stdout; a closed pipe is a quiet, successful end.
+    pub(crate) fn stdout(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Self {
+                code: 0,
+                message: String::new(),
+            };
+        }
+        Self::runtime(format!("cannot write to stdout: {e}"))
     }
 
     fn runtime(message: impl Into<String>) -> Self {
@@ -290,7 +339,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("tiercache: error: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("tiercache: error: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }
@@ -305,7 +356,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         ttl: g.ttl,
         stale_ttl: g.stale_ttl,
         timeout: g.timeout,
-        offline: g.offline,
+        offline: match (g.offline, g.online) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         config: g.config,
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -321,7 +376,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Command::Flush => outbox::flush(&settings).await,
             Command::Warm { prefix } => read::warm(&settings, &prefix).await,
             Command::Stats { json } => status::stats(&settings, json).await,
-            Command::Health { json } => status::health(&settings, json).await,
+            Command::Health { json, probe } => {
+                status::health(&settings, json, probe.as_deref()).await
+            }
             Command::DeadLetters {
                 retry,
                 discard,

@@ -560,9 +560,12 @@ pub struct BreakerStatus {
     pub failure_rate: Option<f64>,
     /// Openings in a row since the breaker last closed.
     pub openings: u32,
-    /// When open (and not forced): the earliest instant a probe will be admitted.
+    /// When open (and not forced): the earliest instant a probe will be admitted (RFC 3339
+    /// in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
     pub next_attempt: Option<SystemTime>,
-    /// The rate-limit reset the breaker is held open until, if still ahead.
+    /// The rate-limit reset the breaker is held open until, if still ahead (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
     pub open_until: Option<SystemTime>,
     /// Half-open probes in flight with a live lease.
     pub probes_in_flight: u32,

@@ -256,6 +256,8 @@ impl TieredCache {
             state: s.state.as_str().to_owned(),
             transitions: s.transitions,
             consecutive_failures: s.consecutive_failures,
+            next_attempt: s.next_attempt,
+            open_until: s.open_until,
         };
         let mut outbox = crate::stats::OutboxStats::default();
         if let Some(o) = &inner.outbox {
@@ -294,9 +296,38 @@ impl TieredCache {
         HealthReport::overall(l2, l3, self.is_offline(), backlog)
     }
 
+    /// Sends one real request for `key` to the source, past the caches and the breaker, within
+    /// the source timeout, and says how long the source took to answer (a "not found" is an
+    /// answer). Nothing is cached, and the breaker is neither consulted nor updated: this is a
+    /// health check (`tiercache health --probe KEY`), not a read. Afterwards
+    /// [`rate_limit`](Self::rate_limit) holds the budget the source reported, if it reports one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Unavailable`] when the source failed, timed out, is
+    /// rate-limited or offline mode is on (nothing is sent then); [`Error::Source`] when it
+    /// refused the request (e.g. bad credentials: [`Error::kind`] is `unauthorized`).
+    pub async fn probe_source(&self, key: &str) -> Result<std::time::Duration> {
+        self.check(key)?;
+        if self.is_offline() {
+            return Err(Error::Unavailable {
+                key: key.to_owned(),
+                reason: StaleReason::Offline,
+                source: crate::source::guard::not_sent(),
+            });
+        }
+        let inner = &*self.inner;
+        let timeout = inner.settings.timeout;
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(timeout, inner.source.fetch(key, None)).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(source_failure(key, e)),
+            Err(_) => Err(source_failure(key, SourceError::Timeout { after: timeout })),
+        }
+    }
+
     /// Subscribes to significant events: breaker transitions, stale serves, tiers degraded and
     /// recovered, dead letters. A subscriber that falls more than 256 events behind loses the
-    /// oldest (see [`tokio::sync::broadcast`]).
+    /// oldest (see [`tokio::sync::broadcast`](https://docs.rs/tokio/1/tokio/sync/broadcast/index.html)).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
         self.inner.events.subscribe()
     }

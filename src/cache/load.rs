@@ -60,17 +60,30 @@ pub(super) async fn load(
     let offline = inner.offline.clone();
     // The answer is dated when the source gave it, not after the breaker's bookkeeping.
     let answered_at = std::sync::atomic::AtomicU64::new(0);
+    // Whether the call left at all (the breaker and the rate-limit gate may refuse it), and its
+    // own latency (the source's work only, not the breaker's bookkeeping).
+    let sent = std::sync::atomic::AtomicBool::new(false);
     let fetched = guarded(
         &inner.guard,
         settings.timeout,
         || !offline.load(Ordering::SeqCst),
         async {
+            sent.store(true, Ordering::Relaxed);
+            let timer = inner.stats.start();
             let r = inner.source.fetch(&key, validator.as_deref()).await;
+            inner.stats.record(Tier::L3, Op::Get, timer);
             answered_at.store(clock.now_millis(), Ordering::Relaxed);
             r
         },
     )
     .await;
+    let sent = sent.load(Ordering::Relaxed);
+    if sent && answered_at.load(Ordering::Relaxed) == 0 {
+        // Timed out: the call took (at least) the whole timeout.
+        inner
+            .stats
+            .record_latency(Tier::L3, Op::Get, settings.timeout);
+    }
     let now = match answered_at.load(Ordering::Relaxed) {
         0 => clock.now_millis(),
         at => at,
@@ -86,14 +99,15 @@ pub(super) async fn load(
             ttl,
         }) => {
             inner.stats.source_call(SourceOutcome::Ok);
+            inner.stats.hit(Tier::L3);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
             let entry = Entry::new(Some(value), validator, now, fresh_until, stale_until);
             (entry, Loaded::Fetched)
         }
         Ok(Fetched::NotModified { ttl }) => {
-            inner.stats.source_call(SourceOutcome::NotModified);
             let Some(prev) = prev.filter(|p| p.value.is_some()) else {
                 inner.stats.source_call(SourceOutcome::Failed);
+                inner.stats.error(Tier::L3);
                 return Err(source_failure(
                     &key,
                     SourceError::InvalidResponse {
@@ -102,6 +116,9 @@ pub(super) async fn load(
                     },
                 ));
             };
+            // A 304 is an L3 hit: the source confirmed the copy.
+            inner.stats.source_call(SourceOutcome::NotModified);
+            inner.stats.hit(Tier::L3);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
             (
                 prev.renewed(now, fresh_until, stale_until),
@@ -110,6 +127,7 @@ pub(super) async fn load(
         }
         Ok(Fetched::NotFound) => {
             inner.stats.source_call(SourceOutcome::NotFound);
+            inner.stats.miss(Tier::L3);
             let fresh_until = add(now, settings.negative_ttl);
             let entry = Entry::new(None, None, now, fresh_until, fresh_until);
             (entry, Loaded::Fetched)
@@ -117,6 +135,12 @@ pub(super) async fn load(
         Err(e) if is_not_sent(&e) => {
             // Offline switched on while the call waited for its permit: nothing was sent (and
             // nothing is counted as a source call).
+            return Err(source_failure(&key, e));
+        }
+        Err(e) if !sent => {
+            // The breaker or the rate-limit gate refused the call: nothing was sent, so it is
+            // no source call and no L3 error, only a refusal.
+            inner.stats.source_refused();
             return Err(source_failure(&key, e));
         }
         Err(e) => {
@@ -127,9 +151,7 @@ pub(super) async fn load(
                 } else {
                     SourceOutcome::Failed
                 });
-            if !matches!(e, SourceError::CircuitOpen { .. }) {
-                inner.stats.error(Tier::L3);
-            }
+            inner.stats.error(Tier::L3);
             return Err(source_failure(&key, e));
         }
     };
@@ -203,9 +225,17 @@ pub(super) async fn load_custom(
     seen: Seen,
     early: Early<(Arc<Entry>, Loaded)>,
 ) -> LoadResult {
+    let timer = inner.stats.start();
     let loaded = loader().await;
+    inner.stats.record(Tier::L3, Op::Get, timer);
     let now = inner.clock.now_millis();
     let settings = &inner.settings;
+    // The loader stands in for the source: its answers are L3's hits and misses.
+    match &loaded {
+        Ok(Some(_)) => inner.stats.hit(Tier::L3),
+        Ok(None) => inner.stats.miss(Tier::L3),
+        Err(_) => {}
+    }
     let entry = match loaded {
         Ok(Some(value)) => {
             let fresh_until = add(now, settings.ttl);

@@ -143,7 +143,6 @@ impl TieredCache {
             let inner = &*self.inner;
             inner.stats.miss(Tier::L1);
             self.check_source(key)?;
-            let timer = inner.stats.start();
             let span = tracing::debug_span!(
                 "tiercache.get",
                 key,
@@ -154,21 +153,18 @@ impl TieredCache {
                 span.clone(),
                 self.lookup_slow(key, max_age, candidate, now, custom)
             );
-            let tier = match &result {
-                Ok(Some(l)) => {
-                    span.record("tier", l.tier.as_str());
-                    span.record(
-                        "freshness",
-                        match l.freshness {
-                            Freshness::Fresh => "fresh",
-                            Freshness::Stale { reason } => reason.as_str(),
-                        },
-                    );
-                    l.tier
-                }
-                _ => Tier::L3,
-            };
-            inner.stats.record(tier, Op::Get, timer);
+            // Latency is recorded where each tier does its own work (L2's read here in
+            // `lookup_slow`, the source's call in `load`), not for the whole slow path.
+            if let Ok(Some(l)) = &result {
+                span.record("tier", l.tier.as_str());
+                span.record(
+                    "freshness",
+                    match l.freshness {
+                        Freshness::Fresh => "fresh",
+                        Freshness::Stale { reason } => reason.as_str(),
+                    },
+                );
+            }
             result
         })
     }
@@ -193,10 +189,12 @@ impl TieredCache {
                 return Ok(self.serve_pending(key, op, token, now).await);
             }
         }
+        let timer = inner.stats.start();
         let found = match inner.l2.get_now(key) {
             Some(found) => found,
             None => inner.l2.get(key).await,
         };
+        inner.stats.record(Tier::L2, Op::Get, timer);
         let observed = match &found {
             Ok(found) => Observed::of(found),
             Err(_) => Observed::Unknown,
@@ -389,7 +387,9 @@ impl TieredCache {
         } else {
             Tier::L2
         };
-        inner.stats.hit(tier);
+        // Counted as the L2 step's hit whichever outbox held it: the read's L1 miss is already
+        // counted, and a pending write stands in for L2 (the memory outbox shadows it).
+        inner.stats.hit(Tier::L2);
         let OutboxOp::Put(value) = op else {
             return None;
         };
@@ -423,7 +423,10 @@ impl TieredCache {
                 validator: e.validator.clone(),
             }),
             None => {
-                self.inner.stats.negative_hit();
+                // A cached "not found" answered the read; the source's own 404 is an L3 miss.
+                if tier != Tier::L3 {
+                    self.inner.stats.negative_hit();
+                }
                 None
             }
         }

@@ -65,7 +65,8 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// The source's last error.
     pub error: Option<String>,
-    /// When the write was made.
+    /// When the write was made (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::serialize")]
     pub created_at: SystemTime,
     /// A newer write of the key came after this one: retrying it would roll the source back,
     /// so [`retry_dead_letter`](crate::TieredCache::retry_dead_letter) refuses it with

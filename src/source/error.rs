@@ -104,7 +104,7 @@ impl fmt::Display for SourceError {
                 message,
             } => write!(
                 f,
-                "source rate limited until {}{}: {message}",
+                "source rate limited; resets {}{}: {message}",
                 fmt_time(until),
                 status_suffix(status)
             ),
@@ -131,7 +131,7 @@ impl fmt::Display for SourceError {
             SourceError::CircuitOpen { until } => {
                 f.write_str("not sent: the source's circuit breaker is open")?;
                 match until {
-                    Some(t) => write!(f, " until {}", fmt_time(t)),
+                    Some(t) => write!(f, "; next try {}", fmt_time(t)),
                     None => Ok(()),
                 }
             }
@@ -217,11 +217,9 @@ fn status_suffix(status: &Option<u16>) -> String {
     status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
 }
 
+/// `in 42s (at 14:03:12 UTC)`, against the wall clock.
 fn fmt_time(t: &SystemTime) -> String {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => format!("unix time {}", d.as_secs()),
-        Err(_) => "the past".to_owned(),
-    }
+    crate::time::describe_at(*t, SystemTime::now())
 }
 
 impl SourceError {

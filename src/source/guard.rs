@@ -18,6 +18,17 @@ use crate::tier::StateStore;
 /// The meta row holding the persisted L3 breaker.
 const META_KEY: &str = "breaker.l3";
 
+/// The key of the last source failure's text in the persisted breaker row (beside the
+/// [`BreakerState`] fields, which ignore it), so a health check in another process can say what
+/// failed.
+const LAST_ERROR: &str = "last_error";
+
+/// The persisted row's last error, if any.
+fn persisted_last_error(json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.get(LAST_ERROR)?.as_str().map(str::to_owned)
+}
+
 /// How a source call ended, for the breaker.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum CallEnd<'a> {
@@ -56,6 +67,9 @@ pub(crate) struct SourceGuard {
     clock: Arc<dyn Clock>,
     events: Events,
     last_error: Mutex<Option<String>>,
+    /// Whether `last_error` was set by a failure not yet written to the persisted row (else
+    /// the row's own last error, maybe another process's newer one, is kept).
+    error_fresh: std::sync::atomic::AtomicBool,
     /// When the persisted row was last read and found clean (ms; 0: not since the last change
     /// this process made). Within [`PERSISTED_REFRESH_MS`] of that, a healthy call reads nothing.
     persisted_clean_at: AtomicU64,
@@ -81,6 +95,7 @@ impl SourceGuard {
             clock,
             events,
             last_error: Mutex::new(None),
+            error_fresh: std::sync::atomic::AtomicBool::new(false),
             persisted_clean_at: AtomicU64::new(0),
         }
     }
@@ -157,6 +172,7 @@ impl SourceGuard {
             CallEnd::Failed(e) => {
                 *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(crate::error::chain_text(e));
+                self.error_fresh.store(true, Ordering::Relaxed);
                 (Outcome::Failure, None)
             }
             CallEnd::RateLimited(until) => (Outcome::Cancelled, Some(until)),
@@ -196,6 +212,11 @@ impl SourceGuard {
         let now = self.clock.now_millis();
         let policy = self.breaker.policy().clone();
         let fallback = self.breaker.state_snapshot();
+        let mine = self
+            .error_fresh
+            .swap(false, Ordering::Relaxed)
+            .then(|| self.last_error())
+            .flatten();
         let slot: Arc<Mutex<Option<(R, BreakerState)>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let update = store
@@ -208,7 +229,17 @@ impl SourceGuard {
                         .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
                         .unwrap_or(fallback);
                     let r = f(&mut st, now, &policy);
-                    let json = serde_json::to_string(&st).ok().or(old);
+                    // A failure of this call's, else the error already stored, kept beside.
+                    let last_error = mine.or_else(|| old.as_deref().and_then(persisted_last_error));
+                    let json = serde_json::to_value(&st)
+                        .ok()
+                        .map(|mut v| {
+                            if let (Some(e), Some(map)) = (last_error, v.as_object_mut()) {
+                                map.insert(LAST_ERROR.into(), e.into());
+                            }
+                            v.to_string()
+                        })
+                        .or(old);
                     *out.lock().unwrap_or_else(|e| e.into_inner()) = Some((r, st));
                     json
                 }),
@@ -229,6 +260,9 @@ impl SourceGuard {
         if let Ok(Some(json)) = store.load_meta(META_KEY).await {
             if let Ok(st) = serde_json::from_str::<BreakerState>(&json) {
                 self.breaker.update(|mine, _, _| *mine = st);
+            }
+            if let Some(e) = persisted_last_error(&json) {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         }
     }

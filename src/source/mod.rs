@@ -72,7 +72,8 @@ pub struct RateLimit {
     pub limit: u64,
     /// Requests left in this window.
     pub remaining: u64,
-    /// When the window resets.
+    /// When the window resets (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::time::serde_rfc3339::serialize")]
     pub reset: SystemTime,
 }
 

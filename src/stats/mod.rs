@@ -29,7 +29,7 @@
 //!
 //! [`StatsSnapshot`] is plain data: serializable with serde (field names documented on the type),
 //! printable as a compact table with `Display`, and exportable in the Prometheus text format with
-//! [`StatsSnapshot::to_prometheus`].
+//! [`StatsSnapshot::to_prometheus`] (encoded by the `prometheus-client` crate, in seconds).
 
 use std::fmt;
 
@@ -39,7 +39,14 @@ mod prometheus;
 mod recorder;
 mod snapshot;
 
+pub use prometheus::PROMETHEUS_CONTENT_TYPE;
 pub use recorder::L1_SAMPLE_EVERY;
+
+/// The upper bounds, in seconds, of the buckets of the Prometheus latency histogram
+/// (`tiercache_latency_seconds`): from 1 µs (an L1 hit) to 10 s (a slow source call).
+pub const LATENCY_BUCKETS_SECONDS: [f64; 15] = [
+    1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+];
 pub(crate) use recorder::{SnapshotExtras, Stats};
 pub use snapshot::{BreakerStats, LatencyStats, OutboxStats, StatsSnapshot, TierStats};
 
@@ -161,7 +168,7 @@ fn sample_snapshot() -> StatsSnapshot {
                 name: "l3".into(),
                 state: "half_open".into(),
                 transitions: 2,
-                consecutive_failures: 0,
+                ..BreakerStats::default()
             },
         ],
         outbox: OutboxStats {

@@ -90,6 +90,7 @@ struct Shard {
     negative_hits: AtomicU64,
     coalesced_waiters: AtomicU64,
     decode_errors: AtomicU64,
+    source_refused: AtomicU64,
     stale_served: [AtomicU64; REASONS],
     source_calls: [AtomicU64; OUTCOMES],
     /// Indexed by `tier * OPS + op`; created on first use (an unused pair costs nothing).
@@ -113,6 +114,7 @@ impl Shard {
                 &self.negative_hits,
                 &self.coalesced_waiters,
                 &self.decode_errors,
+                &self.source_refused,
             ]);
         for c in counters {
             c.store(0, Relaxed);
@@ -172,8 +174,11 @@ pub(crate) struct SnapshotExtras {
 ///
 /// Contract with the caller (it makes the ratios in [`StatsSnapshot`] mean what they say):
 /// every read records exactly one L1 `hit` or `miss`; an L1 miss that consults L2 records one L2
-/// `hit` or `miss`; an L3 fetch records one L3 `hit` (value or not-modified) or `miss` (not found)
-/// or `error`. Latency is attributed to the tier that served the operation.
+/// `hit` or `miss` (a pending write-behind write served counts as the L2 hit); a source call
+/// that was sent records one L3 `hit` (value or not-modified) or `miss` (not found) or `error`,
+/// and one `source_call`; a call the breaker or the rate-limit gate refused records only
+/// `source_refused`. A stale copy served records `stale_served`. Latency is each tier's own
+/// work: the L1 probe (sampled on hits), the L2 read, the source call.
 pub(crate) struct Stats {
     /// Empty when disabled.
     shards: Box<[Shard]>,
@@ -290,7 +295,13 @@ impl Stats {
         bump(self.shard().map(|s| &s.decode_errors));
     }
 
-    /// A call to the source ended with `outcome`.
+    /// A read's source call was refused before it was sent (breaker open, budget spent).
+    #[inline]
+    pub(crate) fn source_refused(&self) {
+        bump(self.shard().map(|s| &s.source_refused));
+    }
+
+    /// A call to the source was sent and ended with `outcome`.
     #[inline]
     pub(crate) fn source_call(&self, outcome: SourceOutcome) {
         bump(
@@ -393,8 +404,16 @@ impl Stats {
         let l1 = tier_stats(Tier::L1);
         let l2 = tier_stats(Tier::L2);
         let l3 = tier_stats(Tier::L3);
+        let stale_served: BTreeMap<&'static str, u64> = StaleReason::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.as_str(), sum(shards, |s| &s.stale_served[i])))
+            .collect();
+        let stale_total = stale_served
+            .values()
+            .fold(0u64, |a, n| a.saturating_add(*n));
         let overall_hit_ratio = ratio(
-            l1.hits.saturating_add(l2.hits),
+            l1.hits.saturating_add(l2.hits).saturating_add(stale_total),
             l1.hits.saturating_add(l1.misses),
         );
         StatsSnapshot {
@@ -403,11 +422,7 @@ impl Stats {
             l2,
             l3,
             overall_hit_ratio,
-            stale_served: StaleReason::ALL
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.as_str(), sum(shards, |s| &s.stale_served[i])))
-                .collect(),
+            stale_served,
             negative_hits: sum(shards, |s| &s.negative_hits),
             coalesced_waiters: sum(shards, |s| &s.coalesced_waiters),
             decode_errors: sum(shards, |s| &s.decode_errors),
@@ -416,6 +431,7 @@ impl Stats {
                 .enumerate()
                 .map(|(i, o)| (*o, sum(shards, |s| &s.source_calls[i])))
                 .collect(),
+            source_calls_refused: sum(shards, |s| &s.source_refused),
             rate_limit: extra.rate_limit,
             breakers: extra.breakers,
             outbox: extra.outbox,
@@ -448,7 +464,15 @@ impl Stats {
             let ns = m.hist.median_equivalent(m.hist.value_at_quantile(q));
             us(ns.min(m.max_ns))
         };
+        let mut buckets = [0u64; super::LATENCY_BUCKETS_SECONDS.len()];
+        let mut below = 0u64;
+        for (b, bound) in buckets.iter_mut().zip(super::LATENCY_BUCKETS_SECONDS) {
+            let upto = m.hist.count_between(0, (bound * 1e9) as u64);
+            *b = upto.saturating_sub(below);
+            below = below.max(upto);
+        }
         Some(LatencyStats {
+            buckets,
             count: m.hist.len(),
             sum: us(m.sum_ns),
             p50: q(0.5),
@@ -712,6 +736,7 @@ mod tests {
                 state: "open".into(),
                 transitions: 3,
                 consecutive_failures: 5,
+                ..BreakerStats::default()
             }],
             outbox: OutboxStats {
                 depth: 2,

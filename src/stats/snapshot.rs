@@ -28,22 +28,32 @@ pub struct StatsSnapshot {
     pub l2: TierStats,
     /// The source.
     pub l3: TierStats,
-    /// The share of reads answered from the cache, fresh or stale, without the source: `(L1 hits +
-    /// L2 hits) / (L1 hits + L1 misses)` (every read consults L1 first, so the denominator is the
-    /// number of reads). 0 when there were no reads.
+    /// The share of reads answered from the cache, fresh or stale, without a fresh answer from
+    /// the source: `(L1 hits + L2 hits + stale served) / (L1 hits + L1 misses)` (every read
+    /// consults L1 first, so the denominator is the number of reads; a stale copy is served only
+    /// after both tiers missed). A pending write-behind write served counts as an L2 hit. 0 when
+    /// there were no reads.
     pub overall_hit_ratio: f64,
     /// Stale copies served, by reason (`"source_error"`, `"timeout"`, `"rate_limited"`,
     /// `"circuit_open"`, `"offline"`); every reason is present.
     pub stale_served: BTreeMap<&'static str, u64>,
-    /// Reads answered by a negative entry (a recent "not found" from the source).
+    /// Reads answered from L1 or L2 by a negative entry (a "not found" the source gave
+    /// earlier, cached for the negative TTL). The source's own "not found" is not one of them:
+    /// it is an L3 miss and a `not_found` source call.
     pub negative_hits: u64,
     /// Reads that waited on another caller's source call instead of making their own.
     pub coalesced_waiters: u64,
     /// Stored entries that could not be decoded.
     pub decode_errors: u64,
-    /// Calls to the source, by outcome (`"ok"`, `"not_modified"`, `"not_found"`,
-    /// `"rate_limited"`, `"failed"`); every outcome is present.
+    /// Calls sent to the source by reads (and `warm`), by outcome (`"ok"`, `"not_modified"`,
+    /// `"not_found"`, `"rate_limited"`, `"failed"`); every outcome is present. Calls the
+    /// breaker or the rate-limit gate refused were never sent and are not here (see
+    /// [`source_calls_refused`](Self::source_calls_refused)); write-behind deliveries are
+    /// counted in [`outbox`](Self::outbox).
     pub source_calls: BTreeMap<SourceOutcome, u64>,
+    /// Reads whose source call was refused before it was sent: the L3 breaker was open, or the
+    /// rate-limit budget was known to be spent.
+    pub source_calls_refused: u64,
     /// The source's last reported rate-limit budget, if it reported one.
     pub rate_limit: Option<RateLimit>,
     /// The circuit breakers.
@@ -85,16 +95,23 @@ impl StatsSnapshot {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct TierStats {
-    /// Reads this tier answered.
+    /// Reads this tier answered fresh. For L3: values and "not modified" (HTTP 304) answers,
+    /// one per source call however many reads waited on it (see
+    /// [`coalesced_waiters`](StatsSnapshot::coalesced_waiters)). An `mget` counts each distinct
+    /// key once.
     pub hits: u64,
-    /// Reads this tier was asked and did not have.
+    /// Reads this tier was asked and did not have fresh (a stale copy found there is a miss).
+    /// For L3: "not found" answers.
     pub misses: u64,
-    /// Times this tier failed to answer.
+    /// Times this tier failed to answer (for L3: calls sent that failed; refused calls are in
+    /// [`StatsSnapshot::source_calls_refused`]).
     pub errors: u64,
     /// `hits / (hits + misses)`; 0 when there was no traffic. Errors are not counted.
     pub hit_ratio: f64,
-    /// Latency of the operations this tier served, by operation; only operations with at least one
-    /// sample are present. L1 `get`s are sampled (see [`L1_SAMPLE_EVERY`](super::L1_SAMPLE_EVERY)).
+    /// Latency of this tier's own work, by operation; only operations with at least one sample
+    /// are present. L1: the memory probe of `get` hits (sampled, see
+    /// [`L1_SAMPLE_EVERY`](super::L1_SAMPLE_EVERY)) and of `mget`'s L1 pass; L2: the read (one
+    /// statement for an `mget`); L3: each source call, under `get` (also for `mget`'s keys).
     pub latency: BTreeMap<Op, LatencyStats>,
 }
 
@@ -119,6 +136,10 @@ pub struct LatencyStats {
     pub p999: f64,
     /// Largest sample, µs.
     pub max: f64,
+    /// Samples per bucket of [`LATENCY_BUCKETS_SECONDS`](super::LATENCY_BUCKETS_SECONDS) (not
+    /// cumulative), for the Prometheus histogram.
+    #[serde(skip)]
+    pub(crate) buckets: [u64; super::LATENCY_BUCKETS_SECONDS.len()],
 }
 
 impl LatencyStats {
@@ -144,6 +165,13 @@ pub struct BreakerStats {
     pub transitions: u64,
     /// Failures since the last success.
     pub consecutive_failures: u32,
+    /// When an open breaker lets the next call through (RFC 3339 in JSON); `None` when closed
+    /// or forced open.
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
+    pub next_attempt: Option<std::time::SystemTime>,
+    /// The rate-limit reset an open breaker is held until, if that is why it is open.
+    #[serde(serialize_with = "crate::time::serde_rfc3339::option")]
+    pub open_until: Option<std::time::SystemTime>,
 }
 
 /// The state of the write-behind outbox.
@@ -231,16 +259,36 @@ impl fmt::Display for StatsSnapshot {
         for (outcome, n) in &self.source_calls {
             write!(f, " {outcome}={n}")?;
         }
+        if self.source_calls_refused > 0 {
+            write!(f, "; refused (not sent) {}", self.source_calls_refused)?;
+        }
         f.write_str("\n")?;
         if let Some(rl) = &self.rate_limit {
-            writeln!(f, "rate limit: {}/{} remaining", rl.remaining, rl.limit)?;
-        }
-        for b in &self.breakers {
             writeln!(
                 f,
-                "breaker {}: {} ({} transitions, {} consecutive failures)",
+                "rate limit: {}/{} remaining, resets {}",
+                rl.remaining,
+                rl.limit,
+                crate::time::describe_at(rl.reset, std::time::SystemTime::now())
+            )?;
+        }
+        for b in &self.breakers {
+            write!(
+                f,
+                "breaker {}: {} ({} transitions, {} consecutive failures",
                 b.name, b.state, b.transitions, b.consecutive_failures
             )?;
+            let now = std::time::SystemTime::now();
+            match (b.open_until, b.next_attempt) {
+                (Some(t), _) => write!(
+                    f,
+                    "; the rate limit is spent, resets {}",
+                    crate::time::describe_at(t, now)
+                )?,
+                (None, Some(t)) => write!(f, "; next try {}", crate::time::describe_at(t, now))?,
+                (None, None) => {}
+            }
+            writeln!(f, ")")?;
         }
         let o = &self.outbox;
         write!(f, "outbox: depth {}", o.depth)?;

@@ -74,7 +74,8 @@ pub(crate) struct Flags {
     pub(crate) ttl: Option<Duration>,
     pub(crate) stale_ttl: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) offline: bool,
+    /// `--offline` (`Some(true)`), `--online` (`Some(false)`), or neither.
+    pub(crate) offline: Option<bool>,
     pub(crate) config: Option<PathBuf>,
 }
 
@@ -124,10 +125,11 @@ pub(crate) fn resolve(flags: Flags) -> Result<Settings, Failure> {
         .stale_ttl
         .or(file_duration("stale_ttl", file.stale_ttl)?);
     let timeout = flags.timeout.or(file_duration("timeout", file.timeout)?);
+    // Flag, then environment, then the config file (as `gh` does).
     let (db, db_is_default) = match flags
         .db
-        .or(file.db)
         .or_else(|| env_nonempty("TIERCACHE_DB").map(PathBuf::from))
+        .or(file.db)
     {
         Some(p) => (p, false),
         None => {
@@ -141,8 +143,8 @@ pub(crate) fn resolve(flags: Flags) -> Result<Settings, Failure> {
     };
     let api_url = flags
         .api_url
-        .or(file.api_url)
         .or_else(|| env_nonempty("GITHUB_API_URL"))
+        .or(file.api_url)
         .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
     Ok(Settings {
         db,
@@ -152,7 +154,7 @@ pub(crate) fn resolve(flags: Flags) -> Result<Settings, Failure> {
         ttl,
         stale_ttl,
         timeout,
-        offline: flags.offline || file.offline.unwrap_or(false),
+        offline: flags.offline.or(file.offline).unwrap_or(false),
     })
 }
 

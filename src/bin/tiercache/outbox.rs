@@ -63,20 +63,32 @@ pub(crate) async fn dead_letters(
         .map_err(|e| Failure::from_error(&e))?;
     let (retry, only) = match action {
         DeadLetterAction::List => {
-            for d in &letters {
-                if json {
-                    println!("{}", serde_json::to_value(d).unwrap_or_default());
-                } else {
-                    println!(
-                        "{}\t{}\t{}\t{} attempt(s)\t{}",
+            let mut text = String::new();
+            if json {
+                // One object per line; none at all when there are none.
+                for d in &letters {
+                    text.push_str(&format!(
+                        "{}\n",
+                        serde_json::to_value(d).unwrap_or_default()
+                    ));
+                }
+            } else if letters.is_empty() {
+                text.push_str("no dead letters\n");
+            } else {
+                text.push_str("ID\tOP\tKEY\tATTEMPTS\tCREATED\tERROR\n");
+                for d in &letters {
+                    text.push_str(&format!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\n",
                         d.id,
                         d.op,
                         d.key,
                         d.attempts,
+                        humantime::format_rfc3339_seconds(d.created_at),
                         d.error.as_deref().unwrap_or("")
-                    );
+                    ));
                 }
             }
+            crate::output::print(text)?;
             return Ok(0);
         }
         DeadLetterAction::Retry(only) => (true, only),

@@ -75,13 +75,25 @@ fn explain(reason: StaleReason) -> &'static str {
     }
 }
 
-/// The JSON object for a key that could not be served.
-pub(crate) fn error_json(key: &str, message: &str, not_found: bool) -> Value {
-    let mut v = json!({ "key": key, "error": message });
-    if not_found {
+/// The JSON object for a key that could not be served: `key`, `error` (the message), `kind`
+/// (stable: [`tiercache::Error::kind`]'s names) and, for compatibility, `not_found: true` when
+/// the kind is `not_found`.
+pub(crate) fn error_json(key: &str, message: &str, kind: &str) -> Value {
+    let mut v = json!({ "key": key, "error": message, "kind": kind });
+    if kind == "not_found" {
         v["not_found"] = Value::Bool(true);
     }
     v
+}
+
+/// Writes `text` to stdout. A reader that went away (`tiercache get X | head -c1`) ends the
+/// command quietly, as coreutils and `gh` do.
+pub(crate) fn print(text: impl AsRef<[u8]>) -> Result<(), crate::Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_ref())
+        .and_then(|()| out.flush())
+        .map_err(crate::Failure::stdout)
 }
 
 /// `tiercache stats`.
@@ -96,7 +108,26 @@ pub(crate) struct StatsReport {
     pub(crate) dead_letters: u64,
     pub(crate) oldest_pending_age_ms: Option<u64>,
     pub(crate) l3_breaker: String,
+    /// Why the GitHub breaker is not closed, and until when (`None` when closed).
+    pub(crate) l3_breaker_detail: Option<String>,
+    /// When the GitHub breaker lets the next call through (RFC 3339), if it is open.
+    pub(crate) l3_breaker_until: Option<String>,
     pub(crate) l2_breaker: String,
+    /// GitHub's rate-limit budget, when this process saw one (`health --probe KEY` makes a
+    /// request).
+    pub(crate) rate_limit: Option<RateLimitReport>,
+}
+
+/// The rate-limit budget in `stats`.
+#[derive(Debug, Serialize)]
+pub(crate) struct RateLimitReport {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    /// RFC 3339.
+    pub(crate) reset: String,
+    /// "in 42s (at 14:03:12 UTC)".
+    #[serde(skip)]
+    pub(crate) reset_text: String,
 }
 
 fn bytes(n: u64) -> String {
@@ -133,7 +164,23 @@ impl fmt::Display for StatsReport {
         }
         writeln!(f)?;
         writeln!(f, "dead letters    {}", self.dead_letters)?;
-        writeln!(f, "GitHub breaker  {}", self.l3_breaker)?;
-        writeln!(f, "L2 breaker      {}", self.l2_breaker)
+        write!(f, "GitHub breaker  {}", self.l3_breaker)?;
+        if let Some(d) = &self.l3_breaker_detail {
+            write!(f, ": {d}")?;
+        }
+        writeln!(f)?;
+        writeln!(f, "L2 breaker      {}", self.l2_breaker)?;
+        match &self.rate_limit {
+            Some(r) => writeln!(
+                f,
+                "rate limit      {}/{} remaining; resets {}",
+                r.remaining, r.limit, r.reset_text
+            ),
+            None => writeln!(
+                f,
+                "rate limit      unknown: no GitHub answer seen by this command \
+                 (`tiercache health --probe KEY` asks)"
+            ),
+        }
     }
 }

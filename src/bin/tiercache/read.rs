@@ -8,7 +8,7 @@ use tiercache::{ReadOptions, Strategy};
 
 use crate::config::Settings;
 use crate::output::{self, Served};
-use crate::{exit_code, open, read_strategy, Failure, EXIT_NOT_FOUND, EXIT_RUNTIME, EXIT_USAGE};
+use crate::{open, read_strategy, Failure, EXIT_NOT_FOUND, EXIT_RUNTIME, EXIT_USAGE};
 
 /// `--ttl` applies at read time too, to copies already cached (like HTTP's `max-age`).
 fn read_options(s: &Settings) -> ReadOptions {
@@ -33,13 +33,13 @@ pub(crate) async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failu
             };
             written
                 .and_then(|()| out.flush())
-                .map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
+                .map_err(Failure::stdout)?;
             Ok(0)
         }
         Ok(None) => {
             let message = not_found_message(s, key);
             if json {
-                println!("{}", output::error_json(key, &message, true));
+                println!("{}", output::error_json(key, &message, "not_found"));
             }
             Err(Failure {
                 code: EXIT_NOT_FOUND,
@@ -47,13 +47,17 @@ pub(crate) async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failu
             })
         }
         Err(e) => {
-            if json {
-                println!(
-                    "{}",
-                    output::error_json(key, &e.report(), exit_code(&e) == EXIT_NOT_FOUND)
-                );
+            let mut f = Failure::from_error(&e);
+            // GitHub's answer for a directory: say what reads one.
+            if f.message.contains("is a directory, not a file") {
+                f.message.push_str(&format!(
+                    "; to fetch every file under it: tiercache warm {key}"
+                ));
             }
-            Err(Failure::from_error(&e))
+            if json {
+                println!("{}", output::error_json(key, &f.message, e.kind()));
+            }
+            Err(f)
         }
     }
 }
@@ -108,7 +112,7 @@ pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8
                 eprintln!("tiercache: {message}");
                 code = worse(code, EXIT_NOT_FOUND);
                 if json {
-                    writeln!(out, "{}", output::error_json(key, &message, true))
+                    writeln!(out, "{}", output::error_json(key, &message, "not_found"))
                 } else {
                     Ok(())
                 }
@@ -118,20 +122,15 @@ pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8
                 eprintln!("tiercache: error: {}", f.message);
                 code = worse(code, f.code);
                 if json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::error_json(key, &e.report(), f.code == EXIT_NOT_FOUND)
-                    )
+                    writeln!(out, "{}", output::error_json(key, &e.report(), e.kind()))
                 } else {
                     Ok(())
                 }
             }
         };
-        written.map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
+        written.map_err(Failure::stdout)?;
     }
-    out.flush()
-        .map_err(|e| Failure::runtime(format!("cannot write to stdout: {e}")))?;
+    out.flush().map_err(Failure::stdout)?;
     Ok(code)
 }
 

@@ -46,13 +46,12 @@ where
     F: FnOnce(TieredCache) -> Fut,
     Fut: std::future::Future<Output = tiercache::Result<()>>,
 {
-    if s.offline && matches!(s.strategy, Strategy::WriteThrough | Strategy::WriteBehind) {
-        // The library's write paths do not consult offline mode; refuse rather than contact GitHub.
-        return Err(Failure::usage(format!(
-            "--offline cannot be combined with this command under {}: that strategy writes to \
-             GitHub",
-            s.strategy
-        )));
+    if s.offline && s.strategy == Strategy::WriteThrough {
+        // Write-through writes to GitHub before anything else: offline, it cannot write at all.
+        return Err(Failure::usage(
+            "--offline cannot be combined with this command under write-through: that strategy \
+             writes to GitHub first (write-behind queues the write for a later `flush`)",
+        ));
     }
     let cache = open(s, s.strategy)?;
     // The newest dead letter of this key before the write: one after it is this write's. The
@@ -80,6 +79,20 @@ where
     match s.strategy {
         Strategy::WriteThrough => {
             eprintln!("tiercache: {what} went to GitHub and the cache");
+            Ok(0)
+        }
+        Strategy::WriteBehind if s.offline => {
+            // Offline: nothing leaves (deliveries included); the write waits in the outbox.
+            let pending = cache
+                .store_summary()
+                .await
+                .map_err(|e| Failure::from_error(&e))?
+                .outbox_depth;
+            eprintln!(
+                "tiercache: queued {what} (offline): it is durable in {}; {pending} write(s) \
+                 pending, run `tiercache flush` when online",
+                s.db.display()
+            );
             Ok(0)
         }
         Strategy::WriteBehind => {

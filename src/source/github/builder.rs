@@ -110,8 +110,11 @@ impl GitHubSourceBuilder {
     }
 
     /// The clock the rate-limit reset instants are compared with. Default [`SystemClock`].
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+    ///
+    /// Takes `impl Clock`, as [`TieredCacheBuilder::clock`](crate::TieredCacheBuilder::clock)
+    /// does: pass the same `MockClock` (a clone) to both. An `Arc<dyn Clock>` is a clock too.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
