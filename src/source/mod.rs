@@ -137,6 +137,36 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Fetches many keys unconditionally (cold misses: no validator) in as few requests as the
+    /// source can, at most [`max_batch`](Self::max_batch) keys a call. The cache calls it for
+    /// the cold misses of [`mget`](crate::TieredCache::mget) and
+    /// [`warm`](crate::TieredCache::warm), under one breaker permit.
+    ///
+    /// `Ok` holds one answer per key, in the order of `keys`: a key can fail on its own (an
+    /// invalid key, "not a file") without failing the others. `Err` means the batch as a whole
+    /// failed (the request could not be sent, the source is down or rate-limited): the breaker
+    /// counts it like a failed [`fetch`](Self::fetch). The default fetches the keys one by one.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`] for the whole batch.
+    async fn fetch_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            answers.push(self.fetch(key, None).await);
+        }
+        Ok(answers)
+    }
+
+    /// How many keys one [`fetch_many`](Self::fetch_many) call may carry. The default, 1, says
+    /// the source does not batch: the cache then fetches cold misses one call per key,
+    /// concurrently.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
     /// Lists the keys under `prefix` (used by [`warm`](crate::TieredCache::warm)). The default
     /// refuses.
     ///
