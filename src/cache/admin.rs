@@ -4,6 +4,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
+use tokio::sync::oneshot;
+
+use super::flight::Flight;
+use super::load::{fetch_batches, Answer, Via};
 use crate::tier::{Observed, Resolved};
 
 impl TieredCache {
@@ -146,7 +150,8 @@ impl TieredCache {
     // ---------------------------------------------------------------- warm
 
     /// Fetches every key the source lists under `prefix` into the cache (conditional requests
-    /// for what is already held), with bounded concurrency, calling `progress` after each key.
+    /// for what is already held; the others in batches when the source batches, as in
+    /// [`mget`](Self::mget)), with bounded concurrency, calling `progress` after each key.
     /// This is what makes a folder of components available offline.
     ///
     /// # Errors
@@ -186,20 +191,54 @@ impl TieredCache {
             ..WarmSummary::default()
         };
         let done = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<(String, Result<Loaded>)> = stream::iter(keys)
-            .map(|k| {
-                let done = &done;
-                let progress = &progress;
+        let tick = || {
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            progress(WarmProgress { done: n, total });
+        };
+        // A source that batches gets the cold keys (nothing held to revalidate) in batches;
+        // the others go one conditional request each, below.
+        let (mut results, keys) = if inner.source.max_batch() > 1 {
+            let mut batch = Vec::new();
+            let mut turns = Vec::new();
+            let mut later = Vec::new();
+            for k in keys {
+                match self.warm_turn(&k, Some(&mut batch)).await {
+                    Ok(WarmTurn::Later) => later.push(k),
+                    turn => turns.push((k, turn)),
+                }
+            }
+            let waited = futures_util::future::join_all(turns.into_iter().map(|(k, turn)| {
+                let tick = &tick;
                 async move {
-                    let r = self.warm_one(&k).await;
-                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    progress(WarmProgress { done: n, total });
+                    let r = match turn {
+                        Ok(turn) => turn.wait().await,
+                        Err(e) => Err(e),
+                    };
+                    tick();
+                    (k, r)
+                }
+            }));
+            let (_, results) = tokio::join!(fetch_batches(inner, batch), waited);
+            (results, later)
+        } else {
+            (Vec::new(), keys)
+        };
+        let one_by_one: Vec<(String, Result<Loaded>)> = stream::iter(keys)
+            .map(|k| {
+                let tick = &tick;
+                async move {
+                    let r = match self.warm_turn(&k, None).await {
+                        Ok(turn) => turn.wait().await,
+                        Err(e) => Err(e),
+                    };
+                    tick();
                     (k, r)
                 }
             })
             .buffer_unordered(self.inner.settings.fetch_concurrency)
             .collect()
             .await;
+        results.extend(one_by_one);
         for (k, r) in results {
             match r {
                 Ok(Loaded::Fetched) => summary.fetched += 1,
@@ -212,7 +251,14 @@ impl TieredCache {
         Ok(summary)
     }
 
-    pub(super) async fn warm_one(&self, key: &str) -> Result<Loaded> {
+    /// One key of [`warm`](Self::warm) up to its load. With `batch`, a cold key's load gets
+    /// its answer from the batch (which the caller sends), and a key held with a validator is
+    /// left for [`WarmTurn::Later`].
+    async fn warm_turn(
+        &self,
+        key: &str,
+        batch: Option<&mut Vec<(String, oneshot::Sender<Answer>)>>,
+    ) -> Result<WarmTurn> {
         self.check(key)?;
         let inner = &*self.inner;
         let now = self.now();
@@ -225,23 +271,43 @@ impl TieredCache {
             Err(_) => (inner.l1.get(key).await, Observed::Unknown),
         };
         if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
-            return Ok(Loaded::AlreadyCached);
+            return Ok(WarmTurn::Done(Loaded::AlreadyCached));
         }
         // An undelivered write of the key is newer than anything the source could say.
         if let Some(outbox) = &inner.outbox {
             if outbox.queue().newest(key).await?.is_some() {
-                return Ok(Loaded::AlreadyCached);
+                return Ok(WarmTurn::Done(Loaded::AlreadyCached));
             }
         }
+        let cold = held
+            .as_ref()
+            .is_none_or(|e| e.value.is_none() || e.validator.is_none());
+        let via = match batch {
+            Some(_) if !cold => return Ok(WarmTurn::Later),
+            Some(batch) => {
+                let (tx, rx) = oneshot::channel();
+                batch.push((key.to_owned(), tx));
+                Via::Batch(rx)
+            }
+            None => Via::Fetch,
+        };
         let seen = super::read::Seen {
             token,
             observed,
             outbox_checked: true,
         };
         let flight = inner.flights.join(key, |early| {
-            load(self.inner.clone(), key.to_owned(), held, None, seen, early)
+            load(
+                self.inner.clone(),
+                key.to_owned(),
+                held,
+                None,
+                seen,
+                early,
+                via,
+            )
         });
-        flight.wait().await.map(|(_, how)| how)
+        Ok(WarmTurn::Waiting(flight))
     }
 
     // ---------------------------------------------------------------- introspection
@@ -393,5 +459,25 @@ impl TieredCache {
             .sqlite
             .as_ref()
             .map_or(0, |s| s.read_statements())
+    }
+}
+
+/// One key of [`TieredCache::warm`] at its load.
+enum WarmTurn {
+    /// Nothing to load.
+    Done(Loaded),
+    /// Its load, joined.
+    Waiting(Flight<(Arc<Entry>, Loaded)>),
+    /// Held with a validator: revalidated one by one, after the batches.
+    Later,
+}
+
+impl WarmTurn {
+    async fn wait(self) -> Result<Loaded> {
+        match self {
+            Self::Done(how) => Ok(how),
+            Self::Waiting(flight) => flight.wait().await.map(|(_, how)| how),
+            Self::Later => Ok(Loaded::AlreadyCached),
+        }
     }
 }

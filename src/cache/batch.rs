@@ -2,13 +2,18 @@
 
 use std::sync::Arc;
 
-use super::read::{Probe, Seen};
+use super::load::fetch_batches;
+use super::read::{Probe, Seen, Turn};
 use super::*;
 use crate::tier::Observed;
 
 impl TieredCache {
     /// Looks up many keys at once: one pass over L1, one SQL statement for all L1 misses, and
-    /// the source (with bounded concurrency, one call per distinct key) for what is left.
+    /// the source for what is left. Keys held with a validator are revalidated one conditional
+    /// call each (with bounded concurrency); cold keys go in batches of
+    /// [`Source::max_batch`](crate::source::Source::max_batch) through
+    /// [`Source::fetch_many`](crate::source::Source::fetch_many) when the source batches (one
+    /// call per key otherwise). Every key stays single-flight with concurrent reads.
     ///
     /// The results are in the order of `keys`; a failed key does not fail the others.
     ///
@@ -137,8 +142,47 @@ impl TieredCache {
                 }
             }
         }
-        // The source, for what is left.
+        // The source, for what is left: the cold keys (nothing to revalidate with) in batches
+        // when the source batches, the others one call each.
         let distinct_ref = &distinct;
+        let batches = inner.source.max_batch() > 1 && inner.settings.strategy.reads_through();
+        let (cold, to_source): (Vec<usize>, Vec<usize>) = to_source.into_iter().partition(|&d| {
+            batches
+                && candidates[d]
+                    .as_ref()
+                    .is_none_or(|(e, _)| e.value.is_none() || e.validator.is_none())
+        });
+        let mut batch = Vec::new();
+        let mut turns = Vec::with_capacity(cold.len());
+        for d in cold {
+            let seen = Seen {
+                token: tokens[d],
+                observed: observed[d],
+                outbox_checked,
+            };
+            let (key, candidate) = (distinct[d].0, candidates[d].take());
+            let turn = self
+                .source_turn(key, max_age, candidate, now, seen, None, Some(&mut batch))
+                .await;
+            turns.push((d, turn));
+        }
+        let waited = async {
+            let waits = turns.into_iter().map(|(d, turn)| async move {
+                let answer = match turn {
+                    Turn::Done(answer) => answer,
+                    Turn::Waiting { flight, candidate } => {
+                        self.await_load(distinct_ref[d].0, flight, candidate, now)
+                            .await
+                    }
+                };
+                (d, answer)
+            });
+            futures_util::future::join_all(waits).await
+        };
+        let (_, batched) = tokio::join!(fetch_batches(inner, batch), waited);
+        for (d, r) in batched {
+            answers[d] = Some(r);
+        }
         let fetched: Vec<(usize, Result<Option<Lookup>>)> = stream::iter(to_source)
             .map(|d| {
                 let candidate = candidates[d].take();

@@ -1,15 +1,17 @@
 //! The fill: one load from the source, run by single-flight, written into L2 and L1 behind the key's fence.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::oneshot;
+
 use super::flight::Early;
 use super::read::Seen;
-use bytes::Bytes;
-
 use super::*;
-use crate::source::guard::is_not_sent;
+use crate::source::guard::{is_not_sent, not_sent};
 use crate::tier::FillGuard;
 
 /// Classifies a source error into the cache's error.
@@ -34,6 +36,24 @@ pub(super) fn source_failure(key: &str, e: SourceError) -> Error {
     }
 }
 
+/// Where a load's answer comes from.
+pub(super) enum Via {
+    /// Its own call to [`Source::fetch`].
+    Fetch,
+    /// A batch (one [`Source::fetch_many`] call for many cold keys) that the caller sends; a
+    /// dropped sender reads as "not sent".
+    Batch(oneshot::Receiver<Answer>),
+}
+
+/// The source's answer for one key, and how the call went.
+pub(super) struct Answer {
+    pub(super) fetched: std::result::Result<Fetched, SourceError>,
+    /// Whether the call left at all (the breaker and the rate-limit gate may refuse it).
+    pub(super) sent: bool,
+    /// When the source answered (ms; 0: it did not, e.g. timed out).
+    pub(super) answered_at: u64,
+}
+
 /// One load from the source, run as its own task by single-flight.
 pub(super) async fn load(
     inner: Arc<Inner>,
@@ -42,6 +62,7 @@ pub(super) async fn load(
     max_age: Option<u64>,
     seen: Seen,
     early: Early<(Arc<Entry>, Loaded)>,
+    via: Via,
 ) -> LoadResult {
     let clock = inner.clock.clone();
     let now = clock.now_millis();
@@ -52,39 +73,21 @@ pub(super) async fn load(
             return Ok((e, Loaded::AlreadyCached));
         }
     }
-    let validator = prev
-        .as_ref()
-        .filter(|p| p.value.is_some())
-        .and_then(|p| p.validator.clone());
     let settings = &inner.settings;
-    let offline = inner.offline.clone();
+    let Answer {
+        fetched,
+        sent,
+        answered_at,
+    } = match via {
+        Via::Fetch => fetch(&inner, &key, prev.as_deref()).await,
+        Via::Batch(rx) => rx.await.unwrap_or_else(|_| Answer {
+            fetched: Err(not_sent()),
+            sent: false,
+            answered_at: 0,
+        }),
+    };
     // The answer is dated when the source gave it, not after the breaker's bookkeeping.
-    let answered_at = std::sync::atomic::AtomicU64::new(0);
-    // Whether the call left at all (the breaker and the rate-limit gate may refuse it), and its
-    // own latency (the source's work only, not the breaker's bookkeeping).
-    let sent = std::sync::atomic::AtomicBool::new(false);
-    let fetched = guarded(
-        &inner.guard,
-        settings.timeout,
-        || !offline.load(Ordering::SeqCst),
-        async {
-            sent.store(true, Ordering::Relaxed);
-            let timer = inner.stats.start();
-            let r = inner.source.fetch(&key, validator.as_deref()).await;
-            inner.stats.record(Tier::L3, Op::Get, timer);
-            answered_at.store(clock.now_millis(), Ordering::Relaxed);
-            r
-        },
-    )
-    .await;
-    let sent = sent.load(Ordering::Relaxed);
-    if sent && answered_at.load(Ordering::Relaxed) == 0 {
-        // Timed out: the call took (at least) the whole timeout.
-        inner
-            .stats
-            .record_latency(Tier::L3, Op::Get, settings.timeout);
-    }
-    let now = match answered_at.load(Ordering::Relaxed) {
+    let now = match answered_at {
         0 => clock.now_millis(),
         at => at,
     };
@@ -156,6 +159,104 @@ pub(super) async fn load(
         }
     };
     fill(&inner, &key, entry, how, seen, early).await
+}
+
+/// One call to [`Source::fetch`] under the guard, conditional on `prev`'s validator.
+async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>) -> Answer {
+    let validator = prev
+        .filter(|p| p.value.is_some())
+        .and_then(|p| p.validator.as_deref());
+    let offline = inner.offline.clone();
+    let clock = &inner.clock;
+    let answered_at = AtomicU64::new(0);
+    // Whether the call left at all, and its own latency (the source's work only, not the
+    // breaker's bookkeeping).
+    let sent = AtomicBool::new(false);
+    let fetched = guarded(
+        &inner.guard,
+        inner.settings.timeout,
+        || !offline.load(Ordering::SeqCst),
+        async {
+            sent.store(true, Ordering::Relaxed);
+            let timer = inner.stats.start();
+            let r = inner.source.fetch(key, validator).await;
+            inner.stats.record(Tier::L3, Op::Get, timer);
+            answered_at.store(clock.now_millis(), Ordering::Relaxed);
+            r
+        },
+    )
+    .await;
+    let (sent, answered_at) = (sent.into_inner(), answered_at.into_inner());
+    if sent && answered_at == 0 {
+        // Timed out: the call took (at least) the whole timeout.
+        inner
+            .stats
+            .record_latency(Tier::L3, Op::Get, inner.settings.timeout);
+    }
+    Answer {
+        fetched,
+        sent,
+        answered_at,
+    }
+}
+
+/// Fetches cold keys (no validator) in batches of the source's [`Source::max_batch`], each
+/// batch one [`Source::fetch_many`] call under one breaker permit, and hands each key's answer
+/// to its load ([`Via::Batch`]).
+pub(super) async fn fetch_batches(inner: &Inner, mut keys: Vec<(String, oneshot::Sender<Answer>)>) {
+    let max = inner.source.max_batch().max(1);
+    let mut batches = Vec::new();
+    while !keys.is_empty() {
+        let rest = keys.split_off(keys.len().min(max));
+        batches.push(std::mem::replace(&mut keys, rest));
+    }
+    stream::iter(batches)
+        .for_each_concurrent(inner.settings.fetch_concurrency, |batch| async move {
+            let names: Vec<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
+            let offline = inner.offline.clone();
+            let answered_at = AtomicU64::new(0);
+            let sent = AtomicBool::new(false);
+            let fetched = guarded(
+                &inner.guard,
+                inner.settings.timeout,
+                || !offline.load(Ordering::SeqCst),
+                async {
+                    sent.store(true, Ordering::Relaxed);
+                    let timer = inner.stats.start();
+                    let r = inner.source.fetch_many(&names).await;
+                    inner.stats.record(Tier::L3, Op::Mget, timer);
+                    answered_at.store(inner.clock.now_millis(), Ordering::Relaxed);
+                    r
+                },
+            )
+            .await;
+            let (sent, answered_at) = (sent.into_inner(), answered_at.into_inner());
+            let mut answers = match fetched {
+                Ok(answers) if answers.len() == batch.len() => answers,
+                Ok(answers) => {
+                    let e = SourceError::InvalidResponse {
+                        message: format!(
+                            "the source answered {} of a batch of {} keys",
+                            answers.len(),
+                            batch.len()
+                        ),
+                    };
+                    vec![Err(e); batch.len()]
+                }
+                Err(e) => vec![Err(e); batch.len()],
+            }
+            .into_iter();
+            for (_, tx) in batch {
+                let fetched = answers.next().unwrap_or_else(|| Err(not_sent()));
+                // A load that found its key in L1 meanwhile has stopped listening.
+                let _ = tx.send(Answer {
+                    fetched,
+                    sent,
+                    answered_at,
+                });
+            }
+        })
+        .await;
 }
 
 /// Writes what a load got into L1, then L2. L1 first (readers see the answer at once, and the

@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::load::{load_custom, CustomLoad};
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::flight::Flight;
+use super::load::{load_custom, Answer, CustomLoad, Via};
 use super::*;
 use crate::source::guard::not_sent;
 use crate::tier::Observed;
-use futures_util::future::BoxFuture;
 
 /// What a read saw before it asked the source.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +24,17 @@ pub(crate) struct Seen {
     pub(crate) observed: Observed,
     /// Whether the outbox was already asked for a pending write of the key.
     pub(crate) outbox_checked: bool,
+}
+
+/// A read at the source's turn ([`TieredCache::source_turn`]).
+pub(super) enum Turn {
+    /// Answered without the source.
+    Done(Result<Option<Lookup>>),
+    /// Waiting for a load; the stale candidate is the fallback.
+    Waiting {
+        flight: Flight<(Arc<Entry>, Loaded)>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+    },
 }
 
 /// What one tier's probe found for a key.
@@ -280,10 +294,36 @@ impl TieredCache {
         seen: Seen,
         custom: Option<CustomLoad>,
     ) -> Result<Option<Lookup>> {
+        let turn = self
+            .source_turn(key, max_age, candidate, now, seen, custom, None)
+            .await;
+        match turn {
+            Turn::Done(answer) => answer,
+            Turn::Waiting { flight, candidate } => {
+                self.await_load(key, flight, candidate, now).await
+            }
+        }
+    }
+
+    /// [`ask_source`](Self::ask_source) up to the load: answered at once (a pending write,
+    /// offline, a cache-aside miss), or a load joined. With `batch`, a cold key's load (no
+    /// validator to revalidate with) gets its answer from the batch, which the caller sends
+    /// ([`fetch_batches`](super::load::fetch_batches)).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn source_turn(
+        &self,
+        key: &str,
+        max_age: Option<u64>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+        seen: Seen,
+        custom: Option<CustomLoad>,
+        batch: Option<&mut Vec<(String, oneshot::Sender<Answer>)>>,
+    ) -> Turn {
         let inner = &*self.inner;
         // A per-call loader stands in for the source under every strategy.
         if custom.is_none() && !inner.settings.strategy.reads_through() {
-            return Ok(None);
+            return Turn::Done(Ok(None));
         }
         // A key with an undelivered write-behind write (of this process or of any other one
         // sharing the database, whatever its strategy): the source still has the old value, so
@@ -291,7 +331,9 @@ impl TieredCache {
         if inner.memory_queue.is_none() && !seen.outbox_checked {
             if let Some(outbox) = &inner.outbox {
                 match outbox.queue().newest(key).await {
-                    Ok(Some(op)) => return Ok(self.serve_pending(key, op, seen.token, now).await),
+                    Ok(Some(op)) => {
+                        return Turn::Done(Ok(self.serve_pending(key, op, seen.token, now).await))
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(key, error = %e, "could not read the outbox; asking the source");
@@ -301,22 +343,53 @@ impl TieredCache {
         }
         // Offline concerns the source; a per-call loader is the application's own business.
         if custom.is_none() && self.is_offline() {
-            return self.fallback(key, candidate, StaleReason::Offline, not_sent(), now);
+            return Turn::Done(self.fallback(
+                key,
+                candidate,
+                StaleReason::Offline,
+                not_sent(),
+                now,
+            ));
         }
         let prev = candidate.as_ref().map(|(e, _)| e.clone());
+        // Nothing to revalidate with: a cold key, which a batch can carry.
+        let cold = prev
+            .as_ref()
+            .is_none_or(|p| p.value.is_none() || p.validator.is_none());
         let flight = inner
             .flights
             .join(key, |early| -> BoxFuture<'static, LoadResult> {
                 let inner = self.inner.clone();
                 let key = key.to_owned();
+                let via = match batch {
+                    Some(batch) if cold => {
+                        let (tx, rx) = oneshot::channel();
+                        batch.push((key.clone(), tx));
+                        Via::Batch(rx)
+                    }
+                    _ => Via::Fetch,
+                };
                 match custom {
                     Some(loader) => Box::pin(load_custom(inner, key, loader, seen, early)),
-                    None => Box::pin(load(inner, key, prev, max_age, seen, early)),
+                    None => Box::pin(load(inner, key, prev, max_age, seen, early, via)),
                 }
             });
         if !flight.leader {
             inner.stats.coalesced_waiter();
         }
+        Turn::Waiting { flight, candidate }
+    }
+
+    /// Waits for the load a read joined and serves its answer, or the stale candidate when the
+    /// source could not answer.
+    pub(super) async fn await_load(
+        &self,
+        key: &str,
+        flight: Flight<(Arc<Entry>, Loaded)>,
+        candidate: Option<(Arc<Entry>, Tier)>,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
         let result = match (inner.settings.soft_timeout, &candidate) {
             (Some(soft), Some(_)) => match tokio::time::timeout(soft, flight.wait()).await {
                 Ok(r) => r,
