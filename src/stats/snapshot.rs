@@ -49,7 +49,9 @@ pub struct StatsSnapshot {
     /// `"not_found"`, `"rate_limited"`, `"failed"`); every outcome is present. Calls the
     /// breaker or the rate-limit gate refused were never sent and are not here (see
     /// [`source_calls_refused`](Self::source_calls_refused)); write-behind deliveries are
-    /// counted in [`outbox`](Self::outbox).
+    /// counted in [`outbox`](Self::outbox). A batched fetch
+    /// ([`Source::fetch_many`](crate::source::Source::fetch_many)) counts one per key, by that
+    /// key's answer.
     pub source_calls: BTreeMap<SourceOutcome, u64>,
     /// Reads whose source call was refused before it was sent: the L3 breaker was open, or the
     /// rate-limit budget was known to be spent.
