@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::load::fetch_batches;
-use super::read::{Probe, Seen, Turn};
+use super::read::{Probe, Seen};
 use super::*;
 use crate::tier::Observed;
 
@@ -168,14 +168,7 @@ impl TieredCache {
         }
         let waited = async {
             let waits = turns.into_iter().map(|(d, turn)| async move {
-                let answer = match turn {
-                    Turn::Done(answer) => answer,
-                    Turn::Waiting { flight, candidate } => {
-                        self.await_load(distinct_ref[d].0, flight, candidate, now)
-                            .await
-                    }
-                };
-                (d, answer)
+                (d, turn.answer(self, distinct_ref[d].0, now).await)
             });
             futures_util::future::join_all(waits).await
         };

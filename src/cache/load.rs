@@ -166,22 +166,37 @@ async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>) -> Answer {
     let validator = prev
         .filter(|p| p.value.is_some())
         .and_then(|p| p.validator.as_deref());
+    let (fetched, sent, answered_at) =
+        call_source(inner, Op::Get, inner.source.fetch(key, validator)).await;
+    Answer {
+        fetched,
+        sent,
+        answered_at,
+    }
+}
+
+/// Runs one source call under the guard (breaker permit, offline check, timeout), timing the
+/// source's own work under L3 `op`. Returns the result, whether the call left at all (the
+/// breaker and the rate-limit gate may refuse it) and when the source answered (ms; 0: it did
+/// not).
+async fn call_source<T>(
+    inner: &Inner,
+    op: Op,
+    call: impl std::future::Future<Output = std::result::Result<T, SourceError>>,
+) -> (std::result::Result<T, SourceError>, bool, u64) {
     let offline = inner.offline.clone();
-    let clock = &inner.clock;
     let answered_at = AtomicU64::new(0);
-    // Whether the call left at all, and its own latency (the source's work only, not the
-    // breaker's bookkeeping).
     let sent = AtomicBool::new(false);
-    let fetched = guarded(
+    let result = guarded(
         &inner.guard,
         inner.settings.timeout,
         || !offline.load(Ordering::SeqCst),
         async {
             sent.store(true, Ordering::Relaxed);
             let timer = inner.stats.start();
-            let r = inner.source.fetch(key, validator).await;
-            inner.stats.record(Tier::L3, Op::Get, timer);
-            answered_at.store(clock.now_millis(), Ordering::Relaxed);
+            let r = call.await;
+            inner.stats.record(Tier::L3, op, timer);
+            answered_at.store(inner.clock.now_millis(), Ordering::Relaxed);
             r
         },
     )
@@ -191,13 +206,9 @@ async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>) -> Answer {
         // Timed out: the call took (at least) the whole timeout.
         inner
             .stats
-            .record_latency(Tier::L3, Op::Get, inner.settings.timeout);
+            .record_latency(Tier::L3, op, inner.settings.timeout);
     }
-    Answer {
-        fetched,
-        sent,
-        answered_at,
-    }
+    (result, sent, answered_at)
 }
 
 /// Fetches cold keys (no validator) in batches of the source's [`Source::max_batch`], each
@@ -213,24 +224,8 @@ pub(super) async fn fetch_batches(inner: &Inner, mut keys: Vec<(String, oneshot:
     stream::iter(batches)
         .for_each_concurrent(inner.settings.fetch_concurrency, |batch| async move {
             let names: Vec<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
-            let offline = inner.offline.clone();
-            let answered_at = AtomicU64::new(0);
-            let sent = AtomicBool::new(false);
-            let fetched = guarded(
-                &inner.guard,
-                inner.settings.timeout,
-                || !offline.load(Ordering::SeqCst),
-                async {
-                    sent.store(true, Ordering::Relaxed);
-                    let timer = inner.stats.start();
-                    let r = inner.source.fetch_many(&names).await;
-                    inner.stats.record(Tier::L3, Op::Mget, timer);
-                    answered_at.store(inner.clock.now_millis(), Ordering::Relaxed);
-                    r
-                },
-            )
-            .await;
-            let (sent, answered_at) = (sent.into_inner(), answered_at.into_inner());
+            let (fetched, sent, answered_at) =
+                call_source(inner, Op::Mget, inner.source.fetch_many(&names)).await;
             let mut answers = match fetched {
                 Ok(answers) if answers.len() == batch.len() => answers,
                 Ok(answers) => {

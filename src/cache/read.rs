@@ -37,6 +37,23 @@ pub(super) enum Turn {
     },
 }
 
+impl Turn {
+    /// The read's answer: at once, or when its load is done.
+    pub(super) async fn answer(
+        self,
+        cache: &TieredCache,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<Lookup>> {
+        match self {
+            Self::Done(answer) => answer,
+            Self::Waiting { flight, candidate } => {
+                cache.await_load(key, flight, candidate, now).await
+            }
+        }
+    }
+}
+
 /// What one tier's probe found for a key.
 #[derive(Debug)]
 pub(super) enum Probe {
@@ -294,15 +311,10 @@ impl TieredCache {
         seen: Seen,
         custom: Option<CustomLoad>,
     ) -> Result<Option<Lookup>> {
-        let turn = self
-            .source_turn(key, max_age, candidate, now, seen, custom, None)
-            .await;
-        match turn {
-            Turn::Done(answer) => answer,
-            Turn::Waiting { flight, candidate } => {
-                self.await_load(key, flight, candidate, now).await
-            }
-        }
+        self.source_turn(key, max_age, candidate, now, seen, custom, None)
+            .await
+            .answer(self, key, now)
+            .await
     }
 
     /// [`ask_source`](Self::ask_source) up to the load: answered at once (a pending write,
