@@ -207,6 +207,8 @@ fn initial() -> Version {
 struct Fake {
     state: Arc<Mutex<FakeState>>,
     clock: MockClock,
+    /// Keys a `fetch_many` call carries (1: the source does not batch).
+    batch: usize,
 }
 
 fn outage_error() -> SourceError {
@@ -217,10 +219,11 @@ fn outage_error() -> SourceError {
 }
 
 impl Fake {
-    fn new(clock: MockClock) -> Self {
+    fn new(clock: MockClock, batch: usize) -> Self {
         Self {
             state: Arc::default(),
             clock,
+            batch,
         }
     }
 
@@ -278,6 +281,29 @@ impl Source for Fake {
             Some((v, etag)) => Fetched::value_with_validator(v.clone(), format!("\"v{etag}\"")),
             None => Fetched::NotFound,
         })
+    }
+
+    /// As GitHub's GraphQL batch: an outage fails the whole request.
+    async fn fetch_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        if self.lock().outage {
+            let mut s = self.lock();
+            for key in keys {
+                s.log(key, CallKind::Fetch, Outcome::Unavailable);
+            }
+            return Err(outage_error());
+        }
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            answers.push(self.fetch(key, None).await);
+        }
+        Ok(answers)
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), SourceError> {
@@ -396,6 +422,8 @@ struct Setup {
     /// shrinking is weaker); without it, deliveries happen at `Flush`, `Restart` and the end,
     /// and a seed replays exactly.
     background: bool,
+    /// The source batches cold misses (`Source::fetch_many`, 3 keys a call).
+    batched: bool,
 }
 
 impl Setup {
@@ -557,7 +585,7 @@ impl World {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let path = dir.path().join("cache.db");
         let clock = MockClock::new();
-        let fake = Fake::new(clock.clone());
+        let fake = Fake::new(clock.clone(), if setup.batched { 3 } else { 1 });
         Ok(Self {
             setup,
             _dir: dir,
@@ -1711,6 +1739,7 @@ fn read_through_model() {
             strategy: Strategy::ReadThrough,
             mode: OutboxMode::Durable,
             background: false,
+            batched: false,
         },
         1,
     );
@@ -1723,6 +1752,7 @@ fn cache_aside_model() {
             strategy: Strategy::CacheAside,
             mode: OutboxMode::Durable,
             background: false,
+            batched: false,
         },
         2,
     );
@@ -1735,6 +1765,7 @@ fn write_through_model() {
             strategy: Strategy::WriteThrough,
             mode: OutboxMode::Durable,
             background: false,
+            batched: false,
         },
         3,
     );
@@ -1747,6 +1778,7 @@ fn write_behind_durable_model() {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Durable,
             background: false,
+            batched: false,
         },
         4,
     );
@@ -1759,6 +1791,7 @@ fn write_behind_memory_model() {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Memory,
             background: false,
+            batched: false,
         },
         5,
     );
@@ -1771,6 +1804,7 @@ fn write_behind_durable_background_model() {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Durable,
             background: true,
+            batched: false,
         },
         6,
     );
@@ -1783,7 +1817,34 @@ fn write_behind_memory_background_model() {
             strategy: Strategy::WriteBehind,
             mode: OutboxMode::Memory,
             background: true,
+            batched: false,
         },
         7,
+    );
+}
+
+#[test]
+fn read_through_batched_model() {
+    model(
+        Setup {
+            strategy: Strategy::ReadThrough,
+            mode: OutboxMode::Durable,
+            background: false,
+            batched: true,
+        },
+        8,
+    );
+}
+
+#[test]
+fn write_behind_durable_batched_model() {
+    model(
+        Setup {
+            strategy: Strategy::WriteBehind,
+            mode: OutboxMode::Durable,
+            background: false,
+            batched: true,
+        },
+        9,
     );
 }

@@ -145,7 +145,9 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
     /// `Ok` holds one answer per key, in the order of `keys`: a key can fail on its own (an
     /// invalid key, "not a file") without failing the others. `Err` means the batch as a whole
     /// failed (the request could not be sent, the source is down or rate-limited): the breaker
-    /// counts it like a failed [`fetch`](Self::fetch). The default fetches the keys one by one.
+    /// counts it like a failed [`fetch`](Self::fetch). The default fetches the keys one by one
+    /// and fails the batch at the first error that says the source is down or rate-limited
+    /// ([`SourceError::counts_as_failure`], [`SourceError::rate_limited_until`]).
     ///
     /// # Errors
     /// A classified [`SourceError`] for the whole batch.
@@ -155,7 +157,12 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
-            answers.push(self.fetch(key, None).await);
+            match self.fetch(key, None).await {
+                Err(e) if e.counts_as_failure() || e.rate_limited_until().is_some() => {
+                    return Err(e)
+                }
+                answer => answers.push(answer),
+            }
         }
         Ok(answers)
     }
