@@ -1,6 +1,7 @@
-//! A small HTTP service embedding the cache (axum):
+//! A small HTTP service embedding the cache: the routes of [`tiercache::serve`] (feature
+//! `serve`), the same that `tiercache serve` runs:
 //!
-//! * `GET /components/{*key}` — the file's bytes, with its `ETag` (a request whose
+//! * `GET /components/{*key}` — the file's bytes (`PUT` and `DELETE` write per the strategy), with its `ETag` (a request whose
 //!   `If-None-Match` names it gets `304 Not Modified`, no body), a `Content-Type` from the file's
 //!   extension, and `x-tiercache-tier` and `x-tiercache-freshness` headers
 //!   (`x-tiercache-stale-reason` when stale); 404 when GitHub says it does not exist, 400 for a
@@ -23,155 +24,20 @@
 pub mod common;
 
 use std::future::IntoFuture;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use common::FakeGitHub;
 use tiercache::source::github::GitHubSource;
-use tiercache::source::SourceError;
-use tiercache::{Error, Freshness, HealthStatus, TieredCache};
+use tiercache::TieredCache;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The media type of a component, from its extension; text without a known extension is
-/// `text/plain`, anything else `application/octet-stream`.
-pub fn content_type(key: &str, bytes: &[u8]) -> &'static str {
-    let path = key.rsplit_once('@').map_or(key, |(p, _)| p);
-    let ext = path
-        .rsplit_once('/')
-        .map_or(path, |(_, name)| name)
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase());
-    match ext.as_deref() {
-        Some("json") => "application/json",
-        Some("toml") => "application/toml",
-        Some("yaml" | "yml") => "application/yaml",
-        Some("md") => "text/markdown; charset=utf-8",
-        Some("html" | "htm") => "text/html; charset=utf-8",
-        Some("css") => "text/css; charset=utf-8",
-        Some("js") => "text/javascript; charset=utf-8",
-        Some("svg") => "image/svg+xml",
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        _ if std::str::from_utf8(bytes).is_ok() => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
-}
+pub use tiercache::serve::content_type;
 
-/// Seconds until GitHub may answer again: the rate limit's reset, the breaker's next try, or
-/// a few seconds for any other outage.
-pub fn retry_after(e: &Error) -> u64 {
-    let until = match e.source_error() {
-        Some(SourceError::RateLimited { until, .. }) => Some(*until),
-        Some(SourceError::CircuitOpen { until }) => *until,
-        _ => None,
-    };
-    until
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .map_or(5, |d| d.as_secs().max(1))
-}
-
-/// Whether an `If-None-Match` header value names `etag` (a list, weak tags and `*` allowed).
-fn matches(if_none_match: &str, etag: &str) -> bool {
-    let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    if_none_match
-        .split(',')
-        .any(|t| t.trim() == "*" || bare(t) == bare(etag))
-}
-
-async fn component(
-    State(cache): State<TieredCache>,
-    Path(key): Path<String>,
-    request: HeaderMap,
-) -> Response {
-    match cache.lookup(&key).await {
-        Ok(Some(l)) => {
-            let etag = l.validator.as_deref();
-            let not_modified = match (request.get(header::IF_NONE_MATCH), etag) {
-                (Some(inm), Some(etag)) => inm.to_str().is_ok_and(|inm| matches(inm, etag)),
-                _ => false,
-            };
-            let mut res = if not_modified {
-                StatusCode::NOT_MODIFIED.into_response()
-            } else {
-                let mut res = l.value.clone().into_response();
-                res.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(content_type(&key, &l.value)),
-                );
-                res
-            };
-            let h = res.headers_mut();
-            h.insert(
-                "x-tiercache-tier",
-                HeaderValue::from_static(l.tier.as_str()),
-            );
-            match l.freshness {
-                Freshness::Stale { reason } => {
-                    h.insert("x-tiercache-freshness", HeaderValue::from_static("stale"));
-                    h.insert(
-                        "x-tiercache-stale-reason",
-                        HeaderValue::from_static(reason.as_str()),
-                    );
-                }
-                _ => {
-                    h.insert("x-tiercache-freshness", HeaderValue::from_static("fresh"));
-                }
-            }
-            if let Some(etag) = etag.and_then(|v| HeaderValue::from_str(v).ok()) {
-                h.insert(header::ETAG, etag);
-            }
-            res
-        }
-        Ok(None) => (StatusCode::NOT_FOUND, format!("{key} not found\n")).into_response(),
-        Err(e) => {
-            let status = match &e {
-                Error::InvalidKey { .. } => StatusCode::BAD_REQUEST,
-                e if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
-                Error::NotFound { .. } => StatusCode::NOT_FOUND,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            let mut res = (status, format!("{}\n", e.report())).into_response();
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after(&e)));
-            }
-            res
-        }
-    }
-}
-
-async fn health(State(cache): State<TieredCache>) -> Response {
-    let report = cache.health().await;
-    let status = if report.status == HealthStatus::Unhealthy {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    (status, axum::Json(report)).into_response()
-}
-
-async fn metrics(State(cache): State<TieredCache>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            tiercache::stats::PROMETHEUS_CONTENT_TYPE,
-        )],
-        cache.stats().await.to_prometheus(),
-    )
-        .into_response()
-}
-
-/// The service's routes over `cache`.
+/// The service's routes over `cache`: the library's [`tiercache::serve::router`] (what
+/// `tiercache serve` runs).
 pub fn app(cache: TieredCache) -> Router {
-    Router::new()
-        .route("/components/{*key}", get(component))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(cache)
+    tiercache::serve::router(cache)
 }
 
 /// A bare HTTP/1.1 GET with `extra` header lines: status line, the `x-tiercache-*`,

@@ -128,6 +128,7 @@
 //! |---|---|---|
 //! | `github` | yes | [`source::github::GitHubSource`], the GitHub REST API over octocrab |
 //! | `cli` | no | the `tiercache` command-line binary |
+//! | `serve` | no | `serve`: the cache as an HTTP service (axum routes), and `tiercache serve` |
 //!
 //! # Modules
 //! * `cache`: the facade [`TieredCache`] over `read` (the one read pipeline), `batch` (`mget`),
@@ -182,6 +183,8 @@ pub mod health;
 mod key;
 mod lookup;
 pub mod outbox;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod source;
 pub mod stats;
 pub mod tier;

@@ -22,7 +22,7 @@
 //!
 //! This file holds the command line, settings, exit codes and error printing; the commands live
 //! in [`read`] (`get`, `mget`, `warm`), [`write`](mod@write) (`put`, `delete`), [`outbox`]
-//! (`flush`, `dead-letters`) and [`status`] (`stats`, `health`).
+//! (`flush`, `dead-letters`), [`status`] (`stats`, `health`) and `serve` (feature `serve`).
 
 #[path = "tiercache/config.rs"]
 mod config;
@@ -34,6 +34,9 @@ mod outbox;
 mod output;
 #[path = "tiercache/read.rs"]
 mod read;
+#[cfg(feature = "serve")]
+#[path = "tiercache/serve.rs"]
+mod serve;
 #[path = "tiercache/status.rs"]
 mod status;
 #[path = "tiercache/write.rs"]
@@ -224,6 +227,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the cache over HTTP: GET, PUT and DELETE /components/KEY, GET /health and
+    /// GET /metrics (feature `serve`)
+    #[cfg(feature = "serve")]
+    #[command(after_help = "Examples:\n  tiercache serve\n  \
+        tiercache --strategy write-behind serve --listen 0.0.0.0:8080\n  \
+        curl -i localhost:8080/components/octo/app/config/prod.toml\n  \
+        curl -X PUT --data-binary @prod.toml localhost:8080/components/octo/app/config/prod.toml\n\n\
+        GET answers with ETag (If-None-Match gets 304), x-tiercache-tier, x-tiercache-freshness \
+        and x-tiercache-stale-reason; errors are JSON {\"key\", \"error\", \"kind\"}; 503 carries \
+        Retry-After when the reset is known. Ctrl-C (or SIGTERM) stops, flushing the outbox.")]
+    Serve {
+        /// The address to listen on (port 0: any free port, printed on the first line)
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -363,7 +381,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         },
         config: g.config,
     })?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // A service uses every core; a one-shot command needs one thread.
+    let mut rt = match cli.command {
+        #[cfg(feature = "serve")]
+        Command::Serve { .. } => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let rt = rt
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
@@ -395,6 +419,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 };
                 outbox::dead_letters(&settings, action, json).await
             }
+            #[cfg(feature = "serve")]
+            Command::Serve { listen } => serve::serve(&settings, listen).await,
         }
     })
 }

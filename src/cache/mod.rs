@@ -313,6 +313,12 @@ impl TieredCache {
         self.inner.settings.strategy
     }
 
+    /// The clock the cache reads time from (the builder's [`clock`](TieredCacheBuilder::clock),
+    /// else the system's): deadlines such as a rate limit's reset compare against it.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
     /// Switches offline mode: when on, the source is never contacted and whatever L1 and L2
     /// hold is served, stale included.
     pub fn set_offline(&self, offline: bool) {
