@@ -232,7 +232,10 @@ impl PostgresStoreBuilder {
             .map_err(|e| Error::Config(format!("the PostgreSQL pool cannot be built: {e}")))?;
         let location = format!("\"{}\" at {server}", self.schema);
         let mut client = pool.get().await.map_err(|e| Error::Storage {
-            message: format!("could not connect to PostgreSQL at {server}: {e}"),
+            message: format!(
+                "could not connect to PostgreSQL at {server}: {}",
+                crate::error::chain_text(&e)
+            ),
             source: Some(std::sync::Arc::new(e)),
         })?;
         let entries_unlogged =

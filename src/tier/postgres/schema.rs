@@ -151,7 +151,7 @@ pub(super) async fn open(
 /// A storage error: `what` failed, with PostgreSQL's error as the source.
 pub(super) fn storage(what: &str, e: tokio_postgres::Error) -> Error {
     Error::Storage {
-        message: format!("{what}: {e}"),
+        message: format!("{what}: {}", crate::error::chain_text(&e)),
         source: Some(Arc::new(e)),
     }
 }

@@ -22,7 +22,11 @@ impl PostgresStore {
     /// A connection from the pool.
     async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| Error::Storage {
-            message: format!("no connection to PostgreSQL at {}: {e}", self.server),
+            message: format!(
+                "no connection to PostgreSQL at {}: {}",
+                self.server,
+                crate::error::chain_text(&e)
+            ),
             source: Some(std::sync::Arc::new(e)),
         })
     }
