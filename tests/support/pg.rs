@@ -52,13 +52,26 @@ pub async fn start(test: &str) -> Option<PgTest> {
             )
         }
         Err(e) => {
-            eprintln!(
-                "SKIPPED {test}: no PostgreSQL server answers at TIERCACHE_POSTGRES_URL \
-                 (default postgres://root@127.0.0.1:5432/test): {e}"
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
+            skip(
+                test,
+                &format!(
+                    "no PostgreSQL server answers at {:?} port {:?} (set TIERCACHE_POSTGRES_URL; \
+                     default postgres://root@127.0.0.1:5432/test): {e}{cause}",
+                    config.get_hosts(),
+                    config.get_ports()
+                ),
             );
             None
         }
     }
+}
+
+/// Says on stderr that `test` is skipped and why. Written to the process's stderr itself, not
+/// through `eprintln!`, which the test harness captures (and hides for a passing test).
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 impl PgTest {

@@ -241,15 +241,15 @@ impl EntryStore for PostgresStore {
             let st = client.prepare_cached(&self.sql.summary).await?;
             let r = client.query_one(&st, &[&to_i64(now)]).await?;
             let count = |i: usize| r.try_get::<_, i64>(i).map(to_u64);
-            let mut s = StoreSummary::default();
-            s.entries = count(0)?;
-            s.bytes = count(1)?;
-            s.stale_entries = count(2)?;
-            s.negative_entries = count(3)?;
-            s.outbox_depth = count(4)?;
-            s.dead_letters = count(5)?;
-            s.oldest_pending_ms = r.try_get::<_, Option<i64>>(6)?.map(to_u64);
-            Ok(s)
+            Ok(StoreSummary {
+                entries: count(0)?,
+                bytes: count(1)?,
+                stale_entries: count(2)?,
+                negative_entries: count(3)?,
+                outbox_depth: count(4)?,
+                dead_letters: count(5)?,
+                oldest_pending_ms: r.try_get::<_, Option<i64>>(6)?.map(to_u64),
+            })
         };
         run.await.map_err(|e| storage("summarize the store", e))
     }
