@@ -10,15 +10,18 @@
 mod pg;
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use support::{outage, FakeSource};
 use tiercache::breaker::BreakerPolicy;
-use tiercache::source::SourceError;
+use tiercache::source::{Fetched, Source, SourceError};
 use tiercache::tier::postgres::{PostgresStore, SCHEMA_VERSION};
 use tiercache::tier::{EntryStore, OutboxOp, OutboxStore, Resolved, StateStore, StoredEntry};
 use tiercache::{Error, HealthStatus, MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
+use tokio::sync::Notify;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -601,5 +604,59 @@ async fn a_server_that_goes_away_degrades_l2_and_recovers() -> TestResult {
     let health = cache.health().await;
     assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
     assert_eq!(source.fetch_count(), 2, "a once, b once");
+    Ok(())
+}
+
+/// A source whose fetch says when it was reached, then waits to be released: a fill held at a
+/// known point while another cache writes.
+#[derive(Debug, Clone, Default)]
+struct GatedSource {
+    reached: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+#[async_trait]
+impl Source for GatedSource {
+    async fn fetch(&self, _key: &str, _validator: Option<&str>) -> Result<Fetched, SourceError> {
+        self.reached.notify_one();
+        self.release.notified().await;
+        Ok(Fetched::value_with_validator("old", "\"old\""))
+    }
+}
+
+#[tokio::test]
+async fn a_fill_never_overwrites_another_caches_newer_write() -> TestResult {
+    let t = pg_or_skip!("a_fill_never_overwrites_another_caches_newer_write");
+    let (sa, sb) = (t.store().connect().await?, t.store().connect().await?);
+    let (gate, clock) = (GatedSource::default(), MockClock::new());
+    let a = TieredCache::builder()
+        .store(sa.clone())
+        .source(gate.clone())
+        .clock(clock.clone())
+        .ttl(TTL)
+        .persist_breaker(false)
+        .build()?;
+    let b = builder(&sb, &FakeSource::new(), &clock).build()?;
+    // A misses everywhere and asks the source; while the answer is on its way, B writes.
+    let race = async {
+        gate.reached.notified().await;
+        b.set("k", "new").await?;
+        gate.release.notify_one();
+        Ok::<_, Error>(())
+    };
+    let (read, raced) = tokio::join!(get(&a, "k"), race);
+    raced?;
+    assert_eq!(
+        read?.as_deref(),
+        Some("old"),
+        "the read began before the write"
+    );
+    // The fill saw no row, and found B's at its write: refused, in L2 and A's L1 alike.
+    assert_eq!(
+        sa.get("k").await?.and_then(|e| e.value),
+        Some(Bytes::from("new"))
+    );
+    let l = a.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"new"[..], Tier::L2));
     Ok(())
 }

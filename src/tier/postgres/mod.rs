@@ -35,7 +35,7 @@
 //!
 //! A schema whose version row is newer than this tiercache's, or that holds tables but no
 //! version row (another application's), is refused before anything is written to it
-//! ([`Error::IncompatibleSchema`](crate::Error::IncompatibleSchema)).
+//! ([`Error::IncompatibleSchema`]).
 //!
 //! ## What is UNLOGGED, and why
 //! By default nothing is. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
@@ -83,10 +83,10 @@
 //!
 //! # Faults
 //! An unreachable server at [`connect`](PostgresStoreBuilder::connect) is an
-//! [`Error::Storage`](crate::Error::Storage) that names the server as
+//! [`Error::Storage`] that names the server as
 //! `postgres://user@host:port/db`: the URL is never shown as given, so a password in it never
 //! reaches an error, a log or a `Debug` output. While running, a lost connection, a restart or
-//! a killed backend makes the calls fail with [`Error::Storage`](crate::Error::Storage); the
+//! a killed backend makes the calls fail with [`Error::Storage`]; the
 //! cache's L2 breakers open, L1 and the source carry on, and the pool opens new connections
 //! when the server is back.
 //!
