@@ -101,7 +101,7 @@
 //! |---|---|---|
 //! | `github` | yes | [`source::github::GitHubSource`], the GitHub REST API over octocrab |
 //! | `cli` | no | the `tiercache` command-line binary |
-//! | `postgres` | no | [`tier::postgres::PostgresStore`], L2 on a PostgreSQL server shared by a fleet |
+//! | `postgres` | no | [`tier::postgres::PostgresStore`], L2 on a PostgreSQL server shared by a fleet (needs Rust 1.85) |
 //!
 //! # Modules
 //! * `cache`: the facade [`TieredCache`] over `read` (the one read pipeline), `batch` (`mget`),

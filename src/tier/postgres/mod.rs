@@ -90,6 +90,17 @@
 //! cache's L2 breakers open, L1 and the source carry on, and the pool opens new connections
 //! when the server is back.
 //!
+//! # Limits today
+//! * **Delivery by one instance per schema.** The outbox is one, but rows are not yet claimed
+//!   (issue #14, item 5: `FOR UPDATE SKIP LOCKED` under a lease). Two instances delivering at
+//!   once may send a row twice, or an older write of a key after a newer one. Until claims
+//!   exist, turn [`background_flush`](crate::TieredCacheBuilder::background_flush) on for one
+//!   instance of a schema (the others enqueue; any may call `flush` while that one is idle).
+//! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
+//!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
+//! * **No cross-instance L1 invalidation, fleet-wide single-flight or compare-and-set budget**
+//!   (items 2 to 4): see below for the first.
+//!
 //! # Not yet here: cross-instance L1 invalidation (design)
 //! Today a cache on this store sees another instance's write when it reads L2 (an L1 miss, or
 //! an L1 copy past its freshness); an L1 copy still fresh is served for up to its TTL. The
