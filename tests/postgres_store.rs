@@ -140,6 +140,13 @@ async fn a_newer_or_foreign_schema_is_refused_untouched() -> TestResult {
         99
     );
     assert_eq!(t.one::<String>("SELECT value FROM {s}.meta").await, "x");
+    // A version table without its row is not guessed at either.
+    t.exec("DELETE FROM {s}.schema_version").await;
+    let refused = t.store().connect().await;
+    assert!(
+        matches!(refused, Err(Error::IncompatibleSchema { found: None, .. })),
+        "{refused:?}"
+    );
 
     // Another application's schema: tables, no version row. Nothing is created in it.
     t.exec("DROP SCHEMA {s} CASCADE; CREATE SCHEMA {s}; CREATE TABLE {s}.entries (id int)")

@@ -105,9 +105,10 @@ pub(super) async fn open(
                 return Err(Error::IncompatibleSchema {
                     location: location.to_owned(),
                     found: other,
-                    message: format!(
-                        "its schema_version table holds {other:?}, which no tiercache wrote"
-                    ),
+                    message: match other {
+                        Some(v) => format!("its schema version is {v}, which no tiercache wrote"),
+                        None => "its schema_version table is empty".to_owned(),
+                    },
                 });
             }
         }
