@@ -92,19 +92,33 @@ impl PgTest {
         PostgresStore::builder(url()).schema(self.schema.clone())
     }
 
+    /// The user the tests connect as.
+    pub fn user(&self) -> String {
+        self.config.get_user().unwrap_or("postgres").to_owned()
+    }
+
     /// A new login role owning nothing yet, allowed to create schemas in the database; dropped
-    /// at the end of the test.
-    pub async fn role(&mut self) -> String {
+    /// at the end of the test. `None` (said on stderr) when the test's user may not create
+    /// roles.
+    pub async fn role(&mut self, test: &str) -> Option<String> {
         let role = format!("{}_role", self.schema);
         let db = self.config.get_dbname().unwrap_or("test").to_owned();
-        self.admin
+        let made = self
+            .admin
             .batch_execute(&format!(
                 "CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE \"{db}\" TO {role};"
             ))
-            .await
-            .expect("create a test role");
-        self.roles.push(role.clone());
-        role
+            .await;
+        match made {
+            Ok(()) => {
+                self.roles.push(role.clone());
+                Some(role)
+            }
+            Err(e) => {
+                skip(test, &format!("the test's user cannot create a role: {e}"));
+                None
+            }
+        }
     }
 
     /// `SELECT` of one `bigint`/`text` cell, for assertions.
@@ -144,15 +158,18 @@ impl Drop for PgTest {
                     return;
                 };
                 tokio::spawn(conn);
-                let mut sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE;");
+                // One batch is one transaction: the schema goes first, on its own.
+                let mut batches = vec![format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")];
                 for role in roles {
-                    sql.push_str(&format!(
+                    batches.push(format!(
                         "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{role}';
                          REVOKE CREATE ON DATABASE \"{db}\" FROM {role}; DROP OWNED BY {role}; DROP ROLE {role};"
                     ));
                 }
-                if let Err(e) = client.batch_execute(&sql).await {
-                    eprintln!("cleanup of {schema} failed: {e}");
+                for sql in batches {
+                    if let Err(e) = client.batch_execute(&sql).await {
+                        eprintln!("cleanup after a test failed ({sql}): {e}");
+                    }
                 }
             });
         });
