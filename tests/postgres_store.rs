@@ -710,3 +710,26 @@ async fn concurrent_writes_of_a_key_from_two_stores_keep_entry_and_outbox_in_ste
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas() -> TestResult
+{
+    let test = "a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas";
+    let mut t =
+        pg_or_skip!("a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas");
+    let Some(role) = t.role(test).await else {
+        return Ok(());
+    };
+    let db: String = t.one("SELECT current_database()::text").await;
+    t.exec(&format!(
+        "REVOKE CREATE ON DATABASE \"{db}\" FROM {role}; CREATE SCHEMA {{s}} AUTHORIZATION {role}"
+    ))
+    .await;
+    let store = PostgresStore::builder(t.url_as(&role))
+        .schema(t.schema.clone())
+        .connect()
+        .await?;
+    store.put("k", entry("v", 1)).await?;
+    assert_eq!(store.get("k").await?, Some(entry("v", 1)));
+    Ok(())
+}

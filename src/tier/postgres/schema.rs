@@ -12,7 +12,6 @@ use crate::error::{Error, Result};
 /// The schema of version [`SCHEMA_VERSION`], as a new one is created (`{s}`: the quoted
 /// schema name; `{unlogged}`: `UNLOGGED` or nothing).
 const CREATE: &str = "
-CREATE SCHEMA IF NOT EXISTS {s};
 CREATE {unlogged} TABLE {s}.entries (
     key         text PRIMARY KEY,
     value       bytea,
@@ -122,9 +121,27 @@ pub(super) async fn open(
             ),
         });
     } else {
-        let ddl = CREATE
-            .replace("{s}", &quoted)
-            .replace("{unlogged}", if unlogged { "UNLOGGED" } else { "" });
+        // A schema made beforehand (by an administrator, for a role that may not create
+        // schemas) is used as it is: CREATE SCHEMA would need that privilege even when the
+        // schema exists.
+        let exists: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(fail("look for the schema"))?
+            .get(0);
+        let mut ddl = if exists {
+            String::new()
+        } else {
+            format!("CREATE SCHEMA {quoted};")
+        };
+        ddl.push_str(
+            &CREATE
+                .replace("{s}", &quoted)
+                .replace("{unlogged}", if unlogged { "UNLOGGED" } else { "" }),
+        );
         tx.batch_execute(&ddl)
             .await
             .map_err(fail("create the tables"))?;
