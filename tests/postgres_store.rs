@@ -29,7 +29,7 @@ const TTL: Duration = Duration::from_secs(60);
 const RECOVERY: Duration = Duration::from_secs(5);
 
 macro_rules! pg_or_skip {
-    ($name:literal) => {
+    ($name:expr) => {
         match pg::start($name).await {
             Some(t) => t,
             None => return Ok(()),
@@ -715,8 +715,7 @@ async fn concurrent_writes_of_a_key_from_two_stores_keep_entry_and_outbox_in_ste
 async fn a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas() -> TestResult
 {
     let test = "a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas";
-    let mut t =
-        pg_or_skip!("a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_schemas");
+    let mut t = pg_or_skip!(test);
     let Some(role) = t.role(test).await else {
         return Ok(());
     };
