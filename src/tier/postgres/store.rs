@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Object, Transaction};
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 
 use super::schema::{storage, LOCK};
 use super::{to_i64, to_u64, PostgresStore};
@@ -36,6 +36,21 @@ impl PostgresStore {
 async fn lock(tx: &Transaction<'_>, names: &[String]) -> Result<(), Pg> {
     let st = tx.prepare_cached(LOCK).await?;
     tx.execute(&st, &[&names]).await.map(drop)
+}
+
+/// Runs `write` under the advisory lock of `name`, sent right behind the lock (pipelined: one
+/// round trip). The server runs them in order, so `write` runs only once the lock is held.
+/// `write` must send its first statement when first polled (its statements prepared before).
+async fn under_lock<T>(
+    tx: &Transaction<'_>,
+    name: String,
+    write: impl std::future::Future<Output = Result<T, Pg>>,
+) -> Result<T, Pg> {
+    let st = tx.prepare_cached(LOCK).await?;
+    let names = [name];
+    let lock = async { tx.execute(&st, &[&names.as_slice()]).await };
+    let (_, out) = tokio::try_join!(lock, write)?;
+    Ok(out)
 }
 
 fn row_to_entry(r: &Row, offset: usize) -> Result<StoredEntry, Pg> {
@@ -72,10 +87,14 @@ fn row_to_outbox(r: &Row) -> Result<OutboxRow, Pg> {
     Ok(row)
 }
 
-async fn put_entry(tx: &Transaction<'_>, sql: &str, key: &str, e: &StoredEntry) -> Result<(), Pg> {
-    let st = tx.prepare_cached(sql).await?;
+async fn put_entry(
+    tx: &Transaction<'_>,
+    st: &Statement,
+    key: &str,
+    e: &StoredEntry,
+) -> Result<(), Pg> {
     tx.execute(
-        &st,
+        st,
         &[
             &key,
             &e.value.as_deref(),
@@ -114,15 +133,15 @@ impl PostgresStore {
         let mut client = self.client().await?;
         let run = async {
             let tx = client.transaction().await?;
-            lock(&tx, &[self.sql.key_lock(key)]).await?;
+            let lock = self.sql.key_lock(key);
             match settled_id {
                 Some(id) => {
                     let st = tx.prepare_cached(&self.sql.remove_unless_pending).await?;
-                    tx.execute(&st, &[&key, &id]).await?;
+                    under_lock(&tx, lock, tx.execute(&st, &[&key, &id])).await?;
                 }
                 None => {
                     let st = tx.prepare_cached(&self.sql.remove).await?;
-                    tx.execute(&st, &[&key]).await?;
+                    under_lock(&tx, lock, tx.execute(&st, &[&key])).await?;
                 }
             }
             tx.commit().await
@@ -172,8 +191,13 @@ impl EntryStore for PostgresStore {
         let mut client = self.client().await?;
         let run = async {
             let tx = client.transaction().await?;
-            lock(&tx, &[self.sql.key_lock(key)]).await?;
-            put_entry(&tx, &self.sql.upsert, key, &entry).await?;
+            let st = tx.prepare_cached(&self.sql.upsert).await?;
+            under_lock(
+                &tx,
+                self.sql.key_lock(key),
+                put_entry(&tx, &st, key, &entry),
+            )
+            .await?;
             tx.commit().await
         };
         run.await.map_err(|e| storage("write an entry", e))
@@ -187,7 +211,8 @@ impl EntryStore for PostgresStore {
             if !self.fill_allowed(&tx, key, &guard).await? {
                 return Ok(false);
             }
-            put_entry(&tx, &self.sql.upsert, key, &entry).await?;
+            let st = tx.prepare_cached(&self.sql.upsert).await?;
+            put_entry(&tx, &st, key, &entry).await?;
             tx.commit().await.map(|()| true)
         };
         run.await.map_err(|e| storage("fill an entry", e))
@@ -267,26 +292,39 @@ impl OutboxStore for PostgresStore {
         let mut client = self.client().await?;
         let run = async {
             let tx = client.transaction().await?;
-            lock(&tx, &[self.sql.key_lock(key)]).await?;
-            match &entry {
-                Some(e) => put_entry(&tx, &self.sql.upsert, key, e).await?,
-                None => {
-                    let st = tx.prepare_cached(&self.sql.remove).await?;
-                    tx.execute(&st, &[&key]).await?;
+            let write_st = tx
+                .prepare_cached(match entry {
+                    Some(_) => &self.sql.upsert,
+                    None => &self.sql.remove,
+                })
+                .await?;
+            let supersede_st = tx.prepare_cached(&self.sql.supersede_key).await?;
+            let insert_st = tx.prepare_cached(&self.sql.enqueue).await?;
+            let (value, now) = (
+                match &op {
+                    OutboxOp::Put(v) => Some(v.as_ref()),
+                    OutboxOp::Delete => None,
+                },
+                to_i64(now),
+            );
+            // Under the key's lock, in one round trip: the entry, the key's dead letters
+            // superseded (a newer write: they may no longer be retried, I4), the row.
+            let write_entry = async {
+                match &entry {
+                    Some(e) => put_entry(&tx, &write_st, key, e).await,
+                    None => tx.execute(&write_st, &[&key]).await.map(drop),
                 }
-            }
-            // A newer write: the key's dead letters may no longer be retried (I4).
-            let st = tx.prepare_cached(&self.sql.supersede_key).await?;
-            tx.execute(&st, &[&key]).await?;
-            let value = match &op {
-                OutboxOp::Put(v) => Some(v.as_ref()),
-                OutboxOp::Delete => None,
             };
-            let st = tx.prepare_cached(&self.sql.enqueue).await?;
-            let id: i64 = tx
-                .query_one(&st, &[&key, &op.name(), &value, &to_i64(now)])
-                .await?
-                .try_get(0)?;
+            let steps = async {
+                let supersede = async { tx.execute(&supersede_st, &[&key]).await };
+                let insert = async {
+                    tx.query_one(&insert_st, &[&key, &op.name(), &value, &now])
+                        .await
+                };
+                tokio::try_join!(write_entry, supersede, insert)
+            };
+            let (_, _, row) = under_lock(&tx, self.sql.key_lock(key), steps).await?;
+            let id: i64 = row.try_get(0)?;
             tx.commit().await.map(|()| id)
         };
         run.await.map_err(|e| storage("enqueue a write", e))
