@@ -732,3 +732,55 @@ async fn a_schema_made_by_an_administrator_serves_a_role_that_may_not_create_sch
     assert_eq!(store.get("k").await?, Some(entry("v", 1)));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_write_sent_behind_the_keys_lock_waits_for_it() -> TestResult {
+    let t = pg_or_skip!("a_write_sent_behind_the_keys_lock_waits_for_it");
+    let store = t.store().connect().await?;
+    // Another session holds the key's lock (its documented name: `<schema>/e/<key>`).
+    let lock = format!("{}/e/k", t.schema);
+    t.admin
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await?;
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move { store.put("k", entry("v", 1)).await }
+    });
+    // Polled with a deadline (the server's state, not a timer): the store's session is seen
+    // waiting for that lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = t
+            .one(&format!(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND ((classid::bigint << 32) | objid::bigint) = hashtextextended('{lock}', 0)"
+            ))
+            .await;
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the put never waited for the lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The upsert, sent in the same round trip, has not run: had it, this insert of the same
+    // key would wait for the store's transaction (and fail after the lock timeout).
+    t.exec(
+        "SET lock_timeout = '5s';
+         INSERT INTO {s}.entries VALUES ('k', NULL, NULL, 0, 0, 0, 0, 0);
+         RESET lock_timeout",
+    )
+    .await;
+    assert!(!writer.is_finished());
+    t.admin
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await?;
+    writer.await??;
+    assert_eq!(store.get("k").await?, Some(entry("v", 1)));
+    Ok(())
+}
