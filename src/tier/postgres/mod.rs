@@ -24,7 +24,8 @@
 //! Everything lives in one PostgreSQL schema (default [`DEFAULT_SCHEMA`], set with
 //! [`PostgresStoreBuilder::schema`]), so several caches share one database, each in its own
 //! schema. [`connect`](PostgresStoreBuilder::connect) creates it, or migrates it, under an
-//! advisory lock (a fleet starting at once migrates once):
+//! advisory lock (a fleet starting at once migrates once). A schema made beforehand by an
+//! administrator is used as it is, so the store's role needs no `CREATE` on the database:
 //!
 //! | table | what | logged |
 //! |---|---|---|
@@ -58,7 +59,10 @@
 //! that first takes a transaction-scoped advisory lock on the key
 //! (`pg_advisory_xact_lock(hashtextextended('<schema>/e/<key>', 0))`): that lock orders every
 //! write of a key across the fleet, so a fill's [`FillGuard`](crate::tier::FillGuard) is
-//! checked under the lock, in the same step as its write, as the contract asks.
+//! checked under the lock, in the same step as its write, as the contract asks. Where nothing
+//! depends on an answer (`put`, `remove`, `remove_settled`, `enqueue`), the statements are sent
+//! right behind the lock in one round trip (pipelined; the server runs them in order), so such a
+//! write costs three round trips: `BEGIN`, the batch, `COMMIT`.
 //!
 //! | method | SQL |
 //! |---|---|
