@@ -58,6 +58,19 @@ pub enum Error {
         /// What was found in it.
         message: String,
     },
+    /// A PostgreSQL schema this tiercache does not open: its version row is newer than this
+    /// tiercache supports, or it holds tables that are not tiercache's. It was refused before
+    /// anything was written to it: upgrade tiercache, or point the store at another schema.
+    #[error("the PostgreSQL schema {location} was left untouched: {message}")]
+    IncompatibleSchema {
+        /// The schema and the server, as `"name" at postgres://user@host:port/db` (never a
+        /// password).
+        location: String,
+        /// The schema version found, if any.
+        found: Option<i64>,
+        /// What was found in it.
+        message: String,
+    },
     /// The source failed and no stale copy could stand in for it. Its text names the key and
     /// the reason; the source's error is its [`source()`](std::error::Error::source).
     #[error("{key:?} is unavailable ({reason})")]

@@ -129,6 +129,7 @@
 //! | `github` | yes | [`source::github::GitHubSource`], the GitHub REST API over octocrab |
 //! | `cli` | no | the `tiercache` command-line binary |
 //! | `serve` | no | `serve`: the cache as an HTTP service (axum routes), and `tiercache serve` |
+//! | `postgres` | no | [`tier::postgres::PostgresStore`], L2 on a PostgreSQL server shared by a fleet (needs Rust 1.85) |
 //!
 //! # Modules
 //! * `cache`: the facade [`TieredCache`] over `read` (the one read pipeline), `batch` (`mget`),
@@ -200,6 +201,8 @@ pub use health::{HealthReport, HealthStatus};
 pub use key::{KeyError, MAX_KEY_LEN};
 pub use lookup::{Freshness, Lookup, StaleReason, Tier};
 pub use outbox::{DeadLetter, FlushReport, OutboxMode};
+#[cfg(feature = "postgres")]
+pub use tier::postgres::PostgresStore;
 pub use tier::sqlite::{OnCorrupt, Synchronous};
 pub use tier::StoreSummary;
 pub use time::describe_at;

@@ -7,6 +7,8 @@ pub(crate) mod fence;
 pub(crate) mod guarded;
 pub(crate) mod l2;
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 pub mod store;
 

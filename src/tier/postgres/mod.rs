@@ -1,0 +1,433 @@
+//! L2 on a PostgreSQL server, shared by a fleet of caches (feature `postgres`).
+//!
+//! [`PostgresStore`] implements the storage traits of [`tier::store`](crate::tier::store)
+//! (entries, outbox, shared state) over a pool of `tokio-postgres` connections
+//! (`deadpool-postgres`); give it to
+//! [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store). Every cache pointed at the
+//! same schema of the same database shares one L2: entries, pending write-behind writes, dead
+//! letters and the source's persisted breaker.
+//!
+//! ```no_run
+//! # async fn f() -> tiercache::Result<()> {
+//! use tiercache::tier::postgres::PostgresStore;
+//! use tiercache::TieredCache;
+//!
+//! let store = PostgresStore::builder("postgres://app@db.internal/cache")
+//!     .schema("components")
+//!     .connect()
+//!     .await?;
+//! let cache = TieredCache::builder().store(store).build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The schema
+//! Everything lives in one PostgreSQL schema (default [`DEFAULT_SCHEMA`], set with
+//! [`PostgresStoreBuilder::schema`]), so several caches share one database, each in its own
+//! schema. [`connect`](PostgresStoreBuilder::connect) creates it, or migrates it, under an
+//! advisory lock (a fleet starting at once migrates once). A schema made beforehand by an
+//! administrator is used as it is, so the store's role needs no `CREATE` on the database:
+//!
+//! | table | what | logged |
+//! |---|---|---|
+//! | `entries` | one row per key: value (`bytea`, NULL for "not found"), validator, the three deadlines, size, last access | yes, unless [`entries_unlogged`](PostgresStoreBuilder::entries_unlogged) |
+//! | `outbox` | write-behind writes and dead letters, `id` from an identity column; indexed by `(key, id)` and, for dead letters, by key | always |
+//! | `meta` | named strings shared by the fleet (the source's breaker) | always |
+//! | `schema_version` | one row: the schema's version ([`SCHEMA_VERSION`]) | always |
+//!
+//! A schema whose version row is newer than this tiercache's, or that holds tables but no
+//! version row (another application's), is refused before anything is written to it
+//! ([`Error::IncompatibleSchema`]).
+//!
+//! ## What is UNLOGGED, and why
+//! By default nothing is. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
+//! cheaper, large values most of all), but PostgreSQL empties it after a server crash and
+//! never copies it to a replica. The outbox and the shared state can never be UNLOGGED: a
+//! lost outbox row is a lost acknowledged write (I5), a lost breaker row lets a fleet hammer a
+//! failing source. The entries *may* be ([`PostgresStoreBuilder::entries_unlogged`]): a fill
+//! lost in a crash is fetched again, a write-behind write still pending reads from its outbox
+//! row, a write-through write is at the source. What is lost is a
+//! [`ReadThrough`](crate::Strategy::ReadThrough) or [`CacheAside`](crate::Strategy::CacheAside)
+//! `set`, which lives only in the cache: after a server crash the source's value is read again
+//! (I1 holds across process crashes, not across a crash of the server). Hence off by default.
+//! The choice is made when the schema is created; an existing schema keeps it
+//! ([`PostgresStore::entries_unlogged`] reports it).
+//!
+//! # How each step maps to SQL
+//! All statements are prepared once per connection (`prepare_cached`) with bound parameters;
+//! only the schema name (validated: lowercase letters, digits, `_`) is part of the SQL text.
+//! Reads are single statements (one snapshot each). Writes of a key run in one transaction
+//! that first takes a transaction-scoped advisory lock on the key
+//! (`pg_advisory_xact_lock(hashtextextended('<schema>/e/<key>', 0))`): that lock orders every
+//! write of a key across the fleet, so a fill's [`FillGuard`](crate::tier::FillGuard) is
+//! checked under the lock, in the same step as its write, as the contract asks. Where nothing
+//! depends on an answer (`put`, `remove`, `remove_settled`, `enqueue`), the statements are sent
+//! right behind the lock in one round trip (pipelined; the server runs them in order), so such a
+//! write costs three round trips: `BEGIN`, the batch, `COMMIT`.
+//!
+//! | method | SQL |
+//! |---|---|
+//! | `get` | `SELECT … FROM entries WHERE key = $1` |
+//! | `get_many` | one statement: `… entries WHERE key = ANY($1) UNION ALL (SELECT DISTINCT ON (key) … FROM outbox WHERE key = ANY($1) AND NOT dead ORDER BY key, id DESC)` |
+//! | `put` | lock; `INSERT … ON CONFLICT (key) DO UPDATE` |
+//! | `put_fill`, `renew_fill` | lock; guard checked (and `SELECT stored_at` when it observed a row or none); upsert / `UPDATE` |
+//! | `remove` | lock; `DELETE` |
+//! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)` |
+//! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id` |
+//! | `outbox_pending`, `dead_letters` | `SELECT … ORDER BY id` |
+//! | `outbox_complete` | `DELETE … WHERE id = ANY($1) AND NOT dead` |
+//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE`; when dead, supersede and remove entries, as the contract says |
+//! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` or `DELETE` |
+//! | `update_meta` | lock the name; `SELECT`; upsert or `DELETE` |
+//! | `summary` | one statement of aggregates over both tables |
+//!
+//! Outbox ids come from an identity column (a sequence): a row gets a higher id than every
+//! row of its key committed before it, because writes of one key are serialized by the key's
+//! lock and the id is drawn under it. Across keys, two transactions may commit out of id order;
+//! nothing in the cache depends on an order across keys (delivery is per key).
+//!
+//! # Faults
+//! An unreachable server at [`connect`](PostgresStoreBuilder::connect) is an
+//! [`Error::Storage`] that names the server as
+//! `postgres://user@host:port/db`: the URL is never shown as given, so a password in it never
+//! reaches an error, a log or a `Debug` output. While running, a lost connection, a restart or
+//! a killed backend makes the calls fail with [`Error::Storage`]; the
+//! cache's L2 breakers open, L1 and the source carry on, and the pool opens new connections
+//! when the server is back.
+//!
+//! # Limits today
+//! * **Delivery by one instance per schema.** The outbox is one, but rows are not yet claimed
+//!   (issue #14, item 5: `FOR UPDATE SKIP LOCKED` under a lease). Two instances delivering at
+//!   once may send a row twice, or an older write of a key after a newer one. Until claims
+//!   exist, turn [`background_flush`](crate::TieredCacheBuilder::background_flush) on for one
+//!   instance of a schema (the others enqueue; any may call `flush` while that one is idle).
+//! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
+//!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
+//! * **No cross-instance L1 invalidation, fleet-wide single-flight or compare-and-set budget**
+//!   (items 2 to 4): see below for the first.
+//!
+//! # Not yet here: cross-instance L1 invalidation (design)
+//! Today a cache on this store sees another instance's write when it reads L2 (an L1 miss, or
+//! an L1 copy past its freshness); an L1 copy still fresh is served for up to its TTL. The
+//! plan for issue #14, item 2, kept for whoever builds it:
+//! * A table `invalidations (seq bigint identity, key text, origin uuid, version bigint)`,
+//!   UNLOGGED (a lost log is detected, see below), written in the same transaction as every
+//!   write that changes what a key reads as: `put`, `remove`, `remove_settled`, `enqueue`, the
+//!   dead-lettering branch of `outbox_failed`; plus `pg_notify('<schema>_inval', payload)` in
+//!   that transaction (delivered at commit, only if it commits). Fills, misses and 304
+//!   renewals (`put_fill`, `renew_fill`) publish nothing.
+//! * Payload: the origin instance id and the keys, batched under 8,000 bytes (a longer batch is
+//!   split into several `pg_notify` calls; one key longer than the budget sends "seq only", and
+//!   the listener reads the log).
+//! * Each instance keeps one dedicated connection (not from the pool) with `LISTEN`, ignores
+//!   its own origin, and drops the keys from L1 after bumping their write fences (so a fill
+//!   racing with the invalidation is refused by its `FillGuard`, the versions rule).
+//! * On a reconnect (with backoff): `LISTEN` first, then read the log from the last sequence
+//!   seen; if the oldest row left is newer than that (pruned, or lost in a crash), clear L1.
+//!   A heartbeat (`SELECT 1` every few seconds on the listener) finds a silent connection; a
+//!   maximum L1 age bounds what any missed message can cost. Rows older than the longest L1
+//!   lifetime are pruned by whichever instance holds an advisory lock for pruning.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::Host;
+use tokio_postgres::NoTls;
+
+use crate::error::{Error, Result};
+
+mod schema;
+mod store;
+
+use schema::Sql;
+
+/// The version of the schema this tiercache creates and reads, kept in the schema's
+/// `schema_version` table. History: 1, the first.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The PostgreSQL schema used when none is set: `tiercache`.
+pub const DEFAULT_SCHEMA: &str = "tiercache";
+
+const DEFAULT_POOL_SIZE: usize = 8;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings for a [`PostgresStore`]; made by [`PostgresStore::builder`].
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct PostgresStoreBuilder {
+    url: String,
+    schema: String,
+    pool_size: usize,
+    connect_timeout: Duration,
+    entries_unlogged: bool,
+}
+
+impl std::fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStoreBuilder")
+            .field("server", &redacted(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("entries_unlogged", &self.entries_unlogged)
+            .finish()
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The PostgreSQL schema holding the tables; caches sharing a database but not an L2 use
+    /// different ones. Lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
+    /// at most 63 bytes, not starting with `pg_`. Default: [`DEFAULT_SCHEMA`].
+    pub fn schema(mut self, name: impl Into<String>) -> Self {
+        self.schema = name.into();
+        self
+    }
+
+    /// Connections kept open at most (1 to 1024). Default: 8.
+    pub fn pool_size(mut self, connections: usize) -> Self {
+        self.pool_size = connections;
+        self
+    }
+
+    /// How long opening a connection (and waiting for a free one) may take before the call
+    /// fails with [`Error::Storage`]; a `connect_timeout` in the URL wins for the former.
+    /// Default: 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Creates the `entries` table UNLOGGED (see the [module docs](self) for what that trades
+    /// away). Applies when the schema is created; an existing schema keeps what it has.
+    /// Default: `false`.
+    pub fn entries_unlogged(mut self, unlogged: bool) -> Self {
+        self.entries_unlogged = unlogged;
+        self
+    }
+
+    /// Connects, then creates or migrates the schema.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that cannot be parsed (the URL is not quoted) or a bad
+    /// setting; [`Error::Storage`] when the server cannot be reached or the schema cannot be
+    /// set up (the server is named without its password); [`Error::IncompatibleSchema`] for
+    /// a schema of a newer tiercache or of another application (left untouched).
+    pub async fn connect(self) -> Result<PostgresStore> {
+        validate_schema_name(&self.schema)?;
+        if self.pool_size == 0 || self.pool_size > 1024 {
+            return Err(Error::Config(format!(
+                "pool_size is {}; it must be between 1 and 1024",
+                self.pool_size
+            )));
+        }
+        let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
+            Error::Config(format!(
+                "the PostgreSQL URL cannot be parsed (not shown: it may hold a password): {e}"
+            ))
+        })?;
+        let server = server_name(&config);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tiercache");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(self.connect_timeout))
+            .wait_timeout(Some(self.connect_timeout))
+            .build()
+            .map_err(|e| Error::Config(format!("the PostgreSQL pool cannot be built: {e}")))?;
+        let location = format!("\"{}\" at {server}", self.schema);
+        let mut client = pool.get().await.map_err(|e| Error::Storage {
+            message: format!(
+                "could not connect to PostgreSQL at {server}: {}",
+                crate::error::chain_text(&e)
+            ),
+            source: Some(std::sync::Arc::new(e)),
+        })?;
+        let entries_unlogged =
+            schema::open(&mut client, &self.schema, &location, self.entries_unlogged).await?;
+        drop(client);
+        Ok(PostgresStore {
+            pool,
+            sql: std::sync::Arc::new(Sql::new(&self.schema)),
+            schema: self.schema,
+            server,
+            entries_unlogged,
+        })
+    }
+}
+
+/// L2 on PostgreSQL: the storage traits over a connection pool, in one schema. See the
+/// [module docs](self).
+///
+/// Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    sql: std::sync::Arc<Sql>,
+    schema: String,
+    /// `postgres://user@host:port/db`: never the password.
+    server: String,
+    entries_unlogged: bool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PostgresStore")
+            .field("server", &self.server)
+            .field("schema", &self.schema)
+            .field("connections", &status.size)
+            .field("entries_unlogged", &self.entries_unlogged)
+            .finish()
+    }
+}
+
+impl PostgresStore {
+    /// Settings for a store on the server at `url` (`postgres://user:password@host:port/db`,
+    /// or the `key=value` form); see [`PostgresStoreBuilder`].
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.to_owned(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            entries_unlogged: false,
+        }
+    }
+
+    /// A store with the default settings: `PostgresStore::builder(url).connect()`.
+    ///
+    /// # Errors
+    /// As [`PostgresStoreBuilder::connect`].
+    pub async fn connect(url: impl Into<String>) -> Result<Self> {
+        Self::builder(url).connect().await
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The server, as `postgres://user@host:port/db` (no password).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Whether the `entries` table is UNLOGGED (as found in the schema, whatever the builder
+    /// asked for an existing one).
+    pub fn entries_unlogged(&self) -> bool {
+        self.entries_unlogged
+    }
+}
+
+fn validate_schema_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && name.len() <= 63 && !name.starts_with("pg_") {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "schema {name:?} is not a usable name: lowercase ASCII letters, digits and '_', starting \
+         with a letter or '_', at most 63 bytes, not starting with 'pg_'"
+    )))
+}
+
+/// The server of `config` as `postgres://user@host:port/db`, built from its parts: never the
+/// password.
+fn server_name(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    format!(
+        "postgres://{}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+/// `url` without its password: the parsed server, or a placeholder when it does not parse.
+fn redacted(url: &str) -> String {
+    tokio_postgres::Config::from_str(url).map_or_else(
+        |_| "<an unparsable URL, not shown>".to_owned(),
+        |c| server_name(&c),
+    )
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_name_never_holds_the_password() {
+        for url in [
+            "postgres://alice:s3cret@db.example:6543/cache",
+            "postgresql://alice:s3cret@db.example/cache?password=s3cret",
+            "host=db.example user=alice password=s3cret dbname=cache",
+        ] {
+            let shown = redacted(url);
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("alice@db.example"), "{shown}");
+        }
+        assert_eq!(
+            redacted("postgres://alice:s3cret@db.example:6543/cache"),
+            "postgres://alice@db.example:6543/cache"
+        );
+        let builder = PostgresStore::builder("postgres://alice:s3cret@db.example/cache");
+        assert!(!format!("{builder:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn schema_names_are_checked() {
+        for good in ["tiercache", "_x", "cache_2"] {
+            assert!(validate_schema_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Tier",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "pg_cache",
+            &"a".repeat(64),
+        ] {
+            assert!(
+                matches!(validate_schema_name(bad), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+}
