@@ -542,3 +542,69 @@ async fn a_server_without_graphql_is_read_through_rest_from_then_on() {
     let reqs = received(&f.server).await;
     assert_eq!((posts(&reqs).len(), gets(&reqs).len()), (1, 3));
 }
+
+#[tokio::test]
+async fn a_403_for_a_spent_graphql_budget_holds_graphql_but_not_rest() {
+    let f = Fake::start().await;
+    Mock::given(method("POST"))
+        .respond_with(f.graphql_answer(403, 0).set_body_json(serde_json::json!({
+            "message": "API rate limit exceeded for user ID 1.",
+            "documentation_url": "https://docs.github.com/graphql/overview/rate-limits-and-node-limits-for-the-graphql-api"
+        })))
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(f.raw_file(b"a", "\"a\""))
+        .mount(&f.server)
+        .await;
+    let gh = f.authed_source();
+    let e = gh.fetch_many(&["o/r/a.txt"]).await.unwrap_err();
+    assert_eq!(e.rate_limited_until(), Some(at(f.reset())));
+    assert_eq!(
+        gh.rate_limit(),
+        None,
+        "GraphQL's budget is not reported as REST's"
+    );
+    assert!(
+        gh.fetch("o/r/a.txt", None).await.is_ok(),
+        "REST is not held"
+    );
+    let before = received(&f.server).await.len();
+    assert!(gh.fetch_many(&["o/r/a.txt"]).await.is_err());
+    assert_eq!(received(&f.server).await.len(), before, "GraphQL is held");
+}
+
+#[tokio::test]
+async fn a_field_error_other_than_not_found_is_read_through_rest() {
+    let f = Fake::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            f.graphql_answer(200, 4990)
+                .set_body_json(serde_json::json!({
+                    "data": {"f0": null, "f1": {"object": null}},
+                    "errors": [{
+                        "type": "FORBIDDEN",
+                        "path": ["f0"],
+                        "message": "Resource not accessible by personal access token"
+                    }]
+                })),
+        )
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/repos/o/secret/contents/a.txt"))
+        .respond_with(f.raw_file(b"s", "\"s\""))
+        .expect(1)
+        .mount(&f.server)
+        .await;
+    let gh = f.authed_source();
+    let answers = gh
+        .fetch_many(&["o/secret/a.txt", "o/r/gone.txt"])
+        .await
+        .unwrap();
+    assert_eq!(value(&answers[0]), (&b"s"[..], Some("\"s\"")));
+    assert_eq!(answers[1], Ok(Fetched::NotFound));
+    assert_eq!(received(&f.server).await.len(), 2);
+    assert!(gh.fetch_many(&[]).await.unwrap().is_empty());
+    assert_eq!(received(&f.server).await.len(), 2, "no keys, no request");
+}
