@@ -85,8 +85,9 @@ impl GitHubSourceBuilder {
         self
     }
 
-    /// An overall deadline of one call (`fetch`, `put`, `delete`, `list`, including every
-    /// request and body it needs), for using the source on its own. Past it:
+    /// An overall deadline of one call (`fetch`, `fetch_many`, `put`, `delete`, `list`,
+    /// including every request and body it needs: a `fetch_many`'s GraphQL requests and REST
+    /// fallbacks all run under one), for using the source on its own. Past it:
     /// [`SourceError::Timeout`]. Default: none. Under a [`TieredCache`](crate::TieredCache)
     /// leave it unset: the cache puts one deadline around every source call
     /// ([`TieredCacheBuilder::timeout`](crate::TieredCacheBuilder::timeout)), and two deadlines

@@ -14,6 +14,11 @@
 //!   byte-exact), any other error on the field, a shape not understood — is fetched again
 //!   through the REST contents API (raw media type), byte-exact, with its ETag.
 //!
+//! **Known difference: symbolic links.** For a symlink whose target is a file in the repository,
+//! the contents API answers the target's bytes; GraphQL answers the link's own blob (the target
+//! path as text), and nothing in a `Blob` tells a link from a file. A batch therefore reads such
+//! a key as the link text, where a single `fetch` reads the target.
+//!
 //! # Validators
 //! GraphQL gives a blob's `oid` (its git object id), not the ETag the contents API would send:
 //! that ETag is GitHub's own value, and one made up here would never match, so a later
