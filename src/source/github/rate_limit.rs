@@ -54,9 +54,9 @@ impl GitHubSource {
             .as_deref()
             .map(|m| format!("{m}; "))
             .unwrap_or_default();
-        let (budget, what) = match api {
-            Api::Rest => (l.budget, "rate-limit budget"),
-            Api::Graphql => (l.graphql_budget, "GraphQL rate-limit budget"),
+        let (budget, what, unit) = match api {
+            Api::Rest => (l.budget, "rate-limit budget", "requests"),
+            Api::Graphql => (l.graphql_budget, "GraphQL rate-limit budget", "points"),
         };
         if let Some(b) = budget {
             if b.remaining == 0 && b.reset > now {
@@ -64,7 +64,7 @@ impl GitHubSource {
                     until: b.reset,
                     status: None,
                     message: format!(
-                        "{said}the {what} of {} is spent until its reset; nothing was sent",
+                        "{said}the {what} of {} {unit} is spent until its reset; nothing was sent",
                         b.limit
                     ),
                 });
