@@ -1129,3 +1129,101 @@ async fn stats_says_why_and_until_when_the_breaker_is_open() {
     let until = json["l3_breaker_until"].as_str().expect("RFC 3339");
     assert!(humantime::parse_rfc3339(until).is_ok(), "{until}");
 }
+
+#[tokio::test]
+async fn a_bare_at_and_a_pasted_url_name_the_same_cache_entry_as_the_key() {
+    let env = Env::new().await;
+    env.serve(CONTENTS, b"port = 1\n", "\"p\"").await;
+    let gets = |reqs: Vec<Request>| reqs.iter().filter(|r| r.method.as_str() == "GET").count();
+
+    let at = env
+        .run(&["get", "octo/app/config/prod.toml@", "--json"])
+        .await;
+    assert_eq!(at.expect(0).json()["key"], KEY, "KEY@ is printed as KEY");
+    env.run(&["get", KEY]).await.expect(0);
+    assert_eq!(gets(env.requests().await), 1, "KEY@ and KEY: one entry");
+
+    for url in [
+        "https://github.com/octo/app/blob/main/config/prod.toml",
+        "https://raw.githubusercontent.com/octo/app/main/config/prod.toml#L1",
+        "octo/app/config/prod.toml@main",
+    ] {
+        let run = env.run(&["get", url, "--json"]).await;
+        assert_eq!(
+            run.expect(0).json()["key"],
+            "octo/app/config/prod.toml@main"
+        );
+        assert_eq!(run.json()["content"], "port = 1\n");
+    }
+    let reqs = env.requests().await;
+    assert_eq!(
+        gets(reqs.clone()),
+        2,
+        "the URLs and the key: one more entry"
+    );
+    assert_eq!(reqs.last().unwrap().url.query(), Some("ref=main"));
+
+    let mget = env
+        .run(&[
+            "mget",
+            "--json",
+            "https://github.com/octo/app/blob/main/config/prod.toml",
+            "octo/app/config/prod.toml@",
+        ])
+        .await;
+    let keys: Vec<Value> = mget
+        .expect(0)
+        .json_lines()
+        .iter()
+        .map(|l| l["key"].clone())
+        .collect();
+    assert_eq!(keys, ["octo/app/config/prod.toml@main", KEY]);
+    assert_eq!(gets(env.requests().await), 2, "both were cached");
+
+    let bad = env
+        .run(&["get", "https://gitlab.com/octo/app/-/blob/main/a.toml"])
+        .await;
+    bad.expect(64);
+    assert!(
+        bad.stderr.contains("invalid key") && bad.stderr.contains("github.com/OWNER/REPO/blob"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[tokio::test]
+async fn warm_of_a_prefix_with_no_files_exits_2_and_warm_owner_names_warms_syntax() {
+    let env = Env::new().await;
+    let f = &env.fake;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/git/trees/main"))
+        .respond_with(f.json(
+            200,
+            serde_json::json!({
+                "sha": "t", "truncated": false,
+                "tree": [{"path": "conf", "type": "tree"}, {"path": "conf/a.toml", "type": "blob"}]
+            }),
+        ))
+        .mount(&f.server)
+        .await;
+    let empty = env.run(&["warm", "octo/app/nothing@main"]).await;
+    empty.expect(2);
+    assert!(
+        empty.stderr.contains("nothing to warm") && empty.stderr.contains("octo/app/nothing@main"),
+        "{}",
+        empty.stderr
+    );
+    assert_eq!(env.requests().await.len(), 1, "only the listing");
+
+    let owner = env.run(&["warm", "octo"]).await;
+    owner.expect(64);
+    assert!(
+        owner.stderr.contains("expected owner/repo[/dir][@ref]")
+            && owner
+                .stderr
+                .contains("usage: tiercache warm OWNER/REPO[/DIR][@REF]")
+            && !owner.stderr.contains("owner/repo/path"),
+        "{}",
+        owner.stderr
+    );
+}

@@ -28,6 +28,8 @@
 mod config;
 #[path = "tiercache/duration.rs"]
 mod duration;
+#[path = "tiercache/keys.rs"]
+mod keys;
 #[path = "tiercache/outbox.rs"]
 mod outbox;
 #[path = "tiercache/output.rs"]
@@ -55,7 +57,11 @@ use config::{Flags, Settings};
 use outbox::DeadLetterAction;
 
 const AFTER_HELP: &str = "\
-Keys name files on GitHub: OWNER/REPO/PATH[@REF], e.g. octo/app/config/prod.toml@main.
+Keys name files on GitHub: OWNER/REPO/PATH[@REF], e.g. octo/app/config/prod.toml@main
+(no REF, or a bare trailing @: the default branch). A file's URL is accepted too and stands for
+that key: https://github.com/OWNER/REPO/blob/REF/PATH or
+https://raw.githubusercontent.com/OWNER/REPO/REF/PATH (REF is one path segment there; for a
+branch with a '/', write the key).
 DUR is a whole number and a unit: 500ms, 30s, 10m, 2h, 7d.
 
 Environment:
@@ -136,7 +142,7 @@ enum Command {
         \"content_base64\". An error is {\"key\", \"error\", \"kind\"} (kinds: see the README)."
     )]
     Get {
-        /// OWNER/REPO/PATH[@REF]
+        /// OWNER/REPO/PATH[@REF], or the file's URL on github.com
         key: String,
         /// Print one JSON object: key, tier, freshness, stale_reason, age_ms, etag, size, content
         #[arg(long)]
@@ -393,14 +399,23 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         match cli.command {
-            Command::Get { key, json } => read::get(&settings, &key, json).await,
-            Command::Mget { keys, json } => read::mget(&settings, &keys, json).await,
-            Command::Put { key, file } => write::put(&settings, &key, &file).await,
-            Command::Delete { key } => write::delete(&settings, &key).await,
+            Command::Get { key, json } => read::get(&settings, &keys::canonical(&key)?, json).await,
+            Command::Mget { keys, json } => {
+                let keys = keys
+                    .iter()
+                    .map(|k| keys::canonical(k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                read::mget(&settings, &keys, json).await
+            }
+            Command::Put { key, file } => {
+                write::put(&settings, &keys::canonical(&key)?, &file).await
+            }
+            Command::Delete { key } => write::delete(&settings, &keys::canonical(&key)?).await,
             Command::Flush => outbox::flush(&settings).await,
             Command::Warm { prefix } => read::warm(&settings, &prefix).await,
             Command::Stats { json } => status::stats(&settings, json).await,
             Command::Health { json, probe } => {
+                let probe = probe.as_deref().map(keys::canonical).transpose()?;
                 status::health(&settings, json, probe.as_deref()).await
             }
             Command::DeadLetters {

@@ -1,15 +1,24 @@
 //! A wiremock fake of the GitHub REST API, answering the way GitHub documents: quoted ETags,
 //! bodiless 304s, `x-ratelimit-*` headers on every answer, JSON errors with `message` and
 //! `documentation_url`, HTML bodies on 5xx. Loopback only.
+//!
+//! GraphQL (`POST /graphql`) is answered by [`Graphql`], which reads the request's variables and
+//! answers each aliased `repository { object(expression:) }` field as GitHub documents: `data`
+//! per alias, `errors` with a `path` naming the alias, `x-ratelimit-resource: graphql`, and the
+//! primary rate limit as a 200 with a `RATE_LIMITED` error.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tiercache::source::github::GitHubSource;
 use tiercache::MockClock;
-use wiremock::{MockServer, ResponseTemplate};
+use wiremock::{MockServer, Request, Respond, ResponseTemplate};
+
+/// The token the authenticated sources send.
+pub const TOKEN: &str = "ghp_FAKEgraphqlTOKEN0123456789SECRET";
 
 /// The fake's budget.
 pub const LIMIT: u64 = 5000;
@@ -58,6 +67,56 @@ impl Fake {
             .timeout(Duration::from_secs(5))
             .build()
             .expect("source builds")
+    }
+
+    /// A source with [`TOKEN`] (so `fetch_many` uses GraphQL), on the fake's clock.
+    pub fn authed_source(&self) -> GitHubSource {
+        self.authed_builder().build().expect("source builds")
+    }
+
+    /// The builder of [`authed_source`](Self::authed_source), to change more settings.
+    pub fn authed_builder(&self) -> tiercache::source::github::GitHubSourceBuilder {
+        GitHubSource::builder()
+            .base_url(self.server.uri())
+            .token(TOKEN)
+            .clock(Arc::new(self.clock.clone()))
+            .timeout(Duration::from_secs(5))
+    }
+
+    /// GraphQL's answer headers: its own budget, `x-ratelimit-resource: graphql`.
+    pub fn graphql_answer(&self, status: u16, remaining: u64) -> ResponseTemplate {
+        ResponseTemplate::new(status)
+            .insert_header("x-ratelimit-limit", LIMIT.to_string().as_str())
+            .insert_header("x-ratelimit-remaining", remaining.to_string().as_str())
+            .insert_header("x-ratelimit-used", (LIMIT - remaining).to_string().as_str())
+            .insert_header("x-ratelimit-reset", self.reset().to_string().as_str())
+            .insert_header("x-ratelimit-resource", "graphql")
+            .insert_header("x-github-request-id", "CAFE:BEEF:5678")
+    }
+
+    /// GraphQL's primary rate limit as GitHub reports it: HTTP 200, no `data`, an error of
+    /// type `type_` (`RATE_LIMITED`; some answers say `RATE_LIMIT`), budget headers with
+    /// `remaining` (0, or not: GitHub's is not always 0 on such an answer).
+    pub fn graphql_rate_limited(&self, type_: &str, remaining: u64) -> ResponseTemplate {
+        self.graphql_answer(200, remaining).set_body_raw(
+            serde_json::to_vec(&json!({
+                "errors": [{
+                    "type": type_,
+                    "code": "graphql_rate_limit",
+                    "message": "API rate limit exceeded for user ID 1."
+                }]
+            }))
+            .unwrap(),
+            "application/json; charset=utf-8",
+        )
+    }
+
+    /// A GraphQL responder over `repo`'s files.
+    pub fn graphql(&self, repo: FakeRepo) -> Graphql {
+        Graphql {
+            repo,
+            headers: self.graphql_answer(200, 4990),
+        }
     }
 
     /// Any answer, with the rate-limit headers GitHub sends on every answer.
@@ -178,4 +237,146 @@ pub async fn refused_uri() -> String {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     format!("http://{addr}")
+}
+
+/// What is at an expression (`REF:PATH`) in the GraphQL fake.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// A file: GitHub gives `text` for a text file, `null` for a binary one.
+    Blob {
+        bytes: Vec<u8>,
+        binary: bool,
+        truncated: bool,
+    },
+    /// A directory.
+    Tree,
+}
+
+impl Object {
+    pub fn text(s: &str) -> Self {
+        Object::Blob {
+            bytes: s.as_bytes().to_vec(),
+            binary: false,
+            truncated: false,
+        }
+    }
+}
+
+/// The repositories and objects the GraphQL fake knows: `(owner, name)` → expression → object.
+#[derive(Debug, Clone, Default)]
+pub struct FakeRepo {
+    pub repos: HashMap<(String, String), HashMap<String, Object>>,
+}
+
+impl FakeRepo {
+    pub fn with(mut self, owner: &str, name: &str, expression: &str, object: Object) -> Self {
+        self.repos
+            .entry((owner.to_owned(), name.to_owned()))
+            .or_default()
+            .insert(expression.to_owned(), object);
+        self
+    }
+
+    /// A repository that exists, with nothing in it yet.
+    pub fn repo(mut self, owner: &str, name: &str) -> Self {
+        self.repos
+            .entry((owner.to_owned(), name.to_owned()))
+            .or_default();
+        self
+    }
+}
+
+/// The git blob id of `bytes`, as GitHub reports a blob's `oid`.
+pub fn oid(bytes: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    h.update(format!("blob {}\0", bytes.len()).as_bytes());
+    h.update(bytes);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Answers `POST /graphql` from the request's variables: for alias `f{i}`, `$o{i}`/`$n{i}` name
+/// the repository and `$e{i}` is the object's expression.
+pub struct Graphql {
+    repo: FakeRepo,
+    headers: ResponseTemplate,
+}
+
+impl Respond for Graphql {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let Ok(body) = request.body_json::<Value>() else {
+            return self.headers.clone().set_body_json(json!({
+                "message": "Problems parsing JSON",
+                "documentation_url": "https://docs.github.com/graphql"
+            }));
+        };
+        let query = body["query"].as_str().unwrap_or_default();
+        let vars = &body["variables"];
+        let mut data = serde_json::Map::new();
+        let mut errors = Vec::new();
+        let mut i = 0;
+        while let (Some(owner), Some(name), Some(expr)) = (
+            vars[format!("o{i}")].as_str(),
+            vars[format!("n{i}")].as_str(),
+            vars[format!("e{i}")].as_str(),
+        ) {
+            let alias = format!("f{i}");
+            assert!(
+                query.contains(&format!("{alias}: repository(owner: $o{i}, name: $n{i})")),
+                "alias {alias} is in the query: {query}"
+            );
+            match self.repo.repos.get(&(owner.to_owned(), name.to_owned())) {
+                None => {
+                    data.insert(alias.clone(), Value::Null);
+                    errors.push(json!({
+                        "type": "NOT_FOUND",
+                        "path": [alias],
+                        "locations": [{"line": 1, "column": 1}],
+                        "message": format!(
+                            "Could not resolve to a Repository with the name '{owner}/{name}'."
+                        ),
+                    }));
+                }
+                Some(objects) => {
+                    let object = match objects.get(expr) {
+                        None => Value::Null,
+                        Some(Object::Tree) => json!({"__typename": "Tree"}),
+                        Some(Object::Blob {
+                            bytes,
+                            binary,
+                            truncated,
+                        }) => {
+                            let text = if *binary {
+                                Value::Null
+                            } else if *truncated {
+                                // GitHub cuts the text of a large blob short.
+                                let cut = &bytes[..bytes.len() / 2];
+                                Value::String(String::from_utf8_lossy(cut).into_owned())
+                            } else {
+                                Value::String(String::from_utf8_lossy(bytes).into_owned())
+                            };
+                            json!({
+                                "__typename": "Blob",
+                                "oid": oid(bytes),
+                                "text": text,
+                                "byteSize": bytes.len(),
+                                "isBinary": binary,
+                                "isTruncated": truncated,
+                            })
+                        }
+                    };
+                    data.insert(alias, json!({ "object": object }));
+                }
+            }
+            i += 1;
+        }
+        let mut answer = json!({ "data": data });
+        if !errors.is_empty() {
+            answer["errors"] = Value::Array(errors);
+        }
+        self.headers.clone().set_body_raw(
+            serde_json::to_vec(&answer).unwrap(),
+            "application/json; charset=utf-8",
+        )
+    }
 }

@@ -134,6 +134,9 @@ pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8
     Ok(code)
 }
 
+/// What `warm` takes.
+const WARM_SYNTAX: &str = "OWNER/REPO[/DIR][@REF]";
+
 pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
     if s.offline {
         return Err(Failure::usage(
@@ -165,7 +168,24 @@ pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
     };
     let result = cache.warm(prefix, progress).await;
     bar.finish_and_clear();
-    let summary = result.map_err(|e| Failure::from_error(&e))?;
+    let summary = result.map_err(|e| {
+        let mut f = Failure::from_error(&e);
+        if e.is_invalid_key() {
+            f.message.push_str(&format!(
+                "; usage: tiercache warm {WARM_SYNTAX} (e.g. tiercache warm octo/app/config@main)"
+            ));
+        }
+        f
+    })?;
+    if summary.listed == 0 {
+        return Err(Failure {
+            code: EXIT_NOT_FOUND,
+            message: format!(
+                "nothing to warm: GitHub lists no files under {prefix} \
+                 (expected {WARM_SYNTAX}, a directory that holds files)"
+            ),
+        });
+    }
     println!(
         "warmed {prefix}: {} listed, {} fetched, {} unchanged (304), {} already fresh, {} failed",
         summary.listed,

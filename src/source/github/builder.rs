@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::header::HeaderValue;
 use http::Uri;
 
+use super::graphql::DEFAULT_BATCH;
 use super::rate_limit::Limits;
 use super::{GitHubSource, Secret, DEFAULT_BASE_URL, DEFAULT_COMMIT_MESSAGE, TOKEN_ENV};
 use crate::clock::{Clock, SystemClock};
@@ -28,6 +29,7 @@ pub struct GitHubSourceBuilder {
     connect_timeout: Duration,
     commit_message: String,
     clock: Arc<dyn Clock>,
+    graphql_batch: usize,
 }
 
 impl Default for GitHubSourceBuilder {
@@ -40,6 +42,7 @@ impl Default for GitHubSourceBuilder {
             connect_timeout: Duration::from_secs(5),
             commit_message: DEFAULT_COMMIT_MESSAGE.to_owned(),
             clock: Arc::new(SystemClock),
+            graphql_batch: DEFAULT_BATCH,
         }
     }
 }
@@ -82,8 +85,9 @@ impl GitHubSourceBuilder {
         self
     }
 
-    /// An overall deadline of one call (`fetch`, `put`, `delete`, `list`, including every
-    /// request and body it needs), for using the source on its own. Past it:
+    /// An overall deadline of one call (`fetch`, `fetch_many`, `put`, `delete`, `list`,
+    /// including every request and body it needs: a `fetch_many`'s GraphQL requests and REST
+    /// fallbacks all run under one), for using the source on its own. Past it:
     /// [`SourceError::Timeout`]. Default: none. Under a [`TieredCache`](crate::TieredCache)
     /// leave it unset: the cache puts one deadline around every source call
     /// ([`TieredCacheBuilder::timeout`](crate::TieredCacheBuilder::timeout)), and two deadlines
@@ -118,6 +122,16 @@ impl GitHubSourceBuilder {
         self
     }
 
+    /// How many keys one GraphQL request of
+    /// [`fetch_many`](crate::source::Source::fetch_many) carries (and what
+    /// [`max_batch`](crate::source::Source::max_batch) reports). Default 100, the most allowed;
+    /// 1 turns GraphQL off (one REST request per key). Without a token GraphQL is never used:
+    /// GitHub's GraphQL API does not answer anonymous requests.
+    pub fn graphql_batch(mut self, keys: usize) -> Self {
+        self.graphql_batch = keys;
+        self
+    }
+
     /// Builds the source.
     ///
     /// The HTTP client is made now when called inside a tokio runtime, else on the first call
@@ -126,8 +140,8 @@ impl GitHubSourceBuilder {
     ///
     /// # Errors
     /// [`crate::Error::Config`] for a base URL that is not an absolute `http(s)` URL without query
-    /// or fragment, a token that cannot go in an HTTP header, a user agent that cannot, or a
-    /// zero timeout.
+    /// or fragment, a token that cannot go in an HTTP header, a user agent that cannot, a
+    /// zero timeout, or a GraphQL batch size outside 1–100.
     pub fn build(self) -> crate::Result<GitHubSource> {
         let config_err = |m: String| crate::Error::Config(m);
         let base = self.base_url.trim().trim_end_matches('/').to_owned();
@@ -175,6 +189,12 @@ impl GitHubSourceBuilder {
         if self.timeout.is_some_and(|t| t.is_zero()) || self.connect_timeout.is_zero() {
             return Err(config_err("GitHub timeouts must be above zero".to_owned()));
         }
+        if !(1..=DEFAULT_BATCH).contains(&self.graphql_batch) {
+            return Err(config_err(format!(
+                "the GraphQL batch size {} is outside 1–{DEFAULT_BATCH}",
+                self.graphql_batch
+            )));
+        }
         let source = GitHubSource {
             base,
             token: token.map(Secret),
@@ -185,6 +205,8 @@ impl GitHubSourceBuilder {
             clock: self.clock,
             client: OnceLock::new(),
             limits: Mutex::new(Limits::default()),
+            graphql_batch: self.graphql_batch,
+            graphql_missing: Default::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             let client = source.make_client().map_err(config_err)?;
@@ -205,6 +227,8 @@ mod tests {
         assert!(e(GitHubSource::builder().base_url("not a url")).contains("not a URL"));
         assert!(e(GitHubSource::builder().base_url("https://h/api?x=1")).contains("query"));
         assert!(e(GitHubSource::builder().timeout(Duration::ZERO)).contains("zero"));
+        assert!(e(GitHubSource::builder().graphql_batch(0)).contains("batch size"));
+        assert!(e(GitHubSource::builder().graphql_batch(101)).contains("1–100"));
         let m = GitHubSource::builder()
             .token("sec\nret")
             .build()

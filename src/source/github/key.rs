@@ -34,7 +34,12 @@ const ENCODE: &AsciiSet = &NON_ALPHANUMERIC
 /// * No ref (or a bare trailing `@`): the repository's default branch.
 ///
 /// [`Display`](fmt::Display) prints the canonical key back (adding the bare `@` when the path
-/// holds an `@` and there is no ref), so `key.to_string().parse()` gives the same key.
+/// holds an `@` and there is no ref, dropping it otherwise), so `key.to_string().parse()` gives
+/// the same key, and `owner/repo/a.txt@` and `owner/repo/a.txt` print alike: use the printed
+/// form as the cache key so one file is one cache entry.
+///
+/// A file's URL as GitHub shows it is read by [`from_url`](Self::from_url), not by
+/// [`parse`](Self::parse) (a cache key is never a URL).
 ///
 /// ```
 /// use tiercache::source::github::GitHubKey;
@@ -65,13 +70,86 @@ impl GitHubKey {
     /// # Errors
     /// [`KeyError::Malformed`] naming the problem.
     pub fn parse(key: &str) -> Result<Self, KeyError> {
-        let (owner, repo, path, reference) = split(key, true)?;
+        let (owner, repo, path, reference) = split(key, KEY_SYNTAX)?;
         Ok(GitHubKey {
             owner,
             repo,
             path: path.unwrap_or_default(),
             reference,
         })
+    }
+
+    /// Reads a file's URL as GitHub shows it:
+    /// * `https://github.com/OWNER/REPO/blob/REF/PATH` (or `/raw/` in place of `/blob/`),
+    /// * `https://raw.githubusercontent.com/OWNER/REPO/REF/PATH`,
+    ///
+    /// where REF may also be spelled `refs/heads/BRANCH` or `refs/tags/TAG` (it becomes `BRANCH`
+    /// or `TAG`). A query or fragment (`?plain=1`, `#L10`) is ignored and percent-encoded
+    /// characters are decoded. `http://` and `www.github.com` are accepted too.
+    ///
+    /// **The ref is one path segment.** A URL cannot tell the branch `feature/x` with the file
+    /// `a.txt` from the branch `feature` with the file `x/a.txt` (GitHub's own pages tell them
+    /// apart by knowing the repository's branches); for a ref holding a `/`, write the key
+    /// itself: `OWNER/REPO/PATH@feature/x`. GitHub Enterprise URLs are not recognised.
+    ///
+    /// ```
+    /// use tiercache::source::github::GitHubKey;
+    ///
+    /// let k = GitHubKey::from_url("https://github.com/octo/app/blob/main/config/a%20b.toml#L3")
+    ///     .unwrap();
+    /// assert_eq!(k.to_string(), "octo/app/config/a b.toml@main");
+    /// let raw = "https://raw.githubusercontent.com/octo/app/refs/heads/main/config/a%20b.toml";
+    /// assert_eq!(GitHubKey::from_url(raw).unwrap(), k);
+    /// assert!(GitHubKey::from_url("https://gitlab.com/octo/app/-/blob/main/a").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`KeyError::Malformed`] naming the problem: not an `http(s)` URL, another host, not a
+    /// file's URL, or a key the result would not be (see [`parse`](Self::parse)).
+    pub fn from_url(url: &str) -> Result<Self, KeyError> {
+        const SHAPES: &str = "expected https://github.com/OWNER/REPO/blob/REF/PATH or \
+                              https://raw.githubusercontent.com/OWNER/REPO/REF/PATH";
+        let trimmed = url.trim();
+        let rest = trimmed
+            .strip_prefix("https://")
+            .or_else(|| trimmed.strip_prefix("http://"))
+            .ok_or_else(|| malformed(format!("{url:?} is not an http(s) URL; {SHAPES}")))?;
+        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let segments = path
+            .split('/')
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map_err(|_| malformed(format!("{url:?} holds a %-escape that is not UTF-8")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let segments: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
+        let not_a_file = || malformed(format!("{url:?} is not a file's URL; {SHAPES}"));
+        let (owner, repo, rest) = match host.to_ascii_lowercase().as_str() {
+            "github.com" | "www.github.com" => match segments.as_slice() {
+                [owner, repo, "blob" | "raw", rest @ ..] => (*owner, *repo, rest),
+                _ => return Err(not_a_file()),
+            },
+            "raw.githubusercontent.com" => match segments.as_slice() {
+                [owner, repo, rest @ ..] => (*owner, *repo, rest),
+                _ => return Err(not_a_file()),
+            },
+            _ => {
+                return Err(malformed(format!(
+                    "{url:?} is not a github.com or raw.githubusercontent.com URL; {SHAPES}"
+                )))
+            }
+        };
+        let (reference, path) = match rest {
+            ["refs", "heads" | "tags", r, path @ ..] => (*r, path),
+            [r, path @ ..] => (*r, path),
+            [] => return Err(not_a_file()),
+        };
+        if reference.is_empty() || path.is_empty() {
+            return Err(not_a_file());
+        }
+        GitHubKey::parse(&format!("{owner}/{repo}/{}@{reference}", path.join("/")))
     }
 
     /// The contents API path, encoded: `/repos/{owner}/{repo}/contents/{path}`.
@@ -137,7 +215,7 @@ impl GitHubPrefix {
             }
             None => prefix.strip_suffix('/').unwrap_or(prefix).to_owned(),
         };
-        let (owner, repo, path, reference) = split(&trimmed, false)?;
+        let (owner, repo, path, reference) = split(&trimmed, PREFIX_SYNTAX)?;
         Ok(GitHubPrefix {
             owner,
             repo,
@@ -169,15 +247,37 @@ impl GitHubPrefix {
 
 type Parts = (String, String, Option<String>, Option<String>);
 
+/// What is being parsed, and its syntax, for the error messages.
+struct Syntax {
+    what: &'static str,
+    expected: &'static str,
+    path_required: bool,
+}
+
+const KEY_SYNTAX: Syntax = Syntax {
+    what: "a GitHub key",
+    expected: "owner/repo/path[@ref]",
+    path_required: true,
+};
+
+const PREFIX_SYNTAX: Syntax = Syntax {
+    what: "a GitHub prefix",
+    expected: "owner/repo[/dir][@ref]",
+    path_required: false,
+};
+
 fn malformed(msg: impl Into<String>) -> KeyError {
     KeyError::Malformed(msg.into())
 }
 
-fn split(key: &str, path_required: bool) -> Result<Parts, KeyError> {
+fn split(key: &str, syntax: Syntax) -> Result<Parts, KeyError> {
+    let Syntax {
+        what,
+        expected,
+        path_required,
+    } = syntax;
     if key.is_empty() {
-        return Err(malformed(
-            "a GitHub key is empty; expected owner/repo/path[@ref]",
-        ));
+        return Err(malformed(format!("{what} is empty; expected {expected}")));
     }
     if let Some((at, _)) = key.char_indices().find(|(_, c)| c.is_control()) {
         return Err(malformed(format!(
@@ -206,25 +306,25 @@ fn split(key: &str, path_required: bool) -> Result<Parts, KeyError> {
     let repo = parts.next();
     let path = parts.next();
     if owner.is_empty() {
-        return Err(malformed(
-            "a GitHub key has no owner; expected owner/repo/path[@ref]",
-        ));
+        return Err(malformed(format!(
+            "{what} has no owner; expected {expected}"
+        )));
     }
     check_owner(owner)?;
     let repo = match repo {
         Some(r) if !r.is_empty() => r,
         _ => {
-            return Err(malformed(
-                "a GitHub key has no repository; expected owner/repo/path[@ref]",
-            ))
+            return Err(malformed(format!(
+                "{what} has no repository; expected {expected}"
+            )))
         }
     };
     check_repo(repo)?;
     let path = match path {
         None if path_required => {
-            return Err(malformed(
-                "a GitHub key has no file path; expected owner/repo/path[@ref]",
-            ))
+            return Err(malformed(format!(
+                "{what} has no file path; expected {expected}"
+            )))
         }
         None => None,
         Some(p) => {
@@ -436,6 +536,74 @@ mod tests {
     }
 
     #[test]
+    fn urls() {
+        let url = |u: &str| {
+            GitHubKey::from_url(u)
+                .unwrap_or_else(|e| panic!("{u:?}: {e}"))
+                .to_string()
+        };
+        for (u, key) in [
+            (
+                "https://github.com/o/r/blob/main/a/b.txt",
+                "o/r/a/b.txt@main",
+            ),
+            (
+                "http://www.github.com/o/r/raw/v1.2/a.txt?raw=true",
+                "o/r/a.txt@v1.2",
+            ),
+            (
+                "https://GitHub.com/o/r/blob/main/a.md#L10-L12",
+                "o/r/a.md@main",
+            ),
+            (
+                "https://github.com/o/r/blob/refs/heads/dev/a.txt",
+                "o/r/a.txt@dev",
+            ),
+            (
+                "https://raw.githubusercontent.com/o/r/main/a/b.txt",
+                "o/r/a/b.txt@main",
+            ),
+            (
+                "https://raw.githubusercontent.com/o/r/refs/tags/v1/a.txt",
+                "o/r/a.txt@v1",
+            ),
+            (
+                "https://github.com/o/r/blob/main/icons/a%402x.png",
+                "o/r/icons/a@2x.png@main",
+            ),
+            (
+                "https://github.com/o/r/blob/main/d/%C3%BC%20x.txt",
+                "o/r/d/ü x.txt@main",
+            ),
+            (
+                "https://raw.githubusercontent.com/o/r/0123456789abcdef0123456789abcdef01234567/a",
+                "o/r/a@0123456789abcdef0123456789abcdef01234567",
+            ),
+        ] {
+            assert_eq!(url(u), key, "{u}");
+        }
+        for (u, needle) in [
+            ("ftp://github.com/o/r/blob/main/a", "not an http(s) URL"),
+            ("https://gitlab.com/o/r/blob/main/a", "not a github.com"),
+            ("https://github.com/o/r", "not a file's URL"),
+            ("https://github.com/o/r/tree/main/dir", "not a file's URL"),
+            ("https://github.com/o/r/blob/main", "not a file's URL"),
+            ("https://github.com/o/r/blob/main/", "empty file path"),
+            (
+                "https://raw.githubusercontent.com/o/r/main",
+                "not a file's URL",
+            ),
+            ("https://github.com/o/r/blob/main/a%FF", "not UTF-8"),
+            ("https://github.com/o/r/blob/main/../x", "\"..\" segment"),
+        ] {
+            match GitHubKey::from_url(u) {
+                Err(KeyError::Malformed(m)) => assert!(m.contains(needle), "{u}: {m}"),
+                other => panic!("{u:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn encoding() {
         let a = k("o/r/dir/a b#c?d%e ü.txt@rel/1");
         assert_eq!(
@@ -465,7 +633,13 @@ mod tests {
         let p = GitHubPrefix::parse("o/r/docs").unwrap();
         assert_eq!(p.key_for("docs/a.md"), "o/r/docs/a.md");
         assert_eq!(p.key_for("docs/a@2x.png"), "o/r/docs/a@2x.png@");
-        assert!(GitHubPrefix::parse("o").is_err());
+        match GitHubPrefix::parse("o") {
+            Err(KeyError::Malformed(m)) => assert_eq!(
+                m,
+                "a GitHub prefix has no repository; expected owner/repo[/dir][@ref]"
+            ),
+            other => panic!("{other:?}"),
+        }
         assert!(GitHubPrefix::parse("o/r/../x").is_err());
     }
 }

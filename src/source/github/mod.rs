@@ -1,6 +1,9 @@
 //! The GitHub REST API as a [`Source`]: files in repositories, read with the contents API (raw
 //! media type, conditional requests with the stored ETag), written with commits, listed with the
-//! git trees API.
+//! git trees API. Cold misses in bulk ([`Source::fetch_many`]) travel in one GraphQL request per
+//! up to [`GitHubSourceBuilder::graphql_batch`] keys when a token is set (GitHub's GraphQL API
+//! needs one), with a REST fallback for what GraphQL cannot give byte-exact (binary or
+//! truncated blobs); see `graphql.rs` for the details, and why those values carry no validator.
 //!
 //! Keys are `owner/repo/path/to/file[@ref]`; see [`GitHubKey`] for the exact rules (notably: the
 //! **last** `@` starts the ref).
@@ -14,8 +17,9 @@
 //!   [`SourceError::Rejected`].
 //! * every call, including the extra look-ups a `put`, `delete` or `list` needs, runs under one
 //!   overall deadline ([`GitHubSourceBuilder::timeout`]) enforced with `tokio::time::timeout`;
-//! * the `x-ratelimit-limit/remaining/reset` headers of every answer are kept
-//!   ([`Source::rate_limit`]). While the last budget seen is spent (remaining 0, reset in the
+//! * the `x-ratelimit-limit/remaining/reset` headers of every answer are kept, REST's budget
+//!   ([`Source::rate_limit`]) apart from GraphQL's ([`GitHubSource::graphql_rate_limit`]), as
+//!   `x-ratelimit-resource` tells them apart: a spent GraphQL budget holds off GraphQL only. While the last budget seen is spent (remaining 0, reset in the
 //!   future by the configured [`Clock`]), or a secondary rate limit's `Retry-After` has not passed,
 //!   calls send nothing and fail with [`SourceError::RateLimited`] at once. That is for a source
 //!   used on its own: under a [`TieredCache`](crate::TieredCache), the cache's L3 circuit
@@ -26,11 +30,13 @@
 // Layout: `builder.rs` checks the settings; `transport.rs` sends one request and classifies a
 // failed answer; `rate_limit.rs` keeps the budget and holds calls off; `contents.rs` reads,
 // writes and deletes files; `trees.rs` lists them; `key.rs` parses keys; `codec.rs` holds the
-// encodings. `GitHubSource` and its `Source` impl stay here.
+// encodings; `graphql.rs` fetches many files in one GraphQL request. `GitHubSource` and its
+// `Source` impl stay here.
 
 mod builder;
 mod codec;
 mod contents;
+mod graphql;
 mod key;
 mod rate_limit;
 mod transport;
@@ -38,6 +44,7 @@ mod trees;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -97,6 +104,10 @@ pub struct GitHubSource {
     clock: Arc<dyn Clock>,
     client: OnceLock<Octocrab>,
     limits: Mutex<Limits>,
+    /// Keys per GraphQL request.
+    graphql_batch: usize,
+    /// The GraphQL endpoint answered 404: batches go through REST.
+    graphql_missing: AtomicBool,
 }
 
 impl fmt::Debug for GitHubSource {
@@ -109,6 +120,8 @@ impl fmt::Debug for GitHubSource {
             .field("connect_timeout", &self.connect_timeout)
             .field("commit_message", &self.commit_message)
             .field("rate_limit", &self.rate_limit())
+            .field("graphql_batch", &self.graphql_batch)
+            .field("graphql_rate_limit", &self.graphql_rate_limit())
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +135,12 @@ impl GitHubSource {
     /// The base URL requests go to, without a trailing `/`.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// The last GraphQL budget seen (GitHub keeps it apart from REST's, which
+    /// [`Source::rate_limit`] reports), if a GraphQL request was answered.
+    pub fn graphql_rate_limit(&self) -> Option<RateLimit> {
+        self.graphql_budget()
     }
 
     /// Parses a key the way this source does (same as [`GitHubKey::parse`]).
@@ -163,6 +182,27 @@ impl Source for GitHubSource {
     async fn delete(&self, key: &str) -> Result<(), SourceError> {
         let key = GitHubKey::parse(key).map_err(SourceError::InvalidKey)?;
         self.within(self.delete_inner(&key)).await
+    }
+
+    /// One GraphQL request per up to [`GitHubSourceBuilder::graphql_batch`] keys (with a token;
+    /// anonymous, or with a batch size of 1, one REST request per key), falling back to REST
+    /// for the keys GraphQL cannot give byte-exact (one at a time, as GitHub asks of clients).
+    /// All of it runs under the one deadline. Unlike the trait's default, an outage or a rate
+    /// limit met by any of the call's requests fails the whole call, so the breaker sees it.
+    async fn fetch_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        self.within(self.fetch_many_inner(keys)).await
+    }
+
+    /// [`GitHubSourceBuilder::graphql_batch`] when a token is set, else 1 (no batching).
+    fn max_batch(&self) -> usize {
+        if self.batches() {
+            self.graphql_batch
+        } else {
+            1
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, SourceError> {

@@ -7,6 +7,7 @@ use http::{HeaderMap, Method, StatusCode};
 use octocrab::Octocrab;
 use serde_json::Value;
 
+use super::rate_limit::{self, Api};
 use super::{GitHubSource, Secret, LOG_TARGET};
 use crate::source::SourceError;
 
@@ -36,6 +37,11 @@ impl Answer {
             let mime = ct.split(';').next().unwrap_or("").trim();
             mime.eq_ignore_ascii_case("application/json")
         })
+    }
+
+    /// Whether the answer counted against GraphQL's budget (`x-ratelimit-resource: graphql`).
+    pub(super) fn is_graphql(&self) -> bool {
+        rate_limit::is_graphql(&self.headers)
     }
 
     pub(super) fn json(&self) -> Option<Value> {
@@ -78,8 +84,19 @@ impl Answer {
 impl GitHubSource {
     pub(super) fn make_client(&self) -> Result<Octocrab, String> {
         // No `retry` feature: no retry layer exists. No HTTP cache layer exists in octocrab 0.47.
+        // Every request is sent with its whole URL; octocrab's base URI is the origin only, as
+        // it would put its own path in front of any path that does not start with it (GitHub
+        // Enterprise's `/api/graphql` beside a `/api/v3` base).
+        let uri: http::Uri = self
+            .base
+            .parse()
+            .map_err(|_| format!("GitHub base URL {:?} is not a URI", self.base))?;
+        let origin = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+            _ => return Err(format!("GitHub base URL {:?} has no host", self.base)),
+        };
         let mut b = Octocrab::builder()
-            .base_uri(self.base.as_str())
+            .base_uri(origin.as_str())
             .map_err(|_| format!("GitHub base URL {:?} is not a URI", self.base))?
             .set_connect_timeout(Some(self.connect_timeout));
         if let Some(Secret(t)) = &self.token {
@@ -103,7 +120,7 @@ impl GitHubSource {
         Ok(self.client.get_or_init(|| c))
     }
 
-    /// Sends one request and reads the whole answer.
+    /// Sends one REST request (`path_and_query` under the base URL) and reads the whole answer.
     pub(super) async fn send(
         &self,
         method: Method,
@@ -112,12 +129,35 @@ impl GitHubSource {
         extra: Option<(HeaderName, HeaderValue)>,
         body: Option<&Value>,
     ) -> Result<Answer, SourceError> {
-        self.gate()?;
-        let client = self.client()?;
+        self.gate(Api::Rest)?;
         let url = format!("{}{}", self.base, path_and_query);
+        self.exchange(method, &url, accept, extra, body).await
+    }
+
+    /// Sends one GraphQL request (`POST` of `body` to `url`) and reads the whole answer.
+    pub(super) async fn send_graphql(
+        &self,
+        url: &str,
+        body: &Value,
+    ) -> Result<Answer, SourceError> {
+        self.gate(Api::Graphql)?;
+        self.exchange(Method::POST, url, JSON, None, Some(body))
+            .await
+    }
+
+    /// Sends one request to `url` (after the gate) and reads the whole answer.
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        accept: &'static str,
+        extra: Option<(HeaderName, HeaderValue)>,
+        body: Option<&Value>,
+    ) -> Result<Answer, SourceError> {
+        let client = self.client()?;
         let mut req = http::Request::builder()
             .method(method.clone())
-            .uri(url.as_str())
+            .uri(url)
             .header(ACCEPT, accept)
             .header(USER_AGENT, self.user_agent.clone())
             .header("x-github-api-version", API_VERSION);
@@ -134,7 +174,7 @@ impl GitHubSource {
         let resp = client
             .execute(req)
             .await
-            .map_err(|e| self.transport_error(&e, &url))?;
+            .map_err(|e| self.transport_error(&e, url))?;
         let (parts, body) = resp.into_parts();
         self.record_budget(&parts.headers);
         // octocrab exposes no byte-collecting helper for a raw answer (short of adding
@@ -144,7 +184,7 @@ impl GitHubSource {
             Ok(s) => Bytes::from(s.into_bytes()),
             Err(octocrab::Error::InvalidUtf8 { source, .. }) => Bytes::from(source.into_bytes()),
             Err(e) => {
-                return Err(self.transport_error(&e, &url));
+                return Err(self.transport_error(&e, url));
             }
         };
         tracing::debug!(
