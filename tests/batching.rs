@@ -29,6 +29,8 @@ struct State {
     calls: Vec<(&'static str, Vec<String>)>,
     /// The whole batch fails with this.
     fail: Option<SourceError>,
+    /// This key's own answer is this error.
+    fail_key: Option<(String, SourceError)>,
 }
 
 impl BatchSource {
@@ -93,7 +95,14 @@ impl Source for BatchSource {
         if let Some(e) = fail {
             return Err(e);
         }
-        Ok(keys.iter().map(|k| Ok(self.answer(k, None))).collect())
+        let fail_key = self.state.lock().unwrap().fail_key.clone();
+        Ok(keys
+            .iter()
+            .map(|k| match &fail_key {
+                Some((f, e)) if f == k => Err(e.clone()),
+                _ => Ok(self.answer(k, None)),
+            })
+            .collect())
     }
 
     fn max_batch(&self) -> usize {
@@ -279,5 +288,31 @@ async fn warm_fetches_cold_keys_in_batches_and_revalidates_held_ones_one_by_one(
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].1.len(), 100);
     assert_eq!(singles.len(), 50);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_keys_own_outage_reaches_the_breaker_and_the_other_keys_keep_their_answers() -> TestResult
+{
+    let (source, clock) = (BatchSource::new(100), MockClock::new());
+    source.insert("a", "A", None);
+    source.insert("b", "B", None);
+    source.state.lock().unwrap().fail_key = Some((
+        "b".into(),
+        SourceError::Unavailable {
+            status: Some(502),
+            message: "Bad Gateway".into(),
+        },
+    ));
+    let cache = cache(&source, &clock);
+    let results = cache.mget(&["a", "b", "c"]).await;
+    let a = results[0].as_ref().map_err(|e| e.to_string())?.clone();
+    assert_eq!(a.map(|l| l.value), Some(Bytes::from("A")));
+    assert!(results[1].as_ref().is_err_and(|e| e.is_unavailable()));
+    assert!(
+        results[2].as_ref().is_ok_and(Option::is_none),
+        "c: not found"
+    );
+    assert_eq!(cache.health().await.l3.consecutive_failures, 1);
     Ok(())
 }

@@ -335,7 +335,7 @@ async fn garbage_outages_and_refused_credentials_fail_the_whole_batch() {
 }
 
 #[tokio::test]
-async fn a_rest_outage_during_the_fallback_fails_the_whole_batch() {
+async fn a_rest_outage_during_the_fallback_is_that_keys_answer() {
     let f = Fake::start().await;
     let repo = FakeRepo::default()
         .with("o", "r", "HEAD:a.txt", Object::text("a"))
@@ -354,11 +354,17 @@ async fn a_rest_outage_during_the_fallback_fails_the_whole_batch() {
         .respond_with(f.html_error(502))
         .mount(&f.server)
         .await;
-    let e = f
+    let answers = f
         .authed_source()
         .fetch_many(&["o/r/a.txt", "o/r/b.bin"])
         .await
-        .unwrap_err();
+        .expect("the GraphQL request answered");
+    assert!(
+        matches!(&answers[0], Ok(Fetched::Value { value, .. }) if value.as_ref() == b"a"),
+        "{:?}",
+        answers[0]
+    );
+    let e = answers[1].as_ref().expect_err("REST is down");
     assert!(
         matches!(
             e,
@@ -372,7 +378,7 @@ async fn a_rest_outage_during_the_fallback_fails_the_whole_batch() {
 }
 
 #[tokio::test]
-async fn graphqls_rate_limit_is_rate_limited_and_holds_graphql_only() {
+async fn graphqls_rate_limit_holds_graphql_only_and_the_keys_go_by_rest() {
     let f = Fake::start().await;
     Mock::given(method("POST"))
         .and(path("/graphql"))
@@ -384,38 +390,36 @@ async fn graphqls_rate_limit_is_rate_limited_and_holds_graphql_only() {
         .respond_with(f.raw_file(b"a", "\"a\""))
         .mount(&f.server)
         .await;
+    Mock::given(method("GET"))
+        .respond_with(f.not_found())
+        .mount(&f.server)
+        .await;
     let gh = f.authed_source();
-    let e = gh
+    let answers = gh
         .fetch_many(&["o/r/a.txt", "o/r/b.txt"])
         .await
-        .unwrap_err();
-    match &e {
-        SourceError::RateLimited {
-            until,
-            status,
-            message,
-        } => {
-            assert_eq!(*until, at(f.reset()), "until x-ratelimit-reset");
-            assert_eq!(*status, Some(200));
-            assert!(message.contains("API rate limit exceeded"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(!e.counts_as_failure() && e.is_transient());
+        .expect("read by REST");
+    assert_eq!(
+        answers[0].as_ref().ok(),
+        Some(&Fetched::value_with_validator("a", "\"a\""))
+    );
+    assert_eq!(answers[1].as_ref().ok(), Some(&Fetched::NotFound));
     let g = gh.graphql_rate_limit().unwrap();
     assert_eq!((g.remaining, g.reset), (0, at(f.reset())));
     // The cache's breaker opens when `rate_limit()` says 0: GraphQL's budget is not REST's.
-    assert_eq!(gh.rate_limit(), None);
-
-    // REST still goes out...
-    let got = gh.fetch("o/r/a.txt", None).await.unwrap();
-    assert_eq!(got, Fetched::value_with_validator("a", "\"a\""));
     assert_eq!(gh.rate_limit().unwrap().remaining, 4999);
-    // ...while GraphQL is held off until the reset: nothing is sent.
-    let before = received(&f.server).await.len();
-    let held = gh.fetch_many(&["o/r/a.txt"]).await.unwrap_err();
-    assert_eq!(held.rate_limited_until(), Some(at(f.reset())));
-    assert_eq!(received(&f.server).await.len(), before, "nothing was sent");
+    // GraphQL is held off until the reset: no POST, the key goes by REST.
+    let posts = |log: &[Request]| log.iter().filter(|r| r.method.as_str() == "POST").count();
+    let before = received(&f.server).await;
+    let again = gh.fetch_many(&["o/r/a.txt"]).await.unwrap();
+    assert!(again[0].is_ok());
+    let after = received(&f.server).await;
+    assert_eq!(
+        posts(&after),
+        posts(&before),
+        "no GraphQL request while held"
+    );
+    assert_eq!(after.len(), before.len() + 1, "one REST request");
 }
 
 #[tokio::test]
@@ -425,13 +429,26 @@ async fn rate_limit_type_and_a_nonzero_remaining_are_a_rate_limit_too() {
         .respond_with(f.graphql_rate_limited("RATE_LIMIT", 12))
         .mount(&f.server)
         .await;
+    Mock::given(method("GET"))
+        .respond_with(f.not_found())
+        .mount(&f.server)
+        .await;
     let gh = f.authed_source();
-    let e = gh.fetch_many(&["o/r/a.txt"]).await.unwrap_err();
-    assert_eq!(e.rate_limited_until(), Some(at(f.reset())));
-    // Held off until then, though the headers said 12 were left.
-    let before = received(&f.server).await.len();
-    assert!(gh.fetch_many(&["o/r/a.txt"]).await.is_err());
-    assert_eq!(received(&f.server).await.len(), before);
+    let answers = gh.fetch_many(&["o/r/a.txt"]).await.unwrap();
+    assert_eq!(
+        answers[0].as_ref().ok(),
+        Some(&Fetched::NotFound),
+        "by REST"
+    );
+    assert_eq!(
+        gh.graphql_rate_limit().map(|g| g.reset),
+        Some(at(f.reset()))
+    );
+    // Held off until then, though the headers said 12 were left: no second POST.
+    gh.fetch_many(&["o/r/a.txt"]).await.unwrap();
+    let log = received(&f.server).await;
+    let posts = log.iter().filter(|r| r.method.as_str() == "POST").count();
+    assert_eq!(posts, 1);
 }
 
 #[tokio::test]
@@ -558,20 +575,26 @@ async fn a_403_for_a_spent_graphql_budget_holds_graphql_but_not_rest() {
         .mount(&f.server)
         .await;
     let gh = f.authed_source();
-    let e = gh.fetch_many(&["o/r/a.txt"]).await.unwrap_err();
-    assert_eq!(e.rate_limited_until(), Some(at(f.reset())));
+    // GraphQL refused: the key is read by REST in the same call.
+    let answers = gh.fetch_many(&["o/r/a.txt"]).await.unwrap();
+    assert!(answers[0].is_ok(), "{answers:?}");
     assert_eq!(
-        gh.rate_limit(),
-        None,
+        gh.graphql_rate_limit().map(|g| (g.remaining, g.reset)),
+        Some((0, at(f.reset())))
+    );
+    assert_eq!(
+        gh.rate_limit().map(|r| r.remaining),
+        Some(4999),
         "GraphQL's budget is not reported as REST's"
     );
     assert!(
         gh.fetch("o/r/a.txt", None).await.is_ok(),
         "REST is not held"
     );
-    let before = received(&f.server).await.len();
-    assert!(gh.fetch_many(&["o/r/a.txt"]).await.is_err());
-    assert_eq!(received(&f.server).await.len(), before, "GraphQL is held");
+    gh.fetch_many(&["o/r/a.txt"]).await.unwrap();
+    let log = received(&f.server).await;
+    let posts = log.iter().filter(|r| r.method.as_str() == "POST").count();
+    assert_eq!(posts, 1, "GraphQL is held");
 }
 
 #[tokio::test]

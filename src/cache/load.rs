@@ -224,8 +224,28 @@ pub(super) async fn fetch_batches(inner: &Inner, mut keys: Vec<(String, oneshot:
     stream::iter(batches)
         .for_each_concurrent(inner.settings.fetch_concurrency, |batch| async move {
             let names: Vec<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
-            let (fetched, sent, answered_at) =
-                call_source(inner, Op::Mget, inner.source.fetch_many(&names)).await;
+            // A key whose own answer says the source failed: the breaker hears of it (the call
+            // reads as failed), and every key keeps its own answer.
+            let partial = std::sync::Mutex::new(None);
+            let call = async {
+                let answers = inner.source.fetch_many(&names).await?;
+                let failed = answers
+                    .iter()
+                    .find_map(|a| a.as_ref().err().filter(|e| e.counts_as_failure()).cloned());
+                match failed {
+                    Some(e) => {
+                        *partial.lock().unwrap_or_else(|p| p.into_inner()) = Some(answers);
+                        Err(e)
+                    }
+                    None => Ok(answers),
+                }
+            };
+            let (fetched, sent, answered_at) = call_source(inner, Op::Mget, call).await;
+            let partial = partial.into_inner().unwrap_or_else(|p| p.into_inner());
+            let fetched = match (fetched, partial) {
+                (Err(_), Some(answers)) => Ok(answers),
+                (fetched, _) => fetched,
+            };
             let mut answers = match fetched {
                 Ok(answers) if answers.len() == batch.len() => answers,
                 Ok(answers) => {

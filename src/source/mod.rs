@@ -145,9 +145,11 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
     /// `Ok` holds one answer per key, in the order of `keys`: a key can fail on its own (an
     /// invalid key, "not a file") without failing the others. `Err` means the batch as a whole
     /// failed (the request could not be sent, the source is down or rate-limited): the breaker
-    /// counts it like a failed [`fetch`](Self::fetch). The default fetches the keys one by one
-    /// and fails the batch at the first error that says the source is down or rate-limited
-    /// ([`SourceError::counts_as_failure`], [`SourceError::rate_limited_until`]).
+    /// counts it like a failed [`fetch`](Self::fetch); a key's own answer that says the source
+    /// failed ([`SourceError::counts_as_failure`]) is reported to the breaker too, while every
+    /// key keeps its answer. The default fetches the keys one by one; it fails the batch when
+    /// the source is rate-limited ([`SourceError::rate_limited_until`]), or when the first key
+    /// already finds it down (the rest would only wait for the same failure).
     ///
     /// # Errors
     /// A classified [`SourceError`] for the whole batch.
@@ -158,9 +160,8 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
             match self.fetch(key, None).await {
-                Err(e) if e.counts_as_failure() || e.rate_limited_until().is_some() => {
-                    return Err(e)
-                }
+                Err(e) if e.rate_limited_until().is_some() => return Err(e),
+                Err(e) if e.counts_as_failure() && answers.is_empty() => return Err(e),
                 answer => answers.push(answer),
             }
         }

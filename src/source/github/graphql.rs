@@ -29,13 +29,16 @@
 //! REST fallback keep their ETag.
 //!
 //! # Whole-batch failures
-//! The request could not be sent, a 5xx (whatever its body), 401, 403/429 (a secondary rate limit
-//! with `Retry-After`, or GraphQL's own budget spent), GraphQL's primary rate limit reported as
-//! a 200 with a `RATE_LIMITED` (or `RATE_LIMIT`) error, an answer that is not GraphQL's JSON,
-//! errors and no data: the call fails as a whole, and so does it when a REST fallback of the same
-//! call meets an outage or a rate limit (the source is down or out of budget; answers already
-//! read are dropped rather than passed off as a healthy batch). A 404 from the GraphQL endpoint
-//! (a server that has none) makes this source use REST for every later batch too.
+//! The request could not be sent, a 5xx (whatever its body), 401, an answer that is not
+//! GraphQL's JSON, errors and no data: the call fails as a whole. GraphQL's own budget spent
+//! (a 200 with a `RATE_LIMITED` or `RATE_LIMIT` error, or a 403/429 for the `graphql` resource)
+//! holds GraphQL off until its reset, and meanwhile the keys are read by REST, one request
+//! each: GraphQL's budget is not REST's, so it never fails the call by itself. The call fails
+//! as a whole when a REST read meets a rate limit (REST's budget, or a secondary limit, which
+//! holds both APIs): nothing more would be answered until it passes. Any other failure of
+//! a REST fallback (a 502 for one file) is that key's own answer: the others keep theirs, and the
+//! cache tells its breaker of the outage all the same. A 404 from the GraphQL endpoint (a server
+//! that has none) makes this source use REST for every later batch too.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -97,7 +100,14 @@ impl GitHubSource {
         let mut rest: Vec<(usize, &GitHubKey)> = Vec::new();
         if self.batches() {
             for chunk in valid.chunks(self.graphql_batch) {
-                match self.query(chunk).await? {
+                let fields = match self.query(chunk).await {
+                    // GraphQL's own budget is spent (or a secondary limit holds both APIs):
+                    // these keys go by REST, whose gate decides (the cache's breaker must not
+                    // hold REST for GraphQL's budget).
+                    Err(e) if e.rate_limited_until().is_some() => None,
+                    other => other?,
+                };
+                match fields {
                     Some(fields) => {
                         for ((i, key), field) in chunk.iter().zip(fields) {
                             match field {
@@ -124,7 +134,8 @@ impl GitHubSource {
         for (i, key) in rest {
             let answer = self.fetch_inner(key, None).await;
             if let Err(e) = &answer {
-                if e.counts_as_failure() || e.rate_limited_until().is_some() {
+                // Nothing more will be answered until the limit passes.
+                if e.rate_limited_until().is_some() {
                     return Err(e.clone());
                 }
             }

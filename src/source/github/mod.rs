@@ -187,8 +187,9 @@ impl Source for GitHubSource {
     /// One GraphQL request per up to [`GitHubSourceBuilder::graphql_batch`] keys (with a token;
     /// anonymous, or with a batch size of 1, one REST request per key), falling back to REST
     /// for the keys GraphQL cannot give byte-exact (one at a time, as GitHub asks of clients).
-    /// All of it runs under the one deadline. Unlike the trait's default, an outage or a rate
-    /// limit met by any of the call's requests fails the whole call, so the breaker sees it.
+    /// All of it runs under the one deadline. A rate limit met by any of the call's requests
+    /// fails the whole call; an outage of the GraphQL request does too, while a REST fallback's
+    /// failure is that key's answer (see the [module docs](graphql)).
     async fn fetch_many(
         &self,
         keys: &[&str],
