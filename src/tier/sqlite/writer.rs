@@ -55,7 +55,7 @@ impl WriterState {
             return Ok(known);
         }
         let any: bool = conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox WHERE dead = 1)")?
+            .prepare_cached("SELECT dead > 0 FROM counters WHERE id = 1")?
             .query_row([], |r| r.get(0))?;
         self.has_dead_letters = Some(any);
         Ok(any)
