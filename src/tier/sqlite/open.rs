@@ -127,6 +127,10 @@ impl SqliteTier {
             Location::File(path) => Some(FileWatch::new(path)?),
             Location::Memory => None,
         };
+        let checkpoints = match &opts.location {
+            Location::File(_) => Some(spawn_checkpointer(Self::open_reader(&uri, &opts)?)?),
+            Location::Memory => None,
+        };
         let (tx, rx) = mpsc::channel();
         let touches = Touches::default();
         let writer_touches = touches.clone();
@@ -138,6 +142,8 @@ impl SqliteTier {
             file: file.clone(),
             has_dead_letters: None,
             data_version: 0,
+            checkpoints,
+            commits: 0,
         };
         thread::Builder::new()
             .name("tiercache-sqlite-writer".into())
@@ -201,6 +207,12 @@ impl SqliteTier {
         conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
             .map_err(&fail)?;
         create_or_migrate(&conn, &path)?;
+        // The writer walks indexes (eviction, last-access updates) as the readers do: the same
+        // page cache size. Checkpoints are the checkpointer thread's (see `spawn_checkpointer`).
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size=-{READER_CACHE_KIB}; PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT};"
+        ))
+        .map_err(&fail)?;
         apply_pragmas(&conn, &opts.pragmas).map_err(&fail)?;
         rusqlite::vtab::array::load_module(&conn).map_err(&fail)?;
         conn.set_prepared_statement_cache_capacity(32);
@@ -227,6 +239,34 @@ impl SqliteTier {
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
+}
+
+/// WAL frames past which the writer's own connection checkpoints (SQLite's default is 1,000):
+/// a safety net only, should the checkpointer thread fall behind.
+const WRITER_AUTOCHECKPOINT: u32 = 20_000;
+
+/// Starts the checkpointer: a thread with a connection of its own that copies the WAL back
+/// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) when the writer asks. A
+/// checkpoint reads and writes pages all over the file and syncs it (milliseconds at a million
+/// entries, more on a slow disk); in the committing connection it would land on whichever
+/// write crossed the WAL's threshold. A passive checkpoint runs beside the writer and readers,
+/// never waiting for them. The thread ends when the writer drops its end of the channel.
+fn spawn_checkpointer(conn: Connection) -> Result<mpsc::SyncSender<()>> {
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    thread::Builder::new()
+        .name("tiercache-sqlite-checkpointer".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| Error::Storage {
+            message: format!("could not start the checkpointer thread: {e}"),
+            source: Some(Arc::new(e)),
+        })?;
+    Ok(tx)
 }
 
 /// The fast check made on open: the first and the last row of every table (by rowid), which

@@ -10,7 +10,8 @@ use super::{storage, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous
 use crate::error::{Error, Result};
 use crate::tier::{EntryStore, OutboxOp, OutboxStore, StoreSummary, StoredEntry};
 
-fn tier(max_bytes: u64) -> SqliteTier {
+/// A memory database bounded at `max_bytes`.
+pub(super) fn tier(max_bytes: u64) -> SqliteTier {
     SqliteTier::open(SqliteOptions {
         location: Location::Memory,
         max_bytes,
@@ -196,13 +197,26 @@ async fn one_commit_evicts_a_bounded_batch_and_the_next_commits_go_on() -> Resul
     // Least recently used first: the lowest `at` went.
     assert!(!keys_held(&tier)?.contains(&"k0".to_owned()));
     assert!(keys_held(&tier)?.contains(&"k1999".to_owned()));
-    // Four more commits bring it to 90% of the bound (and no lower: 589 entries of 100 bytes).
-    for i in 0..4 {
+    // Each later commit evicts another batch, until 90% of the bound (and no lower: 589
+    // entries of 100 bytes); then none.
+    let mut held_before = held(tier.summary(0).await?);
+    for i in 0.. {
         tier.put(&format!("y{i}"), entry(100, 6000, 100_000))
             .await?;
+        let now_held = held(tier.summary(0).await?);
+        assert_eq!(
+            now_held,
+            (held_before + 1 - (EVICT_PER_COMMIT as u64 + 1)).max(589),
+            "commit {i}"
+        );
+        held_before = now_held;
+        if now_held == 589 {
+            break;
+        }
     }
+    tier.put("z", entry(100, 7000, 100_000)).await?;
     let s = tier.summary(0).await?;
-    assert_eq!((s.entries, s.bytes), (589, 58_900), "{s:?}");
+    assert_eq!((s.entries, s.bytes), (590, 59_000), "{s:?}");
     Ok(())
 }
 

@@ -46,6 +46,28 @@ pub(super) struct WriterState {
     pub(super) has_dead_letters: Option<bool>,
     /// `PRAGMA data_version` as this connection last saw it.
     pub(super) data_version: i64,
+    /// Asks the checkpointer thread for a checkpoint (`None`: a memory database).
+    pub(super) checkpoints: Option<mpsc::SyncSender<()>>,
+    /// Commits since the last checkpoint was asked for.
+    pub(super) commits: u32,
+}
+
+/// Commits between two checkpoints asked of the checkpointer (each commit of a lone set adds a
+/// handful of pages to the WAL).
+const COMMITS_PER_CHECKPOINT: u32 = 64;
+
+impl WriterState {
+    /// Counts a commit; every `COMMITS_PER_CHECKPOINT`, asks the checkpointer for a checkpoint
+    /// (without waiting: one already asked for and not yet begun covers this one).
+    fn committed(&mut self) {
+        self.commits += 1;
+        if self.commits >= COMMITS_PER_CHECKPOINT {
+            self.commits = 0;
+            if let Some(tx) = &self.checkpoints {
+                let _ = tx.try_send(());
+            }
+        }
+    }
 }
 
 impl WriterState {
@@ -149,8 +171,12 @@ const MAX_BATCH: usize = 1024;
 /// Last-access updates kept waiting for a write; past this, later reads are not recorded.
 pub(super) const MAX_TOUCHES: usize = 16 * 1024;
 /// Last-access updates applied with one commit, at most (a write that arrives meanwhile waits
-/// for at most these).
-pub(super) const TOUCHES_PER_COMMIT: usize = 256;
+/// for at most these: a few milliseconds at a million entries, each a random page). A burst
+/// of reads is recorded over the writes that follow it, this many per write; reads beyond
+/// `MAX_TOUCHES` waiting are not recorded (recency is approximate, as a sample of the reads).
+pub(super) const TOUCHES_PER_COMMIT: usize = 64;
+/// How long the writer waits for another job before it applies waiting last-access times.
+const TOUCH_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 /// Under a queue that never empties, the touches get a commit of their own after this many
 /// batches of jobs.
 const BATCHES_PER_TOUCH_COMMIT: usize = 16;
@@ -158,7 +184,7 @@ const BATCHES_PER_TOUCH_COMMIT: usize = 16;
 const EVICT_STEP: usize = 32;
 /// Entries one commit evicts at most, besides one per job of the batch: the bound on what a
 /// write waits for eviction, whatever the table's size.
-pub(super) const EVICT_PER_COMMIT: usize = 256;
+pub(super) const EVICT_PER_COMMIT: usize = 64;
 
 pub(super) fn writer_loop(
     mut conn: Connection,
@@ -193,17 +219,19 @@ pub(super) fn writer_loop(
         for (done, result) in completions {
             done(result);
         }
-        // Reads' last-access times are a hint for eviction. They are applied after the jobs
-        // were acknowledged, when the writer finds its queue empty (or, under a queue that
-        // never empties, every few batches): a caller's write never waits for them, and a
-        // read-only workload causes no commit (a commit makes every read connection drop its
-        // page cache).
+        // Reads' last-access times are a hint for eviction. They are applied once the writer
+        // has acknowledged its jobs and then found no job for `TOUCH_IDLE` (or, under a queue
+        // that never empties, every few batches), a small chunk at a time: a caller's write
+        // never waits for them, nor for more than one chunk, and a read-only workload causes
+        // no commit (a commit makes every read connection drop its page cache).
         batches_since_touches += 1;
         if next.is_none() {
-            match rx.try_recv() {
+            match rx.recv_timeout(TOUCH_IDLE) {
                 Ok(msg) => next = Some(msg),
-                Err(mpsc::TryRecvError::Empty) => batches_since_touches = BATCHES_PER_TOUCH_COMMIT,
-                Err(mpsc::TryRecvError::Disconnected) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    batches_since_touches = BATCHES_PER_TOUCH_COMMIT;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
             }
         }
         if batches_since_touches >= BATCHES_PER_TOUCH_COMMIT {
@@ -245,6 +273,7 @@ fn apply_touches(conn: &mut Connection, shared: &Touches, state: &mut WriterStat
         }
         tx.commit()
     })();
+    state.committed();
     if let Err(e) = applied {
         tracing::debug!(error = %e, "last-access times not recorded");
     }
@@ -316,6 +345,7 @@ fn commit_batch(
         tracing::warn!(error = %e, "L2 eviction failed");
     }
     let result = tx.commit().map_err(|e| Error::storage("commit", e));
+    state.committed();
     completions
         .into_iter()
         .map(|c| (c, result.clone()))
@@ -398,24 +428,13 @@ fn evict(conn: &Connection, state: &mut WriterState, budget: usize) -> rusqlite:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     use bytes::Bytes;
 
-    use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
     use crate::tier::{EntryStore, StoredEntry};
 
     fn memory_tier() -> SqliteTier {
-        SqliteTier::open(SqliteOptions {
-            location: Location::Memory,
-            max_bytes: 1 << 30,
-            synchronous: Synchronous::default(),
-            on_corrupt: OnCorrupt::default(),
-            readers: 1,
-            busy_timeout: Duration::from_secs(1),
-            pragmas: Vec::new(),
-        })
-        .expect("a memory database")
+        crate::tier::sqlite::tests::tier(1 << 30)
     }
 
     fn last_access(tier: &SqliteTier, key: &str) -> i64 {
