@@ -274,14 +274,15 @@ impl EntryStore for SqliteTier {
                      FROM counters WHERE id = 1",
                 )?
                 .query_row([], |r| {
-                    let mut s = StoreSummary::default();
-                    s.entries = to_u64(r.get(0)?);
-                    s.bytes = to_u64(r.get(1)?);
-                    s.negative_entries = to_u64(r.get(2)?);
-                    s.outbox_depth = to_u64(r.get(3)?);
-                    s.dead_letters = to_u64(r.get(4)?);
-                    s.outbox_bytes = to_u64(r.get(5)?);
-                    Ok(s)
+                    Ok(StoreSummary {
+                        entries: to_u64(r.get(0)?),
+                        bytes: to_u64(r.get(1)?),
+                        negative_entries: to_u64(r.get(2)?),
+                        outbox_depth: to_u64(r.get(3)?),
+                        dead_letters: to_u64(r.get(4)?),
+                        outbox_bytes: to_u64(r.get(5)?),
+                        ..StoreSummary::default()
+                    })
                 })?;
             // The stale range of an index (never the values): empty when everything is fresh.
             s.stale_entries = conn
