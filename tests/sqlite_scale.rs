@@ -206,3 +206,42 @@ async fn a_write_behind_set_past_the_outbox_bound_is_refused_and_nothing_acknowl
     cache.set(&key, vec![b'x'; chunk]).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn opening_checks_the_edges_and_check_integrity_reads_the_whole_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("deep.db");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    {
+        let cache = builder(&source, &clock, &path)
+            .strategy(Strategy::CacheAside)
+            .build()?;
+        for i in 0..400 {
+            cache.set(&format!("k{i:04}"), vec![b'v'; 1000]).await?;
+        }
+        cache.check_integrity().await?;
+    }
+    // Checkpointed into the file, then a page in the middle of the entries becomes garbage
+    // (the header, the schema and every table's first and last pages are left as they were).
+    {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        assert!(pages > 100, "{pages} pages");
+        drop(conn);
+        let mut bytes = std::fs::read(&path)?;
+        let at = (page * (pages / 3)) as usize;
+        bytes[at..at + page as usize].fill(0xA5);
+        std::fs::write(&path, &bytes)?;
+    }
+    // Opening reads no whole file, so it does not see the damage; the full check does.
+    let cache = builder(&source, &clock, &path)
+        .strategy(Strategy::CacheAside)
+        .build()?;
+    match cache.check_integrity().await {
+        Err(tiercache::Error::CorruptDatabase { path: p, .. }) => assert_eq!(p, path),
+        other => panic!("expected CorruptDatabase, got {other:?}"),
+    }
+    Ok(())
+}
