@@ -126,6 +126,23 @@ pub enum Error {
         /// Its key.
         key: String,
     },
+    /// A write-behind write was refused because the outbox is full: it holds `held` bytes of
+    /// writes not yet delivered (and dead letters), and this write of `needed` bytes would take
+    /// it past its bound of `limit` bytes
+    /// ([`outbox_bound`](crate::tier::sqlite::outbox_bound)). Nothing of this write happened
+    /// (L1, L2 and the outbox are as they were); every write acknowledged before it is kept and
+    /// will be delivered. Retry once deliveries have caught up (or dead letters were resolved).
+    #[error("the write-behind outbox is full ({held} of {limit} bytes held); the write of {key:?} ({needed} bytes) was refused")]
+    OutboxFull {
+        /// The key of the refused write.
+        key: String,
+        /// Bytes the write would have added (its key and value).
+        needed: u64,
+        /// Bytes the outbox holds.
+        held: u64,
+        /// The outbox's bound.
+        limit: u64,
+    },
     /// The cache has been closed.
     #[error("the cache is closed")]
     Closed,
@@ -136,6 +153,12 @@ impl Error {
     /// stale copy was available.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
+    }
+
+    /// A write-behind write was refused because the outbox is full ([`Error::OutboxFull`]):
+    /// nothing of it happened, and what was acknowledged before is kept.
+    pub fn is_outbox_full(&self) -> bool {
+        matches!(self, Error::OutboxFull { .. })
     }
 
     /// The key was refused: by the cache ([`Error::InvalidKey`]) or by the source

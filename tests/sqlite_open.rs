@@ -306,7 +306,7 @@ async fn a_version_1_database_is_migrated_and_its_data_kept() -> TestResult {
 
     let conn = rusqlite::Connection::open(&path)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    assert_eq!(version, 2);
+    assert_eq!(version, tiercache::tier::sqlite::SCHEMA_VERSION);
     let app_id: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
     assert_eq!(app_id, tiercache::tier::sqlite::APPLICATION_ID);
     let (key, superseded): (String, i64) =
@@ -318,7 +318,10 @@ async fn a_version_1_database_is_migrated_and_its_data_kept() -> TestResult {
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox' AND sql IS NOT NULL ORDER BY name")?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    assert_eq!(indexes, ["outbox_by_key", "outbox_dead_by_key"]);
+    assert_eq!(
+        indexes,
+        ["outbox_by_key", "outbox_dead_by_key", "outbox_failing"]
+    );
     let note: String = conn.query_row("SELECT value FROM meta WHERE name = 'note'", [], |r| {
         r.get(0)
     })?;

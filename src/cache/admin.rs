@@ -426,6 +426,31 @@ impl TieredCache {
         self.inner.stats.reset();
     }
 
+    /// The full integrity check of the SQLite file (`PRAGMA quick_check`: it reads the whole
+    /// file, so it is not made on open, which checks only the header, the schema and each
+    /// table's first and last rows). Runs on a blocking thread with a connection of its own;
+    /// the cache goes on serving. `Ok` for an in-memory database or a store given to
+    /// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store).
+    ///
+    /// A damaged file is reported, not moved (it is in use): close the cache, then reopen with
+    /// [`OnCorrupt::MoveAside`](crate::OnCorrupt::MoveAside) or move it yourself.
+    ///
+    /// # Errors
+    /// [`Error::CorruptDatabase`] with what SQLite found; [`Error::Storage`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = tiercache::TieredCache::builder().build()?;
+    /// cache.check_integrity().await?;
+    /// # Ok::<(), tiercache::Error>(()) }).unwrap();
+    /// ```
+    pub async fn check_integrity(&self) -> Result<()> {
+        match &self.inner.sqlite {
+            Some(sqlite) => sqlite.check_integrity().await,
+            None => Ok(()),
+        }
+    }
+
     /// What the L2 database holds: entries, bytes, stale entries, outbox depth, dead letters.
     ///
     /// # Errors

@@ -149,8 +149,11 @@ impl TieredCacheBuilder {
         self
     }
 
-    /// L2's bound in bytes of values held; past it, expired entries go first, then the least
-    /// recently used. Default: 1 GiB.
+    /// L2's bound in bytes of values held, the write-behind outbox's included; past it,
+    /// expired entries go first, then the least recently used (a bounded batch per commit).
+    /// The outbox has a bound of its own,
+    /// [`outbox_bound`](crate::tier::sqlite::outbox_bound)`(bytes)`: a write-behind write past
+    /// it is refused with [`Error::OutboxFull`](crate::Error::OutboxFull). Default: 1 GiB.
     pub fn sqlite_capacity(mut self, bytes: u64) -> Self {
         self.sqlite_capacity = bytes;
         self

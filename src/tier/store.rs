@@ -187,7 +187,8 @@ pub enum Resolved {
     Superseded(String),
 }
 
-/// What the L2 store holds, as counted by one query.
+/// What the L2 store holds. The SQLite tier answers from counters kept in the database (and
+/// the stale count from an index's stale range), never by reading the entries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct StoreSummary {
@@ -205,6 +206,9 @@ pub struct StoreSummary {
     pub dead_letters: u64,
     /// When the oldest pending write was made (ms since the UNIX epoch).
     pub oldest_pending_ms: Option<u64>,
+    /// Bytes of the outbox's rows (keys and values, dead letters included), counted against
+    /// the outbox's bound. 0 for a store that does not count them.
+    pub outbox_bytes: u64,
 }
 
 /// What [`EntryStore::get_many`] found: the entries held, and the keys' pending outbox writes.

@@ -7,9 +7,25 @@
 //! A read of a cached page is a few microseconds, cheaper than any hop to another thread.
 //!
 //! The module's parts: `open` (the file looked at before any write, foreign and corrupt files,
-//! the schema and its migrations, the watch on the file's identity), `writer` (the writer thread:
-//! group commit, jobs, last-access touches, eviction) and `store` (reads, and the write jobs of
-//! the tier's implementation of the storage traits, `tier::store`).
+//! the integrity policy, the watch on the file's identity), `schema` (tables, counters kept by
+//! triggers, migrations), `writer` (the writer thread: group commit, jobs, last-access touches,
+//! bounded eviction) and `store` (reads, and the write jobs of the tier's implementation of the
+//! storage traits, `tier::store`).
+//!
+//! # Costs that do not grow with the table
+//! The counts and byte totals live in a one-row table kept by triggers in the same transaction
+//! as every change, so a summary, `stats()` and `health()` read one row, and opening reads no
+//! total. Eviction walks two indexes (expired first, then least recently used) a small batch per
+//! commit. A read's last access is a row of a narrow table, applied after the writer has
+//! acknowledged its jobs, never inside a caller's write.
+//!
+//! # Integrity policy
+//! Opening checks what is cheap: the header and schema (SQLite refuses a file that is not a
+//! database), then the first and last row of every table (a damaged root or edge page). A file
+//! that fails is refused or moved aside ([`OnCorrupt`]). The full `PRAGMA quick_check`, which
+//! reads the whole file, runs on demand
+//! ([`TieredCache::check_integrity`](crate::TieredCache::check_integrity)); damage deeper in the
+//! file that a read meets before then is an [`Error::Storage`] for that read.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,8 +38,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod open;
+mod schema;
 mod store;
+#[cfg(test)]
+mod tests;
 mod writer;
+
+pub use schema::{SCHEMA, SCHEMA_VERSION};
 
 use open::FileWatch;
 use writer::{Msg, Touches};
@@ -37,44 +58,18 @@ pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 /// application and is refused untouched ([`Error::ForeignDatabase`]).
 pub const APPLICATION_ID: i32 = 0x7469_6572;
 
-/// The schema version written to `PRAGMA user_version`.
-///
-/// History: 1, the first (no `application_id`); 2, `outbox.superseded` and the outbox indexes,
-/// and `application_id` set to [`APPLICATION_ID`].
-pub const SCHEMA_VERSION: i64 = 2;
+/// The outbox's bound in bytes (keys and values of its rows, dead letters included) never falls
+/// below this, whatever L2's bound: a write-behind cache with a small L2 still rides out an
+/// outage of a few thousand writes.
+pub const OUTBOX_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The database schema of version [`SCHEMA_VERSION`], as a new database is created. An older
-/// database is brought to it by the migrations, one version at a time.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS entries (
-    key         TEXT PRIMARY KEY NOT NULL,
-    value       BLOB,
-    validator   TEXT,
-    stored_at   INTEGER NOT NULL,
-    fresh_until INTEGER NOT NULL,
-    stale_until INTEGER NOT NULL,
-    size        INTEGER NOT NULL,
-    last_access INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id           INTEGER PRIMARY KEY,
-    key          TEXT NOT NULL,
-    op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
-    value        BLOB,
-    created_at   INTEGER NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT,
-    dead         INTEGER NOT NULL DEFAULT 0,
-    superseded   INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
-CREATE INDEX IF NOT EXISTS outbox_dead_by_key ON outbox(key) WHERE dead = 1;
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY NOT NULL,
-    value TEXT NOT NULL
-);
-";
+/// The write-behind outbox's bound for an L2 bound of `l2_bytes`: the larger of the two and
+/// [`OUTBOX_MIN_BYTES`]. A write-behind `set` or `delete` that would take the outbox past it is
+/// refused with [`Error::OutboxFull`] (nothing is written; what the outbox holds stays).
+/// The outbox's bytes also count against L2's bound: entries are evicted to make room for them.
+pub fn outbox_bound(l2_bytes: u64) -> u64 {
+    l2_bytes.max(OUTBOX_MIN_BYTES)
+}
 
 /// Page cache of each read connection, in KiB (change it with
 /// [`sqlite_pragma`](crate::TieredCacheBuilder::sqlite_pragma)`("cache_size", ..)`).
@@ -167,6 +162,27 @@ impl SqliteTier {
     /// before each commit; this lets health report it without a write.
     pub(crate) fn check_file(&self) -> Result<()> {
         self.file.as_ref().map_or(Ok(()), FileWatch::check)
+    }
+
+    /// The full integrity check (`PRAGMA quick_check`, which reads the whole file), on a
+    /// connection of its own on a blocking thread: reads and writes go on meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::CorruptDatabase`] naming what SQLite found; [`Error::Storage`] when the check
+    /// could not run.
+    pub(crate) async fn check_integrity(&self) -> Result<()> {
+        match &self.location {
+            Location::File(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || open::quick_check(&path))
+                    .await
+                    .map_err(|e| Error::Storage {
+                        message: format!("the integrity check stopped: {e}"),
+                        source: None,
+                    })?
+            }
+            Location::Memory => Ok(()),
+        }
     }
 
     /// Statements run on read connections so far (lets tests prove `get_many` is one statement).

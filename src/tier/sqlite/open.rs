@@ -11,38 +11,17 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
+use super::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 use super::writer::{writer_loop, Touches, WriterState};
 use super::{
-    storage, to_u64, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous, APPLICATION_ID,
-    MAX_BUSY_TIMEOUT, READER_CACHE_KIB, SCHEMA, SCHEMA_VERSION,
+    storage, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous, APPLICATION_ID,
+    MAX_BUSY_TIMEOUT, READER_CACHE_KIB,
 };
 use crate::error::{Error, Result};
 
 /// The tables of a version 1 database (which had no `application_id`): a file with exactly
 /// these, `user_version` 1 and `application_id` 0 is an older tiercache's, and is migrated.
 const TABLES_V1: [&str; 3] = ["entries", "meta", "outbox"];
-
-/// One step of the schema's history: the SQL that takes a database of version `to - 1` to
-/// version `to`. Run in one transaction with the version bump.
-struct Migration {
-    to: i64,
-    sql: &'static str,
-}
-
-/// Every step, oldest first; the last one's `to` is [`SCHEMA_VERSION`].
-const MIGRATIONS: &[Migration] = &[Migration {
-    to: 2,
-    // `superseded`: 1 on a dead letter a newer write of its key came after.
-    // `outbox_by_key`: the newest pending write of a key (the pending scan walks the rowid:
-    // an index on `dead` cost every set and delivery more than it saved);
-    // `outbox_dead_by_key`: a key's dead letters (marked superseded by every write of the key:
-    // without it, each write-behind set scanned the key's pending rows).
-    sql: "
-        ALTER TABLE outbox ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0;
-        CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);
-        CREATE INDEX IF NOT EXISTS outbox_dead_by_key ON outbox(key) WHERE dead = 1;
-    ",
-}];
 
 /// The identity of the database file as it was opened: on unix its device and inode, elsewhere
 /// only its existence.
@@ -144,14 +123,12 @@ impl SqliteTier {
         let readers = (0..opts.readers.max(1))
             .map(|_| Self::open_reader(&uri, &opts).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
-        let total_bytes: i64 = writer
-            .query_row("SELECT total(size) FROM entries", [], |r| {
-                r.get::<_, f64>(0)
-            })
-            .map(|v| v as i64)
-            .map_err(storage("count the bytes held"))?;
         let file = match &opts.location {
             Location::File(path) => Some(FileWatch::new(path)?),
+            Location::Memory => None,
+        };
+        let checkpoints = match &opts.location {
+            Location::File(_) => Some(spawn_checkpointer(Self::open_reader(&uri, &opts)?)?),
             Location::Memory => None,
         };
         let (tx, rx) = mpsc::channel();
@@ -160,11 +137,13 @@ impl SqliteTier {
         let state = WriterState {
             last_failure: None,
             now_hint: 0,
-            total_bytes: to_u64(total_bytes),
             max_bytes: opts.max_bytes,
+            evicting: false,
             file: file.clone(),
             has_dead_letters: None,
             data_version: 0,
+            checkpoints,
+            commits: 0,
         };
         thread::Builder::new()
             .name("tiercache-sqlite-writer".into())
@@ -209,16 +188,9 @@ impl SqliteTier {
         let found = inspect(&conn).map_err(&fail)?;
         refuse(&found, &path)?;
         if opts.location != Location::Memory && found != FileKind::Empty {
-            // Catch a damaged file now rather than on the first read of a damaged page.
-            let check: String = conn
-                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-                .map_err(&fail)?;
-            if check != "ok" {
-                return Err(Error::CorruptDatabase {
-                    path: path.clone(),
-                    message: check,
-                });
-            }
+            // A damaged root or edge page is caught now; the full check reads the whole file
+            // and runs on demand (see the module's integrity policy).
+            probe(&conn).map_err(&fail)?;
         }
         if opts.location != Location::Memory {
             let mode: String = conn
@@ -235,6 +207,12 @@ impl SqliteTier {
         conn.execute_batch(&format!("PRAGMA synchronous={sync};"))
             .map_err(&fail)?;
         create_or_migrate(&conn, &path)?;
+        // The writer walks indexes (eviction, last-access updates) as the readers do: the same
+        // page cache size. Checkpoints are the checkpointer thread's (see `spawn_checkpointer`).
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size=-{READER_CACHE_KIB}; PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT};"
+        ))
+        .map_err(&fail)?;
         apply_pragmas(&conn, &opts.pragmas).map_err(&fail)?;
         rusqlite::vtab::array::load_module(&conn).map_err(&fail)?;
         conn.set_prepared_statement_cache_capacity(32);
@@ -261,6 +239,80 @@ impl SqliteTier {
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
+}
+
+/// WAL frames past which the writer's own connection checkpoints (SQLite's default is 1,000):
+/// a safety net only, should the checkpointer thread fall behind.
+const WRITER_AUTOCHECKPOINT: u32 = 20_000;
+
+/// Starts the checkpointer: a thread with a connection of its own that copies the WAL back
+/// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) when the writer asks. A
+/// checkpoint reads and writes pages all over the file and syncs it (milliseconds at a million
+/// entries, more on a slow disk); in the committing connection it would land on whichever
+/// write crossed the WAL's threshold. A passive checkpoint runs beside the writer and readers,
+/// never waiting for them. The thread ends when the writer drops its end of the channel.
+fn spawn_checkpointer(conn: Connection) -> Result<mpsc::SyncSender<()>> {
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    thread::Builder::new()
+        .name("tiercache-sqlite-checkpointer".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| Error::Storage {
+            message: format!("could not start the checkpointer thread: {e}"),
+            source: Some(Arc::new(e)),
+        })?;
+    Ok(tx)
+}
+
+/// The fast check made on open: the first and the last row of every table (by rowid), which
+/// walks each table's root page and its edges. Reads a few pages per table, whatever the size.
+fn probe(conn: &Connection) -> rusqlite::Result<()> {
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for table in tables {
+        let quoted = table.replace('"', "\"\"");
+        for order in ["ASC", "DESC"] {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT * FROM \"{quoted}\" ORDER BY rowid {order} LIMIT 1"
+            ))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+        }
+    }
+    Ok(())
+}
+
+/// The full `PRAGMA quick_check` of the database file at `path`, on a connection of its own
+/// (blocking: run it off the async threads). `Err(`[`Error::CorruptDatabase`]`)` names what
+/// SQLite found.
+pub(crate) fn quick_check(path: &Path) -> Result<()> {
+    let fail = open_error(path);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(&fail)?;
+    let mut stmt = conn.prepare("PRAGMA quick_check(10)").map_err(&fail)?;
+    let found: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(&fail)?;
+    if found.len() == 1 && found[0] == "ok" {
+        return Ok(());
+    }
+    Err(Error::CorruptDatabase {
+        path: path.to_owned(),
+        message: found.join("; "),
+    })
 }
 
 /// The busy timeout, capped at what SQLite takes (the builder refuses a longer one; the cap
@@ -474,8 +526,8 @@ mod tests {
         let new = Connection::open_in_memory().expect("db");
         new.execute_batch(SCHEMA).expect("schema");
         let old = Connection::open_in_memory().expect("db");
-        // Version 1: the current schema without what the migrations add.
-        let v1 = SCHEMA
+        // Version 1: version 2 without what its migration adds.
+        let v1 = super::super::schema::SCHEMA_V2
             .replace(",\n    superseded   INTEGER NOT NULL DEFAULT 0", "")
             .replace(
                 "CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox(key, id);",
@@ -491,6 +543,14 @@ mod tests {
             old.execute_batch(m.sql).expect("migration");
         }
         assert!(shape(&new).iter().any(|l| l.contains("superseded")));
+        assert!(shape(&new).iter().any(|l| l.contains("recency_by_at")));
         assert_eq!(shape(&old), shape(&new));
+        let triggers = |c: &Connection| -> Vec<String> {
+            c.prepare("SELECT sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .expect("triggers")
+        };
+        assert_eq!(triggers(&old).len(), 6);
+        assert_eq!(triggers(&old), triggers(&new));
     }
 }

@@ -11,8 +11,8 @@ use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::writer::{WriterState, MAX_TOUCHES};
-use super::{storage, to_i64, to_u64, SqliteTier};
-use crate::error::Result;
+use super::{outbox_bound, storage, to_i64, to_u64, SqliteTier};
+use crate::error::{Error, Result};
 use crate::tier::{
     EntryStore, FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved,
     StateStore, StoreSummary, StoredEntry,
@@ -68,11 +68,7 @@ fn put_entry(
     key: &str,
     e: &StoredEntry,
 ) -> rusqlite::Result<()> {
-    let old: Option<i64> = conn
-        .prepare_cached("SELECT size FROM entries WHERE key = ?1")?
-        .query_row([key], |r| r.get(0))
-        .optional()?;
-    let size = e.size() as u64;
+    // The counters and the recency row follow by trigger (see `schema`).
     conn.prepare_cached(
         "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
@@ -87,9 +83,8 @@ fn put_entry(
         to_i64(e.stored_at),
         to_i64(e.fresh_until),
         to_i64(e.stale_until),
-        to_i64(size),
+        to_i64(e.size() as u64),
     ])?;
-    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64)) + size;
     state.now_hint = state.now_hint.max(e.stored_at);
     Ok(())
 }
@@ -128,13 +123,10 @@ fn remove_unless_pending(
     remove_entry(conn, state, key)
 }
 
-fn remove_entry(conn: &Connection, state: &mut WriterState, key: &str) -> rusqlite::Result<()> {
-    let old: Option<i64> = conn
-        .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING size")?
-        .query_row([key], |r| r.get(0))
-        .optional()?;
-    state.total_bytes = state.total_bytes.saturating_sub(old.map_or(0, to_u64));
-    Ok(())
+fn remove_entry(conn: &Connection, _: &mut WriterState, key: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM entries WHERE key = ?1")?
+        .execute([key])
+        .map(drop)
 }
 
 fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
@@ -156,6 +148,14 @@ fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         dead: r.get::<_, i64>(8)? != 0,
         superseded: r.get::<_, i64>(9)? != 0,
     })
+}
+
+/// Bytes a write adds to the outbox besides its key.
+fn op_len(op: &OutboxOp) -> usize {
+    match op {
+        OutboxOp::Put(v) => v.len(),
+        OutboxOp::Delete => 0,
+    }
 }
 
 const OUTBOX_COLUMNS: &str =
@@ -268,25 +268,39 @@ impl EntryStore for SqliteTier {
 
     async fn summary(&self, now: u64) -> Result<StoreSummary> {
         self.read(|conn| {
-            let (entries, bytes, stale, negative) = conn.query_row(
-                "SELECT count(*), total(size), total(fresh_until <= ?1), total(value IS NULL) FROM entries",
-                [to_i64(now)],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, f64>(3)?)),
-            )?;
-            let (depth, dead, oldest) = conn.query_row(
-                "SELECT total(dead = 0), total(dead = 1), min(CASE WHEN dead = 0 THEN created_at END) FROM outbox",
-                [],
-                |r| Ok((r.get::<_, f64>(0)?, r.get::<_, f64>(1)?, r.get::<_, Option<i64>>(2)?)),
-            )?;
-            Ok(StoreSummary {
-                entries: to_u64(entries),
-                bytes: bytes as u64,
-                stale_entries: stale as u64,
-                negative_entries: negative as u64,
-                outbox_depth: depth as u64,
-                dead_letters: dead as u64,
-                oldest_pending_ms: oldest.map(to_u64),
-            })
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT entries, bytes, negative, pending, dead, outbox_bytes
+                     FROM counters WHERE id = 1",
+                )?
+                .query_row([], |r| {
+                    Ok(StoreSummary {
+                        entries: to_u64(r.get(0)?),
+                        bytes: to_u64(r.get(1)?),
+                        negative_entries: to_u64(r.get(2)?),
+                        outbox_depth: to_u64(r.get(3)?),
+                        dead_letters: to_u64(r.get(4)?),
+                        outbox_bytes: to_u64(r.get(5)?),
+                        ..StoreSummary::default()
+                    })
+                })?;
+            // The stale range of an index (never the values): empty when everything is fresh.
+            s.stale_entries = conn
+                .prepare_cached("SELECT count(*) FROM entries WHERE fresh_until <= ?1")?
+                .query_row([to_i64(now)], |r| r.get::<_, i64>(0))
+                .map(to_u64)?;
+            // The first pending row by id is the oldest write (dead letters ahead of it are
+            // skipped: as many as there are).
+            if s.outbox_depth > 0 {
+                s.oldest_pending_ms = conn
+                    .prepare_cached(
+                        "SELECT created_at FROM outbox WHERE dead = 0 ORDER BY id LIMIT 1",
+                    )?
+                    .query_row([], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(to_u64);
+            }
+            Ok(s)
         })
         .map_err(storage("summarize the database"))
     }
@@ -302,7 +316,18 @@ impl OutboxStore for SqliteTier {
         now: u64,
     ) -> Result<i64> {
         let key = key.to_owned();
-        self.write_atomic(move |conn, state| {
+        let needed = (key.len() + op_len(&op)) as u64;
+        let outcome = self.write_atomic(move |conn, state| {
+            // The outbox's bound, checked in the transaction that would pass it: refused, the
+            // write changes nothing.
+            let held: i64 = conn
+                .prepare_cached("SELECT outbox_bytes FROM counters WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
+            let held = to_u64(held);
+            let limit = outbox_bound(state.max_bytes);
+            if held.saturating_add(needed) > limit {
+                return Ok(Err(Error::OutboxFull { key, needed, held, limit }));
+            }
             match &entry {
                 Some(e) => put_entry(conn, state, &key, e)?,
                 None => remove_entry(conn, state, &key)?,
@@ -323,9 +348,10 @@ impl OutboxStore for SqliteTier {
                 "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
             )?
             .execute(params![key, op.name(), value, to_i64(now)])?;
-            Ok(conn.last_insert_rowid())
+            Ok(Ok(conn.last_insert_rowid()))
         })
-        .await
+        .await?;
+        outcome
     }
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
@@ -360,21 +386,24 @@ impl OutboxStore for SqliteTier {
 
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT key, last_error FROM outbox WHERE dead = 0 ORDER BY id")?;
+            let pending: i64 = conn
+                .prepare_cached("SELECT pending FROM counters WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
+            // Only the rows with an error (`outbox_failing`): none while deliveries succeed.
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, last_error FROM outbox INDEXED BY outbox_failing
+                 WHERE dead = 0 AND last_error IS NOT NULL ORDER BY id",
+            )?;
             let mut rows = stmt.query([])?;
-            let (mut pending, mut stuck, mut seen) =
-                (0u64, Vec::new(), std::collections::HashSet::new());
+            let (mut stuck, mut seen) = (Vec::new(), std::collections::HashSet::new());
             while let Some(r) = rows.next()? {
-                pending += 1;
-                if let Some(error) = r.get::<_, Option<String>>(1)? {
-                    let key: String = r.get(0)?;
-                    if seen.insert(key.clone()) {
-                        stuck.push((key, error));
-                    }
+                let key: String = r.get(0)?;
+                if !seen.contains(&key) {
+                    seen.insert(key.clone());
+                    stuck.push((key, r.get(1)?));
                 }
             }
-            Ok((pending, stuck))
+            Ok((to_u64(pending), stuck))
         })
         .map_err(storage("read the outbox"))
     }

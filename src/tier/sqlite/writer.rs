@@ -1,6 +1,6 @@
 //! The writer thread: it owns the write connection and commits every job queued since its last
-//! commit in one transaction (group commit), with the reads' last-access times riding along, and
-//! evicts down to the byte bound.
+//! commit in one transaction (group commit), evicts towards the byte bound a bounded batch per
+//! commit, and applies the reads' last-access times once its queue is empty.
 
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -22,6 +22,9 @@ pub(super) type Touches = Arc<Mutex<Vec<(String, u64)>>>;
 
 pub(super) enum Msg {
     Job(Job),
+    /// Apply the waiting last-access times now (at most `TOUCHES_PER_COMMIT`), then answer.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Touches(oneshot::Sender<()>),
 }
 
 /// State only the writer thread touches.
@@ -29,9 +32,12 @@ pub(super) struct WriterState {
     /// The SQLite error of the last job that failed (names the cause when SQLite rolls a whole
     /// batch back).
     pub(super) last_failure: Option<rusqlite::ffi::Error>,
+    /// The latest time seen (of writes and reads): "now" for expiry in eviction.
     pub(super) now_hint: u64,
-    pub(super) total_bytes: u64,
+    /// L2's bound in bytes (entries and outbox).
     pub(super) max_bytes: u64,
+    /// Past the bound and not yet back under 90% of it: each commit evicts a batch.
+    pub(super) evicting: bool,
     /// The database file, checked before each commit (`None`: a memory database).
     pub(super) file: Option<FileWatch>,
     /// Whether the outbox holds dead letters (`None`: not known; asked when needed). Every
@@ -40,6 +46,28 @@ pub(super) struct WriterState {
     pub(super) has_dead_letters: Option<bool>,
     /// `PRAGMA data_version` as this connection last saw it.
     pub(super) data_version: i64,
+    /// Asks the checkpointer thread for a checkpoint (`None`: a memory database).
+    pub(super) checkpoints: Option<mpsc::SyncSender<()>>,
+    /// Commits since the last checkpoint was asked for.
+    pub(super) commits: u32,
+}
+
+/// Commits between two checkpoints asked of the checkpointer (each commit of a lone set adds a
+/// handful of pages to the WAL).
+const COMMITS_PER_CHECKPOINT: u32 = 64;
+
+impl WriterState {
+    /// Counts a commit; every `COMMITS_PER_CHECKPOINT`, asks the checkpointer for a checkpoint
+    /// (without waiting: one already asked for and not yet begun covers this one).
+    fn committed(&mut self) {
+        self.commits += 1;
+        if self.commits >= COMMITS_PER_CHECKPOINT {
+            self.commits = 0;
+            if let Some(tx) = &self.checkpoints {
+                let _ = tx.try_send(());
+            }
+        }
+    }
 }
 
 impl WriterState {
@@ -49,7 +77,7 @@ impl WriterState {
             return Ok(known);
         }
         let any: bool = conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox WHERE dead = 1)")?
+            .prepare_cached("SELECT dead > 0 FROM counters WHERE id = 1")?
             .query_row([], |r| r.get(0))?;
         self.has_dead_letters = Some(any);
         Ok(any)
@@ -108,6 +136,15 @@ impl SqliteTier {
         rx.await.map_err(|_| Error::Closed)?
     }
 
+    /// Applies the reads' waiting last-access times now (at most `TOUCHES_PER_COMMIT` of them,
+    /// oldest first) in a commit of their own, and returns once they are.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) async fn apply_touches(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Touches(tx))?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
     fn send(&self, msg: Msg) -> Result<()> {
         self.writer.send(msg).map_err(|_| Error::Closed)
     }
@@ -133,8 +170,21 @@ fn run_in_savepoint<T>(
 const MAX_BATCH: usize = 1024;
 /// Last-access updates kept waiting for a write; past this, later reads are not recorded.
 pub(super) const MAX_TOUCHES: usize = 16 * 1024;
-/// Last-access updates applied with one commit, at most.
-const TOUCHES_PER_COMMIT: usize = 1024;
+/// Last-access updates applied with one commit, at most (a write that arrives meanwhile waits
+/// for at most these: a few milliseconds at a million entries, each a random page). A burst
+/// of reads is recorded over the writes that follow it, this many per write; reads beyond
+/// `MAX_TOUCHES` waiting are not recorded (recency is approximate, as a sample of the reads).
+pub(super) const TOUCHES_PER_COMMIT: usize = 64;
+/// How long the writer waits for another job before it applies waiting last-access times.
+const TOUCH_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
+/// Under a queue that never empties, the touches get a commit of their own after this many
+/// batches of jobs.
+const BATCHES_PER_TOUCH_COMMIT: usize = 16;
+/// Entries removed by one eviction statement.
+const EVICT_STEP: usize = 32;
+/// Entries one commit evicts at most, besides one per job of the batch: the bound on what a
+/// write waits for eviction, whatever the table's size.
+pub(super) const EVICT_PER_COMMIT: usize = 64;
 
 pub(super) fn writer_loop(
     mut conn: Connection,
@@ -142,51 +192,105 @@ pub(super) fn writer_loop(
     shared_touches: Touches,
     mut state: WriterState,
 ) {
-    while let Ok(Msg::Job(first)) = rx.recv() {
+    let mut next: Option<Msg> = None;
+    let mut batches_since_touches = 0;
+    loop {
+        let first = match next.take().map_or_else(|| rx.recv().ok(), Some) {
+            Some(Msg::Job(job)) => job,
+            Some(Msg::Touches(done)) => {
+                apply_touches(&mut conn, &shared_touches, &mut state);
+                let _ = done.send(());
+                continue;
+            }
+            None => break,
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Msg::Job(j)) => jobs.push(j),
+                Ok(msg) => {
+                    next = Some(msg);
+                    break;
+                }
                 Err(_) => break,
             }
         }
-        // Reads' last-access times are a hint for eviction: they ride along with the next
-        // write and never commit on their own (a commit makes every read connection drop its
-        // page cache, so a read-only workload must not cause one).
-        // At most `TOUCHES_PER_COMMIT` of them per commit, oldest first, so that the write
-        // after a long read-only stretch does not wait for thousands of updates.
-        let mut touches = {
-            let mut shared = shared_touches.lock().unwrap_or_else(|e| e.into_inner());
-            if shared.len() > TOUCHES_PER_COMMIT {
-                let rest = shared.split_off(TOUCHES_PER_COMMIT);
-                std::mem::replace(&mut *shared, rest)
-            } else {
-                std::mem::take(&mut *shared)
-            }
-        };
-        let completions = commit_batch(&mut conn, jobs, &mut touches, &mut state);
+        let completions = commit_batch(&mut conn, jobs, &mut state);
         for (done, result) in completions {
             done(result);
+        }
+        // Reads' last-access times are a hint for eviction. They are applied once the writer
+        // has acknowledged its jobs and then found no job for `TOUCH_IDLE` (or, under a queue
+        // that never empties, every few batches), a small chunk at a time: a caller's write
+        // never waits for them, nor for more than one chunk, and a read-only workload causes
+        // no commit (a commit makes every read connection drop its page cache).
+        batches_since_touches += 1;
+        if next.is_none() {
+            match rx.recv_timeout(TOUCH_IDLE) {
+                Ok(msg) => next = Some(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    batches_since_touches = BATCHES_PER_TOUCH_COMMIT;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+        }
+        if batches_since_touches >= BATCHES_PER_TOUCH_COMMIT {
+            batches_since_touches = 0;
+            apply_touches(&mut conn, &shared_touches, &mut state);
         }
     }
     tracing::debug!("sqlite writer stopped");
 }
 
+/// Applies at most `TOUCHES_PER_COMMIT` waiting last-access times (oldest first; a key read
+/// several times is written once) to `recency`, in a transaction of their own.
+fn apply_touches(conn: &mut Connection, shared: &Touches, state: &mut WriterState) {
+    let mut touches = {
+        let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.len() > TOUCHES_PER_COMMIT {
+            let rest = shared.split_off(TOUCHES_PER_COMMIT);
+            std::mem::replace(&mut *shared, rest)
+        } else {
+            std::mem::take(&mut *shared)
+        }
+    };
+    if touches.is_empty() || state.file.as_ref().is_some_and(|f| f.check().is_err()) {
+        return;
+    }
+    touches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    touches.dedup_by(|later, first| later.0 == first.0);
+    let applied = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE recency SET at = ?2
+                 WHERE id = (SELECT rowid FROM entries WHERE key = ?1) AND at < ?2",
+            )?;
+            for (key, at) in &touches {
+                stmt.execute(params![key, to_i64(*at)])?;
+                state.now_hint = state.now_hint.max(*at);
+            }
+        }
+        tx.commit()
+    })();
+    state.committed();
+    if let Err(e) = applied {
+        tracing::debug!(error = %e, "last-access times not recorded");
+    }
+}
+
 fn commit_batch(
     conn: &mut Connection,
     jobs: Vec<Job>,
-    touches: &mut Vec<(String, u64)>,
     state: &mut WriterState,
 ) -> Vec<(Completion, Result<()>)> {
     // Nothing is committed to a file no longer at its path: the writes would be lost.
     if let Some(Err(err)) = state.file.as_ref().map(FileWatch::check) {
-        touches.clear();
         return jobs
             .into_iter()
             .map(|job| (job(None), Err(err.clone())))
             .collect();
     }
-    let bytes_before = state.total_bytes;
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -207,7 +311,8 @@ fn commit_batch(
         }
         Err(_) => state.has_dead_letters = None,
     }
-    let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len());
+    let written = jobs.len();
+    let mut completions: Vec<Completion> = Vec::with_capacity(written);
     let mut aborted = false;
     for job in jobs {
         if aborted {
@@ -220,9 +325,7 @@ fn commit_batch(
         aborted = tx.is_autocommit();
     }
     if aborted {
-        state.total_bytes = bytes_before;
         state.has_dead_letters = None;
-        touches.clear();
         let cause = state.last_failure.take();
         let err = Error::Storage {
             message: format!(
@@ -238,92 +341,106 @@ fn commit_batch(
             .map(|c| (c, Err(err.clone())))
             .collect();
     }
-    if !touches.is_empty() {
-        if let Ok(mut stmt) = tx.prepare_cached(
-            "UPDATE entries SET last_access = ?2 WHERE key = ?1 AND last_access < ?2",
-        ) {
-            for (key, at) in touches.drain(..) {
-                let _ = stmt.execute(params![key, to_i64(at)]);
-                state.now_hint = state.now_hint.max(at);
-            }
-        }
-        touches.clear();
-    }
-    if state.total_bytes > state.max_bytes {
-        if let Err(e) = evict(&tx, state) {
-            tracing::warn!(error = %e, "L2 eviction failed");
-        }
+    if let Err(e) = evict(&tx, state, EVICT_PER_COMMIT + written) {
+        tracing::warn!(error = %e, "L2 eviction failed");
     }
     let result = tx.commit().map_err(|e| Error::storage("commit", e));
-    if result.is_err() {
-        state.total_bytes = bytes_before;
-    }
+    state.committed();
     completions
         .into_iter()
         .map(|c| (c, result.clone()))
         .collect()
 }
 
-/// Brings the bytes held under the bound: expired entries first, then the least recently used.
-fn evict(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<()> {
-    let target = state.max_bytes - state.max_bytes / 10;
-    let freed: f64 = conn.query_row(
-        "SELECT total(size) FROM entries WHERE stale_until <= ?1",
-        [to_i64(state.now_hint)],
-        |r| r.get(0),
-    )?;
-    conn.execute(
-        "DELETE FROM entries WHERE stale_until <= ?1",
-        [to_i64(state.now_hint)],
-    )?;
-    state.total_bytes = state.total_bytes.saturating_sub(freed as u64);
-    if state.total_bytes > target {
-        // The least recently used entries whose sizes, added up in that order, first cover the
-        // excess: one statement, no over-eviction.
-        let excess = to_i64(state.total_bytes - target);
+/// Removes the least recently used entries, at most `step` of them, whose sizes, added up in
+/// that order, first cover `excess` bytes (no over-eviction). Returns how many went.
+fn evict_least_recent(conn: &Connection, step: usize, excess: u64) -> rusqlite::Result<usize> {
+    let mut ids = Vec::with_capacity(step);
+    let mut freed = 0;
+    {
         let mut stmt = conn.prepare_cached(
-            "DELETE FROM entries WHERE key IN (
-               SELECT key FROM (
-                 SELECT key, size, sum(size) OVER (ORDER BY last_access, key) AS running
-                 FROM entries)
-               WHERE running - size < ?1)
-             RETURNING size",
+            "SELECT r.id, e.size FROM recency AS r JOIN entries AS e ON e.rowid = r.id
+             ORDER BY r.at LIMIT ?1",
         )?;
-        let freed: i64 = stmt
-            .query_map([excess], |r| r.get::<_, i64>(0))?
-            .sum::<rusqlite::Result<i64>>()?;
-        state.total_bytes = state.total_bytes.saturating_sub(to_u64(freed));
+        let mut rows = stmt.query([to_i64(step as u64)])?;
+        while let Some(r) = rows.next()? {
+            if freed >= excess {
+                break;
+            }
+            ids.push(rusqlite::types::Value::from(r.get::<_, i64>(0)?));
+            freed += to_u64(r.get(1)?);
+        }
     }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    conn.prepare_cached("DELETE FROM entries WHERE rowid IN rarray(?1)")?
+        .execute([std::rc::Rc::new(ids)])
+}
+
+/// Bytes L2 holds, entries and outbox (the counters: one row).
+pub(super) fn held_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT bytes + outbox_bytes FROM counters WHERE id = 1")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(to_u64)
+}
+
+/// Brings the bytes held towards the bound, removing at most `budget` entries: once past the
+/// bound, down to 90% of it (over as many commits as that takes), expired entries first
+/// (oldest deadline first), then the least recently used. Every step walks the head of an
+/// index, so its cost does not grow with the table.
+fn evict(conn: &Connection, state: &mut WriterState, budget: usize) -> rusqlite::Result<()> {
+    let mut held = held_bytes(conn)?;
+    if held > state.max_bytes {
+        state.evicting = true;
+    }
+    if !state.evicting {
+        return Ok(());
+    }
+    let target = state.max_bytes - state.max_bytes / 10;
+    let mut expired = conn.prepare_cached(
+        "DELETE FROM entries WHERE rowid IN (
+           SELECT rowid FROM entries WHERE stale_until <= ?1 ORDER BY stale_until LIMIT ?2)",
+    )?;
+    let (mut removed, mut any_expired) = (0, true);
+    while held > target && removed < budget {
+        let step = EVICT_STEP.min(budget - removed);
+        let mut n = 0;
+        if any_expired {
+            n = expired.execute(params![to_i64(state.now_hint), to_i64(step as u64)])?;
+            any_expired = n > 0;
+        }
+        if n == 0 {
+            n = evict_least_recent(conn, step, held - target)?;
+        }
+        if n == 0 {
+            break;
+        }
+        removed += n;
+        held = held_bytes(conn)?;
+    }
+    // Still over 90% with the budget spent: the next commit goes on. (Nothing left to evict,
+    // the outbox holding the bytes: the next commit past the bound looks again.)
+    state.evicting = held > target && removed >= budget;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     use bytes::Bytes;
 
-    use crate::tier::sqlite::{Location, OnCorrupt, SqliteOptions, Synchronous};
     use crate::tier::{EntryStore, StoredEntry};
 
     fn memory_tier() -> SqliteTier {
-        SqliteTier::open(SqliteOptions {
-            location: Location::Memory,
-            max_bytes: 1 << 30,
-            synchronous: Synchronous::default(),
-            on_corrupt: OnCorrupt::default(),
-            readers: 1,
-            busy_timeout: Duration::from_secs(1),
-            pragmas: Vec::new(),
-        })
-        .expect("a memory database")
+        crate::tier::sqlite::tests::tier(1 << 30)
     }
 
     fn last_access(tier: &SqliteTier, key: &str) -> i64 {
         tier.read(|c| {
             c.query_row(
-                "SELECT last_access FROM entries WHERE key = ?1",
+                "SELECT at FROM recency WHERE id = (SELECT rowid FROM entries WHERE key = ?1)",
                 [key],
                 |r| r.get(0),
             )
@@ -332,7 +449,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_applies_a_bounded_number_of_touches_oldest_first() -> Result<()> {
+    async fn touches_commit_on_their_own_a_bounded_number_oldest_first() -> Result<()> {
         let tier = memory_tier();
         let keys: Vec<String> = (0..TOUCHES_PER_COMMIT + 10)
             .map(|i| format!("k{i}"))
@@ -347,15 +464,30 @@ mod tests {
         for k in &keys {
             tier.touch(k, 50);
         }
-        // The next write carries the first `TOUCHES_PER_COMMIT`; the rest wait for the one after.
-        tier.put("other", StoredEntry::new(None, None, 1, 2, 2))
-            .await?;
+        // A key read twice is written once, with its latest time.
+        tier.touch(&keys[0], 60);
+        // The first `TOUCHES_PER_COMMIT` go in one commit; the rest wait for the next.
+        tier.apply_touches().await?;
         assert_eq!(last_access(&tier, &keys[0]), 50);
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT - 1]), 50);
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT]), 1);
-        tier.put("other", StoredEntry::new(None, None, 1, 2, 2))
-            .await?;
+        tier.apply_touches().await?;
         assert_eq!(last_access(&tier, &keys[TOUCHES_PER_COMMIT + 9]), 50);
+        assert_eq!(last_access(&tier, &keys[0]), 60);
+        // A touch never moves an entry back in time, nor rewrites the entry's row.
+        tier.touch(&keys[1], 10);
+        tier.apply_touches().await?;
+        assert_eq!(last_access(&tier, &keys[1]), 50);
+        let written: i64 = tier
+            .read(|c| {
+                c.query_row(
+                    "SELECT last_access FROM entries WHERE key = 'k1'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(crate::tier::sqlite::storage("read"))?;
+        assert_eq!(written, 1);
         Ok(())
     }
 }
