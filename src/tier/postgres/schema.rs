@@ -289,14 +289,16 @@ impl Sql {
                  ON CONFLICT (name) DO UPDATE SET value = excluded.value"),
             delete_meta: q("DELETE FROM {s}.meta WHERE name = $1"),
             summary: q(
-                "SELECT e.n, e.bytes, e.stale, e.negative, o.depth, o.dead, o.oldest FROM
+                "SELECT e.n, e.bytes, e.stale, e.negative, o.depth, o.dead, o.oldest, o.bytes FROM
                    (SELECT count(*) AS n, coalesce(sum(size), 0)::bigint AS bytes,
                            count(*) FILTER (WHERE fresh_until <= $1) AS stale,
                            count(*) FILTER (WHERE value IS NULL) AS negative
                     FROM {s}.entries) AS e,
                    (SELECT count(*) FILTER (WHERE NOT dead) AS depth,
                            count(*) FILTER (WHERE dead) AS dead,
-                           min(created_at) FILTER (WHERE NOT dead) AS oldest
+                           min(created_at) FILTER (WHERE NOT dead) AS oldest,
+                           coalesce(sum(octet_length(key) + coalesce(octet_length(value), 0)), 0)::bigint
+                             AS bytes
                     FROM {s}.outbox) AS o",
             ),
             lock_prefix: format!("{schema}/"),

@@ -274,6 +274,7 @@ impl EntryStore for PostgresStore {
                 outbox_depth: count(4)?,
                 dead_letters: count(5)?,
                 oldest_pending_ms: r.try_get::<_, Option<i64>>(6)?.map(to_u64),
+                outbox_bytes: count(7)?,
             })
         };
         run.await.map_err(|e| storage("summarize the store", e))
