@@ -187,9 +187,12 @@ impl Source for GitHubSource {
     /// One GraphQL request per up to [`GitHubSourceBuilder::graphql_batch`] keys (with a token;
     /// anonymous, or with a batch size of 1, one REST request per key), falling back to REST
     /// for the keys GraphQL cannot give byte-exact (one at a time, as GitHub asks of clients).
-    /// All of it runs under the one deadline. A rate limit met by any of the call's requests
-    /// fails the whole call; an outage of the GraphQL request does too, while a REST fallback's
-    /// failure is that key's answer (see the [module docs](graphql)).
+    /// All of it runs under the one deadline. GraphQL's own budget spent (its separate budget:
+    /// [`GitHubSource::graphql_rate_limit`]) holds GraphQL off until its reset and sends the keys
+    /// by REST meanwhile. A REST rate limit (or a secondary limit) fails the whole call, and so
+    /// does an outage of the GraphQL request; a REST read's own failure is that key's answer.
+    /// Values read through GraphQL carry no validator (GraphQL gives the blob's id, not the
+    /// ETag): their first revalidation is a full read, which brings the ETag.
     async fn fetch_many(
         &self,
         keys: &[&str],
