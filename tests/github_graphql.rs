@@ -108,6 +108,27 @@ async fn a_hundred_cold_keys_travel_in_one_post() {
     assert_eq!(gh.rate_limit(), None, "no REST answer yet: no REST budget");
 }
 
+/// Through the cache: `mget` of 100 cold keys is one request; the same `mget` again, none.
+#[tokio::test]
+async fn a_caches_mget_of_a_hundred_cold_keys_is_one_request() {
+    let f = Fake::start().await;
+    let (repo, keys) = text_files(100);
+    mount_graphql(&f, repo).await;
+    let cache = tiercache::TieredCache::builder()
+        .source(f.authed_source())
+        .clock(f.clock.clone())
+        .build()
+        .unwrap();
+    let results = cache.mget(&keys).await;
+    for (i, r) in results.iter().enumerate() {
+        let l = r.as_ref().unwrap().as_ref().expect("exists");
+        assert_eq!(l.value, format!("file {i}\n"), "key {i}");
+    }
+    assert_eq!(received(&f.server).await.len(), 1, "one GraphQL request");
+    assert!(cache.mget(&keys).await.iter().all(|r| r.is_ok()));
+    assert_eq!(received(&f.server).await.len(), 1, "then L1");
+}
+
 #[tokio::test]
 async fn two_hundred_fifty_keys_in_batches_of_a_hundred_take_three_posts() {
     let f = Fake::start().await;
