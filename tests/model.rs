@@ -1106,6 +1106,9 @@ impl World {
         if !matches {
             return false;
         }
+        if self.may_be_an_older_delivery(key, w, at) {
+            return true;
+        }
         match self.recorded_by(at) {
             None => true,
             // A copy read back before the delivery was recorded may stay in L1 until its TTL
@@ -1114,6 +1117,27 @@ impl World {
                 w.op.is_some() && self.keys[key].invalidated < q && self.now() < time + TTL_MS
             }
         }
+    }
+
+    /// Whether the source call at `at`, which the model credits to `w` (the first matching
+    /// call after `w` began), may have delivered an older write of the key with the same op
+    /// instead: the delivery round read the rows before `w`'s was committed, so `w`'s row is
+    /// still pending (and will be sent again). The model cannot tell the two apart from the
+    /// source's log, so it admits both.
+    fn may_be_an_older_delivery(&self, key: usize, w: &Write, at: u64) -> bool {
+        let calls = self.calls();
+        let writes = &self.keys[key].writes;
+        let Some(i) = writes.iter().position(|o| std::ptr::eq(o, w)) else {
+            return false;
+        };
+        writes[..i].iter().any(|older| {
+            older.op == w.op
+                && older.ack.is_some()
+                && matches!(
+                    self.status(key, older, &calls, at - 1),
+                    Status::Pending | Status::Retried
+                )
+        })
     }
 
     async fn read_one(&mut self, key: usize, lookup: bool) -> Check {
