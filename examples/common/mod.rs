@@ -96,12 +96,16 @@ impl FakeGitHub {
 
 struct Responder(Arc<Mutex<State>>);
 
-/// GitHub's headers on every answer.
+/// GitHub's headers on every answer (the budget resets within the hour, as GitHub's does).
 fn answer(status: u16) -> ResponseTemplate {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let reset = (now / 3600 + 1) * 3600;
     ResponseTemplate::new(status)
         .insert_header("x-ratelimit-limit", "5000")
         .insert_header("x-ratelimit-remaining", "4990")
-        .insert_header("x-ratelimit-reset", "4102444800")
+        .insert_header("x-ratelimit-reset", reset.to_string().as_str())
 }
 
 fn json_answer(status: u16, body: Value) -> ResponseTemplate {
