@@ -1227,3 +1227,21 @@ async fn warm_of_a_prefix_with_no_files_exits_2_and_warm_owner_names_warms_synta
         owner.stderr
     );
 }
+
+/// Built without the `postgres` feature, `--postgres` is a usage error that says what to do.
+#[cfg(not(feature = "postgres"))]
+#[tokio::test]
+async fn postgres_without_its_feature_is_a_usage_error() {
+    let env = Env::new().await;
+    let run = env
+        .run(&[
+            "--postgres",
+            "postgres://app:pw@127.0.0.1/cache",
+            "get",
+            KEY,
+        ])
+        .await;
+    run.expect(64);
+    assert!(run.stderr.contains("postgres` feature"), "{}", run.stderr);
+    assert!(!run.stderr.contains("pw@"), "{}", run.stderr);
+}

@@ -798,3 +798,68 @@ async fn a_write_sent_behind_the_keys_lock_waits_for_it() -> TestResult {
     assert_eq!(store.get("k").await?, Some(entry("v", 1)));
     Ok(())
 }
+
+/// `tiercache --postgres URL --postgres-schema S`: a `put` by one process is a `get` (an L2
+/// hit, GitHub never asked) by another, and no SQLite file is made.
+#[tokio::test]
+async fn the_command_line_puts_and_gets_through_postgres() -> TestResult {
+    let t = pg_or_skip!("the_command_line_puts_and_gets_through_postgres");
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("never.db");
+    let file = dir.path().join("prod.toml");
+    std::fs::write(&file, "port = 9090\n")?;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tiercache"))
+            .args(["--postgres", &pg::url(), "--postgres-schema", &t.schema])
+            // Nothing listens there: any request to GitHub would fail.
+            .args([
+                "--api-url",
+                "http://127.0.0.1:9",
+                "--db",
+                db.to_str().unwrap(),
+            ])
+            .args(args)
+            .env_remove("TIERCACHE_CONFIG")
+            .output()
+    };
+    let put = run(&["put", "octo/app/prod.toml", file.to_str().unwrap()])?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = run(&["get", "--json", "octo/app/prod.toml"])?;
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&get.stdout)?;
+    assert_eq!(
+        (json["content"].as_str(), json["tier"].as_str()),
+        (Some("port = 9090\n"), Some("l2"))
+    );
+    assert!(!db.exists(), "L2 was PostgreSQL, not the SQLite file");
+    Ok(())
+}
+
+/// An unreachable `--postgres` server: a clear error, the password never printed.
+#[test]
+fn the_command_line_names_an_unreachable_server_without_its_password() -> TestResult {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiercache"))
+        .args(["--postgres", "postgres://app:s3cr3t-pw@127.0.0.1:1/cache"])
+        .args([
+            "--api-url",
+            "http://127.0.0.1:9",
+            "get",
+            "octo/app/prod.toml",
+        ])
+        .env_remove("TIERCACHE_CONFIG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t-pw"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cr3t-pw"));
+    Ok(())
+}

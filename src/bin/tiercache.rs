@@ -51,7 +51,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use tiercache::source::github::GitHubSource;
-use tiercache::{Error, Strategy, TieredCache};
+use tiercache::{Error, Strategy, TieredCache, TieredCacheBuilder};
 
 use config::{Flags, Settings};
 use outbox::DeadLetterAction;
@@ -128,6 +128,24 @@ struct GlobalArgs {
     /// The config file [default: $TIERCACHE_CONFIG; none]
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// L2 on this PostgreSQL server instead of the SQLite file, shared by every instance
+    /// pointed at it (feature `postgres`); the password is never printed
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "TIERCACHE_POSTGRES_URL",
+        hide_env_values = true
+    )]
+    postgres: Option<String>,
+    /// The schema of --postgres: instances sharing one are one cache [default: tiercache]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        env = "TIERCACHE_POSTGRES_SCHEMA"
+    )]
+    postgres_schema: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -386,6 +404,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             _ => None,
         },
         config: g.config,
+        postgres: g.postgres,
+        postgres_schema: g.postgres_schema,
     })?;
     // A service uses every core; a one-shot command needs one thread.
     let mut rt = match cli.command {
@@ -441,7 +461,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
 }
 
 /// Opens the cache on the settings. `strategy` overrides the configured one.
-fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> {
+async fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> {
     if s.db_is_default {
         if let Some(dir) = s.db.parent() {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -456,10 +476,13 @@ fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> {
         .build()
         .map_err(|e| Failure::from_error(&e))?;
     let mut b = TieredCache::builder()
-        .sqlite_path(&s.db)
         .source(source)
         .strategy(strategy)
         .offline(s.offline);
+    b = match &s.postgres {
+        Some(url) => on_postgres(b, url.expose(), s.postgres_schema.as_deref()).await?,
+        None => b.sqlite_path(&s.db),
+    };
     if let Some(ttl) = s.ttl {
         b = b.ttl(ttl);
     }
@@ -471,11 +494,39 @@ fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> {
     }
     b.build().map_err(|e| {
         let mut f = Failure::from_error(&e);
-        if e.is_storage() {
+        if e.is_storage() && s.postgres.is_none() {
             f.message = format!("{} (database {})", f.message, s.db.display());
         }
         f
     })
+}
+
+/// L2 on the PostgreSQL server of `--postgres` (its errors name the server without the
+/// password).
+#[cfg(feature = "postgres")]
+async fn on_postgres(
+    b: TieredCacheBuilder,
+    url: &str,
+    schema: Option<&str>,
+) -> Result<TieredCacheBuilder, Failure> {
+    let mut store = tiercache::PostgresStore::builder(url);
+    if let Some(schema) = schema {
+        store = store.schema(schema);
+    }
+    let store = store.connect().await.map_err(|e| Failure::from_error(&e))?;
+    Ok(b.store(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn on_postgres(
+    _: TieredCacheBuilder,
+    _: &str,
+    _: Option<&str>,
+) -> Result<TieredCacheBuilder, Failure> {
+    Err(Failure::usage(
+        "--postgres needs the `postgres` feature: build tiercache with --features cli,postgres"
+            .to_owned(),
+    ))
 }
 
 /// The strategy for commands that only read: write-behind reads like read-through, and opening

@@ -77,6 +77,26 @@ pub(crate) struct Flags {
     /// `--offline` (`Some(true)`), `--online` (`Some(false)`), or neither.
     pub(crate) offline: Option<bool>,
     pub(crate) config: Option<PathBuf>,
+    /// `--postgres URL` (or `TIERCACHE_POSTGRES_URL`, read by clap).
+    pub(crate) postgres: Option<String>,
+    /// `--postgres-schema NAME` (or `TIERCACHE_POSTGRES_SCHEMA`).
+    pub(crate) postgres_schema: Option<String>,
+}
+
+/// A database URL, which may hold a password: never printed.
+#[derive(Clone)]
+pub(crate) struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
 }
 
 /// The settings in force.
@@ -91,6 +111,9 @@ pub(crate) struct Settings {
     pub(crate) stale_ttl: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) offline: bool,
+    /// L2 on this PostgreSQL server instead of `db`, in this schema (else the default).
+    pub(crate) postgres: Option<DatabaseUrl>,
+    pub(crate) postgres_schema: Option<String>,
 }
 
 fn file_duration(name: &str, value: Option<String>) -> Result<Option<Duration>, Failure> {
@@ -155,6 +178,11 @@ pub(crate) fn resolve(flags: Flags) -> Result<Settings, Failure> {
         stale_ttl,
         timeout,
         offline: flags.offline.or(file.offline).unwrap_or(false),
+        postgres: flags
+            .postgres
+            .filter(|u| !u.trim().is_empty())
+            .map(DatabaseUrl),
+        postgres_schema: flags.postgres_schema.filter(|n| !n.trim().is_empty()),
     })
 }
 

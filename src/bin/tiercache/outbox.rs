@@ -13,7 +13,7 @@ pub(crate) async fn flush(s: &Settings) -> Result<u8, Failure> {
             "flush delivers writes to GitHub; it cannot run with --offline",
         ));
     }
-    let cache = open(s, Strategy::WriteBehind)?;
+    let cache = open(s, Strategy::WriteBehind).await?;
     let report = cache.flush().await.map_err(|e| Failure::from_error(&e))?;
     let summary = cache
         .store_summary()
@@ -56,7 +56,7 @@ pub(crate) async fn dead_letters(
     action: DeadLetterAction,
     json: bool,
 ) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let letters = cache
         .dead_letters()
         .await

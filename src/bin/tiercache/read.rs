@@ -19,7 +19,7 @@ fn read_options(s: &Settings) -> ReadOptions {
 }
 
 pub(crate) async fn get(s: &Settings, key: &str, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let result = cache.lookup_with(key, &read_options(s)).await;
     match result {
         Ok(Some(l)) => {
@@ -71,7 +71,7 @@ fn not_found_message(s: &Settings, key: &str) -> String {
 }
 
 pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let results = cache.mget_with(keys, &read_options(s)).await;
     let mut code = 0u8;
     let worse = |code: u8, new: u8| -> u8 {
@@ -143,7 +143,7 @@ pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
             "warm fetches from GitHub; it cannot run with --offline",
         ));
     }
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

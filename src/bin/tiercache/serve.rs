@@ -8,7 +8,7 @@ use crate::config::Settings;
 use crate::{open, Failure};
 
 pub(crate) async fn serve(s: &Settings, listen: SocketAddr) -> Result<u8, Failure> {
-    let cache = open(s, s.strategy)?;
+    let cache = open(s, s.strategy).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure::runtime(format!("cannot listen on {listen}: {e}")))?;

@@ -47,7 +47,7 @@ fn rate_limit(cache: &TieredCache, now: SystemTime) -> Option<RateLimitReport> {
 }
 
 pub(crate) async fn stats(s: &Settings, json: bool) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let summary = cache
         .store_summary()
         .await
@@ -95,7 +95,7 @@ pub(crate) async fn stats(s: &Settings, json: bool) -> Result<u8, Failure> {
 }
 
 pub(crate) async fn health(s: &Settings, json: bool, probe: Option<&str>) -> Result<u8, Failure> {
-    let cache = open(s, read_strategy(s))?;
+    let cache = open(s, read_strategy(s)).await?;
     let probed = match probe {
         Some(key) => Some(cache.probe_source(key).await),
         None => None,

@@ -53,7 +53,7 @@ where
              writes to GitHub first (write-behind queues the write for a later `flush`)",
         ));
     }
-    let cache = open(s, s.strategy)?;
+    let cache = open(s, s.strategy).await?;
     // The newest dead letter of this key before the write: one after it is this write's. The
     // flush report alone cannot tell, as the background flusher may deliver (or dead-letter)
     // the write before `flush` runs.
