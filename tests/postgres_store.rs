@@ -863,3 +863,73 @@ fn the_command_line_names_an_unreachable_server_without_its_password() -> TestRe
     assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cr3t-pw"));
     Ok(())
 }
+
+/// Two `tiercache::serve` replicas on one schema (what `tiercache serve --postgres` runs): a PUT
+/// through one is a GET through the other, and a conditional GET gets 304.
+#[tokio::test]
+async fn two_http_replicas_on_one_schema_serve_each_others_writes() -> TestResult {
+    use std::future::IntoFuture;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let t = pg_or_skip!("two_http_replicas_on_one_schema_serve_each_others_writes");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("octo/app/a.toml", "v1");
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let store = t.store().connect().await?;
+        let cache = builder(&store, &source, &clock).build()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(listener.local_addr()?);
+        tokio::spawn(axum::serve(listener, tiercache::serve::router(cache)).into_future());
+    }
+    // One request: the raw answer (hyper writes header names in lower case).
+    let request = |addr: std::net::SocketAddr, head: String, body: &'static [u8]| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let path = "/components/octo/app/a.toml";
+    let first = request(addrs[0], format!("GET {path} HTTP/1.1"), b"").await?;
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.ends_with("v1"),
+        "{first}"
+    );
+    let put = request(addrs[0], format!("PUT {path} HTTP/1.1"), b"v2").await?;
+    assert!(put.starts_with("HTTP/1.1 204"), "{put}");
+    let other = request(addrs[1], format!("GET {path} HTTP/1.1"), b"").await?;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    assert!(
+        other.contains("x-tiercache-tier: l2") && other.ends_with("v2"),
+        "{other}"
+    );
+    assert_eq!(
+        source.fetch_count(),
+        1,
+        "the second replica read PostgreSQL, not the source"
+    );
+    // The value fetched from the source has an ETag; a conditional GET of it gets 304.
+    source.insert("octo/app/b.toml", "b");
+    let b = request(
+        addrs[1],
+        "GET /components/octo/app/b.toml HTTP/1.1".into(),
+        b"",
+    )
+    .await?;
+    let etag = b
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .ok_or("an etag")?
+        .trim()
+        .to_owned();
+    let again = format!("GET /components/octo/app/b.toml HTTP/1.1\r\nIf-None-Match: {etag}");
+    let not_modified = request(addrs[0], again, b"").await?;
+    assert!(not_modified.starts_with("HTTP/1.1 304"), "{not_modified}");
+    Ok(())
+}
