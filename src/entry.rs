@@ -68,6 +68,14 @@ impl Entry {
         self.decoded.get()?.clone().downcast::<T>().ok()
     }
 
+    /// The validator a conditional request may send for this entry: its ETag, when it holds a
+    /// value (a negative entry is never revalidated). `None`: a fetch of the key is cold, which
+    /// a batch can carry.
+    #[inline]
+    pub(crate) fn revalidator(&self) -> Option<&str> {
+        self.value.as_ref().and(self.validator.as_deref())
+    }
+
     /// Whether the entry is fresh at `now`, given a per-read maximum age.
     #[inline]
     pub(crate) fn is_fresh(&self, now: u64, max_age: Option<u64>) -> bool {

@@ -279,9 +279,7 @@ impl TieredCache {
                 return Ok(WarmTurn::Done(Loaded::AlreadyCached));
             }
         }
-        let cold = held
-            .as_ref()
-            .is_none_or(|e| e.value.is_none() || e.validator.is_none());
+        let cold = held.as_ref().is_none_or(|e| e.revalidator().is_none());
         let via = match batch {
             Some(_) if !cold => return Ok(WarmTurn::Later),
             Some(batch) => {

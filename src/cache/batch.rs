@@ -150,7 +150,7 @@ impl TieredCache {
             batches
                 && candidates[d]
                     .as_ref()
-                    .is_none_or(|(e, _)| e.value.is_none() || e.validator.is_none())
+                    .is_none_or(|(e, _)| e.revalidator().is_none())
         });
         let mut batch = Vec::new();
         let mut turns = Vec::with_capacity(cold.len());

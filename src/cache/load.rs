@@ -163,9 +163,7 @@ pub(super) async fn load(
 
 /// One call to [`Source::fetch`] under the guard, conditional on `prev`'s validator.
 async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>) -> Answer {
-    let validator = prev
-        .filter(|p| p.value.is_some())
-        .and_then(|p| p.validator.as_deref());
+    let validator = prev.and_then(Entry::revalidator);
     let (fetched, sent, answered_at) =
         call_source(inner, Op::Get, inner.source.fetch(key, validator)).await;
     Answer {

@@ -365,9 +365,7 @@ impl TieredCache {
         }
         let prev = candidate.as_ref().map(|(e, _)| e.clone());
         // Nothing to revalidate with: a cold key, which a batch can carry.
-        let cold = prev
-            .as_ref()
-            .is_none_or(|p| p.value.is_none() || p.validator.is_none());
+        let cold = prev.as_ref().is_none_or(|p| p.revalidator().is_none());
         let flight = inner
             .flights
             .join(key, |early| -> BoxFuture<'static, LoadResult> {
