@@ -1,7 +1,7 @@
 //! The L3 circuit breaker as the cache uses it: every source call asks it first, and its whole
 //! state lives in L2 too, so processes sharing a database file trip and respect one breaker.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,7 @@ pub(crate) struct SourceGuard {
     last_error: Mutex<Option<String>>,
     /// Whether `last_error` was set by a failure not yet written to the persisted row (else
     /// the row's own last error, maybe another process's newer one, is kept).
-    error_fresh: std::sync::atomic::AtomicBool,
+    error_fresh: AtomicBool,
     /// When the persisted row was last read and found clean (ms; 0: not since the last change
     /// this process made). Within [`PERSISTED_REFRESH_MS`] of that, a healthy call reads nothing.
     persisted_clean_at: AtomicU64,
@@ -95,7 +95,7 @@ impl SourceGuard {
             clock,
             events,
             last_error: Mutex::new(None),
-            error_fresh: std::sync::atomic::AtomicBool::new(false),
+            error_fresh: AtomicBool::new(false),
             persisted_clean_at: AtomicU64::new(0),
         }
     }
