@@ -175,6 +175,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod breaker;
+pub mod bundle;
 mod cache;
 mod clock;
 mod entry;
@@ -195,7 +196,7 @@ pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
 };
 pub use clock::{Clock, MockClock, SystemClock};
-pub use error::{Error, Result};
+pub use error::{BundleFault, Error, Result};
 pub use event::Event;
 pub use health::{HealthReport, HealthStatus};
 pub use key::{KeyError, MAX_KEY_LEN};

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod bundle;
 mod open;
 mod schema;
 mod store;
