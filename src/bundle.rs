@@ -33,7 +33,7 @@
 //! * **Not** "not found" markers: they record an absence for a short time
 //!   ([`negative_ttl`](crate::TieredCacheBuilder::negative_ttl), 60 s by default) and a bundle
 //!   carries content. An offline runner asking for such a key gets
-//!   [`Error::Unavailable`](crate::Error::Unavailable) (`offline`) instead of "not found".
+//!   [`Error::Unavailable`] (`offline`) instead of "not found".
 //! * **Not** the entries of keys with a pending write-behind write, nor the outbox or its dead
 //!   letters. A pending write is not yet the source's: the source may refuse it, and then the
 //!   source's value is the truth (I1). Shipped in a bundle, it would be served elsewhere as a
