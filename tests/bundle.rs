@@ -565,6 +565,23 @@ async fn export_never_overwrites_unless_asked_and_leaves_no_temporary_file() -> 
         contents().len() as u64
     );
 
+    // Never over the cache's own database, even when asked.
+    let own = ci
+        .export_with(
+            dir.path().join("ci.db"),
+            &ExportOptions::new().overwrite(true),
+        )
+        .await;
+    assert_eq!(
+        own.err().and_then(|e| e.bundle_fault()),
+        Some(BundleFault::Exists)
+    );
+    assert!(
+        ci.get("octo/app/empty.txt").await?.is_some(),
+        "the cache still works"
+    );
+    assert_eq!(listing()?, before);
+
     // A folder that does not exist: an I/O error, nothing created.
     match ci.export(dir.path().join("no/such/dir/b.bundle")).await {
         Err(e) => assert_eq!(e.bundle_fault(), Some(BundleFault::Io), "{e}"),

@@ -88,6 +88,20 @@ impl TieredCache {
         let path = path.as_ref().to_owned();
         let now = self.now();
         let overwrite = options.overwrite;
+        // Even with `overwrite`, never over the database the cache is using.
+        if let Some(db) = self.inner.sqlite.as_ref().and_then(|s| s.path()) {
+            let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            if same(db, &path) {
+                return Err(fault(
+                    &path,
+                    BundleFault::Exists,
+                    "this is the cache's own database file; choose another path",
+                ));
+            }
+        }
         let writer = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || BundleWriter::create(&path, overwrite))

@@ -13,7 +13,7 @@
 //! while it is down.
 //!
 //! # What every method owes the cache
-//! * Failures are [`Error::Storage`](crate::Error::Storage). The cache treats them as "L2 could
+//! * Failures are [`Error::Storage`]. The cache treats them as "L2 could
 //!   not answer" (it goes on with L1 and the source), never as "not there"; a store must never
 //!   answer `Ok(None)` for a read it could not make.
 //! * A method that returns `Ok` has happened: it is visible to every later call on the store

@@ -71,7 +71,7 @@ pub(crate) async fn import(s: &Settings, file: &Path, json: bool) -> Result<u8, 
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<String, Failure> {
-    serde_json::to_string(v).map_err(|e| Failure::usage(format!("cannot print JSON: {e}")))
+    serde_json::to_string(v).map_err(|e| Failure::runtime(format!("cannot print JSON: {e}")))
 }
 
 fn export_text(r: &ExportReport) -> String {

@@ -186,6 +186,14 @@ impl SqliteTier {
         }
     }
 
+    /// The database file (`None`: a memory database).
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+        match &self.location {
+            Location::File(path) => Some(path),
+            Location::Memory => None,
+        }
+    }
+
     /// Statements run on read connections so far (lets tests prove `get_many` is one statement).
     pub(crate) fn read_statements(&self) -> u64 {
         self.read_statements.load(Ordering::Relaxed)
