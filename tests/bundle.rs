@@ -609,3 +609,23 @@ async fn a_closed_cache_neither_exports_nor_imports() -> TestResult {
     assert!(!dir.path().join("b").exists());
     Ok(())
 }
+
+#[tokio::test]
+async fn an_import_reaches_the_l1_of_every_cache_of_the_process_on_the_database() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = clock();
+    let key = "octo/app/config/prod.toml";
+    let old = FakeSource::new();
+    old.insert(key, "old");
+    let db = dir.path().join("target.db");
+    let (a, b) = (cache(&db, &old, &clock)?, cache(&db, &old, &clock)?);
+    assert_eq!(b.get(key).await?.as_deref(), Some(&b"old"[..]), "in b's L1");
+    clock.advance(MINUTE);
+    let (ci, _) = warmed(&dir.path().join("ci.db"), &clock).await?;
+    let bundle = dir.path().join("b.bundle");
+    ci.export(&bundle).await?;
+    assert_eq!(a.import(&bundle).await?.imported, contents().len() as u64);
+    assert_eq!(b.get(key).await?.as_deref(), Some(&b"port = 8080\n"[..]));
+    assert_eq!(old.fetch_count(), 1);
+    Ok(())
+}

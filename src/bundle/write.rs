@@ -197,3 +197,62 @@ fn exists(path: &Path) -> Error {
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("listed")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn entry() -> StoredEntry {
+        StoredEntry::new(Some(bytes::Bytes::from_static(b"v")), None, 1, 2, 3)
+    }
+
+    #[test]
+    fn an_unfinished_bundle_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut w = BundleWriter::create(&dir.path().join("b.bundle"), false).expect("created");
+        w.add("k", &entry()).expect("added");
+        assert_eq!(names(dir.path()).len(), 1, "the temporary file");
+        drop(w);
+        assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_file_that_appears_while_writing_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("b.bundle");
+        let mut w = BundleWriter::create(&path, false).expect("created");
+        w.add("k", &entry()).expect("added");
+        std::fs::write(&path, "someone else's").expect("written");
+        let e = w.finish(&[]).expect_err("refused");
+        assert_eq!(e.bundle_fault(), Some(BundleFault::Exists));
+        assert_eq!(std::fs::read(&path).expect("read"), b"someone else's");
+        assert_eq!(
+            names(dir.path()),
+            ["b.bundle"],
+            "the temporary file is gone"
+        );
+    }
+
+    #[test]
+    fn overwrite_replaces_the_file_in_one_rename() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("b.bundle");
+        std::fs::write(&path, "old").expect("written");
+        let mut w = BundleWriter::create(&path, true).expect("created");
+        w.add("k", &entry()).expect("added");
+        let size = w.finish(&[("prefix", String::new())]).expect("finished");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), size);
+        assert_eq!(names(dir.path()), ["b.bundle"]);
+        let read = super::super::read_bundle(&path).expect("a bundle");
+        assert_eq!(read.entries, vec![("k".to_owned(), entry())]);
+    }
+}

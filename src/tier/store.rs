@@ -421,6 +421,9 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// but a failure part-way leaves the entries before it written, and a write-behind
     /// *delete* of a key with no entry, enqueued by another process between the read and the
     /// write, is not seen (a store sharing its outbox between processes should override this).
+    /// A store that tells other instances about writes (invalidations) should announce merged
+    /// entries as writes: the default writes them with `put_fill`, which such a store may
+    /// treat as a fill and not announce, leaving other instances' L1 copies until their TTL.
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
         let mut merged = Vec::with_capacity(entries.len());
         let mut entries = entries.into_iter().peekable();
