@@ -20,10 +20,14 @@ struct Collected {
     pending: u64,
 }
 
-fn stopped(e: tokio::task::JoinError) -> Error {
-    Error::Storage {
-        message: format!("the bundle's work stopped: {e}"),
-        source: None,
+/// A blocking task of the bundle's that did not finish (it panicked or was cancelled).
+fn stopped(path: &Path) -> impl FnOnce(tokio::task::JoinError) -> Error + '_ {
+    move |e| {
+        fault(
+            path,
+            BundleFault::Io,
+            format!("the bundle's work stopped: {e}"),
+        )
     }
 }
 
@@ -103,10 +107,10 @@ impl TieredCache {
             }
         }
         let writer = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || BundleWriter::create(&path, overwrite))
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || BundleWriter::create(&target, overwrite))
                 .await
-                .map_err(stopped)??
+                .map_err(stopped(&path))??
         };
         let pending: HashSet<String> = self
             .inner
@@ -162,7 +166,7 @@ impl TieredCache {
         ];
         let file_bytes = tokio::task::spawn_blocking(move || writer.finish(&meta))
             .await
-            .map_err(stopped)??;
+            .map_err(stopped(&path))??;
         Ok(ExportReport {
             path,
             prefix: options.prefix.clone(),
@@ -216,10 +220,10 @@ impl TieredCache {
         let inner = &*self.inner;
         let path = path.as_ref().to_owned();
         let bundle = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || read_bundle(&path))
+            let source = path.clone();
+            tokio::task::spawn_blocking(move || read_bundle(&source))
                 .await
-                .map_err(stopped)??
+                .map_err(stopped(&path))??
         };
         let now = self.now();
         let mut report = ImportReport {

@@ -401,7 +401,8 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
             path: std::path::PathBuf::new(),
             fault: BundleFault::Unsupported,
             message: format!(
-                "this L2 store ({self:?}) cannot list its entries: it does not implement EntryStore::snapshot"
+                "this L2 store ({}) cannot list its entries: it does not implement EntryStore::snapshot",
+                std::any::type_name::<Self>()
             ),
             source: None,
         })
