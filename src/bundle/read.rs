@@ -33,14 +33,15 @@ pub(crate) fn read_bundle(path: &Path) -> Result<Bundle> {
         }
         Err(e) => return Err(io(path, "cannot read the bundle")(e)),
     }
-    let mut header = [0u8; 16];
-    let read = {
+    let mut header = Vec::with_capacity(16);
+    {
         use std::io::Read as _;
-        let mut f = std::fs::File::open(path).map_err(io(path, "cannot read the bundle"))?;
-        f.read(&mut header)
-            .map_err(io(path, "cannot read the bundle"))?
-    };
-    if read < header.len() || &header != b"SQLite format 3\0" {
+        let f = std::fs::File::open(path).map_err(io(path, "cannot read the bundle"))?;
+        f.take(16)
+            .read_to_end(&mut header)
+            .map_err(io(path, "cannot read the bundle"))?;
+    }
+    if header != b"SQLite format 3\0" {
         return Err(fault(
             path,
             BundleFault::NotSqlite,
