@@ -338,6 +338,33 @@ async fn import_into_an_existing_database_keeps_newer_entries_and_pending_writes
 }
 
 #[tokio::test]
+async fn a_column_added_later_is_ignored_by_this_version() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = clock();
+    let (ci, _) = warmed(&dir.path().join("ci.db"), &clock).await?;
+    let bundle = dir.path().join("b.bundle");
+    ci.export(&bundle).await?;
+    // What a later version adds (the commit each file was read at), in the same format version.
+    Connection::open(&bundle)?.execute_batch(
+        "ALTER TABLE entries ADD COLUMN commit_sha TEXT;
+         UPDATE entries SET commit_sha = '0123456789abcdef0123456789abcdef01234567';",
+    )?;
+    let runner = TieredCache::builder()
+        .sqlite_path(dir.path().join("runner.db"))
+        .clock(clock.clone())
+        .offline(true)
+        .build()?;
+    assert_eq!(
+        runner.import(&bundle).await?.imported,
+        contents().len() as u64
+    );
+    for (key, value) in contents() {
+        assert_eq!(runner.get(key).await?, Some(value));
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn entries_past_their_stale_deadline_are_not_imported() -> TestResult {
     let dir = tempfile::tempdir()?;
     let clock = clock();

@@ -161,7 +161,7 @@ async fn export_then_import_into_a_fresh_db_then_offline_get_serves_every_key() 
     let bundle = env.path("components.bundle");
     let export = env.exported(&bundle).await;
     assert!(
-        export.out().contains("exported 2 entries"),
+        export.out().contains("exported 2 entries ("),
         "{}",
         export.out()
     );

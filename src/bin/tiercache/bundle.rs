@@ -21,6 +21,7 @@ fn failure(e: &Error, json: bool, path: &Path) -> Failure {
     };
     if json {
         let mut v = output::error_json(&path.display().to_string(), &f.message, e.kind());
+        v["path"] = serde_json::Value::String(path.display().to_string());
         if let Some(fault) = e.bundle_fault() {
             v["fault"] = serde_json::Value::String(fault.as_str().to_owned());
         }
@@ -74,6 +75,14 @@ fn to_json(v: &impl serde::Serialize) -> Result<String, Failure> {
     serde_json::to_string(v).map_err(|e| Failure::runtime(format!("cannot print JSON: {e}")))
 }
 
+/// "1 entry", "2 entries".
+fn entries(n: u64) -> String {
+    match n {
+        1 => "1 entry".to_owned(),
+        n => format!("{n} entries"),
+    }
+}
+
 fn export_text(r: &ExportReport) -> String {
     let under = if r.prefix.is_empty() {
         String::new()
@@ -81,8 +90,8 @@ fn export_text(r: &ExportReport) -> String {
         format!(" under {}", r.prefix)
     };
     let mut text = format!(
-        "exported {} entries{under} ({} bytes of content) to {} ({} bytes)\n",
-        r.entries,
+        "exported {}{under} ({} bytes of content) to {} ({} bytes)\n",
+        entries(r.entries),
         r.bytes,
         r.path.display(),
         r.file_bytes
@@ -105,9 +114,9 @@ fn export_text(r: &ExportReport) -> String {
 
 fn import_text(r: &ImportReport, target: &str) -> String {
     let mut text = format!(
-        "imported {} of {} entries ({} bytes) from {} into {}\n",
+        "imported {} of {} ({} bytes) from {} into {}\n",
         r.imported,
-        r.entries,
+        entries(r.entries),
         r.bytes,
         r.path.display(),
         target
