@@ -129,6 +129,14 @@ impl TieredCache {
             _ => FlushReport::default(),
         };
         self.inner.closed.store(true, Ordering::Relaxed);
+        // Ends the task applying other instances' writes to L1.
+        drop(
+            self.inner
+                .stop_invalidations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         Ok(report)
     }
 

@@ -45,6 +45,7 @@ mod admin;
 mod batch;
 mod builder;
 mod flight;
+mod invalidate;
 mod load;
 mod loader;
 mod options;
@@ -111,6 +112,9 @@ pub(crate) struct Inner {
     fences: Arc<Fences>,
     /// This cache's id among the caches sharing `fences`.
     peer_id: u64,
+    /// Dropped (by `close` or with the cache) to end the task applying other instances'
+    /// writes to L1 (see `invalidate`).
+    stop_invalidations: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -255,6 +259,10 @@ impl TieredCache {
         let l1 = MemoryTier::new(b.memory_capacity);
         // Shared with this process's other caches on the same file (see `tier::fence`).
         let (fences, peer_id) = Fences::for_file(db_path.as_deref(), &l1);
+        // Other instances' writes to this L1 (a store shared by processes); dropping the sender
+        // (an error below, `close`, or the cache) ends the task.
+        let stop_invalidations =
+            invalidate::start(&l2_store, &l1, &fences).inspect_err(|_| fences.leave(peer_id))?;
         let offline = Arc::new(AtomicBool::new(b.offline));
         // Every cache can deliver an outbox (one an earlier write-behind process left, say);
         // only write-behind runs the background flusher.
@@ -284,6 +292,7 @@ impl TieredCache {
             )
             .inspect_err(|_| fences.leave(peer_id))?,
         );
+
         Ok(Self {
             inner: Arc::new(Inner {
                 l1,
@@ -304,6 +313,7 @@ impl TieredCache {
                 memory_queue,
                 fences,
                 peer_id,
+                stop_invalidations: std::sync::Mutex::new(stop_invalidations),
             }),
         })
     }

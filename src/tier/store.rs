@@ -31,6 +31,9 @@
 //!   a higher id.
 //! * Times are milliseconds since the UNIX epoch, as given by the cache's clock; the store keeps
 //!   them as given and compares them only where documented.
+//! * A backend shared by several processes tells each cache what the others changed, or says
+//!   nothing ([`EntryStore::invalidations`]): without it, a cache sees another process's write
+//!   when its L1 copy is no longer fresh.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -297,6 +300,45 @@ impl std::fmt::Debug for FillGuard {
     }
 }
 
+/// What a cache must drop from its L1 because another instance sharing the backend changed it
+/// ([`EntryStore::invalidations`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// These keys changed in the backend (a write by another instance, already committed):
+    /// their L1 copies must go.
+    Keys(Vec<String>),
+    /// Some changes may have been missed (a lost connection whose gap cannot be replayed, a
+    /// subscriber that fell behind): every L1 copy must go.
+    All,
+}
+
+/// A subscription to a backend's [`Invalidation`]s, made by [`EntryStore::invalidations`].
+///
+/// Ends ([`recv`](Self::recv) gives `None`) when the backend stops publishing. A subscriber
+/// that falls too far behind gets [`Invalidation::All`] in place of what it missed.
+#[derive(Debug)]
+pub struct Invalidations {
+    rx: tokio::sync::broadcast::Receiver<Invalidation>,
+}
+
+impl Invalidations {
+    /// A subscription fed by a broadcast channel.
+    pub fn new(rx: tokio::sync::broadcast::Receiver<Invalidation>) -> Self {
+        Self { rx }
+    }
+
+    /// The next invalidation; `None` once the sender is gone.
+    pub async fn recv(&mut self) -> Option<Invalidation> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(inv) => Some(inv),
+            Err(RecvError::Lagged(_)) => Some(Invalidation::All),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
 /// A read-modify-write of one named value ([`StateStore::update_meta`]): given the value held
 /// (`None`: none), returns the value to hold (`None`: remove it).
 pub type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
@@ -364,6 +406,27 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// What the store holds, counted at `now` (entries past their fresh deadline at `now` are
     /// stale), outbox included.
     async fn summary(&self, now: u64) -> Result<StoreSummary>;
+
+    /// For a backend shared by several processes: a subscription to what *other* instances
+    /// changed, which the cache applies to its L1 (it bumps each key's write fence, so a fill
+    /// racing the change is refused, then drops the key; L2 is not touched, the writer changed
+    /// it). `None` (the default): the backend does not publish (SQLite; a cache then sees
+    /// another process's write once its L1 copy is no longer fresh).
+    ///
+    /// A store that returns `Some` owes the cache:
+    /// * an [`Invalidation::Keys`] for every committed write of another instance that changes
+    ///   what a key reads as (`put`, `remove`, `remove_settled`, `enqueue`, the dead-lettering
+    ///   of `outbox_failed`, the retry of `resolve_dead_letter`), sent after it committed;
+    ///   fills and renewals (`put_fill`, `renew_fill`) need none (they never replace a write);
+    /// * [`Invalidation::All`] whenever it cannot vouch that nothing was missed (a lost
+    ///   connection whose gap it cannot replay), and once when the subscription starts working
+    ///   (what L1 took before is not covered);
+    /// * the subscription ends when the store is dropped or stops publishing for good.
+    ///
+    /// Called once by each cache built on the store, from within a Tokio runtime.
+    fn invalidations(&self) -> Option<Invalidations> {
+        None
+    }
 }
 
 /// The write-behind outbox: writes acknowledged to the caller, waiting to be delivered to the
