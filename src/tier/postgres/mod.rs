@@ -136,20 +136,25 @@ use tokio_postgres::NoTls;
 
 use crate::error::{Error, Result};
 
+mod listen;
+mod notify;
 mod schema;
 mod store;
 
 use schema::Sql;
 
 /// The version of the schema this tiercache creates and reads, kept in the schema's
-/// `schema_version` table. History: 1, the first.
-pub const SCHEMA_VERSION: i64 = 1;
+/// `schema_version` table. History: 1, the first; 2 adds the invalidation log
+/// (`invalidations`, `invalidations_pruned`; a schema of version 1 is migrated on open).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The PostgreSQL schema used when none is set: `tiercache`.
 pub const DEFAULT_SCHEMA: &str = "tiercache";
 
 const DEFAULT_POOL_SIZE: usize = 8;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
 
 /// Settings for a [`PostgresStore`]; made by [`PostgresStore::builder`].
 #[must_use = "a builder does nothing until `connect` is called"]
@@ -159,6 +164,8 @@ pub struct PostgresStoreBuilder {
     pool_size: usize,
     connect_timeout: Duration,
     entries_unlogged: bool,
+    heartbeat: Duration,
+    retention: Duration,
 }
 
 impl std::fmt::Debug for PostgresStoreBuilder {
@@ -169,11 +176,31 @@ impl std::fmt::Debug for PostgresStoreBuilder {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("entries_unlogged", &self.entries_unlogged)
+            .field("heartbeat", &self.heartbeat)
+            .field("invalidation_retention", &self.retention)
             .finish()
     }
 }
 
 impl PostgresStoreBuilder {
+    /// How often the invalidation listener checks its connection (a query that must answer
+    /// within this long, or the connection is given up and made again) and prunes the log
+    /// (by one instance of the fleet at a time). Also how long a `NOTIFY` is given to arrive
+    /// before a reconnect no longer replays it from the log (see the [module docs](self)).
+    /// Between 10 ms and 1 hour. Default: 5 s.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// How long rows of the invalidation log are kept: a listener disconnected for longer
+    /// than this clears its cache's L1 when it reconnects, instead of replaying the log. At
+    /// least 1 s. Default: 1 hour.
+    pub fn invalidation_retention(mut self, keep: Duration) -> Self {
+        self.retention = keep;
+        self
+    }
+
     /// The PostgreSQL schema holding the tables; caches sharing a database but not an L2 use
     /// different ones. Lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
     /// at most 63 bytes, not starting with `pg_`. Default: [`DEFAULT_SCHEMA`].
@@ -219,6 +246,19 @@ impl PostgresStoreBuilder {
                 self.pool_size
             )));
         }
+        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(3600)
+        {
+            return Err(Error::Config(format!(
+                "heartbeat is {:?}; it must be between 10 ms and 1 hour",
+                self.heartbeat
+            )));
+        }
+        if self.retention < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "invalidation_retention is {:?}; it must be at least 1 s",
+                self.retention
+            )));
+        }
         let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
             Error::Config(format!(
                 "the PostgreSQL URL cannot be parsed (not shown: it may hold a password): {e}"
@@ -231,6 +271,8 @@ impl PostgresStoreBuilder {
         if config.get_application_name().is_none() {
             config.application_name("tiercache");
         }
+        let fleet =
+            listen::Fleet::new(config.clone(), &self.schema, self.heartbeat, self.retention);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -262,6 +304,7 @@ impl PostgresStoreBuilder {
             schema: self.schema,
             server,
             entries_unlogged,
+            fleet: std::sync::Arc::new(fleet),
         })
     }
 }
@@ -278,6 +321,8 @@ pub struct PostgresStore {
     /// `postgres://user@host:port/db`: never the password.
     server: String,
     entries_unlogged: bool,
+    /// Publishing and listening (see `listen`).
+    fleet: std::sync::Arc<listen::Fleet>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -288,6 +333,7 @@ impl std::fmt::Debug for PostgresStore {
             .field("schema", &self.schema)
             .field("connections", &status.size)
             .field("entries_unlogged", &self.entries_unlogged)
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -302,6 +348,8 @@ impl PostgresStore {
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             entries_unlogged: false,
+            heartbeat: DEFAULT_HEARTBEAT,
+            retention: DEFAULT_RETENTION,
         }
     }
 
@@ -327,6 +375,37 @@ impl PostgresStore {
     /// asked for an existing one).
     pub fn entries_unlogged(&self) -> bool {
         self.entries_unlogged
+    }
+
+    /// This store's id among the instances sharing the schema (32 hex digits): it tags the
+    /// store's invalidation log rows and `NOTIFY` payloads, so its listener skips its own.
+    pub fn origin(&self) -> &str {
+        &self.fleet.origin
+    }
+
+    /// The `NOTIFY` channel of the schema: `tc.<schema>` (a longer schema name is shortened
+    /// with a hash).
+    pub fn channel(&self) -> &str {
+        &self.fleet.channel
+    }
+
+    /// The `application_name` of the listener's connection (`tiercache-listen-<origin>`), to
+    /// find it in `pg_stat_activity`. The pool's connections are `tiercache`, unless the URL
+    /// names one.
+    pub fn listener_application_name(&self) -> String {
+        listen::listener_name(&self.fleet.origin)
+    }
+
+    /// Whether the invalidation listener is connected and caught up (`false` before a cache
+    /// subscribed, while it reconnects, and after the last cache on the store is gone).
+    pub fn listening(&self) -> bool {
+        self.fleet.listening()
+    }
+
+    /// How many times the listener connected and caught up so far (1 after the first
+    /// connection; each reconnect adds one).
+    pub fn listener_connections(&self) -> u64 {
+        self.fleet.connections()
     }
 }
 

@@ -46,6 +46,25 @@ CREATE TABLE {s}.schema_version (
 );
 ";
 
+/// What version 2 adds to version 1 (and a new schema has too): the invalidation log, and
+/// how far it was pruned (the `xid8` of the newest row deleted, as a `bigint`).
+const INVALIDATION_LOG: &str = "
+CREATE TABLE {s}.invalidations (
+    seq    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    xid    bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    at     timestamptz NOT NULL DEFAULT now(),
+    origin text NOT NULL,
+    key    text NOT NULL
+);
+CREATE INDEX invalidations_by_xid ON {s}.invalidations (xid);
+CREATE INDEX invalidations_by_at ON {s}.invalidations (at);
+CREATE TABLE {s}.invalidations_pruned (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    through bigint NOT NULL
+);
+INSERT INTO {s}.invalidations_pruned (through) VALUES (0);
+";
+
 /// Creates the schema `name`, or checks and migrates it; returns whether `entries` is
 /// UNLOGGED. One transaction, under an advisory lock on the schema's name: instances starting
 /// together set it up once. A newer or foreign schema is refused before any write (the
@@ -90,6 +109,18 @@ pub(super) async fn open(
             .map(|r| r.get(0));
         match found {
             Some(v) if v == SCHEMA_VERSION => {}
+            // Version 1 (no invalidation log): migrated in this transaction.
+            Some(1) => {
+                tx.batch_execute(&INVALIDATION_LOG.replace("{s}", &quoted))
+                    .await
+                    .map_err(fail("add the invalidation log"))?;
+                tx.execute(
+                    &format!("UPDATE {quoted}.schema_version SET version = $1"),
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(fail("write the version"))?;
+            }
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(Error::IncompatibleSchema {
                     location: location.to_owned(),
@@ -99,7 +130,6 @@ pub(super) async fn open(
                     ),
                 });
             }
-            // Older versions are migrated here, one step at a time, when there are any.
             other => {
                 return Err(Error::IncompatibleSchema {
                     location: location.to_owned(),
@@ -142,6 +172,7 @@ pub(super) async fn open(
                 .replace("{s}", &quoted)
                 .replace("{unlogged}", if unlogged { "UNLOGGED" } else { "" }),
         );
+        ddl.push_str(&INVALIDATION_LOG.replace("{s}", &quoted));
         tx.batch_execute(&ddl)
             .await
             .map_err(fail("create the tables"))?;
@@ -203,6 +234,9 @@ pub(super) struct Sql {
     pub(super) upsert_meta: String,
     pub(super) delete_meta: String,
     pub(super) summary: String,
+    /// Logs keys as changed and notifies the fleet: `$1` origin, `$2` keys, `$3` channel,
+    /// `$4` payloads, `$5` the range header (that payload gets the rows' range appended).
+    pub(super) publish: String,
     /// The prefix of the advisory-lock names of this schema's keys.
     pub(super) lock_prefix: String,
 }
@@ -300,6 +334,13 @@ impl Sql {
                            coalesce(sum(octet_length(key) + coalesce(octet_length(value), 0)), 0)::bigint
                              AS bytes
                     FROM {s}.outbox) AS o",
+            ),
+            publish: q(
+                "WITH i AS (INSERT INTO {s}.invalidations (origin, key)
+                            SELECT $1::text, k FROM unnest($2::text[]) AS k RETURNING seq)
+                 SELECT pg_notify($3::text, CASE WHEN p = $5::text
+                   THEN p || ' ' || (SELECT min(seq) || ' ' || max(seq) FROM i) ELSE p END)
+                 FROM unnest($4::text[]) AS p",
             ),
             lock_prefix: format!("{schema}/"),
         }

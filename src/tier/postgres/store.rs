@@ -8,6 +8,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::{Row, Statement};
 
+use super::notify;
 use super::schema::{storage, LOCK};
 use super::{to_i64, to_u64, PostgresStore};
 use crate::error::{Error, Result};
@@ -110,6 +111,21 @@ async fn put_entry(
 }
 
 impl PostgresStore {
+    /// Logs `keys` as changed and notifies the other instances, in `tx` (the write's own
+    /// transaction: the log row and the `NOTIFY` exist if and only if the write commits).
+    /// `st` is [`Sql::publish`](super::schema::Sql) prepared; sends its statement when first
+    /// polled.
+    async fn publish(&self, tx: &Transaction<'_>, st: &Statement, keys: &[&str]) -> Result<(), Pg> {
+        let f = &self.fleet;
+        let payloads = notify::payloads(&f.origin, keys);
+        tx.execute(
+            st,
+            &[&f.origin, &keys, &f.channel, &payloads, &f.range_header],
+        )
+        .await
+        .map(drop)
+    }
+
     /// Whether a fill may write `key`, checked under the key's lock: no write began in this
     /// process since the fill started, and the row is the one it observed.
     async fn fill_allowed(
@@ -134,14 +150,21 @@ impl PostgresStore {
         let run = async {
             let tx = client.transaction().await?;
             let lock = self.sql.key_lock(key);
+            let publish = tx.prepare_cached(&self.sql.publish).await?;
+            let keys = [key];
+            let published = self.publish(&tx, &publish, &keys);
             match settled_id {
                 Some(id) => {
                     let st = tx.prepare_cached(&self.sql.remove_unless_pending).await?;
-                    under_lock(&tx, lock, tx.execute(&st, &[&key, &id])).await?;
+                    let remove = async { tx.execute(&st, &[&key, &id]).await };
+                    let both = async { tokio::try_join!(remove, published) };
+                    under_lock(&tx, lock, both).await?;
                 }
                 None => {
                     let st = tx.prepare_cached(&self.sql.remove).await?;
-                    under_lock(&tx, lock, tx.execute(&st, &[&key])).await?;
+                    let remove = async { tx.execute(&st, &[&key]).await };
+                    let both = async { tokio::try_join!(remove, published) };
+                    under_lock(&tx, lock, both).await?;
                 }
             }
             tx.commit().await
@@ -192,12 +215,15 @@ impl EntryStore for PostgresStore {
         let run = async {
             let tx = client.transaction().await?;
             let st = tx.prepare_cached(&self.sql.upsert).await?;
-            under_lock(
-                &tx,
-                self.sql.key_lock(key),
-                put_entry(&tx, &st, key, &entry),
-            )
-            .await?;
+            let publish = tx.prepare_cached(&self.sql.publish).await?;
+            let keys = [key];
+            let write = async {
+                tokio::try_join!(
+                    put_entry(&tx, &st, key, &entry),
+                    self.publish(&tx, &publish, &keys)
+                )
+            };
+            under_lock(&tx, self.sql.key_lock(key), write).await?;
             tx.commit().await
         };
         run.await.map_err(|e| storage("write an entry", e))
@@ -256,6 +282,12 @@ impl EntryStore for PostgresStore {
         self.remove_unless_pending(key, Some(settled_id)).await
     }
 
+    /// The other instances' writes, from this store's listener (one per store, started by the
+    /// first subscription; see the [module docs](super)).
+    fn invalidations(&self) -> Option<crate::tier::Invalidations> {
+        Some(self.fleet.subscribe())
+    }
+
     /// Recency is not recorded: this store has no size bound yet (no eviction), so a touch
     /// would be a write for nothing. Never waits, never fails.
     fn touch(&self, _key: &str, _now: u64) {}
@@ -301,6 +333,7 @@ impl OutboxStore for PostgresStore {
                 .await?;
             let supersede_st = tx.prepare_cached(&self.sql.supersede_key).await?;
             let insert_st = tx.prepare_cached(&self.sql.enqueue).await?;
+            let publish_st = tx.prepare_cached(&self.sql.publish).await?;
             let (value, now) = (
                 match &op {
                     OutboxOp::Put(v) => Some(v.as_ref()),
@@ -308,6 +341,7 @@ impl OutboxStore for PostgresStore {
                 },
                 to_i64(now),
             );
+            let keys = [key];
             // Under the key's lock, in one round trip: the entry, the key's dead letters
             // superseded (a newer write: they may no longer be retried, I4), the row.
             let write_entry = async {
@@ -322,9 +356,10 @@ impl OutboxStore for PostgresStore {
                     tx.query_one(&insert_st, &[&key, &op.name(), &value, &now])
                         .await
                 };
-                tokio::try_join!(write_entry, supersede, insert)
+                let publish = self.publish(&tx, &publish_st, &keys);
+                tokio::try_join!(write_entry, supersede, insert, publish)
             };
-            let (_, _, row) = under_lock(&tx, self.sql.key_lock(key), steps).await?;
+            let (_, _, row, _) = under_lock(&tx, self.sql.key_lock(key), steps).await?;
             let id: i64 = row.try_get(0)?;
             tx.commit().await.map(|()| id)
         };
@@ -419,6 +454,10 @@ impl OutboxStore for PostgresStore {
                     .prepare_cached(&self.sql.remove_many_unless_pending)
                     .await?;
                 tx.execute(&st, &[&keys, &newest]).await?;
+                // The keys read as the source's value now: the fleet drops its copies.
+                let st = tx.prepare_cached(&self.sql.publish).await?;
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                self.publish(&tx, &st, &keys).await?;
             }
             tx.commit().await
         };
@@ -464,6 +503,9 @@ impl OutboxStore for PostgresStore {
                     // write was dead) goes with it.
                     let st = tx.prepare_cached(&self.sql.remove).await?;
                     tx.execute(&st, &[&key]).await?;
+                    // The key reads as the pending write again: the fleet drops its copies.
+                    let st = tx.prepare_cached(&self.sql.publish).await?;
+                    self.publish(&tx, &st, &[key.as_str()]).await?;
                     &self.sql.retry_dead
                 }
                 Some(_) => &self.sql.discard_dead,
