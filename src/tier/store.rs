@@ -418,9 +418,8 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     ///   what a key reads as (`put`, `remove`, `remove_settled`, `enqueue`, the dead-lettering
     ///   of `outbox_failed`, the retry of `resolve_dead_letter`), sent after it committed;
     ///   fills and renewals (`put_fill`, `renew_fill`) need none (they never replace a write);
-    /// * [`Invalidation::All`] whenever it cannot vouch that nothing was missed (a lost
-    ///   connection whose gap it cannot replay), and once when the subscription starts working
-    ///   (what L1 took before is not covered);
+    /// * [`Invalidation::All`] whenever it cannot vouch that nothing was missed since the
+    ///   store was made (a lost connection whose gap it cannot replay);
     /// * the subscription ends when the store is dropped or stops publishing for good.
     ///
     /// Called once by each cache built on the store, from within a Tokio runtime.

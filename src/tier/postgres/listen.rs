@@ -10,13 +10,14 @@
 //! seen" could miss a transaction that drew a lower number and committed later. The listener
 //! therefore keeps a *horizon*: a transaction id such that every write of a lower one was
 //! committed while it listened, so its `NOTIFY` reached it. At each connection, the horizon is
-//! the oldest transaction still running just before `LISTEN` (`pg_snapshot_xmin`); at each
+//! the oldest transaction still running just before `LISTEN` (`pg_snapshot_xmin`; before the
+//! first connection, when the store opened, before any cache on it filled its L1); at each
 //! heartbeat it moves to the value taken at the previous heartbeat (a whole heartbeat interval
 //! for those notifications to arrive). After a reconnect it reads every log row with a
 //! transaction id at or above the horizon (some again: dropping a key twice costs a read).
 //! If the log was pruned at or above the horizon, it cannot vouch: every L1 is cleared.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ pub(super) struct Fleet {
     sender: Mutex<Option<broadcast::Sender<Invalidation>>>,
     connected: AtomicBool,
     connections: AtomicU64,
+    /// Where the next catch-up starts (see the module docs): set when the store opens, moved
+    /// by the listener; kept across listeners (a new one after the last stopped).
+    horizon: AtomicI64,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -85,7 +89,14 @@ impl Fleet {
             sender: Mutex::new(None),
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            horizon: AtomicI64::new(0),
         }
+    }
+
+    /// The horizon before any listener ran: the oldest transaction running when the store
+    /// opened, before any cache on it could fill its L1.
+    pub(super) fn set_horizon(&self, xid: i64) {
+        self.horizon.store(xid, Ordering::Release);
     }
 
     /// Whether the listener is connected and caught up.
@@ -162,11 +173,9 @@ enum Ended {
 }
 
 async fn run(fleet: Arc<Fleet>) {
-    // `None` until the first connection: what L1 took before it is not covered by any log.
-    let mut horizon: Option<i64> = None;
     let mut backoff = BASE_BACKOFF;
     loop {
-        match connection(&fleet, &mut horizon).await {
+        match connection(&fleet).await {
             Ended::Unsubscribed => return,
             Ended::Lost { up, why } => {
                 fleet.connected.store(false, Ordering::Release);
@@ -196,7 +205,7 @@ fn lost(up: bool) -> impl Fn(tokio_postgres::Error) -> Ended {
 
 /// One connection of the listener: `LISTEN`, catch up, then serve payloads and heartbeats
 /// until it is lost or unsubscribed.
-async fn connection(fleet: &Arc<Fleet>, horizon: &mut Option<i64>) -> Ended {
+async fn connection(fleet: &Arc<Fleet>) -> Ended {
     let (mut client, mut conn) = match fleet.config.connect(NoTls).await {
         Ok(c) => c,
         Err(e) => return lost(false)(e),
@@ -223,17 +232,13 @@ async fn connection(fleet: &Arc<Fleet>, horizon: &mut Option<i64>) -> Ended {
     {
         return lost(false)(e);
     }
-    match *horizon {
-        None => fleet.send(Invalidation::All),
-        Some(h) => {
-            if let Err(e) = catch_up(fleet, &client, h).await {
-                return lost(false)(e);
-            }
-        }
+    let horizon = fleet.horizon.load(Ordering::Acquire);
+    if let Err(e) = catch_up(fleet, &client, horizon).await {
+        return lost(false)(e);
     }
     // Every write of a transaction at or above `before_listen` is in the log read above or
     // comes as a `NOTIFY` from now on.
-    *horizon = Some(before_listen);
+    fleet.horizon.store(before_listen, Ordering::Release);
     let mut previous = before_listen;
     fleet.connections.fetch_add(1, Ordering::AcqRel);
     fleet.connected.store(true, Ordering::Release);
@@ -256,7 +261,7 @@ async fn connection(fleet: &Arc<Fleet>, horizon: &mut Option<i64>) -> Ended {
                 }
                 match tokio::time::timeout(fleet.heartbeat, xmin(&client)).await {
                     Ok(Ok(now)) => {
-                        *horizon = Some(previous);
+                        fleet.horizon.store(previous, Ordering::Release);
                         previous = now;
                     }
                     Ok(Err(e)) => return lost(true)(e),

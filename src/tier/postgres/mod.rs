@@ -297,7 +297,18 @@ impl PostgresStoreBuilder {
         })?;
         let entries_unlogged =
             schema::open(&mut client, &self.schema, &location, self.entries_unlogged).await?;
+        // The listener's first horizon: no cache on this store has anything in L1 yet, so
+        // every write it must hear of comes from a transaction at or above this one.
+        let horizon: i64 = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| schema::storage(&format!("read the server's horizon at {server}"), e))?;
         drop(client);
+        fleet.set_horizon(horizon);
         Ok(PostgresStore {
             pool,
             sql: std::sync::Arc::new(Sql::new(&self.schema)),
