@@ -517,3 +517,38 @@ async fn caches_sharing_one_store_see_each_others_writes() -> TestResult {
     reads(&b, "k", Some("v1")).await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_version_1_schema_is_migrated_to_the_invalidation_log() -> TestResult {
+    let t = pg_or_skip!("a_version_1_schema_is_migrated_to_the_invalidation_log");
+    let store = t.store().connect().await?;
+    store
+        .put(
+            "k",
+            StoredEntry::new(Some(Bytes::from_static(b"v")), None, 1, 2, 3),
+        )
+        .await?;
+    drop(store);
+    // What the first tiercache with PostgreSQL made: no log.
+    t.exec(
+        "DROP TABLE {s}.invalidations, {s}.invalidations_pruned;
+         UPDATE {s}.schema_version SET version = 1",
+    )
+    .await;
+    let store = t.store().connect().await?;
+    assert_eq!(
+        t.one::<i64>("SELECT version FROM {s}.schema_version").await,
+        tiercache::tier::postgres::SCHEMA_VERSION
+    );
+    assert_eq!(
+        store.get("k").await?.and_then(|e| e.value),
+        Some(Bytes::from_static(b"v")),
+        "the entries are kept"
+    );
+    store.remove("k").await?;
+    assert_eq!(
+        t.one::<i64>("SELECT count(*) FROM {s}.invalidations").await,
+        1
+    );
+    Ok(())
+}
