@@ -77,7 +77,7 @@ impl Fleet {
         retention: Duration,
     ) -> Self {
         let origin = format!("{:032x}", fastrand::u128(..));
-        config.application_name(&listener_name(&origin));
+        config.application_name(listener_name(&origin));
         Self {
             channel: notify::channel(schema),
             range_header: notify::range_header(&origin),

@@ -132,7 +132,7 @@ mod tests {
             parse(&format!("{ORIGIN} r x 9")),
             (_, Payload::Unknown(_))
         ));
-        assert!(payloads(ORIGIN, &[]).is_empty());
+        assert!(super::payloads(ORIGIN, &[]).is_empty());
     }
 
     #[test]
