@@ -33,13 +33,17 @@
 //! | `outbox` | write-behind writes and dead letters, `id` from an identity column; indexed by `(key, id)` and, for dead letters, by key | always |
 //! | `meta` | named strings shared by the fleet (the source's breaker) | always |
 //! | `schema_version` | one row: the schema's version ([`SCHEMA_VERSION`]) | always |
+//! | `invalidations` | the invalidation log: one row per key a write changed (`seq` from an identity column, the writing transaction's id `xid`, `at`, `origin`, `key`); indexed by `xid` and `at` | always |
+//! | `invalidations_pruned` | one row: the highest `xid` pruned from the log so far | always |
 //!
 //! A schema whose version row is newer than this tiercache's, or that holds tables but no
 //! version row (another application's), is refused before anything is written to it
 //! ([`Error::IncompatibleSchema`]).
 //!
 //! ## What is UNLOGGED, and why
-//! By default nothing is. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
+//! By default nothing is. The invalidation log never is: a lost log would have to be detected
+//! (its sequence restarts after a crash) to clear every L1; a logged one needs no such case,
+//! and only writes (not fills) add to it. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
 //! cheaper, large values most of all), but PostgreSQL empties it after a server crash and
 //! never copies it to a replica. The outbox and the shared state can never be UNLOGGED: a
 //! lost outbox row is a lost acknowledged write (I5), a lost breaker row lets a fleet hammer a
@@ -68,17 +72,19 @@
 //! |---|---|
 //! | `get` | `SELECT … FROM entries WHERE key = $1` |
 //! | `get_many` | one statement: `… entries WHERE key = ANY($1) UNION ALL (SELECT DISTINCT ON (key) … FROM outbox WHERE key = ANY($1) AND NOT dead ORDER BY key, id DESC)` |
-//! | `put` | lock; `INSERT … ON CONFLICT (key) DO UPDATE` |
-//! | `put_fill`, `renew_fill` | lock; guard checked (and `SELECT stored_at` when it observed a row or none); upsert / `UPDATE` |
-//! | `remove` | lock; `DELETE` |
-//! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)` |
-//! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id` |
+//! | `put` | lock; `INSERT … ON CONFLICT (key) DO UPDATE`; publish |
+//! | `put_fill`, `renew_fill` | lock; guard checked (and `SELECT stored_at` when it observed a row or none); upsert / `UPDATE` (nothing published) |
+//! | `remove` | lock; `DELETE`; publish |
+//! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)`; publish |
+//! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id`; publish |
 //! | `outbox_pending`, `dead_letters` | `SELECT … ORDER BY id` |
 //! | `outbox_complete` | `DELETE … WHERE id = ANY($1) AND NOT dead` |
-//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE`; when dead, supersede and remove entries, as the contract says |
-//! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` or `DELETE` |
+//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE`; when dead, supersede and remove entries, as the contract says, and publish the keys |
+//! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` (a retry: the entry removed, published) or `DELETE` |
 //! | `update_meta` | lock the name; `SELECT`; upsert or `DELETE` |
 //! | `summary` | one statement of aggregates over both tables |
+//! | *publish* | one statement in the write's transaction, pipelined with it: `WITH i AS (INSERT INTO invalidations … RETURNING seq) SELECT pg_notify(channel, payload) FROM unnest($payloads)` |
+//! | `invalidations` | the store's listener (below) |
 //!
 //! Outbox ids come from an identity column (a sequence): a row gets a higher id than every
 //! row of its key committed before it, because writes of one key are serialized by the key's
@@ -94,6 +100,49 @@
 //! cache's L2 breakers open, L1 and the source carry on, and the pool opens new connections
 //! when the server is back.
 //!
+//! # A fleet: cross-instance L1 invalidation
+//! Every cache keeps an L1 of its own; a write by one instance reaches the others' L1 so:
+//! * **Published with the write.** Every write that changes what a key reads as (`put`,
+//!   `remove`, `remove_settled`, `enqueue`, the dead-lettering of `outbox_failed`, the retry
+//!   of `resolve_dead_letter`) adds a row per key to `invalidations` and calls
+//!   `pg_notify('tc.<schema>', payload)` in its own transaction: both exist if and only if the
+//!   write commits, and the `NOTIFY` is delivered at commit. Fills, misses and 304 renewals
+//!   (`put_fill`, `renew_fill`) publish nothing, so reads cause no broadcast. A delivered
+//!   write-behind put publishes nothing either: its entry was written (and published) when it
+//!   was enqueued; a delivered delete's `remove_settled` does.
+//! * **Payloads** carry the store's [`origin`](PostgresStore::origin) and the keys, one per
+//!   line, split into as many payloads as needed to stay under PostgreSQL's 8,000-byte limit;
+//!   a key that fits in none (or holds a line break, which the cache's keys never do) is sent
+//!   as the range of log rows (`seq`) to read instead.
+//! * **One listener per store**: a dedicated connection (not from the pool; its
+//!   `application_name` is [`listener_application_name`](PostgresStore::listener_application_name)),
+//!   started by the first cache built on the store ([`EntryStore::invalidations`](crate::tier::EntryStore::invalidations)) and ended
+//!   at the next heartbeat after the last such cache is closed or dropped. It skips its own
+//!   origin's payloads (unless several caches share the store: then one's write must reach
+//!   the others). Each cache applies what it gets by bumping the key's write fence, then
+//!   dropping the key from its L1 (not from L2, which the writer changed): a fill or a
+//!   promotion racing the write is refused by its fence (in L1) and its
+//!   [`FillGuard`](crate::tier::FillGuard) (in L2), so an older value never comes back.
+//! * **Reconnects** with jittered backoff (50 ms doubling to 5 s), `LISTEN` again, then catch
+//!   up from the log: every row written by a transaction at or above the listener's
+//!   *horizon*, a transaction id below which every write's `NOTIFY` had reached it
+//!   (sequence numbers alone would miss a write that drew a lower number and committed
+//!   later). If the log was pruned at or above the horizon, the cache's whole L1 is
+//!   cleared. [`listening`](PostgresStore::listening) and
+//!   [`listener_connections`](PostgresStore::listener_connections) report its state.
+//! * **A heartbeat** ([`heartbeat`](PostgresStoreBuilder::heartbeat), 5 s) checks the
+//!   connection with a query that must answer within one interval (a silent connection is
+//!   dropped and made again), moves the horizon, and prunes log rows older than
+//!   [`invalidation_retention`](PostgresStoreBuilder::invalidation_retention) (1 hour),
+//!   by one instance at a time (`pg_try_advisory_xact_lock`).
+//!
+//! What it guarantees: once a write has committed, and the other instances' listeners are
+//! connected, their L1s drop the key as soon as the `NOTIFY` arrives (a read in between may
+//! still be served from L1: the invalidation is asynchronous, not part of the write's
+//! acknowledgement). While a listener is disconnected its cache's L1 may serve copies older
+//! than a write until it reconnects and catches up; L2 reads are never stale (they read the
+//! shared tables).
+//!
 //! # Limits today
 //! * **Delivery by one instance per schema.** The outbox is one, but rows are not yet claimed
 //!   (issue #14, item 5: `FOR UPDATE SKIP LOCKED` under a lease). Two instances delivering at
@@ -102,30 +151,8 @@
 //!   instance of a schema (the others enqueue; any may call `flush` while that one is idle).
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
 //!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
-//! * **No cross-instance L1 invalidation, fleet-wide single-flight or compare-and-set budget**
-//!   (items 2 to 4): see below for the first.
-//!
-//! # Not yet here: cross-instance L1 invalidation (design)
-//! Today a cache on this store sees another instance's write when it reads L2 (an L1 miss, or
-//! an L1 copy past its freshness); an L1 copy still fresh is served for up to its TTL. The
-//! plan for issue #14, item 2, kept for whoever builds it:
-//! * A table `invalidations (seq bigint identity, key text, origin uuid, version bigint)`,
-//!   UNLOGGED (a lost log is detected, see below), written in the same transaction as every
-//!   write that changes what a key reads as: `put`, `remove`, `remove_settled`, `enqueue`, the
-//!   dead-lettering branch of `outbox_failed`; plus `pg_notify('<schema>_inval', payload)` in
-//!   that transaction (delivered at commit, only if it commits). Fills, misses and 304
-//!   renewals (`put_fill`, `renew_fill`) publish nothing.
-//! * Payload: the origin instance id and the keys, batched under 8,000 bytes (a longer batch is
-//!   split into several `pg_notify` calls; one key longer than the budget sends "seq only", and
-//!   the listener reads the log).
-//! * Each instance keeps one dedicated connection (not from the pool) with `LISTEN`, ignores
-//!   its own origin, and drops the keys from L1 after bumping their write fences (so a fill
-//!   racing with the invalidation is refused by its `FillGuard`, the versions rule).
-//! * On a reconnect (with backoff): `LISTEN` first, then read the log from the last sequence
-//!   seen; if the oldest row left is newer than that (pruned, or lost in a crash), clear L1.
-//!   A heartbeat (`SELECT 1` every few seconds on the listener) finds a silent connection; a
-//!   maximum L1 age bounds what any missed message can cost. Rows older than the longest L1
-//!   lifetime are pruned by whichever instance holds an advisory lock for pruning.
+//! * **No maximum L1 age** as a last backstop against a missed message, fleet-wide
+//!   single-flight or compare-and-set budget (issue #14, items 2 to 4).
 
 use std::str::FromStr;
 use std::time::Duration;
