@@ -519,8 +519,8 @@ async fn caches_sharing_one_store_see_each_others_writes() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_version_1_schema_is_migrated_to_the_invalidation_log() -> TestResult {
-    let t = pg_or_skip!("a_version_1_schema_is_migrated_to_the_invalidation_log");
+async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> TestResult {
+    let t = pg_or_skip!("a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims");
     let store = t.store().connect().await?;
     store
         .put(
@@ -529,9 +529,10 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log() -> TestResult 
         )
         .await?;
     drop(store);
-    // What the first tiercache with PostgreSQL made: no log.
+    // What the first tiercache with PostgreSQL made: no log, no claims.
     t.exec(
         "DROP TABLE {s}.invalidations, {s}.invalidations_pruned;
+         ALTER TABLE {s}.outbox DROP COLUMN claimed_by, DROP COLUMN claim_expires;
          UPDATE {s}.schema_version SET version = 1",
     )
     .await;
@@ -550,5 +551,7 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log() -> TestResult 
         t.one::<i64>("SELECT count(*) FROM {s}.invalidations").await,
         1
     );
+    store.enqueue("k", None, OutboxOp::Delete, 1).await?;
+    assert_eq!(store.outbox_pending(10).await?.len(), 1, "claimed");
     Ok(())
 }

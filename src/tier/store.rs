@@ -452,7 +452,10 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<i64>;
 
     /// Pending (not dead) rows, oldest (lowest id) first, at most `limit` of them, whatever
-    /// their `next_attempt` (the cache decides when to attempt).
+    /// their `next_attempt` (the cache decides when to attempt): the rows this cache may
+    /// deliver now. A backend drained by several processes at once may return only the rows
+    /// it claimed for this one (for a lease), and then must never return a row of a key while
+    /// an older pending row of that key is another process's to deliver (per-key order, I5).
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
 
     /// The op of `key`'s newest (highest id) pending row: what `key` reads as until it is

@@ -182,6 +182,7 @@ const DEFAULT_POOL_SIZE: usize = 8;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
+const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// Settings for a [`PostgresStore`]; made by [`PostgresStore::builder`].
 #[must_use = "a builder does nothing until `connect` is called"]
@@ -193,6 +194,7 @@ pub struct PostgresStoreBuilder {
     entries_unlogged: bool,
     heartbeat: Duration,
     retention: Duration,
+    lease: Duration,
 }
 
 impl std::fmt::Debug for PostgresStoreBuilder {
@@ -205,6 +207,7 @@ impl std::fmt::Debug for PostgresStoreBuilder {
             .field("entries_unlogged", &self.entries_unlogged)
             .field("heartbeat", &self.heartbeat)
             .field("invalidation_retention", &self.retention)
+            .field("outbox_lease", &self.lease)
             .finish()
     }
 }
@@ -217,6 +220,16 @@ impl PostgresStoreBuilder {
     /// Between 10 ms and 1 hour. Default: 5 s.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.heartbeat = every;
+        self
+    }
+
+    /// How long this instance's claim on write-behind rows lasts (renewed each delivery round
+    /// that reads them): past it, an instance that died mid-delivery has its rows delivered
+    /// by the others. Longer than a delivery round takes (a source call with its timeout and
+    /// retries of one round); a claim that runs out mid-delivery may see a write sent twice.
+    /// At least 100 ms. Default: 60 s.
+    pub fn outbox_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
         self
     }
 
@@ -278,6 +291,12 @@ impl PostgresStoreBuilder {
             return Err(Error::Config(format!(
                 "heartbeat is {:?}; it must be between 10 ms and 1 hour",
                 self.heartbeat
+            )));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "outbox_lease is {:?}; it must be at least 100 ms",
+                self.lease
             )));
         }
         if self.retention < Duration::from_secs(1) {
@@ -343,6 +362,7 @@ impl PostgresStoreBuilder {
             server,
             entries_unlogged,
             fleet: std::sync::Arc::new(fleet),
+            lease: self.lease,
         })
     }
 }
@@ -361,6 +381,8 @@ pub struct PostgresStore {
     entries_unlogged: bool,
     /// Publishing and listening (see `listen`).
     fleet: std::sync::Arc<listen::Fleet>,
+    /// How long a claim on outbox rows lasts.
+    lease: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -388,6 +410,7 @@ impl PostgresStore {
             entries_unlogged: false,
             heartbeat: DEFAULT_HEARTBEAT,
             retention: DEFAULT_RETENTION,
+            lease: DEFAULT_LEASE,
         }
     }
 

@@ -366,19 +366,49 @@ impl OutboxStore for PostgresStore {
         run.await.map_err(|e| storage("enqueue a write", e))
     }
 
+    /// Claims, then returns, the rows this instance may deliver (see the module docs): every
+    /// pending row of the oldest keys no other instance holds a live claim on, whose advisory
+    /// lock was free, claimed for the lease; rows it claimed before are claimed again. In id
+    /// order, at most `limit`. One short transaction; none is held across a delivery.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
+        let max = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
         let run = async {
-            let st = client.prepare_cached(&self.sql.pending).await?;
-            client
-                .query(&st, &[&limit])
+            let tx = client.transaction().await?;
+            let st = tx.prepare_cached(&self.sql.claimable).await?;
+            let keys: Vec<String> = tx
+                .query(&st, &[&self.fleet.origin, &max])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, Pg>>()?;
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            // A key another instance is claiming (or a writer is writing) right now is left
+            // for the next round: its lock is tried, never waited for.
+            let st = tx.prepare_cached(&self.sql.try_lock_keys).await?;
+            let prefix = self.sql.key_lock("");
+            let keys: Vec<String> = tx
+                .query(&st, &[&keys, &prefix])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, Pg>>()?;
+            // A statement after the locks: it sees every claim committed before them.
+            let st = tx.prepare_cached(&self.sql.claim).await?;
+            let mut rows = tx
+                .query(&st, &[&keys, &self.fleet.origin, &self.lease.as_secs_f64()])
                 .await?
                 .iter()
                 .map(row_to_outbox)
-                .collect::<Result<Vec<_>, Pg>>()
+                .collect::<Result<Vec<_>, Pg>>()?;
+            tx.commit().await?;
+            rows.sort_by_key(|r| r.id);
+            rows.truncate(limit);
+            Ok(rows)
         };
-        run.await.map_err(|e| storage("read the outbox", e))
+        run.await.map_err(|e| storage("claim outbox rows", e))
     }
 
     async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
