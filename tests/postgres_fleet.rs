@@ -555,3 +555,114 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> 
     assert_eq!(store.outbox_pending(10).await?.len(), 1, "claimed");
     Ok(())
 }
+
+/// The values delivered to `source` for `key`, in order (`None`: a delete).
+fn delivered(source: &FakeSource, key: &str) -> Vec<Option<String>> {
+    source
+        .writes()
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_flushing_at_once_deliver_each_key_in_order_and_once() -> TestResult {
+    let t = pg_or_skip!("four_instances_flushing_at_once_deliver_each_key_in_order_and_once");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.set_latency(Duration::from_millis(2));
+    let f = fleet(&t, 4, &source, &clock, Strategy::WriteBehind).await?;
+    const KEYS: usize = 8;
+    const VERSIONS: usize = 6;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Every instance flushes in a loop while the writes go on, spread over the instances (a
+    // key's writes come from several of them, one after the other).
+    let mut flushers = Vec::new();
+    for c in &f.caches {
+        let (c, writing) = (c.clone(), writing.clone());
+        flushers.push(tokio::spawn(async move {
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                c.flush().await?;
+                tokio::task::yield_now().await;
+            }
+            Ok::<_, tiercache::Error>(())
+        }));
+    }
+    for v in 0..VERSIONS {
+        for k in 0..KEYS {
+            f.caches[(v + k) % 4]
+                .set(&format!("k{k}"), format!("{v}"))
+                .await?;
+        }
+    }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    for flusher in flushers {
+        flusher.await??;
+    }
+    for c in &f.caches {
+        assert!(c.flush().await?.is_complete());
+    }
+    assert_eq!(t.one::<i64>("SELECT count(*) FROM {s}.outbox").await, 0);
+    for k in 0..KEYS {
+        let sent: Vec<usize> = delivered(&source, &format!("k{k}"))
+            .into_iter()
+            .map(|v| v.and_then(|v| v.parse().ok()).expect("a put of a version"))
+            .collect();
+        assert!(
+            sent.windows(2).all(|w| w[0] < w[1]),
+            "k{k}: in order, each once: {sent:?}"
+        );
+        assert_eq!(sent.last(), Some(&(VERSIONS - 1)), "k{k}: the final value");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_instances_claimed_rows_are_delivered_by_another_after_its_lease() -> TestResult {
+    let t = pg_or_skip!("a_dead_instances_claimed_rows_are_delivered_by_another_after_its_lease");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let lease = Duration::from_secs(2);
+    let dead_store = t
+        .store()
+        .heartbeat(SLOW_HEARTBEAT)
+        .outbox_lease(lease)
+        .connect()
+        .await?;
+    let dead = builder(&dead_store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+    let live = builder(&store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    dead.set("k", "1").await?;
+    dead.set("k", "2").await?;
+    dead.set("j", "1").await?;
+    // A delivery round starts (its rows claimed), then the instance dies before sending.
+    assert_eq!(dead_store.outbox_pending(100).await?.len(), 3);
+    drop(dead);
+    drop(dead_store);
+    // A newer write of k on the live instance: it must not go before the dead one's rows.
+    live.set("k", "3").await?;
+    let first = live.flush().await?;
+    assert_eq!(
+        first.delivered, 0,
+        "k and j are claimed by the dead instance"
+    );
+    assert!(source.writes().is_empty());
+
+    // Once the lease ran out, the live instance takes them over: each key once, the newest.
+    let (live, total) = (&live, &std::sync::atomic::AtomicU64::new(0));
+    eventually("the dead instance's rows delivered", || async move {
+        let report = live.flush().await.expect("a flush");
+        total.fetch_add(report.delivered, std::sync::atomic::Ordering::SeqCst);
+        total.load(std::sync::atomic::Ordering::SeqCst) == 4
+    })
+    .await;
+    assert_eq!(delivered(&source, "k"), vec![Some("3".to_owned())]);
+    assert_eq!(delivered(&source, "j"), vec![Some("1".to_owned())]);
+    assert_eq!(t.one::<i64>("SELECT count(*) FROM {s}.outbox").await, 0);
+    Ok(())
+}
