@@ -30,7 +30,7 @@
 //! | table | what | logged |
 //! |---|---|---|
 //! | `entries` | one row per key: value (`bytea`, NULL for "not found"), validator, the three deadlines, size, last access | yes, unless [`entries_unlogged`](PostgresStoreBuilder::entries_unlogged) |
-//! | `outbox` | write-behind writes and dead letters, `id` from an identity column; indexed by `(key, id)` and, for dead letters, by key | always |
+//! | `outbox` | write-behind writes and dead letters, `id` from an identity column, the claim (`claimed_by`, `claim_expires`) of the instance delivering them; indexed by `(key, id)` and, for dead letters, by key | always |
 //! | `meta` | named strings shared by the fleet (the source's breaker) | always |
 //! | `schema_version` | one row: the schema's version ([`SCHEMA_VERSION`]) | always |
 //! | `invalidations` | the invalidation log: one row per key a write changed (`seq` from an identity column, the writing transaction's id `xid`, `at`, `origin`, `key`); indexed by `xid` and `at` | always |
@@ -77,9 +77,10 @@
 //! | `remove` | lock; `DELETE`; publish |
 //! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)`; publish |
 //! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id`; publish |
-//! | `outbox_pending`, `dead_letters` | `SELECT … ORDER BY id` |
+//! | `outbox_pending` | one transaction: the oldest keys with pending rows and no other instance's live claim (`GROUP BY key HAVING …`); their locks tried (`pg_try_advisory_xact_lock`, never waited for); `UPDATE … SET claimed_by, claim_expires … RETURNING` every pending row of the locked keys, unless another instance's claim appeared |
+//! | `dead_letters` | `SELECT … ORDER BY id` |
 //! | `outbox_complete` | `DELETE … WHERE id = ANY($1) AND NOT dead` |
-//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE`; when dead, supersede and remove entries, as the contract says, and publish the keys |
+//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE` (the claim released); when dead, supersede and remove entries, as the contract says, and publish the keys |
 //! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` (a retry: the entry removed, published) or `DELETE` |
 //! | `update_meta` | lock the name; `SELECT`; upsert or `DELETE` |
 //! | `summary` | one statement of aggregates over both tables |
@@ -143,12 +144,23 @@
 //! than a write until it reconnects and catches up; L2 reads are never stale (they read the
 //! shared tables).
 //!
+//! # An outbox drained by the fleet
+//! Every instance may deliver (background flush on all of them is safe). A delivery round's
+//! [`outbox_pending`](crate::tier::OutboxStore::outbox_pending) claims whole keys for this
+//! store ([`origin`](PostgresStore::origin)) for a lease
+//! ([`outbox_lease`](PostgresStoreBuilder::outbox_lease), 60 s) in one short transaction, and
+//! returns only the rows it claimed; the source is called after that transaction committed,
+//! never inside one. A key is claimed only when no row of it is under another instance's live
+//! claim, and under its advisory lock (tried, so two claimers of one key never both win and
+//! never wait on each other; an enqueue of the key waits for the claim, which then covers or
+//! precedes its row): a newer row of a key is never delivered while an older one is another
+//! instance's to deliver (per-key order, I5). A round claims its own rows again, renewing the
+//! lease; delivered rows are deleted, a failed attempt releases its rows' claim. When an
+//! instance dies mid-delivery, its claims run out after the lease and another instance
+//! delivers the rows (a write the dead instance had sent but not yet completed is sent again:
+//! delivery is idempotent, as after a crash on SQLite).
+//!
 //! # Limits today
-//! * **Delivery by one instance per schema.** The outbox is one, but rows are not yet claimed
-//!   (issue #14, item 5: `FOR UPDATE SKIP LOCKED` under a lease). Two instances delivering at
-//!   once may send a row twice, or an older write of a key after a newer one. Until claims
-//!   exist, turn [`background_flush`](crate::TieredCacheBuilder::background_flush) on for one
-//!   instance of a schema (the others enqueue; any may call `flush` while that one is idle).
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
 //!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
 //! * **No maximum L1 age** as a last backstop against a missed message, fleet-wide
