@@ -200,7 +200,15 @@ async fn set_delete_and_invalidate_on_one_are_read_on_all_others() -> TestResult
     let f = fleet(&t, 4, &source, &clock, Strategy::ReadThrough).await?;
     for c in &f.caches {
         in_l1(c, "k", "v0").await;
+        let health = c.health().await;
+        assert_eq!(health.invalidations, Some(true), "{health}");
+        assert!(health.to_string().contains("invalidations: listening"));
     }
+    // SQLite publishes nothing: no listener to report.
+    assert_eq!(
+        TieredCache::builder().build()?.health().await.invalidations,
+        None
+    );
 
     // A set on one: every other L1 (fresh for another minute of the clock) drops its copy.
     f.caches[0].set("k", "v1").await?;
@@ -321,6 +329,7 @@ async fn a_killed_listener_reconnects_and_catches_up_from_the_log() -> TestResul
         reader_store.listener_connections() >= 2 && reader_store.listening()
     })
     .await;
+    assert_eq!(reader.health().await.invalidations, Some(true));
     // Whether the reconnect came before the write (its NOTIFY) or after it (the log), and the
     // silent write only from the log: the reader serves neither old value.
     reads(reader, "a", Some("a1")).await;

@@ -11,10 +11,13 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::tier::fence::Fences;
 use crate::tier::memory::MemoryTier;
-use crate::tier::{Invalidation, Store};
+use crate::tier::{Invalidation, Listening, Store};
+
+/// What [`start`] made: the sender whose drop ends the task, and the store's listening state.
+pub(super) type Started = Option<(oneshot::Sender<()>, Option<Listening>)>;
 
 /// Subscribes to `store`'s invalidations, if it publishes any, and spawns the task applying
-/// them. Returns the sender whose drop ends the task (`None`: nothing to apply).
+/// them (`None`: nothing to apply).
 ///
 /// # Errors
 /// [`Error::Config`] when the store publishes but no Tokio runtime is running.
@@ -22,7 +25,7 @@ pub(super) fn start(
     store: &Arc<dyn Store>,
     l1: &MemoryTier,
     fences: &Arc<Fences>,
-) -> Result<Option<oneshot::Sender<()>>> {
+) -> Result<Started> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         // Asked only to learn whether it publishes: a store that would needs the runtime.
         return match store.invalidations() {
@@ -37,6 +40,7 @@ pub(super) fn start(
     let Some(mut subscription) = store.invalidations() else {
         return Ok(None);
     };
+    let listening = subscription.listening();
     let (stop, mut stopped) = oneshot::channel::<()>();
     let (l1, fences) = (l1.clone(), fences.clone());
     runtime.spawn(async move {
@@ -63,5 +67,5 @@ pub(super) fn start(
             }
         }
     });
-    Ok(Some(stop))
+    Ok(Some((stop, listening)))
 }

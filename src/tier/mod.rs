@@ -13,6 +13,6 @@ pub mod sqlite;
 pub mod store;
 
 pub use store::{
-    EntryStore, FillGuard, Found, Invalidation, Invalidations, MetaUpdate, Observed, OutboxOp,
-    OutboxRow, OutboxStore, Resolved, StateStore, Store, StoreSummary, StoredEntry,
+    EntryStore, FillGuard, Found, Invalidation, Invalidations, Listening, MetaUpdate, Observed,
+    OutboxOp, OutboxRow, OutboxStore, Resolved, StateStore, Store, StoreSummary, StoredEntry,
 };

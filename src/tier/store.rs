@@ -320,12 +320,51 @@ pub enum Invalidation {
 #[derive(Debug)]
 pub struct Invalidations {
     rx: tokio::sync::broadcast::Receiver<Invalidation>,
+    listening: Option<Listening>,
+}
+
+/// Whether a backend currently hears the other instances' writes (its listener is connected
+/// and caught up), shared by the backend and the caches it tells; reported in the cache's
+/// [`health`](crate::TieredCache::health).
+#[derive(Debug, Clone, Default)]
+pub struct Listening(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Listening {
+    /// Not listening yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records whether the backend listens now.
+    pub fn set(&self, listening: bool) {
+        self.0
+            .store(listening, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the backend listens now.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Invalidations {
     /// A subscription fed by a broadcast channel.
     pub fn new(rx: tokio::sync::broadcast::Receiver<Invalidation>) -> Self {
-        Self { rx }
+        Self {
+            rx,
+            listening: None,
+        }
+    }
+
+    /// With the backend's [`Listening`] state, for the cache's health.
+    pub fn with_listening(mut self, listening: Listening) -> Self {
+        self.listening = Some(listening);
+        self
+    }
+
+    /// The backend's [`Listening`] state, if it keeps one.
+    pub fn listening(&self) -> Option<Listening> {
+        self.listening.clone()
     }
 
     /// The next invalidation; `None` once the sender is gone.

@@ -17,7 +17,7 @@
 //! transaction id at or above the horizon (some again: dropping a key twice costs a read).
 //! If the log was pruned at or above the horizon, it cannot vouch: every L1 is cleared.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use super::notify::{self, Payload};
-use crate::tier::{Invalidation, Invalidations};
+use crate::tier::{Invalidation, Invalidations, Listening};
 
 /// How many invalidations a subscriber may fall behind before it gets [`Invalidation::All`].
 const CHANNEL_CAPACITY: usize = 1024;
@@ -52,7 +52,7 @@ pub(super) struct Fleet {
     /// The subscribers' channel while a listener runs (taken away, under the lock, by a
     /// listener that finds no subscriber left and stops).
     sender: Mutex<Option<broadcast::Sender<Invalidation>>>,
-    connected: AtomicBool,
+    connected: Listening,
     connections: AtomicU64,
     /// Where the next catch-up starts (see the module docs): set when the store opens, moved
     /// by the listener; kept across listeners (a new one after the last stopped).
@@ -64,7 +64,7 @@ impl std::fmt::Debug for Fleet {
         f.debug_struct("Fleet")
             .field("origin", &self.origin)
             .field("channel", &self.channel)
-            .field("listening", &self.connected.load(Ordering::Relaxed))
+            .field("listening", &self.connected.get())
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +87,7 @@ impl Fleet {
             heartbeat,
             retention,
             sender: Mutex::new(None),
-            connected: AtomicBool::new(false),
+            connected: Listening::new(),
             connections: AtomicU64::new(0),
             horizon: AtomicI64::new(0),
         }
@@ -101,7 +101,7 @@ impl Fleet {
 
     /// Whether the listener is connected and caught up.
     pub(super) fn listening(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.connected.get()
     }
 
     /// Connections the listener made and caught up on so far.
@@ -113,7 +113,7 @@ impl Fleet {
     pub(super) fn subscribe(self: &Arc<Self>) -> Invalidations {
         let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = sender.as_ref() {
-            return Invalidations::new(tx.subscribe());
+            return Invalidations::new(tx.subscribe()).with_listening(self.connected.clone());
         }
         let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
         // Without a runtime the channel is closed at once: the caller sees the subscription
@@ -122,7 +122,7 @@ impl Fleet {
             *sender = Some(tx);
             runtime.spawn(run(self.clone()));
         }
-        Invalidations::new(rx)
+        Invalidations::new(rx).with_listening(self.connected.clone())
     }
 
     fn send(&self, inv: Invalidation) {
@@ -152,7 +152,7 @@ impl Fleet {
         let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         if sender.as_ref().is_none_or(|tx| tx.receiver_count() == 0) {
             *sender = None;
-            self.connected.store(false, Ordering::Release);
+            self.connected.set(false);
             return true;
         }
         false
@@ -178,7 +178,7 @@ async fn run(fleet: Arc<Fleet>) {
         match connection(&fleet).await {
             Ended::Unsubscribed => return,
             Ended::Lost { up, why } => {
-                fleet.connected.store(false, Ordering::Release);
+                fleet.connected.set(false);
                 tracing::warn!(schema = %fleet.schema, error = %why,
                     "the invalidation listener lost its connection; reconnecting");
                 if up {
@@ -241,7 +241,7 @@ async fn connection(fleet: &Arc<Fleet>) -> Ended {
     fleet.horizon.store(before_listen, Ordering::Release);
     let mut previous = before_listen;
     fleet.connections.fetch_add(1, Ordering::AcqRel);
-    fleet.connected.store(true, Ordering::Release);
+    fleet.connected.set(true);
     let mut beat = tokio::time::interval(fleet.heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beat.tick().await;
