@@ -675,3 +675,82 @@ async fn a_dead_instances_claimed_rows_are_delivered_by_another_after_its_lease(
     assert_eq!(t.one::<i64>("SELECT count(*) FROM {s}.outbox").await, 0);
     Ok(())
 }
+
+/// A TCP proxy to the test's server whose connections can be frozen: bytes stop flowing both
+/// ways, the sockets stay open (a silent connection, as behind a dead network path).
+struct Proxy {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn proxy(target: String) -> Result<Proxy, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let freeze = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            // A connection made while frozen flows (a new path); the old ones stay silent.
+            let born_frozen = freeze.load(std::sync::atomic::Ordering::SeqCst);
+            let freeze = freeze.clone();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            let pipe =
+                |mut from: tokio::net::tcp::OwnedReadHalf,
+                 mut to: tokio::net::tcp::OwnedWriteHalf,
+                 freeze: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !born_frozen && freeze.load(std::sync::atomic::Ordering::SeqCst) {
+                            // Silent: swallow everything, never close.
+                            std::future::pending::<()>().await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+            tokio::spawn(pipe(cr, sw, freeze.clone()));
+            tokio::spawn(pipe(sr, cw, freeze));
+        }
+    });
+    Ok(Proxy { port, frozen })
+}
+
+#[tokio::test]
+async fn a_silent_listener_connection_is_found_by_the_heartbeat_and_replaced() -> TestResult {
+    let t = pg_or_skip!("a_silent_listener_connection_is_found_by_the_heartbeat_and_replaced");
+    let (host, port, user, db) = t.server_parts();
+    let p = proxy(format!("{host}:{port}")).await?;
+    let store = PostgresStore::builder(format!(
+        "host=127.0.0.1 port={} user={user} dbname={db}",
+        p.port
+    ))
+    .schema(t.schema.clone())
+    .heartbeat(Duration::from_millis(200))
+    .connect()
+    .await?;
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let cache = builder(&store, &source, &clock).build()?;
+    let s = &store;
+    eventually("listening", || async move { s.listening() }).await;
+    assert_eq!(store.listener_connections(), 1);
+
+    // Every open connection through the proxy goes silent (nothing is closed): only the
+    // heartbeat's unanswered query can tell. New connections flow again.
+    p.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually("a new listener connection", || async move {
+        s.listener_connections() >= 2 && s.listening()
+    })
+    .await;
+    drop(cache);
+    Ok(())
+}
