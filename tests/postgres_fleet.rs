@@ -754,3 +754,41 @@ async fn a_silent_listener_connection_is_found_by_the_heartbeat_and_replaced() -
     drop(cache);
     Ok(())
 }
+
+/// Not a check: prints how long another instance takes to hear of a write (from the call to
+/// `set`, its commit included, to the other store's listener handing the key to its
+/// subscribers; the key leaves that cache's L1 right after). Run with
+/// `cargo test --features postgres --test postgres_fleet -- --ignored --nocapture
+/// invalidation_latency`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn invalidation_latency() -> TestResult {
+    let t = pg_or_skip!("invalidation_latency");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let f = fleet(&t, 2, &source, &clock, Strategy::ReadThrough).await?;
+    let mut heard = f.stores[1].invalidations().expect("PostgreSQL publishes");
+    let mut took = Vec::new();
+    for i in 0..500 {
+        let key = format!("k{i}");
+        let written = std::time::Instant::now();
+        f.caches[0].set(&key, "v").await?;
+        loop {
+            match tokio::time::timeout(WAIT, heard.recv()).await? {
+                Some(Invalidation::Keys(k)) if k.contains(&key) => break,
+                Some(_) => continue,
+                None => panic!("the subscription ended"),
+            }
+        }
+        took.push(written.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "from set() called to heard elsewhere, over {} writes: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
+}
