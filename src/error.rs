@@ -143,9 +143,79 @@ pub enum Error {
         /// The outbox's bound.
         limit: u64,
     },
+    /// An offline bundle could not be written or read ([`TieredCache::export`] /
+    /// [`TieredCache::import`]); [`fault`](BundleFault) says why. An import refused for any of
+    /// these reasons changed nothing: the database and the bundle file are as they were.
+    ///
+    /// [`TieredCache::export`]: crate::TieredCache::export
+    /// [`TieredCache::import`]: crate::TieredCache::import
+    #[error("bundle {path:?}: {message}")]
+    Bundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// Why, as a value to match on.
+        fault: BundleFault,
+        /// Why, in words.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The cache has been closed.
     #[error("the cache is closed")]
     Closed,
+}
+
+/// Why an offline bundle was refused ([`Error::Bundle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BundleFault {
+    /// Export: a file is already at the path, and overwriting was not asked for.
+    Exists,
+    /// Import: no file at the path (or it is not a regular file).
+    Missing,
+    /// Import: the file is not a SQLite database.
+    NotSqlite,
+    /// Import: a SQLite database that is not a tiercache bundle (another `application_id`; a
+    /// tiercache cache database is one of these too: export one to get a bundle).
+    Foreign,
+    /// Import: a bundle of a newer format than this tiercache reads.
+    Newer,
+    /// Import: the file is damaged (`PRAGMA quick_check`), or its tables are not a bundle's.
+    Corrupt,
+    /// Import: a row could not be decoded (a bad key, a value of the wrong type, deadlines out
+    /// of order, a key twice).
+    InvalidRow,
+    /// The bundle file could not be read or written (I/O).
+    Io,
+    /// Export: the L2 store cannot list its entries
+    /// ([`EntryStore::snapshot`](crate::tier::EntryStore::snapshot) is not implemented).
+    Unsupported,
+}
+
+impl BundleFault {
+    /// A stable name: `exists`, `missing`, `not_sqlite`, `foreign`, `newer`, `corrupt`,
+    /// `invalid_row`, `io`, `unsupported`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleFault::Exists => "exists",
+            BundleFault::Missing => "missing",
+            BundleFault::NotSqlite => "not_sqlite",
+            BundleFault::Foreign => "foreign",
+            BundleFault::Newer => "newer",
+            BundleFault::Corrupt => "corrupt",
+            BundleFault::InvalidRow => "invalid_row",
+            BundleFault::Io => "io",
+            BundleFault::Unsupported => "unsupported",
+        }
+    }
+}
+
+impl std::fmt::Display for BundleFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Error {
@@ -173,6 +243,14 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
             || matches!(self.source_error(), Some(SourceError::NotFound { .. }))
+    }
+
+    /// An offline bundle was refused ([`Error::Bundle`]), with why.
+    pub fn bundle_fault(&self) -> Option<BundleFault> {
+        match self {
+            Error::Bundle { fault, .. } => Some(*fault),
+            _ => None,
+        }
     }
 
     /// The L2 tier failed.
@@ -220,6 +298,7 @@ impl Error {
     /// | `storage` | L2 failed: I/O, disk full, corrupt or foreign database file | depends |
     /// | `decode`, `encode` | a value did not (de)serialize as the type asked | no |
     /// | `superseded` | a dead letter was not retried: a newer write came after it | no: discard it |
+    /// | `bundle` | an offline bundle could not be written or read ([`Error::Bundle`]) | no |
     /// | `closed` | the cache was closed | no |
     /// | `other` | anything else | |
     ///
@@ -259,6 +338,7 @@ impl Error {
             Error::Encode { .. } => "encode",
             Error::NotFound { .. } => "not_found",
             Error::Superseded { .. } => "superseded",
+            Error::Bundle { .. } => "bundle",
             Error::Closed => "closed",
             _ => "other",
         }

@@ -134,7 +134,8 @@
 //! # Modules
 //! * `cache`: the facade [`TieredCache`] over `read` (the one read pipeline), `batch` (`mget`),
 //!   `write` (the strategies), `load` (fills from the source), `loader` (`get_with`), `typed`
-//!   ([`Typed`]), `admin` (flush, dead letters, warm, stats, health), `flight` (single-flight).
+//!   ([`Typed`]), `admin` (flush, dead letters, warm, stats, health), `bundle` (export,
+//!   import), `flight` (single-flight).
 //! * [`source`]: the [`Source`](source::Source) trait, its protections (`source::guard`: breaker,
 //!   timeout, offline switch) and the GitHub source.
 //! * [`tier`]: L1 (`tier::memory`), the L2 storage traits ([`tier::store`]: entries, outbox,
@@ -142,6 +143,9 @@
 //!   [`TieredCacheBuilder::store`] takes another backend), the SQLite tier's settings, L2 behind
 //!   its breakers (`tier::guarded`), write fences (`tier::fence`).
 //! * [`outbox`]: the write-behind outbox, its delivery, reports and dead letters.
+//! * [`bundle`]: offline bundles, one file holding a snapshot of the cache
+//!   ([`export`](TieredCache::export)) to load elsewhere ([`import`](TieredCache::import)) and
+//!   serve offline.
 //! * [`breaker`]: the circuit breaker, usable on its own.
 //! * [`stats`], [`health`], [`event`]: what the cache is doing.
 //!
@@ -175,6 +179,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod breaker;
+pub mod bundle;
 mod cache;
 mod clock;
 mod entry;
@@ -195,7 +200,7 @@ pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
 };
 pub use clock::{Clock, MockClock, SystemClock};
-pub use error::{Error, Result};
+pub use error::{BundleFault, Error, Result};
 pub use event::Event;
 pub use health::{HealthReport, HealthStatus};
 pub use key::{KeyError, MAX_KEY_LEN};

@@ -678,3 +678,68 @@ async fn waiters_get_the_answer_before_the_l2_fill_and_the_loader_after() -> Tes
     assert_eq!(source.fetch_count(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_bundle_imports_through_the_default_merge_and_export_says_unsupported() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let clock = MockClock::new();
+    // The bundle: three keys from a SQLite cache at t0 + 1 s.
+    let (ci_source, target_source) = (FakeSource::new(), FakeSource::new());
+    for k in ["newer", "pending", "older"] {
+        ci_source.insert(k, format!("bundled {k}"));
+        target_source.insert(k, format!("old {k}"));
+    }
+    let store = MemStore::default();
+    let target = builder(&store, &target_source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    assert_eq!(get(&target, "older").await?.as_deref(), Some("old older"));
+    target.set("pending", "mine").await?;
+    clock.advance(Duration::from_secs(1));
+    let ci = TieredCache::builder()
+        .source(ci_source.clone())
+        .sqlite_path(dir.path().join("ci.db"))
+        .clock(clock.clone())
+        .ttl(TTL)
+        .build()?;
+    for k in ["newer", "pending", "older"] {
+        assert!(ci.get(k).await?.is_some());
+    }
+    let bundle = dir.path().join("b.bundle");
+    ci.export(&bundle).await?;
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(get(&target, "newer").await?.as_deref(), Some("old newer"));
+
+    let report = target.import(&bundle).await?;
+    assert_eq!(
+        (report.imported, report.kept_newer, report.kept_pending),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(
+        get(&target, "older").await?.as_deref(),
+        Some("bundled older")
+    );
+    assert_eq!(get(&target, "newer").await?.as_deref(), Some("old newer"));
+    assert_eq!(get(&target, "pending").await?.as_deref(), Some("mine"));
+    assert_eq!(store.value("older"), Some(Some(b"bundled older".to_vec())));
+
+    // This store cannot list its keys: export is refused, and no file is left.
+    let out = dir.path().join("out.bundle");
+    match target.export(&out).await {
+        Err(e) => assert_eq!(
+            e.bundle_fault(),
+            Some(tiercache::BundleFault::Unsupported),
+            "{e}"
+        ),
+        Ok(r) => panic!("{r:?}"),
+    }
+    assert!(!out.exists());
+    assert_eq!(
+        target.health().await.status,
+        HealthStatus::Healthy,
+        "not an L2 failure"
+    );
+    Ok(())
+}

@@ -12,6 +12,8 @@
 //!   stats [--json]              what the database holds, outbox depth, dead letters, breaker state
 //!   health [--json]
 //!   dead-letters [--retry ID | --discard ID | --retry-all | --discard-all] [--json]
+//!   export FILE [--prefix P] [--force] [--json]   a snapshot of the cache in one bundle file
+//!   import FILE [--json]        load a bundle into the database (then --offline serves it)
 //! ```
 //!
 //! Exit codes: 0 success (a stale answer too; stderr says so and why), 1 unavailable or another
@@ -22,8 +24,11 @@
 //!
 //! This file holds the command line, settings, exit codes and error printing; the commands live
 //! in [`read`] (`get`, `mget`, `warm`), [`write`](mod@write) (`put`, `delete`), [`outbox`]
-//! (`flush`, `dead-letters`), [`status`] (`stats`, `health`) and `serve` (feature `serve`).
+//! (`flush`, `dead-letters`), [`status`] (`stats`, `health`), [`bundle`] (`export`, `import`)
+//! and `serve` (feature `serve`).
 
+#[path = "tiercache/bundle.rs"]
+mod bundle;
 #[path = "tiercache/config.rs"]
 mod config;
 #[path = "tiercache/duration.rs"]
@@ -251,6 +256,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write what the cache holds into one bundle file (values, ETags, deadlines), to import
+    /// on machines that work offline
+    #[command(
+        after_help = "Examples:\n  tiercache warm octo/app && tiercache export app.bundle\n  \
+        tiercache export app.bundle --prefix octo/app/config/ --force\n\n\
+        The file is written under a temporary name and renamed into place; an existing file is \
+        refused (exit 64) unless --force. Left out: pending write-behind writes, dead letters, \
+        not-found markers and expired entries. Deadlines are kept: the --stale-ttl of the cache \
+        that fetched the files is how long the bundle serves offline."
+    )]
+    Export {
+        /// The bundle file to write
+        file: PathBuf,
+        /// Only keys starting with this (e.g. octo/app/config/)
+        #[arg(long, value_name = "PREFIX")]
+        prefix: Option<String>,
+        /// Replace a file already at FILE
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object (the report)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a bundle made by `export` into the database; `--offline get` then serves it
+    #[command(after_help = "Examples:\n  tiercache import app.bundle\n  \
+        tiercache import app.bundle && tiercache --offline get octo/app/config/prod.toml\n\n\
+        An entry is written unless the database holds the key as new or newer, or a write-behind \
+        write of the key is pending. The bundle is checked whole first: a missing file exits 64; \
+        a foreign, newer or damaged one exits 1, and the database is left unchanged.")]
+    Import {
+        /// The bundle file to read (never modified)
+        file: PathBuf,
+        /// Print one JSON object (the report)
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the cache over HTTP: GET, PUT and DELETE /components/KEY, GET /health and
     /// GET /metrics (feature `serve`)
     #[cfg(feature = "serve")]
@@ -454,6 +495,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 };
                 outbox::dead_letters(&settings, action, json).await
             }
+            Command::Export {
+                file,
+                prefix,
+                force,
+                json,
+            } => bundle::export(&settings, &file, prefix.as_deref(), force, json).await,
+            Command::Import { file, json } => bundle::import(&settings, &file, json).await,
             #[cfg(feature = "serve")]
             Command::Serve { listen } => serve::serve(&settings, listen).await,
         }

@@ -44,6 +44,7 @@ macro_rules! in_span {
 mod admin;
 mod batch;
 mod builder;
+mod bundle;
 mod flight;
 mod invalidate;
 mod load;

@@ -21,8 +21,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    EntryStore, FillGuard, Found, MetaUpdate, OutboxOp, OutboxRow, OutboxStore, Resolved,
-    StateStore, Store, StoreSummary, StoredEntry,
+    EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, OutboxOp, OutboxRow, OutboxStore,
+    Resolved, StateStore, Store, StoreSummary, StoredEntry,
 };
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
@@ -200,6 +200,14 @@ impl EntryStore for Guarded {
 
     async fn summary(&self, now: u64) -> Result<StoreSummary> {
         self.read(self.inner.summary(now)).await
+    }
+
+    async fn snapshot(&self, prefix: &str, sink: EntrySink) -> Result<()> {
+        self.read(self.inner.snapshot(prefix, sink)).await
+    }
+
+    async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
+        self.write(self.inner.merge(entries)).await
     }
 }
 

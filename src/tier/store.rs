@@ -13,7 +13,7 @@
 //! while it is down.
 //!
 //! # What every method owes the cache
-//! * Failures are [`Error::Storage`](crate::Error::Storage). The cache treats them as "L2 could
+//! * Failures are [`Error::Storage`]. The cache treats them as "L2 could
 //!   not answer" (it goes on with L1 and the source), never as "not there"; a store must never
 //!   answer `Ok(None)` for a read it could not make.
 //! * A method that returns `Ok` has happened: it is visible to every later call on the store
@@ -40,7 +40,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::entry::Entry;
-use crate::error::Result;
+use crate::error::{BundleFault, Error, Result};
 
 /// One cached answer of the source, as a store holds it: the bytes (or "not found"), the
 /// source's validator and three deadlines (ms since the UNIX epoch).
@@ -382,6 +382,28 @@ impl Invalidations {
 /// (`None`: none), returns the value to hold (`None`: remove it).
 pub type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
 
+/// Receives the entries of an [`EntryStore::snapshot`], one call per entry, in key order. An
+/// `Err` stops the snapshot, which then returns that error.
+pub type EntrySink = Box<dyn FnMut(String, StoredEntry) -> Result<()> + Send>;
+
+/// What [`EntryStore::merge`] did with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Merged {
+    /// Written: the key had no entry, or an older one (a lower `stored_at`).
+    Written,
+    /// Not written: the key holds an entry as new or newer (its `stored_at` is not lower).
+    KeptNewer,
+    /// Not written: the key has a pending (not dead) outbox row. An acknowledged write not yet
+    /// delivered is newer than anything a bundle holds (I1).
+    KeptPending,
+}
+
+/// How many keys [`EntryStore::merge`]'s default implementation reads per
+/// [`get_many`](EntryStore::get_many).
+const MERGE_CHUNK: usize = 500;
+
 /// The cached entries.
 ///
 /// An entry is keyed by the cache key (a string of at most [`MAX_KEY_LEN`](crate::MAX_KEY_LEN)
@@ -464,6 +486,80 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Called once by each cache built on the store, from within a Tokio runtime.
     fn invalidations(&self) -> Option<Invalidations> {
         None
+    }
+
+    /// Every entry whose key starts with `prefix` (`""`: all) and has **no pending** (not
+    /// dead) outbox row, in key order, from **one consistent view** (one read transaction or
+    /// snapshot), each given to `sink`; an entry past its stale deadline may be left out. What
+    /// [`TieredCache::export`](crate::TieredCache::export) writes into an offline bundle.
+    ///
+    /// The default fails with [`Error::Bundle`] ([`BundleFault::Unsupported`]): the other
+    /// methods cannot list a store's keys. The SQLite tier implements it with one read
+    /// transaction on a connection of its own, on a blocking thread.
+    async fn snapshot(&self, prefix: &str, sink: EntrySink) -> Result<()> {
+        let _ = (prefix, sink);
+        Err(Error::Bundle {
+            path: std::path::PathBuf::new(),
+            fault: BundleFault::Unsupported,
+            message: format!(
+                "this L2 store ({}) cannot list its entries: it does not implement EntryStore::snapshot",
+                std::any::type_name::<Self>()
+            ),
+            source: None,
+        })
+    }
+
+    /// Writes entries from an offline bundle
+    /// ([`TieredCache::import`](crate::TieredCache::import)), each only where it is newer than
+    /// what the store holds: an entry is written when its key has **no pending** (not dead)
+    /// outbox row ([`Merged::KeptPending`]) and holds no entry with a `stored_at` as high or
+    /// higher ([`Merged::KeptNewer`]). Returns what became of each entry, in order. `entries`
+    /// has no key twice.
+    ///
+    /// A store should make the whole merge **one step** (one transaction: all of it or none);
+    /// the SQLite tier does. The default reads the keys in chunks with
+    /// [`get_many`](Self::get_many) and writes each entry with [`put_fill`](Self::put_fill)
+    /// behind the entry it saw (a compare-and-set per key): a write that came meanwhile wins,
+    /// but a failure part-way leaves the entries before it written, and a write-behind
+    /// *delete* of a key with no entry, enqueued by another process between the read and the
+    /// write, is not seen (a store sharing its outbox between processes should override this).
+    /// A store that tells other instances about writes (invalidations) should announce merged
+    /// entries as writes: the default writes them with `put_fill`, which such a store may
+    /// treat as a fill and not announce, leaving other instances' L1 copies until their TTL.
+    async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
+        let mut merged = Vec::with_capacity(entries.len());
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let chunk: Vec<(String, StoredEntry)> = entries.by_ref().take(MERGE_CHUNK).collect();
+            let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+            let found = self.get_many(&keys).await?;
+            let pending: std::collections::HashSet<&str> =
+                found.pending.iter().map(|(k, _)| k.as_str()).collect();
+            let held: std::collections::HashMap<&str, u64> = found
+                .entries
+                .iter()
+                .map(|(k, e)| (k.as_str(), e.stored_at))
+                .collect();
+            for (key, entry) in &chunk {
+                let held_at = held.get(key.as_str()).copied();
+                let outcome = if pending.contains(key.as_str()) {
+                    Merged::KeptPending
+                } else if held_at.is_some_and(|t| t >= entry.stored_at) {
+                    Merged::KeptNewer
+                } else {
+                    let guard = FillGuard {
+                        observed: held_at.map_or(Observed::Absent, Observed::StoredAt),
+                        still_valid: Box::new(|| true),
+                    };
+                    match self.put_fill(key, entry.clone(), guard).await? {
+                        true => Merged::Written,
+                        false => Merged::KeptNewer,
+                    }
+                };
+                merged.push(outcome);
+            }
+        }
+        Ok(merged)
     }
 }
 

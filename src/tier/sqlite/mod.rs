@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod bundle;
 mod open;
 mod schema;
 mod store;
@@ -182,6 +183,14 @@ impl SqliteTier {
                     })?
             }
             Location::Memory => Ok(()),
+        }
+    }
+
+    /// The database file (`None`: a memory database).
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+        match &self.location {
+            Location::File(path) => Some(path),
+            Location::Memory => None,
         }
     }
 

@@ -14,8 +14,8 @@ use super::writer::{WriterState, MAX_TOUCHES};
 use super::{outbox_bound, storage, to_i64, to_u64, SqliteTier};
 use crate::error::{Error, Result};
 use crate::tier::{
-    EntryStore, FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved,
-    StateStore, StoreSummary, StoredEntry,
+    EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, Observed, OutboxOp, OutboxRow,
+    OutboxStore, Resolved, StateStore, StoreSummary, StoredEntry,
 };
 
 impl SqliteTier {
@@ -62,7 +62,7 @@ fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Stored
     ))
 }
 
-fn put_entry(
+pub(super) fn put_entry(
     conn: &Connection,
     state: &mut WriterState,
     key: &str,
@@ -303,6 +303,15 @@ impl EntryStore for SqliteTier {
             Ok(s)
         })
         .map_err(storage("summarize the database"))
+    }
+
+    // Offline bundles: see `bundle`.
+    async fn snapshot(&self, prefix: &str, sink: EntrySink) -> Result<()> {
+        self.snapshot_entries(prefix, sink).await
+    }
+
+    async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
+        self.merge_entries(entries).await
     }
 }
 
