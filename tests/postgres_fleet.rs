@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use support::FakeSource;
 use tiercache::source::SourceError;
 use tiercache::tier::postgres::PostgresStore;
-use tiercache::tier::{EntryStore, Invalidation, OutboxOp, OutboxStore, StoredEntry};
+use tiercache::tier::{EntryStore, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry};
 use tiercache::{MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -790,5 +790,58 @@ async fn invalidation_latency() -> TestResult {
         at(0.99),
         at(1.0)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn entries_merged_from_a_bundle_on_one_are_read_on_the_others() -> TestResult {
+    let t = pg_or_skip!("entries_merged_from_a_bundle_on_one_are_read_on_the_others");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("k", "v0");
+    source.insert("old", "o0");
+    let f = fleet(&t, 2, &source, &clock, Strategy::ReadThrough).await?;
+    for (key, value) in [("k", "v0"), ("old", "o0")] {
+        in_l1(&f.caches[1], key, value).await;
+    }
+    f.stores[0].enqueue("p", None, OutboxOp::Delete, 1).await?;
+    let held = |key: &'static str| {
+        let store = f.stores[0].clone();
+        async move { store.get(key).await.map(|e| e.expect("an entry")) }
+    };
+    let (k, old) = (held("k").await?, held("old").await?);
+    let newer = |e: &StoredEntry, v: &'static str| {
+        StoredEntry::new(
+            Some(Bytes::from_static(v.as_bytes())),
+            None,
+            e.stored_at + 1,
+            e.fresh_until + 1,
+            e.stale_until + 1,
+        )
+    };
+    let older = StoredEntry::new(
+        Some(Bytes::from_static(b"stale")),
+        None,
+        old.stored_at - 1,
+        old.fresh_until,
+        old.stale_until,
+    );
+    let merged = f.stores[0]
+        .merge(vec![
+            ("k".to_owned(), newer(&k, "bundled")),
+            ("old".to_owned(), older),
+            ("p".to_owned(), newer(&k, "bundled")),
+        ])
+        .await?;
+    assert_eq!(
+        merged,
+        vec![Merged::Written, Merged::KeptNewer, Merged::KeptPending]
+    );
+    // The written entry is announced: the other instance drops its copy.
+    reads(&f.caches[1], "k", Some("bundled")).await;
+    in_l1(&f.caches[1], "old", "o0").await;
+    let logged: i64 = t
+        .one("SELECT count(*) FROM {s}.invalidations WHERE key = 'k'")
+        .await;
+    assert_eq!(logged, 1);
     Ok(())
 }

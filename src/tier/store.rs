@@ -477,7 +477,8 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// A store that returns `Some` owes the cache:
     /// * an [`Invalidation::Keys`] for every committed write of another instance that changes
     ///   what a key reads as (`put`, `remove`, `remove_settled`, `enqueue`, the dead-lettering
-    ///   of `outbox_failed`, the retry of `resolve_dead_letter`), sent after it committed;
+    ///   of `outbox_failed`, the retry of `resolve_dead_letter`, the entries `merge` writes),
+    ///   sent after it committed;
     ///   fills and renewals (`put_fill`, `renew_fill`) need none (they never replace a write);
     /// * [`Invalidation::All`] whenever it cannot vouch that nothing was missed since the
     ///   store was made (a lost connection whose gap it cannot replay);

@@ -84,6 +84,7 @@
 //! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` (a retry: the entry removed, published) or `DELETE` |
 //! | `update_meta` | lock the name; `SELECT`; upsert or `DELETE` |
 //! | `summary` | one statement of aggregates over both tables |
+//! | `merge` | per 500 entries, one transaction: lock the keys; the `get_many` statement; upsert the entries that are newer and have no pending write; publish them |
 //! | *publish* | one statement in the write's transaction, pipelined with it: `WITH i AS (INSERT INTO invalidations … RETURNING seq) SELECT pg_notify(channel, payload) FROM unnest($payloads)` |
 //! | `invalidations` | the store's listener (below) |
 //!
@@ -105,7 +106,7 @@
 //! Every cache keeps an L1 of its own; a write by one instance reaches the others' L1 so:
 //! * **Published with the write.** Every write that changes what a key reads as (`put`,
 //!   `remove`, `remove_settled`, `enqueue`, the dead-lettering of `outbox_failed`, the retry
-//!   of `resolve_dead_letter`) adds a row per key to `invalidations` and calls
+//!   of `resolve_dead_letter`, the entries `merge` writes) adds a row per key to `invalidations` and calls
 //!   `pg_notify('tc.<schema>', payload)` in its own transaction: both exist if and only if the
 //!   write commits, and the `NOTIFY` is delivered at commit. Fills, misses and 304 renewals
 //!   (`put_fill`, `renew_fill`) publish nothing, so reads cause no broadcast. A delivered
@@ -176,6 +177,7 @@ use tokio_postgres::NoTls;
 use crate::error::{Error, Result};
 
 mod listen;
+mod merge;
 mod notify;
 mod schema;
 mod store;

@@ -21,7 +21,7 @@ type Pg = tokio_postgres::Error;
 
 impl PostgresStore {
     /// A connection from the pool.
-    async fn client(&self) -> Result<Object> {
+    pub(super) async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| Error::Storage {
             message: format!(
                 "no connection to PostgreSQL at {}: {}",
@@ -34,7 +34,7 @@ impl PostgresStore {
 }
 
 /// Takes the advisory locks `names` for the transaction (in hash order).
-async fn lock(tx: &Transaction<'_>, names: &[String]) -> Result<(), Pg> {
+pub(super) async fn lock(tx: &Transaction<'_>, names: &[String]) -> Result<(), Pg> {
     let st = tx.prepare_cached(LOCK).await?;
     tx.execute(&st, &[&names]).await.map(drop)
 }
@@ -88,7 +88,7 @@ fn row_to_outbox(r: &Row) -> Result<OutboxRow, Pg> {
     Ok(row)
 }
 
-async fn put_entry(
+pub(super) async fn put_entry(
     tx: &Transaction<'_>,
     st: &Statement,
     key: &str,
@@ -115,7 +115,12 @@ impl PostgresStore {
     /// transaction: the log row and the `NOTIFY` exist if and only if the write commits).
     /// `st` is [`Sql::publish`](super::schema::Sql) prepared; sends its statement when first
     /// polled.
-    async fn publish(&self, tx: &Transaction<'_>, st: &Statement, keys: &[&str]) -> Result<(), Pg> {
+    pub(super) async fn publish(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Statement,
+        keys: &[&str],
+    ) -> Result<(), Pg> {
         let f = &self.fleet;
         let payloads = notify::payloads(&f.origin, keys);
         tx.execute(
@@ -280,6 +285,11 @@ impl EntryStore for PostgresStore {
 
     async fn remove_settled(&self, key: &str, settled_id: i64) -> Result<()> {
         self.remove_unless_pending(key, Some(settled_id)).await
+    }
+
+    /// One transaction per chunk of entries (see `merge.rs`): the written keys published.
+    async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<crate::tier::Merged>> {
+        self.merge_entries(entries).await
     }
 
     /// The other instances' writes, from this store's listener (one per store, started by the
