@@ -33,6 +33,8 @@ const CHANNEL_CAPACITY: usize = 1024;
 /// The first delay before a reconnect, doubled up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The least time a connection's `LISTEN` and catch-up are given (else the heartbeat's).
+const SET_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keys per [`Invalidation::Keys`] sent while catching up.
 const CATCH_UP_BATCH: usize = 1000;
 
@@ -222,20 +224,26 @@ async fn connection(fleet: &Arc<Fleet>) -> Ended {
         }
     });
     let _pump = AbortOnDrop(pump);
-    let before_listen = match xmin(&client).await {
-        Ok(x) => x,
-        Err(e) => return lost(false)(e),
+    // A connection that goes silent while being set up is given up too.
+    let set_up = async {
+        let before_listen = xmin(&client).await?;
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", fleet.channel))
+            .await?;
+        catch_up(fleet, &client, fleet.horizon.load(Ordering::Acquire)).await?;
+        Ok(before_listen)
     };
-    if let Err(e) = client
-        .batch_execute(&format!("LISTEN \"{}\"", fleet.channel))
-        .await
-    {
-        return lost(false)(e);
-    }
-    let horizon = fleet.horizon.load(Ordering::Acquire);
-    if let Err(e) = catch_up(fleet, &client, horizon).await {
-        return lost(false)(e);
-    }
+    let limit = fleet.heartbeat.max(SET_UP_TIMEOUT);
+    let before_listen = match tokio::time::timeout(limit, set_up).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return lost(false)(e),
+        Err(_) => {
+            return Ended::Lost {
+                up: false,
+                why: format!("LISTEN and the catch-up took longer than {limit:?}"),
+            }
+        }
+    };
     // Every write of a transaction at or above `before_listen` is in the log read above or
     // comes as a `NOTIFY` from now on.
     fleet.horizon.store(before_listen, Ordering::Release);
