@@ -299,7 +299,6 @@ impl TieredCache {
             )
             .inspect_err(|_| fences.leave(peer_id))?,
         );
-
         Ok(Self {
             inner: Arc::new(Inner {
                 l1,
