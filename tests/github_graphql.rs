@@ -652,3 +652,56 @@ async fn a_field_error_other_than_not_found_is_read_through_rest() {
     assert!(gh.fetch_many(&[]).await.unwrap().is_empty());
     assert_eq!(received(&f.server).await.len(), 2, "no keys, no request");
 }
+
+/// Issue #15's count for `warm`: a 200-file directory on an empty cache costs one request to
+/// resolve the default branch, one recursive tree and two GraphQL posts (100 keys each), and
+/// every file is then served offline, byte-exact.
+#[tokio::test]
+async fn warming_two_hundred_files_takes_a_ref_a_tree_and_two_posts() {
+    let f = Fake::start().await;
+    let (repo, keys) = text_files(200);
+    mount_graphql(&f, repo).await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app"))
+        .respond_with(f.json(200, serde_json::json!({"default_branch": "main"})))
+        .mount(&f.server)
+        .await;
+    let mut tree: Vec<Value> = vec![serde_json::json!({"path": "f", "type": "tree", "sha": "d"})];
+    for i in 0..200 {
+        tree.push(serde_json::json!({
+            "path": format!("f/{i}.txt"), "type": "blob", "sha": oid(format!("file {i}\n").as_bytes()), "size": 8
+        }));
+    }
+    tree.push(serde_json::json!({"path": "other/x.txt", "type": "blob", "sha": "x", "size": 1}));
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/git/trees/main"))
+        .respond_with(f.json(
+            200,
+            serde_json::json!({"sha": "t", "truncated": false, "tree": tree}),
+        ))
+        .mount(&f.server)
+        .await;
+    let cache = tiercache::TieredCache::builder()
+        .source(f.authed_source())
+        .clock(f.clock.clone())
+        .build()
+        .unwrap();
+    let summary = cache.warm("octo/app/f", |_| {}).await.unwrap();
+    assert_eq!((summary.listed, summary.fetched), (200, 200), "{summary:?}");
+    let reqs = received(&f.server).await;
+    let paths: Vec<&str> = gets(&reqs).iter().map(|r| r.url.path()).collect();
+    assert_eq!(paths, ["/repos/octo/app", "/repos/octo/app/git/trees/main"]);
+    let posts = posts(&reqs);
+    assert_eq!(posts.len(), 2, "two GraphQL posts");
+    assert_eq!(posts.iter().map(|r| keys_in(r)).sum::<usize>(), 200);
+    cache.set_offline(true);
+    for (i, k) in keys.iter().enumerate() {
+        let v = cache.get(k).await.unwrap().expect("warmed");
+        assert_eq!(v, format!("file {i}\n"), "{k}");
+    }
+    assert_eq!(
+        received(&f.server).await.len(),
+        4,
+        "offline: nothing more sent"
+    );
+}
