@@ -295,3 +295,54 @@ async fn the_last_of_the_budget_spent_holds_every_cache_on_the_file_until_the_re
     assert_eq!(requests(&f).await.len(), 2);
     Ok(())
 }
+
+/// A key pinned to a full commit sha is immutable: read once, then never asked again, whatever
+/// the TTL, from L1 or (after L1 is emptied) from L2. A branch key beside it is revalidated.
+#[tokio::test]
+async fn a_key_pinned_to_a_commit_sha_is_never_revalidated() -> TestResult {
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+    let f = Fake::start().await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .and(wiremock::matchers::query_param("ref", SHA))
+        .respond_with(f.raw_file(b"port = 8080\n", "\"v1\""))
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(CONTENTS))
+        .and(wiremock::matchers::query_param("ref", "main"))
+        .respond_with(f.raw_file(b"port = 9090\n", "\"v2\""))
+        .mount(&f.server)
+        .await;
+    let cache = cache(&f);
+    let pinned = format!("{KEY}@{SHA}");
+    let branch = format!("{KEY}@main");
+    assert_eq!(
+        cache.get(&pinned).await?.as_deref(),
+        Some(&b"port = 8080\n"[..])
+    );
+    assert_eq!(
+        cache.get(&branch).await?.as_deref(),
+        Some(&b"port = 9090\n"[..])
+    );
+    assert_eq!(requests(&f).await.len(), 2);
+    // A year on, far past the TTL and the stale window.
+    f.clock.advance(Duration::from_secs(365 * 24 * 3600));
+    let l = cache.lookup(&pinned).await?.expect("cached");
+    assert_eq!((l.tier, l.freshness), (Tier::L1, Freshness::Fresh));
+    cache.clear_memory().await;
+    let l = cache.lookup(&pinned).await?.expect("cached");
+    assert_eq!((l.tier, l.freshness), (Tier::L2, Freshness::Fresh));
+    assert_eq!(
+        requests(&f).await.len(),
+        2,
+        "the pinned key sent nothing more"
+    );
+    cache.get(&branch).await?;
+    assert_eq!(
+        requests(&f).await.len(),
+        3,
+        "the branch key was asked again"
+    );
+    Ok(())
+}

@@ -705,3 +705,39 @@ async fn warming_two_hundred_files_takes_a_ref_a_tree_and_two_posts() {
         "offline: nothing more sent"
     );
 }
+
+/// Keys pinned to a commit sha read through GraphQL are immutable too: no request on re-reads,
+/// however long after.
+#[tokio::test]
+async fn pinned_keys_read_through_graphql_are_never_asked_again() {
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+    let f = Fake::start().await;
+    let mut repo = FakeRepo::default();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        repo = repo.with(
+            "octo",
+            "app",
+            &format!("{SHA}:f/{i}.txt"),
+            Object::text(&format!("file {i}\n")),
+        );
+        keys.push(format!("octo/app/f/{i}.txt@{SHA}"));
+    }
+    mount_graphql(&f, repo).await;
+    let cache = tiercache::TieredCache::builder()
+        .source(f.authed_source())
+        .clock(f.clock.clone())
+        .build()
+        .unwrap();
+    assert!(cache.mget(&keys).await.iter().all(|r| r.is_ok()));
+    assert_eq!(received(&f.server).await.len(), 1, "one GraphQL post");
+    f.clock
+        .advance(std::time::Duration::from_secs(10 * 365 * 24 * 3600));
+    cache.clear_memory().await;
+    for (i, r) in cache.mget(&keys).await.iter().enumerate() {
+        let l = r.as_ref().unwrap().as_ref().expect("cached");
+        assert_eq!(l.value, format!("file {i}\n"));
+        assert_eq!(l.freshness, tiercache::Freshness::Fresh);
+    }
+    assert_eq!(received(&f.server).await.len(), 1, "nothing more sent");
+}

@@ -65,6 +65,25 @@ pub struct GitHubKey {
 }
 
 impl GitHubKey {
+    /// Whether the key names a full commit sha as its ref (40 hexadecimal digits): its content
+    /// can never change, so the cache keeps it fresh for good
+    /// ([`PINNED_TTL`](super::PINNED_TTL)) and never revalidates it. A branch or tag, or an
+    /// abbreviated sha, can move (an abbreviation may become ambiguous): those are revalidated.
+    ///
+    /// ```
+    /// use tiercache::source::github::GitHubKey;
+    ///
+    /// let sha = "0123456789abcdef0123456789abcdef01234567";
+    /// assert!(GitHubKey::parse(&format!("octo/app/a.toml@{sha}")).unwrap().pinned_to_commit());
+    /// assert!(!GitHubKey::parse("octo/app/a.toml@v1.2.0").unwrap().pinned_to_commit());
+    /// assert!(!GitHubKey::parse("octo/app/a.toml@0123456").unwrap().pinned_to_commit());
+    /// ```
+    pub fn pinned_to_commit(&self) -> bool {
+        self.reference
+            .as_deref()
+            .is_some_and(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
     /// Parses a key; see the [type's documentation](GitHubKey) for the syntax.
     ///
     /// # Errors

@@ -167,11 +167,39 @@ impl GitHubSource {
     }
 }
 
+/// The TTL of a value read at a full commit sha (a key `OWNER/REPO/PATH@<40 hex digits>`):
+/// a century, so it is fresh for as long as it is cached, whatever the cache's TTL.
+pub const PINNED_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `fetched` with the pinned TTL when `key` is pinned to a commit: a value or a "not modified"
+/// (a "not found" keeps the cache's negative TTL: the commit may not be pushed yet).
+fn pin(key: &GitHubKey, fetched: Fetched) -> Fetched {
+    if !key.pinned_to_commit() {
+        return fetched;
+    }
+    match fetched {
+        Fetched::Value {
+            value, validator, ..
+        } => Fetched::Value {
+            value,
+            validator,
+            ttl: Some(PINNED_TTL),
+        },
+        Fetched::NotModified { .. } => Fetched::NotModified {
+            ttl: Some(PINNED_TTL),
+        },
+        other => other,
+    }
+}
+
 #[async_trait]
 impl Source for GitHubSource {
+    /// A key pinned to a full commit sha ([`GitHubKey::pinned_to_commit`]) is answered with a
+    /// TTL of [`PINNED_TTL`]: what a commit holds never changes, so it is never asked again.
     async fn fetch(&self, key: &str, validator: Option<&str>) -> Result<Fetched, SourceError> {
         let key = GitHubKey::parse(key).map_err(SourceError::InvalidKey)?;
-        self.within(self.fetch_inner(&key, validator)).await
+        let fetched = self.within(self.fetch_inner(&key, validator)).await?;
+        Ok(pin(&key, fetched))
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), SourceError> {
@@ -197,7 +225,13 @@ impl Source for GitHubSource {
         &self,
         keys: &[&str],
     ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
-        self.within(self.fetch_many_inner(keys)).await
+        let mut answers = self.within(self.fetch_many_inner(keys)).await?;
+        for (key, answer) in keys.iter().zip(answers.iter_mut()) {
+            if let (Ok(key), Ok(fetched)) = (GitHubKey::parse(key), answer.as_mut()) {
+                *fetched = pin(&key, std::mem::replace(fetched, Fetched::NotFound));
+            }
+        }
+        Ok(answers)
     }
 
     /// [`GitHubSourceBuilder::graphql_batch`] when a token is set, else 1 (no batching).
