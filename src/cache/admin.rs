@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 
 use super::flight::Flight;
 use super::load::{fetch_batches, Answer, Via};
+use crate::stats::{RequestEvent, RequestKind};
 use crate::tier::{Observed, Resolved};
 
 impl TieredCache {
@@ -176,6 +177,29 @@ impl TieredCache {
             });
         }
         let inner = &*self.inner;
+        // Warm is background work: below the budget reserve, not even the listing is sent.
+        if let Some(budget) = inner.source.rate_limit() {
+            if !inner
+                .background
+                .admits(RequestKind::Warm, Some(budget), self.now())
+            {
+                inner
+                    .stats
+                    .request(RequestKind::Warm, RequestEvent::SkippedBudget);
+                return Err(Error::Unavailable {
+                    key: prefix.to_owned(),
+                    reason: StaleReason::RateLimited,
+                    source: SourceError::RateLimited {
+                        until: budget.reset,
+                        status: None,
+                        message: format!(
+                            "{} requests left, at or below the budget reserve: warm is background work and waits for the reset",
+                            budget.remaining
+                        ),
+                    },
+                });
+            }
+        }
         let offline = inner.offline.clone();
         let keys = guarded(
             &inner.guard,
@@ -218,7 +242,7 @@ impl TieredCache {
                     (k, r)
                 }
             }));
-            let (_, results) = tokio::join!(fetch_batches(inner, batch), waited);
+            let (_, results) = tokio::join!(fetch_batches(inner, batch, RequestKind::Warm), waited);
             (results, later)
         } else {
             (Vec::new(), keys)
@@ -244,6 +268,7 @@ impl TieredCache {
                 Ok(Loaded::Fetched) => summary.fetched += 1,
                 Ok(Loaded::NotModified) => summary.not_modified += 1,
                 Ok(Loaded::AlreadyCached) => summary.cached += 1,
+                Ok(Loaded::SkippedBudget) => summary.skipped_budget += 1,
                 Err(e) => summary.failed.push((k, crate::error::chain_text(&e))),
             }
         }
@@ -279,6 +304,15 @@ impl TieredCache {
                 return Ok(WarmTurn::Done(Loaded::AlreadyCached));
             }
         }
+        // Checked per key: the budget may run down to the reserve during the warm.
+        let kind = RequestKind::Warm;
+        if !inner
+            .background
+            .admits(kind, inner.source.rate_limit(), now)
+        {
+            inner.stats.request(kind, RequestEvent::SkippedBudget);
+            return Ok(WarmTurn::Done(Loaded::SkippedBudget));
+        }
         let cold = held.as_ref().is_none_or(|e| e.revalidator().is_none());
         let via = match batch {
             Some(_) if !cold => return Ok(WarmTurn::Later),
@@ -293,6 +327,7 @@ impl TieredCache {
             token,
             observed,
             outbox_checked: true,
+            kind,
         };
         let flight = inner.flights.join(key, |early| {
             load(
@@ -305,6 +340,9 @@ impl TieredCache {
                 via,
             )
         });
+        if !flight.leader {
+            inner.stats.request(kind, RequestEvent::Deduplicated);
+        }
         Ok(WarmTurn::Waiting(flight))
     }
 

@@ -1,0 +1,233 @@
+//! Background work inside the source's budget: refresh-ahead of hot entries, and the admission
+//! rule every request kind passes before it is sent.
+//!
+//! # Priorities
+//!
+//! Requests are admitted by kind ([`RequestKind`]), highest priority first:
+//!
+//! | kind | sent while |
+//! |---|---|
+//! | `read` (a reader waits: a miss) | the breaker lets it through (budget not spent) |
+//! | `revalidate` (a reader waits: an expired entry) | the breaker lets it through |
+//! | `refresh_ahead` (nobody waits) | the budget's `remaining` is above the reserve |
+//! | `warm` (nobody waits) | the budget's `remaining` is above the reserve |
+//!
+//! The reserve is [`budget_reserve`](super::TieredCacheBuilder::budget_reserve) (default: 10%
+//! of the reported limit). A budget whose reset has passed is taken as refilled; a source that
+//! reports none admits everything. The breaker's own gate (a spent budget, `remaining == 0`,
+//! holds every call until the reset) stays in front of all kinds. Background refreshes are
+//! further bounded to `fetch_concurrency` at once, and a read never waits for one: it only
+//! starts it, and never joins a refresh that has not yet decided to call the source.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Semaphore;
+
+use super::read::Seen;
+use super::*;
+use crate::clock::to_millis;
+use crate::source::RateLimit;
+use crate::stats::{RequestEvent, RequestKind};
+use crate::tier::Observed;
+
+/// Parts per million: the unit of the refresh-ahead fraction.
+const PPM: u64 = 1_000_000;
+
+/// The budget reserve and the refresh-ahead state of one cache.
+#[derive(Debug)]
+pub(crate) struct Background {
+    /// Where in an entry's TTL refresh-ahead starts, in parts per million (0: off).
+    refresh_ppm: u64,
+    /// The fixed reserve; `None`: 10% of the reported limit.
+    reserve: Option<u64>,
+    /// Bounds the refreshes running at once.
+    permits: Arc<Semaphore>,
+    /// Keys with a refresh task under way.
+    pending: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Background {
+    pub(crate) fn new(
+        refresh_ahead: Option<f64>,
+        reserve: Option<u64>,
+        concurrency: usize,
+    ) -> Self {
+        // Validated by the builder: 0 < fraction < 1.
+        let refresh_ppm = refresh_ahead.map_or(0, |f| ((f * PPM as f64).round() as u64).max(1));
+        Self {
+            refresh_ppm,
+            reserve,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            pending: Arc::default(),
+        }
+    }
+
+    /// The reserve for a source whose limit is `limit`.
+    fn reserve(&self, limit: u64) -> u64 {
+        self.reserve.unwrap_or_else(|| limit.div_ceil(10))
+    }
+
+    /// Whether a request of `kind` may be sent now, given the source's last budget (see the
+    /// module docs for the rule).
+    pub(crate) fn admits(&self, kind: RequestKind, budget: Option<RateLimit>, now: u64) -> bool {
+        if !kind.is_background() {
+            return true;
+        }
+        match budget {
+            Some(b) if to_millis(b.reset) > now => b.remaining > self.reserve(b.limit),
+            _ => true,
+        }
+    }
+
+    /// Whether a read of `e` at `now` should start a refresh-ahead.
+    #[inline]
+    pub(crate) fn due(&self, e: &Entry, now: u64) -> bool {
+        if self.refresh_ppm == 0 || e.value.is_none() || now >= e.fresh_until {
+            return false;
+        }
+        let ttl = e.fresh_until.saturating_sub(e.stored_at);
+        let from = e.stored_at.saturating_add(
+            (u128::from(ttl) * u128::from(self.refresh_ppm) / u128::from(PPM)) as u64,
+        );
+        now >= from
+    }
+}
+
+/// Takes a key out of [`Background::pending`] when its refresh task ends, however it ends.
+struct Pending {
+    set: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl TieredCache {
+    /// A read found `e` fresh for `key`: starts a refresh-ahead if the entry is in the last
+    /// part of its TTL. Costs one branch when refresh-ahead is off.
+    #[inline]
+    pub(super) fn consider_refresh(&self, key: &str, e: &Arc<Entry>, now: u64) {
+        if self.inner.background.due(e, now) {
+            self.start_refresh(key, e, now);
+        }
+    }
+
+    /// Starts one background refresh of `key` (whose entry `e` a read just served), unless
+    /// one is under way, the budget is at the reserve, or every refresh permit is taken.
+    #[cold]
+    fn start_refresh(&self, key: &str, e: &Arc<Entry>, now: u64) {
+        let inner = &*self.inner;
+        let bg = &inner.background;
+        if inner.closed.load(Ordering::Relaxed) || self.is_offline() {
+            return;
+        }
+        let kind = RequestKind::RefreshAhead;
+        if inner.flights.contains(key) {
+            inner.stats.request(kind, RequestEvent::Deduplicated);
+            return;
+        }
+        if !bg.admits(kind, inner.source.rate_limit(), now) {
+            inner.stats.request(kind, RequestEvent::SkippedBudget);
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(permit) = bg.permits.clone().try_acquire_owned() else {
+            // Every permit busy: a later read in the window will try again.
+            return;
+        };
+        if !bg
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned())
+        {
+            inner.stats.request(kind, RequestEvent::Deduplicated);
+            return;
+        }
+        let pending = Pending {
+            set: bg.pending.clone(),
+            key: key.to_owned(),
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let prev = e.clone();
+        handle.spawn(async move {
+            let _permit = permit;
+            let _pending = pending;
+            refresh(weak, prev, &_pending.key).await;
+        });
+    }
+}
+
+/// One refresh-ahead of `key`, whose entry was `prev` when a read started it. Holds the cache
+/// only while it works: a dropped cache ends it at its next step.
+async fn refresh(inner: Weak<Inner>, prev: Arc<Entry>, key: &str) {
+    let Some(inner) = inner.upgrade() else {
+        return;
+    };
+    let kind = RequestKind::RefreshAhead;
+    let dedup = || inner.stats.request(kind, RequestEvent::Deduplicated);
+    // As a read does: the token before L2 is read, so a write that lands after it keeps this
+    // refresh's fill out of the tiers (I1).
+    let token = inner.fences.token(key);
+    let found = inner.l2.get(key).await;
+    // Only the entry the read saw is refreshed. Another one in L2 (a write, another load, an
+    // eviction, an unreadable L2): that is what the next read finds; nothing is sent.
+    let observed = match &found {
+        Ok(Some(e)) if *e == *prev => Observed::StoredAt(e.stored_at),
+        _ => return dedup(),
+    };
+    // A key with an undelivered write-behind write: the source has the older value.
+    if let Some(queue) = &inner.memory_queue {
+        if queue.newest_now(key).is_some() {
+            return dedup();
+        }
+    } else if let Some(outbox) = &inner.outbox {
+        if !matches!(outbox.queue().newest(key).await, Ok(None)) {
+            return dedup();
+        }
+    }
+    if inner.closed.load(Ordering::Relaxed) || inner.offline.load(Ordering::Relaxed) {
+        return;
+    }
+    let now = inner.clock.now_millis();
+    if !inner
+        .background
+        .admits(kind, inner.source.rate_limit(), now)
+    {
+        inner.stats.request(kind, RequestEvent::SkippedBudget);
+        return;
+    }
+    let seen = Seen {
+        token,
+        observed,
+        outbox_checked: true,
+        kind,
+    };
+    let flight = inner.flights.join(key, |early| {
+        load(
+            inner.clone(),
+            key.to_owned(),
+            Some(prev),
+            None,
+            seen,
+            early,
+            super::load::Via::Fetch,
+        )
+    });
+    if !flight.leader {
+        return dedup();
+    }
+    drop(inner);
+    // Held until the load is done, so the permit bounds the calls in flight. Its outcome is in
+    // the stats; the entry is renewed (or not) in the tiers.
+    let _ = flight.wait().await;
+}
