@@ -108,7 +108,8 @@ impl TieredCache {
         })
     }
 
-    /// Flushes the outbox (within the close timeout), then stops the background tasks. What is
+    /// Flushes the outbox (within the close timeout), then stops the background tasks (and
+    /// waits, within the close timeout, for background refreshes under way to end). What is
     /// left stays in the database for the next open. Later calls fail with [`Error::Closed`].
     ///
     /// # Errors
@@ -130,6 +131,13 @@ impl TieredCache {
             _ => FlushReport::default(),
         };
         self.inner.closed.store(true, Ordering::Relaxed);
+        // Refreshes not yet sent see the cache closed and stop; those under way finish (each
+        // within the source timeout).
+        let _ = tokio::time::timeout(
+            self.inner.settings.close_timeout,
+            self.background_idle(),
+        )
+        .await;
         Ok(report)
     }
 

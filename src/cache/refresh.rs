@@ -43,6 +43,8 @@ pub(crate) struct Background {
     reserve: Option<u64>,
     /// Bounds the refreshes running at once.
     permits: Arc<Semaphore>,
+    /// The permits in all.
+    concurrency: usize,
     /// Keys with a refresh task under way.
     pending: Arc<Mutex<HashSet<String>>>,
 }
@@ -59,8 +61,16 @@ impl Background {
             refresh_ppm,
             reserve,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            concurrency: concurrency.max(1),
             pending: Arc::default(),
         }
+    }
+
+    /// Waits until no refresh runs.
+    pub(crate) async fn idle(&self) {
+        let n = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        // The semaphore is never closed: `Err` cannot happen, and would mean "nothing runs".
+        let _ = self.permits.acquire_many(n).await;
     }
 
     /// The reserve for a source whose limit is `limit`.
@@ -110,6 +120,18 @@ impl Drop for Pending {
 }
 
 impl TieredCache {
+    /// Waits until no background refresh ([`refresh_ahead`]) is running: each holds one of
+    /// [`fetch_concurrency`] permits from the read that starts it until its fill is written,
+    /// so when this returns, every refresh started before it has ended. For tests (a
+    /// deterministic point after a refresh) and orderly shutdowns; [`close`](Self::close)
+    /// calls it.
+    ///
+    /// [`refresh_ahead`]: super::TieredCacheBuilder::refresh_ahead
+    /// [`fetch_concurrency`]: super::TieredCacheBuilder::fetch_concurrency
+    pub async fn background_idle(&self) {
+        self.inner.background.idle().await;
+    }
+
     /// A read found `e` fresh for `key`: starts a refresh-ahead if the entry is in the last
     /// part of its TTL. Costs one branch when refresh-ahead is off.
     #[inline]
