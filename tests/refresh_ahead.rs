@@ -33,7 +33,8 @@ struct Budgeted {
     reset: SystemTime,
     /// `Some`: each fetch takes a permit first (none are given until the test releases).
     hold: Arc<Mutex<Option<Arc<Semaphore>>>>,
-    /// Notified when a fetch starts.
+    /// Fetches started, and their signal.
+    starts: Arc<AtomicU64>,
     started: Arc<Notify>,
 }
 
@@ -44,12 +45,26 @@ impl Budgeted {
             remaining: Arc::new(AtomicU64::new(LIMIT)),
             reset: clock.now() + Duration::from_secs(3600),
             hold: Arc::default(),
+            starts: Arc::default(),
             started: Arc::default(),
         }
     }
 
     fn set_remaining(&self, n: u64) {
         self.remaining.store(n, Ordering::SeqCst);
+    }
+
+    /// Waits until `n` fetches have started in all.
+    async fn started(&self, n: u64) {
+        loop {
+            let notified = self.started.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.starts.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Makes the next fetches wait; returns the gate to release them with.
@@ -63,7 +78,8 @@ impl Budgeted {
 #[async_trait]
 impl Source for Budgeted {
     async fn fetch(&self, key: &str, validator: Option<&str>) -> Result<Fetched, SourceError> {
-        self.started.notify_one();
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        self.started.notify_waiters();
         let gate = self.hold.lock().unwrap().clone();
         if let Some(gate) = gate {
             let _permit = gate.acquire().await;
@@ -122,7 +138,10 @@ async fn a_read_late_in_the_ttl_refreshes_once_with_a_304_and_moves_the_deadline
     // Answered at once from the entry it found, as it was.
     let l = cache.lookup("a").await?.expect("cached");
     assert_eq!((l.tier, l.freshness), (Tier::L1, Freshness::Fresh));
-    assert_eq!((l.value.as_ref(), l.age), (&b"alpha"[..], Duration::from_secs(85)));
+    assert_eq!(
+        (l.value.as_ref(), l.age),
+        (&b"alpha"[..], Duration::from_secs(85))
+    );
     cache.background_idle().await;
 
     // One conditional request: the 304 renewed the deadlines without a body.
@@ -167,6 +186,22 @@ async fn a_read_early_in_the_ttl_refreshes_nothing() -> TestResult {
     cache.get("a").await?;
     cache.background_idle().await;
     assert_eq!(source.fake.fetch_count(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_written_value_is_not_refreshed_ahead() -> TestResult {
+    let (source, clock) = setup();
+    let cache = builder(&source, &clock).build()?;
+    cache.set("a", "mine").await?; // no validator: it stands for its whole TTL
+    clock.advance(Duration::from_secs(90));
+    assert_eq!(cache.get("a").await?.as_deref(), Some(&b"mine"[..]));
+    cache.background_idle().await;
+    assert_eq!(source.fake.fetch_count(), 0);
+    assert_eq!(
+        requests(&cache, RequestKind::RefreshAhead).await,
+        RequestStats::default()
+    );
     Ok(())
 }
 
@@ -302,7 +337,7 @@ async fn a_set_racing_a_refresh_is_not_overwritten() -> TestResult {
     let gate = source.hold();
 
     assert_eq!(cache.get("a").await?.as_deref(), Some(&b"alpha"[..]));
-    source.started.notified().await; // the refresh is at the source
+    source.started(2).await; // the refresh is at the source
     cache.set("a", "mine").await?;
     gate.add_permits(1);
     cache.background_idle().await;
@@ -347,7 +382,7 @@ async fn stats_by_kind_are_exact() -> TestResult {
     clock.advance(Duration::from_secs(85));
     let gate = source.hold();
     cache.get("a").await?;
-    source.started.notified().await;
+    source.started(2).await;
     cache.get("a").await?; // deduplicated
     gate.add_permits(1);
     cache.background_idle().await;
@@ -361,10 +396,7 @@ async fn stats_by_kind_are_exact() -> TestResult {
 
     // Warm: "a" is fresh (not asked), "w" is loaded (1 budget).
     let summary = cache.warm("", |_| {}).await?;
-    assert_eq!(
-        (summary.listed, summary.fetched, summary.cached),
-        (2, 1, 1)
-    );
+    assert_eq!((summary.listed, summary.fetched, summary.cached), (2, 1, 1));
 
     // At the reserve, a read in the window skips its refresh.
     source.set_remaining(50);
@@ -376,23 +408,47 @@ async fn stats_by_kind_are_exact() -> TestResult {
     let kinds = |k| s.requests_for(k);
     let r = kinds(RequestKind::Read);
     assert_eq!(
-        (r.sent, r.not_modified, r.skipped_budget, r.deduplicated, r.budget_spent),
+        (
+            r.sent,
+            r.not_modified,
+            r.skipped_budget,
+            r.deduplicated,
+            r.budget_spent
+        ),
         (1, 0, 0, 0, 1)
     );
     let r = kinds(RequestKind::Revalidate);
     assert_eq!(
-        (r.sent, r.not_modified, r.skipped_budget, r.deduplicated, r.budget_spent),
+        (
+            r.sent,
+            r.not_modified,
+            r.skipped_budget,
+            r.deduplicated,
+            r.budget_spent
+        ),
         (1, 0, 0, 0, 1)
     );
     let r = kinds(RequestKind::RefreshAhead);
     assert_eq!(
-        (r.sent, r.not_modified, r.skipped_budget, r.deduplicated, r.budget_spent),
+        (
+            r.sent,
+            r.not_modified,
+            r.skipped_budget,
+            r.deduplicated,
+            r.budget_spent
+        ),
         (1, 1, 1, 1, 0)
     );
     assert_eq!(r.saved(), 3);
     let r = kinds(RequestKind::Warm);
     assert_eq!(
-        (r.sent, r.not_modified, r.skipped_budget, r.deduplicated, r.budget_spent),
+        (
+            r.sent,
+            r.not_modified,
+            r.skipped_budget,
+            r.deduplicated,
+            r.budget_spent
+        ),
         (1, 0, 0, 0, 1)
     );
     assert_eq!(source.fake.fetch_count(), 4);
@@ -405,7 +461,10 @@ async fn stats_by_kind_are_exact() -> TestResult {
         "tiercache_requests_saved_total{kind=\"refresh_ahead\",reason=\"deduplicated\"} 1",
         "tiercache_budget_spent_total{kind=\"warm\"} 1",
     ] {
-        assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing from\n{text}"
+        );
     }
     let json = serde_json::to_value(&s)?;
     assert_eq!(json["requests"]["refresh_ahead"]["deduplicated"], 1);
@@ -434,7 +493,7 @@ async fn close_waits_for_a_refresh_under_way() -> TestResult {
     clock.advance(Duration::from_secs(85));
     let gate = source.hold();
     cache.get("a").await?;
-    source.started.notified().await;
+    source.started(2).await;
     let closing = tokio::spawn({
         let cache = cache.clone();
         async move { cache.close().await }
@@ -450,7 +509,8 @@ async fn close_waits_for_a_refresh_under_way() -> TestResult {
 
 #[test]
 fn the_options_are_validated() {
-    let config_error = |b: tiercache::TieredCacheBuilder| matches!(b.build(), Err(Error::Config(_)));
+    let config_error =
+        |b: tiercache::TieredCacheBuilder| matches!(b.build(), Err(Error::Config(_)));
     for fraction in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
         assert!(
             config_error(TieredCache::builder().refresh_ahead(fraction)),

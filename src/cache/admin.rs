@@ -133,11 +133,8 @@ impl TieredCache {
         self.inner.closed.store(true, Ordering::Relaxed);
         // Refreshes not yet sent see the cache closed and stop; those under way finish (each
         // within the source timeout).
-        let _ = tokio::time::timeout(
-            self.inner.settings.close_timeout,
-            self.background_idle(),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(self.inner.settings.close_timeout, self.background_idle()).await;
         Ok(report)
     }
 

@@ -258,11 +258,13 @@ impl TieredCacheBuilder {
     }
 
     /// Refreshes hot entries in the background before they expire: a read that finds a fresh
-    /// entry holding a value whose age is past `fraction` of its TTL (0.8: the last 20%) starts
-    /// one background request for the key, and is answered from the entry at once; it never
-    /// waits. The request is conditional when the entry has a validator (a 304 renews the
-    /// deadlines without moving bytes) and fills like a read's load, so a write that races it
-    /// is never overwritten. One per key: nothing starts while a load of the key is under way
+    /// entry whose age is past `fraction` of its TTL (0.8: the last 20%) starts one background
+    /// request for the key, and is answered from the entry at once; it never waits. Only
+    /// entries the source gave with a validator (an ETag) are refreshed, always with a
+    /// conditional request (a 304 renews the deadlines without moving bytes); a value written
+    /// with `set`, loaded by `get_with`, or from a source that sends no validator stands until
+    /// it expires. The refresh fills like a read's load, so a write that races it is never
+    /// overwritten. One per key: nothing starts while a load of the key is under way
     /// (single-flight), and at most [`fetch_concurrency`](Self::fetch_concurrency) refreshes
     /// run at once (a read that finds them all busy starts none; a later read in the window
     /// will). It is background work: not sent while the budget is at or below the

@@ -93,7 +93,9 @@ impl Background {
     /// Whether a read of `e` at `now` should start a refresh-ahead.
     #[inline]
     pub(crate) fn due(&self, e: &Entry, now: u64) -> bool {
-        if self.refresh_ppm == 0 || e.value.is_none() || now >= e.fresh_until {
+        // Only what the source gave with a validator: a refresh is always conditional, and a
+        // value written with `set` (which has none) stands for its whole TTL.
+        if self.refresh_ppm == 0 || e.revalidator().is_none() || now >= e.fresh_until {
             return false;
         }
         let ttl = e.fresh_until.saturating_sub(e.stored_at);
