@@ -131,7 +131,9 @@ pub struct TierStats {
 /// `sent` counts requests that left (a batched fetch counts one per key, as
 /// [`source_calls`](StatsSnapshot::source_calls) does); `not_modified` those of them answered
 /// 304 (no body moved; free of budget for GitHub). `skipped_budget` and `deduplicated` were
-/// never sent. [`saved`](Self::saved) adds the three.
+/// never sent, and are counted per caller that would have sent one: each read in the
+/// refresh-ahead window while a refresh of the key runs, or while the budget is at the
+/// reserve, counts once. [`saved`](Self::saved) adds the three.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct RequestStats {
