@@ -255,3 +255,65 @@ async fn refresh(inner: Weak<Inner>, prev: Arc<Entry>, key: &str) {
     // the stats; the entry is renewed (or not) in the tiers.
     let _ = flight.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn budget(remaining: u64, reset_in_ms: i64) -> Option<RateLimit> {
+        let reset = UNIX_EPOCH + Duration::from_millis(NOW.saturating_add_signed(reset_in_ms));
+        Some(RateLimit::new(1000, remaining, reset))
+    }
+
+    #[test]
+    fn background_kinds_stop_at_the_reserve_readers_never_do() {
+        let fixed = Background::new(None, Some(50), 4);
+        let default = Background::new(None, None, 4);
+        for kind in [RequestKind::RefreshAhead, RequestKind::Warm] {
+            assert!(fixed.admits(kind, budget(51, 1000), NOW));
+            assert!(!fixed.admits(kind, budget(50, 1000), NOW));
+            // Default: 10% of the limit (1000).
+            assert!(default.admits(kind, budget(101, 1000), NOW));
+            assert!(!default.admits(kind, budget(100, 1000), NOW));
+            // A reset that has passed: the budget is refilled. No budget: nothing holds back.
+            assert!(fixed.admits(kind, budget(0, 0), NOW));
+            assert!(fixed.admits(kind, None, NOW));
+        }
+        for kind in [RequestKind::Read, RequestKind::Revalidate] {
+            assert!(fixed.admits(kind, budget(0, 1000), NOW));
+        }
+        // The default reserve is rounded up.
+        assert_eq!(default.reserve(5), 1);
+        assert_eq!(default.reserve(0), 0);
+    }
+
+    #[test]
+    fn due_in_the_last_part_of_the_ttl_with_a_validator_only() {
+        let bg = Background::new(Some(0.8), None, 1);
+        let e = |validator: Option<&str>| {
+            Entry::new(
+                Some(bytes::Bytes::from_static(b"v")),
+                validator.map(str::to_owned),
+                0,
+                100_000,
+                200_000,
+            )
+        };
+        let tagged = e(Some("\"v1\""));
+        assert!(!bg.due(&tagged, 79_999));
+        assert!(bg.due(&tagged, 80_000));
+        assert!(bg.due(&tagged, 99_999));
+        assert!(!bg.due(&tagged, 100_000), "expired: a reader revalidates");
+        assert!(
+            !bg.due(&e(None), 90_000),
+            "no validator: not refreshed ahead"
+        );
+        let negative = Entry::new(None, Some("\"v1\"".into()), 0, 100_000, 100_000);
+        assert!(!bg.due(&negative, 90_000));
+        assert!(!Background::new(None, None, 1).due(&tagged, 90_000), "off");
+    }
+}
