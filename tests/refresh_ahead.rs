@@ -485,6 +485,22 @@ async fn close_stops_a_refresh_not_yet_sent() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_dropped_cache_ends_its_refresh_unsent() -> TestResult {
+    let (source, clock) = setup();
+    let cache = builder(&source, &clock).build()?;
+    cache.get("a").await?;
+    clock.advance(Duration::from_secs(85));
+    cache.get("a").await?; // starts the task, which has not run yet (one thread)
+    drop(cache);
+    // The task holds the cache weakly: it finds it gone and ends without a call.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(source.fake.fetch_count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn close_waits_for_a_refresh_under_way() -> TestResult {
     let (source, clock) = setup();
     source.fake.insert("a", "alpha2");
