@@ -23,10 +23,11 @@
 
 mod common;
 mod growth;
+mod l2;
+mod writes;
 
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -296,253 +297,6 @@ fn ops_per_sec(reader: &Reader, keys: &Arc<Vec<String>>, threads: usize, n: usiz
     (threads * n) as f64 / t.elapsed().as_secs_f64()
 }
 
-// ------------------------------------------------------------------ L2
-
-struct L2 {
-    _dir: tempfile::TempDir,
-    keys: Vec<String>,
-    cache: TieredCache,
-    raw: rusqlite::Connection,
-    /// Where the next read starts: reads cycle in order over `L2_KEYS` keys.
-    cursor: AtomicUsize,
-}
-
-impl L2 {
-    fn next(&self) -> &str {
-        &self.keys[self.cursor.fetch_add(1, Ordering::Relaxed) % L2_KEYS]
-    }
-
-    fn window(&self) -> Vec<&str> {
-        (0..100).map(|_| self.next()).collect()
-    }
-}
-
-fn l2_setup(rt: &tokio::runtime::Runtime) -> L2 {
-    let f = common::l2_fixture(rt, L2_KEYS, 64 * MIB);
-    L2 {
-        _dir: f.dir,
-        keys: f.keys,
-        cache: f.cache,
-        raw: f.raw,
-        cursor: AtomicUsize::new(100),
-    }
-}
-
-/// ns per L2-hit `get` (cold L1, promotion included).
-async fn l2_gets(l2: &L2, n: usize) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        black_box(l2.cache.get(l2.next()).await.unwrap());
-    }
-    per_op(t, n)
-}
-
-/// ns per raw prepared SELECT (decoded into the same owned values).
-fn sqlite_gets(l2: &L2, n: usize) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        black_box(common::raw_get(&l2.raw, l2.next()));
-    }
-    per_op(t, n)
-}
-
-/// ns per key of `mget` over windows of 100 keys.
-async fn mgets(l2: &L2, windows: usize) -> f64 {
-    let ks: Vec<Vec<&str>> = (0..windows).map(|_| l2.window()).collect();
-    let t = Instant::now();
-    for w in &ks {
-        black_box(l2.cache.mget(w).await);
-    }
-    per_op(t, windows * 100)
-}
-
-/// ns per key of 100 single `get`s over windows of 100 keys.
-async fn hundred_gets(l2: &L2, windows: usize) -> f64 {
-    let ks: Vec<Vec<&str>> = (0..windows).map(|_| l2.window()).collect();
-    let t = Instant::now();
-    for w in &ks {
-        for k in w {
-            black_box(l2.cache.get(k).await.unwrap());
-        }
-    }
-    per_op(t, windows * 100)
-}
-
-/// ns per L2 hit made of the raw parts alone: a moka get that misses, the prepared SELECT, a
-/// moka insert of the value (the promotion). What any moka-over-SQLite cache pays before a line
-/// of its own code runs: the floor under `l2_hit_vs_sqlite`.
-async fn floor_gets(l2: &L2, moka: &Moka<String, Bytes>, n: usize) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        let k = l2.next();
-        if moka.get(k).await.is_none() {
-            if let Some((Some(v), ..)) = common::raw_get(&l2.raw, k) {
-                moka.insert(k.to_owned(), v.clone()).await;
-                black_box(v);
-            }
-        }
-    }
-    per_op(t, n)
-}
-
-/// ns per key of the raw parts of an `mget` of 100 keys: 100 moka gets that miss, one `rarray`
-/// SELECT, 100 moka inserts. The floor under `mget100_vs_100_gets`.
-async fn floor_mgets(l2: &L2, moka: &Moka<String, Bytes>, windows: usize) -> f64 {
-    let ks: Vec<Vec<&str>> = (0..windows).map(|_| l2.window()).collect();
-    let t = Instant::now();
-    for w in &ks {
-        let mut missing = Vec::with_capacity(w.len());
-        for k in w {
-            if moka.get(*k).await.is_none() {
-                missing.push(*k);
-            }
-        }
-        for (k, (v, ..)) in common::raw_get_many(&l2.raw, &missing) {
-            if let Some(v) = v {
-                moka.insert(k, v.clone()).await;
-                black_box(v);
-            }
-        }
-    }
-    per_op(t, windows * 100)
-}
-
-async fn clear_moka(moka: &Moka<String, Bytes>) {
-    moka.invalidate_all();
-    moka.run_pending_tasks().await;
-}
-
-#[inline(never)]
-fn profile_l2_tiercache(rt: &tokio::runtime::Runtime, l2: &L2, n: usize) {
-    rt.block_on(l2_gets(l2, n));
-}
-
-#[inline(never)]
-fn profile_l2_sqlite(l2: &L2, n: usize) {
-    sqlite_gets(l2, n);
-}
-
-#[inline(never)]
-fn profile_mget100(rt: &tokio::runtime::Runtime, l2: &L2, n: usize) {
-    rt.block_on(mgets(l2, n / 100));
-}
-
-#[inline(never)]
-fn profile_gets100(rt: &tokio::runtime::Runtime, l2: &L2, n: usize) {
-    rt.block_on(hundred_gets(l2, n / 100));
-}
-
-// ------------------------------------------------------------------ writes
-
-/// Sets/s with `SETTERS` tasks each making `SETS_EACH` acknowledged sets, on `rt`.
-fn sets_per_sec(rt: &tokio::runtime::Runtime, cache: &TieredCache, keys: &Arc<Vec<String>>) -> f64 {
-    let v = common::value();
-    rt.block_on(async {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (cache, keys, v) = (cache.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..SETS_EACH {
-                        let k = &keys[(s * SETS_EACH + j) % keys.len()];
-                        cache.set(k, v.clone()).await.expect("set");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("a setter");
-        }
-        (SETTERS * SETS_EACH) as f64 / t.elapsed().as_secs_f64()
-    })
-}
-
-/// Raw moka inserts/s, same tasks, keys and values.
-fn moka_inserts_per_sec(
-    rt: &tokio::runtime::Runtime,
-    moka: &Moka<String, Bytes>,
-    keys: &Arc<Vec<String>>,
-) -> f64 {
-    let v = common::value();
-    rt.block_on(async {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (moka, keys, v) = (moka.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..SETS_EACH {
-                        let k = &keys[(s * SETS_EACH + j) % keys.len()];
-                        moka.insert(k.clone(), v.clone()).await;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("an inserter");
-        }
-        (SETTERS * SETS_EACH) as f64 / t.elapsed().as_secs_f64()
-    })
-}
-
-/// A durable write-behind cache: the outbox row and the L2 entry committed (group commit) before
-/// a set is acknowledged. Zero-latency source, so the background flusher keeps up.
-fn durable_write_behind(
-    rt: &tokio::runtime::Runtime,
-    db: &std::path::Path,
-    latency: Duration,
-    synchronous: tiercache::Synchronous,
-) -> TieredCache {
-    let _guard = rt.enter();
-    TieredCache::builder()
-        .strategy(Strategy::WriteBehind)
-        .source_arc(SlowSource::new(latency))
-        .sqlite_path(db)
-        .synchronous(synchronous)
-        .memory_capacity(64 * MIB)
-        .build()
-        .expect("the cache builds")
-}
-
-/// A memory-mode write-behind cache: the outbox in memory, L2 written in the background. A set
-/// is acknowledged once it is in L1 and the in-memory outbox.
-fn memory_write_behind(
-    rt: &tokio::runtime::Runtime,
-    db: &std::path::Path,
-    latency: Duration,
-) -> TieredCache {
-    let _guard = rt.enter();
-    TieredCache::builder()
-        .strategy(Strategy::WriteBehind)
-        .outbox(tiercache::OutboxMode::Memory)
-        .source_arc(SlowSource::new(latency))
-        .sqlite_path(db)
-        .memory_capacity(64 * MIB)
-        .build()
-        .expect("the cache builds")
-}
-
-#[inline(never)]
-fn profile_write_behind(rt: &tokio::runtime::Runtime, cache: &TieredCache, n: usize) {
-    let keys = Arc::new(common::keys(L2_KEYS));
-    let v = common::value();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (cache, keys, v) = (cache.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..n / SETTERS {
-                        let k = &keys[(s * 64 + j) % keys.len()];
-                        cache.set(k, v.clone()).await.expect("set");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("a setter");
-        }
-    });
-}
-
 // ------------------------------------------------------------------ single flight
 
 /// Source calls made for 1,000 concurrent cold gets of one key (a new key each time).
@@ -589,39 +343,43 @@ fn profile(scenario: &str, n: usize) {
             profile_l1_moka(&rt, &m, &l1_keys, n);
         }
         "l2_tiercache" | "l2_sqlite" | "mget100" | "gets100" => {
-            let l2 = l2_setup(&rt);
+            let l2 = l2::l2_setup(&rt);
             match scenario {
                 "l2_tiercache" => {
                     rt.block_on(l2.cache.clear_memory());
-                    profile_l2_tiercache(&rt, &l2, n)
+                    l2::profile_l2_tiercache(&rt, &l2, n)
                 }
-                "l2_sqlite" => profile_l2_sqlite(&l2, n),
+                "l2_sqlite" => l2::profile_l2_sqlite(&l2, n),
                 "mget100" => {
                     rt.block_on(l2.cache.clear_memory());
-                    profile_mget100(&rt, &l2, n)
+                    l2::profile_mget100(&rt, &l2, n)
                 }
                 _ => {
                     rt.block_on(l2.cache.clear_memory());
-                    profile_gets100(&rt, &l2, n)
+                    l2::profile_gets100(&rt, &l2, n)
                 }
             }
         }
         "write_behind_memory" => {
             let dir = tempfile::tempdir().expect("a tempdir");
             let mt = common::multi_thread(2);
-            let c = memory_write_behind(&mt, &dir.path().join("wb.db"), Duration::from_millis(5));
-            profile_write_behind(&mt, &c, n);
+            let c = writes::memory_write_behind(
+                &mt,
+                &dir.path().join("wb.db"),
+                Duration::from_millis(5),
+            );
+            writes::profile_write_behind(&mt, &c, n);
         }
         "write_behind" => {
             let dir = tempfile::tempdir().expect("a tempdir");
             let mt = common::multi_thread(2);
-            let c = durable_write_behind(
+            let c = writes::durable_write_behind(
                 &mt,
                 &dir.path().join("wb.db"),
                 Duration::ZERO,
                 Default::default(),
             );
-            profile_write_behind(&mt, &c, n);
+            writes::profile_write_behind(&mt, &c, n);
         }
         other => panic!("unknown profile scenario {other:?}"),
     }
@@ -726,154 +484,23 @@ fn main() {
         ),
         note: None,
     });
+    rows.push(Row {
+        name: "l1_scaling_vs_moka_scaling",
+        value: r / moka_r,
+        target: Target::AtLeast(0.95),
+        detail: format!(
+            "2-thread scaling {r:.2} (tiercache) vs {moka_r:.2} (raw moka), medians of \
+             {ROUNDS} rounds each, same run; arithmetic alone {host_r:.2}"
+        ),
+        note: None,
+    });
     drop((on, off, moka));
 
-    // L2: a file database, reads cycling over 10,000 keys, L1 emptied before each round (every
-    // read an L2 hit, promoted). Beside each figure, its floor: the same work done by raw moka
-    // and raw rusqlite calls alone, measured in this run.
-    let l2 = l2_setup(&rt);
-    let floor_l1 = rt.block_on(l1_moka(&[]));
-    let (r, a, b, (lo, hi)) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(l2_gets(&l2, L2_GETS))
-        },
-        || sqlite_gets(&l2, L2_GETS),
-    );
-    let (floor, f, _, _) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_gets(&l2, &floor_l1, L2_GETS))
-        },
-        || sqlite_gets(&l2, L2_GETS),
-    );
-    rows.push(Row {
-        name: "l2_hit_vs_sqlite",
-        value: r,
-        target: Target::AtMost(1.5),
-        detail: format!(
-            "{a:.0} ns vs {b:.0} ns per get; rounds {lo:.2}..{hi:.2}; floor {floor:.2} \
-             (raw moka miss + SELECT + moka insert, {f:.0} ns)"
-        ),
-        note: None,
-    });
-    let windows = L2_GETS / 100;
-    let (r, a, b, (lo, hi)) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(mgets(&l2, windows))
-        },
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(hundred_gets(&l2, windows))
-        },
-    );
-    let (floor, _, _, _) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_mgets(&l2, &floor_l1, windows))
-        },
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_gets(&l2, &floor_l1, windows * 100))
-        },
-    );
-    let (sql_only, _, _, _) = side_by_side(
-        ROUNDS,
-        || {
-            let t = Instant::now();
-            for _ in 0..windows {
-                black_box(common::raw_get_many(&l2.raw, &l2.window()));
-            }
-            per_op(t, windows * 100)
-        },
-        || sqlite_gets(&l2, windows * 100),
-    );
-    rows.push(Row {
-        name: "mget100_vs_100_gets",
-        value: r,
-        target: Target::AtMost(0.2),
-        detail: format!(
-            "{:.1} us vs {:.1} us per 100 keys; rounds {lo:.2}..{hi:.2}; floor {floor:.2} \
-             (raw moka + rarray vs raw moka + 100 SELECTs); rarray alone vs 100 SELECTs {sql_only:.2}",
-            a / 10.0,
-            b / 10.0
-        ),
-        note: None,
-    });
-    drop(l2);
+    l2::rows(&rt, &mut rows);
 
     // Writes: 128 setter tasks on a 2-worker runtime, 1 KiB values, 10,000 keys.
     let mt = common::multi_thread(2);
-    let dir = tempfile::tempdir().expect("a tempdir");
-    let w_keys = Arc::new(common::keys(L2_KEYS));
-    // Memory mode against the bench's standard 5 ms fake source (deliveries run behind the
-    // writes, as against a real remote); an instant source beside it.
-    let memory_mode =
-        memory_write_behind(&mt, &dir.path().join("memory.db"), Duration::from_millis(5));
-    let moka = mt.block_on(l1_moka(&[]));
-    let (r, a, b, (lo, hi)) = side_by_side(
-        5,
-        || sets_per_sec(&mt, &memory_mode, &w_keys),
-        || moka_inserts_per_sec(&mt, &moka, &w_keys),
-    );
-    drop(memory_mode);
-    let instant = memory_write_behind(&mt, &dir.path().join("instant-memory.db"), Duration::ZERO);
-    let (instant_r, _, _, _) = side_by_side(
-        5,
-        || sets_per_sec(&mt, &instant, &w_keys),
-        || moka_inserts_per_sec(&mt, &moka, &w_keys),
-    );
-    drop(instant);
-    rows.push(Row {
-        name: "write_behind_vs_moka_insert",
-        value: r,
-        target: Target::AtLeast(0.8),
-        detail: format!(
-            "{:.0} k sets/s vs {:.0} k inserts/s, 5 ms source; rounds {lo:.3}..{hi:.3}; \
-             instant source {instant_r:.3}",
-            a / 1e3,
-            b / 1e3
-        ),
-        note: None,
-    });
-    // Durable: the bench's standard fake source (5 ms per call, so deliveries run behind the
-    // writes as against a real remote), synchronous=NORMAL; beside it, an instant source (every
-    // write delivered and removed at once: the worst case for the writer thread) and FULL.
-    let durable_rate = |name: &str, latency: Duration, sync: tiercache::Synchronous| {
-        let cache = durable_write_behind(&mt, &dir.path().join(name), latency, sync);
-        let rates: Vec<f64> = (0..5).map(|_| sets_per_sec(&mt, &cache, &w_keys)).collect();
-        let (lo, hi) = spread(&rates);
-        (median(rates), lo, hi)
-    };
-    let (rate, lo, hi) = durable_rate("durable.db", Duration::from_millis(5), Default::default());
-    let (instant, instant_lo, instant_hi) =
-        durable_rate("instant.db", Duration::ZERO, Default::default());
-    let (full, _, _) = durable_rate(
-        "full.db",
-        Duration::from_millis(5),
-        tiercache::Synchronous::Full,
-    );
-    rows.push(Row {
-        name: "write_behind_durable_sets_per_sec",
-        value: instant,
-        target: Target::AtLeast(50_000.0),
-        detail: format!(
-            "{SETTERS} setters, acknowledged after commit, instant source; rounds {:.0}k..{:.0}k; \
-             5 ms source {:.0}k/s (rounds {:.0}k..{:.0}k); synchronous=FULL, 5 ms source {:.0}k/s",
-            instant_lo / 1e3,
-            instant_hi / 1e3,
-            rate / 1e3,
-            lo / 1e3,
-            hi / 1e3,
-            full / 1e3
-        ),
-        note: None,
-    });
+    writes::rows(&mt, &mut rows);
 
     // Single flight.
     let calls: Vec<f64> = (0..5).map(|i| source_calls_for_cold_gets(&mt, i)).collect();

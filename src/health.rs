@@ -131,6 +131,10 @@ pub struct HealthReport {
     pub offline: bool,
     /// The write-behind backlog (none under other strategies).
     pub backlog: Option<BacklogHealth>,
+    /// Whether this cache hears of other instances' writes now (L2's listener is connected):
+    /// `None` for an L2 that does not publish them (SQLite); `false` (degraded) while it is
+    /// disconnected, when L1 may serve a copy older than a write made elsewhere.
+    pub invalidations: Option<bool>,
 }
 
 impl HealthReport {
@@ -157,7 +161,18 @@ impl HealthReport {
             l3,
             offline,
             backlog,
+            invalidations: None,
         }
+    }
+
+    /// With the state of the invalidation listener; a disconnected one degrades a healthy
+    /// report.
+    pub(crate) fn with_invalidations(mut self, listening: Option<bool>) -> Self {
+        self.invalidations = listening;
+        if listening == Some(false) && self.status == HealthStatus::Healthy {
+            self.status = HealthStatus::Degraded;
+        }
+        self
     }
 }
 
@@ -180,6 +195,11 @@ impl fmt::Display for HealthReport {
         }
         if self.offline {
             writeln!(f, "offline mode: on")?;
+        }
+        match self.invalidations {
+            Some(true) => writeln!(f, "invalidations: listening")?,
+            Some(false) => writeln!(f, "invalidations: not listening (reconnecting)")?,
+            None => {}
         }
         if let Some(b) = &self.backlog {
             writeln!(

@@ -97,7 +97,10 @@ async fn the_schema_is_created_with_its_version_and_reopened() -> TestResult {
             t.schema
         ))
         .await;
-    assert_eq!(tables, 4, "entries, outbox, meta, schema_version");
+    assert_eq!(
+        tables, 6,
+        "entries, outbox, meta, schema_version, invalidations, invalidations_pruned"
+    );
     Ok(())
 }
 

@@ -131,6 +131,14 @@ impl TieredCache {
             _ => FlushReport::default(),
         };
         self.inner.closed.store(true, Ordering::Relaxed);
+        // Ends the task applying other instances' writes to L1.
+        drop(
+            self.inner
+                .stop_invalidations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         // Refreshes not yet sent see the cache closed and stop; those under way finish (each
         // within the source timeout).
         let _ =
@@ -400,7 +408,8 @@ impl TieredCache {
         }
         let l3 = TierHealth::from_breaker(inner.guard.status(), inner.guard.last_error());
         let backlog = self.backlog().await;
-        HealthReport::overall(l2, l3, self.is_offline(), backlog)
+        let listening = inner.listening.as_ref().map(crate::tier::Listening::get);
+        HealthReport::overall(l2, l3, self.is_offline(), backlog).with_invalidations(listening)
     }
 
     /// Sends one real request for `key` to the source, past the caches and the breaker, within

@@ -46,6 +46,7 @@ mod batch;
 mod builder;
 mod bundle;
 mod flight;
+mod invalidate;
 mod load;
 mod loader;
 mod options;
@@ -117,6 +118,11 @@ pub(crate) struct Inner {
     fences: Arc<Fences>,
     /// This cache's id among the caches sharing `fences`.
     peer_id: u64,
+    /// Dropped (by `close` or with the cache) to end the task applying other instances'
+    /// writes to L1 (see `invalidate`).
+    stop_invalidations: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Whether L2 tells this cache of other instances' writes now (`None`: it never does).
+    listening: Option<crate::tier::Listening>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -264,6 +270,14 @@ impl TieredCache {
         let l1 = MemoryTier::new(b.memory_capacity);
         // Shared with this process's other caches on the same file (see `tier::fence`).
         let (fences, peer_id) = Fences::for_file(db_path.as_deref(), &l1);
+        // Other instances' writes to this L1 (a store shared by processes); dropping the sender
+        // (an error below, `close`, or the cache) ends the task.
+        let (stop_invalidations, listening) = match invalidate::start(&l2_store, &l1, &fences)
+            .inspect_err(|_| fences.leave(peer_id))?
+        {
+            Some((stop, listening)) => (Some(stop), listening),
+            None => (None, None),
+        };
         let offline = Arc::new(AtomicBool::new(b.offline));
         // Every cache can deliver an outbox (one an earlier write-behind process left, say);
         // only write-behind runs the background flusher.
@@ -318,6 +332,8 @@ impl TieredCache {
                 memory_queue,
                 fences,
                 peer_id,
+                stop_invalidations: std::sync::Mutex::new(stop_invalidations),
+                listening,
             }),
         })
     }

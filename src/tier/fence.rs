@@ -172,6 +172,16 @@ impl Fences {
         self.stripe(key).fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Moves every fence: no fill or read that started before may cache what it found (another
+    /// instance changed keys this cache cannot name, see [`Invalidation::All`]).
+    ///
+    /// [`Invalidation::All`]: crate::tier::Invalidation::All
+    pub(crate) fn bump_all(&self) {
+        for stripe in self.stripes.iter() {
+            stripe.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// Whether no write of `key` (or of a key on its stripe) began since `token` was taken.
     pub(crate) fn unchanged(&self, key: &str, token: u64) -> bool {
         self.token(key) == token
@@ -211,5 +221,7 @@ mod tests {
         assert!(!f.unchanged("k", t));
         let t2 = f.token("k");
         assert!(f.unchanged("k", t2));
+        f.bump_all();
+        assert!(!f.unchanged("k", t2));
     }
 }

@@ -143,6 +143,10 @@ impl Guarded {
 
 #[async_trait]
 impl EntryStore for Guarded {
+    fn invalidations(&self) -> Option<crate::tier::Invalidations> {
+        self.inner.invalidations()
+    }
+
     async fn get(&self, key: &str) -> Result<Option<StoredEntry>> {
         self.read(self.inner.get(key)).await
     }

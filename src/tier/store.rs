@@ -31,6 +31,9 @@
 //!   a higher id.
 //! * Times are milliseconds since the UNIX epoch, as given by the cache's clock; the store keeps
 //!   them as given and compares them only where documented.
+//! * A backend shared by several processes tells each cache what the others changed, or says
+//!   nothing ([`EntryStore::invalidations`]): without it, a cache sees another process's write
+//!   when its L1 copy is no longer fresh.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -297,6 +300,84 @@ impl std::fmt::Debug for FillGuard {
     }
 }
 
+/// What a cache must drop from its L1 because another instance sharing the backend changed it
+/// ([`EntryStore::invalidations`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// These keys changed in the backend (a write by another instance, already committed):
+    /// their L1 copies must go.
+    Keys(Vec<String>),
+    /// Some changes may have been missed (a lost connection whose gap cannot be replayed, a
+    /// subscriber that fell behind): every L1 copy must go.
+    All,
+}
+
+/// A subscription to a backend's [`Invalidation`]s, made by [`EntryStore::invalidations`].
+///
+/// Ends ([`recv`](Self::recv) gives `None`) when the backend stops publishing. A subscriber
+/// that falls too far behind gets [`Invalidation::All`] in place of what it missed.
+#[derive(Debug)]
+pub struct Invalidations {
+    rx: tokio::sync::broadcast::Receiver<Invalidation>,
+    listening: Option<Listening>,
+}
+
+/// Whether a backend currently hears the other instances' writes (its listener is connected
+/// and caught up), shared by the backend and the caches it tells; reported in the cache's
+/// [`health`](crate::TieredCache::health).
+#[derive(Debug, Clone, Default)]
+pub struct Listening(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Listening {
+    /// Not listening yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records whether the backend listens now.
+    pub fn set(&self, listening: bool) {
+        self.0
+            .store(listening, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the backend listens now.
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Invalidations {
+    /// A subscription fed by a broadcast channel.
+    pub fn new(rx: tokio::sync::broadcast::Receiver<Invalidation>) -> Self {
+        Self {
+            rx,
+            listening: None,
+        }
+    }
+
+    /// With the backend's [`Listening`] state, for the cache's health.
+    pub fn with_listening(mut self, listening: Listening) -> Self {
+        self.listening = Some(listening);
+        self
+    }
+
+    /// The backend's [`Listening`] state, if it keeps one.
+    pub fn listening(&self) -> Option<Listening> {
+        self.listening.clone()
+    }
+
+    /// The next invalidation; `None` once the sender is gone.
+    pub async fn recv(&mut self) -> Option<Invalidation> {
+        use tokio::sync::broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(inv) => Some(inv),
+            Err(RecvError::Lagged(_)) => Some(Invalidation::All),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
 /// A read-modify-write of one named value ([`StateStore::update_meta`]): given the value held
 /// (`None`: none), returns the value to hold (`None`: remove it).
 pub type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
@@ -386,6 +467,27 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// What the store holds, counted at `now` (entries past their fresh deadline at `now` are
     /// stale), outbox included.
     async fn summary(&self, now: u64) -> Result<StoreSummary>;
+
+    /// For a backend shared by several processes: a subscription to what *other* instances
+    /// changed, which the cache applies to its L1 (it bumps each key's write fence, so a fill
+    /// racing the change is refused, then drops the key; L2 is not touched, the writer changed
+    /// it). `None` (the default): the backend does not publish (SQLite; a cache then sees
+    /// another process's write once its L1 copy is no longer fresh).
+    ///
+    /// A store that returns `Some` owes the cache:
+    /// * an [`Invalidation::Keys`] for every committed write of another instance that changes
+    ///   what a key reads as (`put`, `remove`, `remove_settled`, `enqueue`, the dead-lettering
+    ///   of `outbox_failed`, the retry of `resolve_dead_letter`, the entries `merge` writes),
+    ///   sent after it committed;
+    ///   fills and renewals (`put_fill`, `renew_fill`) need none (they never replace a write);
+    /// * [`Invalidation::All`] whenever it cannot vouch that nothing was missed since the
+    ///   store was made (a lost connection whose gap it cannot replay);
+    /// * the subscription ends when the store is dropped or stops publishing for good.
+    ///
+    /// Called once by each cache built on the store, from within a Tokio runtime.
+    fn invalidations(&self) -> Option<Invalidations> {
+        None
+    }
 
     /// Every entry whose key starts with `prefix` (`""`: all) and has **no pending** (not
     /// dead) outbox row, in key order, from **one consistent view** (one read transaction or
@@ -486,7 +588,10 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<i64>;
 
     /// Pending (not dead) rows, oldest (lowest id) first, at most `limit` of them, whatever
-    /// their `next_attempt` (the cache decides when to attempt).
+    /// their `next_attempt` (the cache decides when to attempt): the rows this cache may
+    /// deliver now. A backend drained by several processes at once may return only the rows
+    /// it claimed for this one (for a lease), and then must never return a row of a key while
+    /// an older pending row of that key is another process's to deliver (per-key order, I5).
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
 
     /// The op of `key`'s newest (highest id) pending row: what `key` reads as until it is

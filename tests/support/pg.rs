@@ -87,6 +87,18 @@ impl PgTest {
         format!("host={host} port={port} user={user} dbname={db}")
     }
 
+    /// The test server's host, port, user and database.
+    pub fn server_parts(&self) -> (String, u16, String, String) {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "127.0.0.1".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let db = self.config.get_dbname().unwrap_or("test").to_owned();
+        (host, port, self.user(), db)
+    }
+
     /// A builder for a store on the test's schema (as the URL's user).
     pub fn store(&self) -> PostgresStoreBuilder {
         PostgresStore::builder(url()).schema(self.schema.clone())

@@ -30,16 +30,20 @@
 //! | table | what | logged |
 //! |---|---|---|
 //! | `entries` | one row per key: value (`bytea`, NULL for "not found"), validator, the three deadlines, size, last access | yes, unless [`entries_unlogged`](PostgresStoreBuilder::entries_unlogged) |
-//! | `outbox` | write-behind writes and dead letters, `id` from an identity column; indexed by `(key, id)` and, for dead letters, by key | always |
+//! | `outbox` | write-behind writes and dead letters, `id` from an identity column, the claim (`claimed_by`, `claim_expires`) of the instance delivering them; indexed by `(key, id)` and, for dead letters, by key | always |
 //! | `meta` | named strings shared by the fleet (the source's breaker) | always |
 //! | `schema_version` | one row: the schema's version ([`SCHEMA_VERSION`]) | always |
+//! | `invalidations` | the invalidation log: one row per key a write changed (`seq` from an identity column, the writing transaction's id `xid`, `at`, `origin`, `key`); indexed by `xid` and `at` | always |
+//! | `invalidations_pruned` | one row: the highest `xid` pruned from the log so far | always |
 //!
 //! A schema whose version row is newer than this tiercache's, or that holds tables but no
 //! version row (another application's), is refused before anything is written to it
 //! ([`Error::IncompatibleSchema`]).
 //!
 //! ## What is UNLOGGED, and why
-//! By default nothing is. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
+//! By default nothing is. The invalidation log never is: a lost log would have to be detected
+//! (its sequence restarts after a crash) to clear every L1; a logged one needs no such case,
+//! and only writes (not fills) add to it. An UNLOGGED table writes no WAL (fills, the bulk of L2 writes, get
 //! cheaper, large values most of all), but PostgreSQL empties it after a server crash and
 //! never copies it to a replica. The outbox and the shared state can never be UNLOGGED: a
 //! lost outbox row is a lost acknowledged write (I5), a lost breaker row lets a fleet hammer a
@@ -68,17 +72,21 @@
 //! |---|---|
 //! | `get` | `SELECT … FROM entries WHERE key = $1` |
 //! | `get_many` | one statement: `… entries WHERE key = ANY($1) UNION ALL (SELECT DISTINCT ON (key) … FROM outbox WHERE key = ANY($1) AND NOT dead ORDER BY key, id DESC)` |
-//! | `put` | lock; `INSERT … ON CONFLICT (key) DO UPDATE` |
-//! | `put_fill`, `renew_fill` | lock; guard checked (and `SELECT stored_at` when it observed a row or none); upsert / `UPDATE` |
-//! | `remove` | lock; `DELETE` |
-//! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)` |
-//! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id` |
-//! | `outbox_pending`, `dead_letters` | `SELECT … ORDER BY id` |
+//! | `put` | lock; `INSERT … ON CONFLICT (key) DO UPDATE`; publish |
+//! | `put_fill`, `renew_fill` | lock; guard checked (and `SELECT stored_at` when it observed a row or none); upsert / `UPDATE` (nothing published) |
+//! | `remove` | lock; `DELETE`; publish |
+//! | `remove_settled` | lock; `DELETE … WHERE NOT EXISTS (a pending outbox row of the key with a higher id)`; publish |
+//! | `enqueue` | lock; entry upsert or `DELETE`; dead letters of the key superseded; `INSERT INTO outbox … RETURNING id`; publish |
+//! | `outbox_pending` | one transaction: the oldest keys with pending rows and no other instance's live claim (`GROUP BY key HAVING …`); their locks tried (`pg_try_advisory_xact_lock`, never waited for); `UPDATE … SET claimed_by, claim_expires … RETURNING` every pending row of the locked keys, unless another instance's claim appeared |
+//! | `dead_letters` | `SELECT … ORDER BY id` |
 //! | `outbox_complete` | `DELETE … WHERE id = ANY($1) AND NOT dead` |
-//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE`; when dead, supersede and remove entries, as the contract says |
-//! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` or `DELETE` |
+//! | `outbox_failed` | lock every key of the rows (in hash order: no deadlock between two of them); `UPDATE` (the claim released); when dead, supersede and remove entries, as the contract says, and publish the keys |
+//! | `resolve_dead_letter` | `SELECT … FOR UPDATE`, then `UPDATE` (a retry: the entry removed, published) or `DELETE` |
 //! | `update_meta` | lock the name; `SELECT`; upsert or `DELETE` |
 //! | `summary` | one statement of aggregates over both tables |
+//! | `merge` | per 500 entries, one transaction: lock the keys; the `get_many` statement; upsert the entries that are newer and have no pending write; publish them |
+//! | *publish* | one statement in the write's transaction, pipelined with it: `WITH i AS (INSERT INTO invalidations … RETURNING seq) SELECT pg_notify(channel, payload) FROM unnest($payloads)` |
+//! | `invalidations` | the store's listener (below) |
 //!
 //! Outbox ids come from an identity column (a sequence): a row gets a higher id than every
 //! row of its key committed before it, because writes of one key are serialized by the key's
@@ -94,38 +102,70 @@
 //! cache's L2 breakers open, L1 and the source carry on, and the pool opens new connections
 //! when the server is back.
 //!
+//! # A fleet: cross-instance L1 invalidation
+//! Every cache keeps an L1 of its own; a write by one instance reaches the others' L1 so:
+//! * **Published with the write.** Every write that changes what a key reads as (`put`,
+//!   `remove`, `remove_settled`, `enqueue`, the dead-lettering of `outbox_failed`, the retry
+//!   of `resolve_dead_letter`, the entries `merge` writes) adds a row per key to `invalidations` and calls
+//!   `pg_notify('tc.<schema>', payload)` in its own transaction: both exist if and only if the
+//!   write commits, and the `NOTIFY` is delivered at commit. Fills, misses and 304 renewals
+//!   (`put_fill`, `renew_fill`) publish nothing, so reads cause no broadcast. A delivered
+//!   write-behind put publishes nothing either: its entry was written (and published) when it
+//!   was enqueued; a delivered delete's `remove_settled` does.
+//! * **Payloads** carry the store's [`origin`](PostgresStore::origin) and the keys, one per
+//!   line, split into as many payloads as needed to stay under PostgreSQL's 8,000-byte limit;
+//!   a key that fits in none (or holds a line break, which the cache's keys never do) is sent
+//!   as the range of log rows (`seq`) to read instead.
+//! * **One listener per store**: a dedicated connection (not from the pool; its
+//!   `application_name` is [`listener_application_name`](PostgresStore::listener_application_name)),
+//!   started by the first cache built on the store ([`EntryStore::invalidations`](crate::tier::EntryStore::invalidations)) and ended
+//!   at the next heartbeat after the last such cache is closed or dropped. It skips its own
+//!   origin's payloads (unless several caches share the store: then one's write must reach
+//!   the others). Each cache applies what it gets by bumping the key's write fence, then
+//!   dropping the key from its L1 (not from L2, which the writer changed): a fill or a
+//!   promotion racing the write is refused by its fence (in L1) and its
+//!   [`FillGuard`](crate::tier::FillGuard) (in L2), so an older value never comes back.
+//! * **Reconnects** with jittered backoff (50 ms doubling to 5 s), `LISTEN` again, then catch
+//!   up from the log: every row written by a transaction at or above the listener's
+//!   *horizon*, a transaction id below which every write's `NOTIFY` had reached it
+//!   (sequence numbers alone would miss a write that drew a lower number and committed
+//!   later). If the log was pruned at or above the horizon, the cache's whole L1 is
+//!   cleared. [`listening`](PostgresStore::listening) and
+//!   [`listener_connections`](PostgresStore::listener_connections) report its state.
+//! * **A heartbeat** ([`heartbeat`](PostgresStoreBuilder::heartbeat), 5 s) checks the
+//!   connection with a query that must answer within one interval (a silent connection is
+//!   dropped and made again), moves the horizon, and prunes log rows older than
+//!   [`invalidation_retention`](PostgresStoreBuilder::invalidation_retention) (1 hour),
+//!   by one instance at a time (`pg_try_advisory_xact_lock`).
+//!
+//! What it guarantees: once a write has committed, and the other instances' listeners are
+//! connected, their L1s drop the key as soon as the `NOTIFY` arrives (a read in between may
+//! still be served from L1: the invalidation is asynchronous, not part of the write's
+//! acknowledgement). While a listener is disconnected its cache's L1 may serve copies older
+//! than a write until it reconnects and catches up; L2 reads are never stale (they read the
+//! shared tables).
+//!
+//! # An outbox drained by the fleet
+//! Every instance may deliver (background flush on all of them is safe). A delivery round's
+//! [`outbox_pending`](crate::tier::OutboxStore::outbox_pending) claims whole keys for this
+//! store ([`origin`](PostgresStore::origin)) for a lease
+//! ([`outbox_lease`](PostgresStoreBuilder::outbox_lease), 60 s) in one short transaction, and
+//! returns only the rows it claimed; the source is called after that transaction committed,
+//! never inside one. A key is claimed only when no row of it is under another instance's live
+//! claim, and under its advisory lock (tried, so two claimers of one key never both win and
+//! never wait on each other; an enqueue of the key waits for the claim, which then covers or
+//! precedes its row): a newer row of a key is never delivered while an older one is another
+//! instance's to deliver (per-key order, I5). A round claims its own rows again, renewing the
+//! lease; delivered rows are deleted, a failed attempt releases its rows' claim. When an
+//! instance dies mid-delivery, its claims run out after the lease and another instance
+//! delivers the rows (a write the dead instance had sent but not yet completed is sent again:
+//! delivery is idempotent, as after a crash on SQLite).
+//!
 //! # Limits today
-//! * **Delivery by one instance per schema.** The outbox is one, but rows are not yet claimed
-//!   (issue #14, item 5: `FOR UPDATE SKIP LOCKED` under a lease). Two instances delivering at
-//!   once may send a row twice, or an older write of a key after a newer one. Until claims
-//!   exist, turn [`background_flush`](crate::TieredCacheBuilder::background_flush) on for one
-//!   instance of a schema (the others enqueue; any may call `flush` while that one is idle).
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
 //!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
-//! * **No cross-instance L1 invalidation, fleet-wide single-flight or compare-and-set budget**
-//!   (items 2 to 4): see below for the first.
-//!
-//! # Not yet here: cross-instance L1 invalidation (design)
-//! Today a cache on this store sees another instance's write when it reads L2 (an L1 miss, or
-//! an L1 copy past its freshness); an L1 copy still fresh is served for up to its TTL. The
-//! plan for issue #14, item 2, kept for whoever builds it:
-//! * A table `invalidations (seq bigint identity, key text, origin uuid, version bigint)`,
-//!   UNLOGGED (a lost log is detected, see below), written in the same transaction as every
-//!   write that changes what a key reads as: `put`, `remove`, `remove_settled`, `enqueue`, the
-//!   dead-lettering branch of `outbox_failed`; plus `pg_notify('<schema>_inval', payload)` in
-//!   that transaction (delivered at commit, only if it commits). Fills, misses and 304
-//!   renewals (`put_fill`, `renew_fill`) publish nothing.
-//! * Payload: the origin instance id and the keys, batched under 8,000 bytes (a longer batch is
-//!   split into several `pg_notify` calls; one key longer than the budget sends "seq only", and
-//!   the listener reads the log).
-//! * Each instance keeps one dedicated connection (not from the pool) with `LISTEN`, ignores
-//!   its own origin, and drops the keys from L1 after bumping their write fences (so a fill
-//!   racing with the invalidation is refused by its `FillGuard`, the versions rule).
-//! * On a reconnect (with backoff): `LISTEN` first, then read the log from the last sequence
-//!   seen; if the oldest row left is newer than that (pruned, or lost in a crash), clear L1.
-//!   A heartbeat (`SELECT 1` every few seconds on the listener) finds a silent connection; a
-//!   maximum L1 age bounds what any missed message can cost. Rows older than the longest L1
-//!   lifetime are pruned by whichever instance holds an advisory lock for pruning.
+//! * **No maximum L1 age** as a last backstop against a missed message, fleet-wide
+//!   single-flight or compare-and-set budget (issue #14, items 2 to 4).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -136,20 +176,27 @@ use tokio_postgres::NoTls;
 
 use crate::error::{Error, Result};
 
+mod listen;
+mod merge;
+mod notify;
 mod schema;
 mod store;
 
 use schema::Sql;
 
 /// The version of the schema this tiercache creates and reads, kept in the schema's
-/// `schema_version` table. History: 1, the first.
-pub const SCHEMA_VERSION: i64 = 1;
+/// `schema_version` table. History: 1, the first; 2 adds the invalidation log
+/// (`invalidations`, `invalidations_pruned`; a schema of version 1 is migrated on open).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The PostgreSQL schema used when none is set: `tiercache`.
 pub const DEFAULT_SCHEMA: &str = "tiercache";
 
 const DEFAULT_POOL_SIZE: usize = 8;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
+const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// Settings for a [`PostgresStore`]; made by [`PostgresStore::builder`].
 #[must_use = "a builder does nothing until `connect` is called"]
@@ -159,6 +206,9 @@ pub struct PostgresStoreBuilder {
     pool_size: usize,
     connect_timeout: Duration,
     entries_unlogged: bool,
+    heartbeat: Duration,
+    retention: Duration,
+    lease: Duration,
 }
 
 impl std::fmt::Debug for PostgresStoreBuilder {
@@ -169,11 +219,42 @@ impl std::fmt::Debug for PostgresStoreBuilder {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("entries_unlogged", &self.entries_unlogged)
+            .field("heartbeat", &self.heartbeat)
+            .field("invalidation_retention", &self.retention)
+            .field("outbox_lease", &self.lease)
             .finish()
     }
 }
 
 impl PostgresStoreBuilder {
+    /// How often the invalidation listener checks its connection (a query that must answer
+    /// within this long, or the connection is given up and made again) and prunes the log
+    /// (by one instance of the fleet at a time). Also how long a `NOTIFY` is given to arrive
+    /// before a reconnect no longer replays it from the log (see the [module docs](self)).
+    /// Between 10 ms and 1 hour. Default: 5 s.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// How long this instance's claim on write-behind rows lasts (renewed each delivery round
+    /// that reads them): past it, an instance that died mid-delivery has its rows delivered
+    /// by the others. Longer than a delivery round takes (a source call with its timeout and
+    /// retries of one round); a claim that runs out mid-delivery may see a write sent twice.
+    /// At least 100 ms. Default: 60 s.
+    pub fn outbox_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long rows of the invalidation log are kept: a listener disconnected for longer
+    /// than this clears its cache's L1 when it reconnects, instead of replaying the log. At
+    /// least 1 s. Default: 1 hour.
+    pub fn invalidation_retention(mut self, keep: Duration) -> Self {
+        self.retention = keep;
+        self
+    }
+
     /// The PostgreSQL schema holding the tables; caches sharing a database but not an L2 use
     /// different ones. Lowercase ASCII letters, digits and `_`, starting with a letter or `_`,
     /// at most 63 bytes, not starting with `pg_`. Default: [`DEFAULT_SCHEMA`].
@@ -219,6 +300,25 @@ impl PostgresStoreBuilder {
                 self.pool_size
             )));
         }
+        if self.heartbeat < Duration::from_millis(10) || self.heartbeat > Duration::from_secs(3600)
+        {
+            return Err(Error::Config(format!(
+                "heartbeat is {:?}; it must be between 10 ms and 1 hour",
+                self.heartbeat
+            )));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "outbox_lease is {:?}; it must be at least 100 ms",
+                self.lease
+            )));
+        }
+        if self.retention < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "invalidation_retention is {:?}; it must be at least 1 s",
+                self.retention
+            )));
+        }
         let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
             Error::Config(format!(
                 "the PostgreSQL URL cannot be parsed (not shown: it may hold a password): {e}"
@@ -231,6 +331,8 @@ impl PostgresStoreBuilder {
         if config.get_application_name().is_none() {
             config.application_name("tiercache");
         }
+        let fleet =
+            listen::Fleet::new(config.clone(), &self.schema, self.heartbeat, self.retention);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -255,13 +357,26 @@ impl PostgresStoreBuilder {
         })?;
         let entries_unlogged =
             schema::open(&mut client, &self.schema, &location, self.entries_unlogged).await?;
+        // The listener's first horizon: no cache on this store has anything in L1 yet, so
+        // every write it must hear of comes from a transaction at or above this one.
+        let horizon: i64 = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| schema::storage(&format!("read the server's horizon at {server}"), e))?;
         drop(client);
+        fleet.set_horizon(horizon);
         Ok(PostgresStore {
             pool,
             sql: std::sync::Arc::new(Sql::new(&self.schema)),
             schema: self.schema,
             server,
             entries_unlogged,
+            fleet: std::sync::Arc::new(fleet),
+            lease: self.lease,
         })
     }
 }
@@ -278,6 +393,10 @@ pub struct PostgresStore {
     /// `postgres://user@host:port/db`: never the password.
     server: String,
     entries_unlogged: bool,
+    /// Publishing and listening (see `listen`).
+    fleet: std::sync::Arc<listen::Fleet>,
+    /// How long a claim on outbox rows lasts.
+    lease: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -288,6 +407,7 @@ impl std::fmt::Debug for PostgresStore {
             .field("schema", &self.schema)
             .field("connections", &status.size)
             .field("entries_unlogged", &self.entries_unlogged)
+            .field("fleet", &self.fleet)
             .finish()
     }
 }
@@ -302,6 +422,9 @@ impl PostgresStore {
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             entries_unlogged: false,
+            heartbeat: DEFAULT_HEARTBEAT,
+            retention: DEFAULT_RETENTION,
+            lease: DEFAULT_LEASE,
         }
     }
 
@@ -327,6 +450,37 @@ impl PostgresStore {
     /// asked for an existing one).
     pub fn entries_unlogged(&self) -> bool {
         self.entries_unlogged
+    }
+
+    /// This store's id among the instances sharing the schema (32 hex digits): it tags the
+    /// store's invalidation log rows and `NOTIFY` payloads, so its listener skips its own.
+    pub fn origin(&self) -> &str {
+        &self.fleet.origin
+    }
+
+    /// The `NOTIFY` channel of the schema: `tc.<schema>` (a longer schema name is shortened
+    /// with a hash).
+    pub fn channel(&self) -> &str {
+        &self.fleet.channel
+    }
+
+    /// The `application_name` of the listener's connection (`tiercache-listen-<origin>`), to
+    /// find it in `pg_stat_activity`. The pool's connections are `tiercache`, unless the URL
+    /// names one.
+    pub fn listener_application_name(&self) -> String {
+        listen::listener_name(&self.fleet.origin)
+    }
+
+    /// Whether the invalidation listener is connected and caught up (`false` before a cache
+    /// subscribed, while it reconnects, and after the last cache on the store is gone).
+    pub fn listening(&self) -> bool {
+        self.fleet.listening()
+    }
+
+    /// How many times the listener connected and caught up so far (1 after the first
+    /// connection; each reconnect adds one).
+    pub fn listener_connections(&self) -> u64 {
+        self.fleet.connections()
     }
 }
 

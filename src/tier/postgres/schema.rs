@@ -46,6 +46,27 @@ CREATE TABLE {s}.schema_version (
 );
 ";
 
+/// What version 2 adds to version 1 (and a new schema has too): the outbox's claims (which
+/// instance delivers a row, until when), the invalidation log, and how far it was pruned (the
+/// `xid8` of the newest row deleted, as a `bigint`).
+const VERSION_2: &str = "
+ALTER TABLE {s}.outbox ADD COLUMN claimed_by text, ADD COLUMN claim_expires timestamptz;
+CREATE TABLE {s}.invalidations (
+    seq    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    xid    bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    at     timestamptz NOT NULL DEFAULT now(),
+    origin text NOT NULL,
+    key    text NOT NULL
+);
+CREATE INDEX invalidations_by_xid ON {s}.invalidations (xid);
+CREATE INDEX invalidations_by_at ON {s}.invalidations (at);
+CREATE TABLE {s}.invalidations_pruned (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    through bigint NOT NULL
+);
+INSERT INTO {s}.invalidations_pruned (through) VALUES (0);
+";
+
 /// Creates the schema `name`, or checks and migrates it; returns whether `entries` is
 /// UNLOGGED. One transaction, under an advisory lock on the schema's name: instances starting
 /// together set it up once. A newer or foreign schema is refused before any write (the
@@ -90,6 +111,18 @@ pub(super) async fn open(
             .map(|r| r.get(0));
         match found {
             Some(v) if v == SCHEMA_VERSION => {}
+            // Version 1 (no invalidation log): migrated in this transaction.
+            Some(1) => {
+                tx.batch_execute(&VERSION_2.replace("{s}", &quoted))
+                    .await
+                    .map_err(fail("migrate to version 2"))?;
+                tx.execute(
+                    &format!("UPDATE {quoted}.schema_version SET version = $1"),
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(fail("write the version"))?;
+            }
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(Error::IncompatibleSchema {
                     location: location.to_owned(),
@@ -99,7 +132,6 @@ pub(super) async fn open(
                     ),
                 });
             }
-            // Older versions are migrated here, one step at a time, when there are any.
             other => {
                 return Err(Error::IncompatibleSchema {
                     location: location.to_owned(),
@@ -142,6 +174,7 @@ pub(super) async fn open(
                 .replace("{s}", &quoted)
                 .replace("{unlogged}", if unlogged { "UNLOGGED" } else { "" }),
         );
+        ddl.push_str(&VERSION_2.replace("{s}", &quoted));
         tx.batch_execute(&ddl)
             .await
             .map_err(fail("create the tables"))?;
@@ -187,7 +220,6 @@ pub(super) struct Sql {
     pub(super) remove_many_unless_pending: String,
     pub(super) supersede_key: String,
     pub(super) enqueue: String,
-    pub(super) pending: String,
     pub(super) newest: String,
     pub(super) outbox_errors: String,
     pub(super) complete: String,
@@ -203,6 +235,17 @@ pub(super) struct Sql {
     pub(super) upsert_meta: String,
     pub(super) delete_meta: String,
     pub(super) summary: String,
+    /// Logs keys as changed and notifies the fleet: `$1` origin, `$2` keys, `$3` channel,
+    /// `$4` payloads, `$5` the range header (that payload gets the rows' range appended).
+    pub(super) publish: String,
+    /// Keys whose pending rows no other instance holds a live claim on, oldest first: `$1`
+    /// this instance, `$2` how many.
+    pub(super) claimable: String,
+    /// Of the keys `$1`, those whose advisory lock (`$2` the prefix) is free: taken.
+    pub(super) try_lock_keys: String,
+    /// Claims every pending row of the keys `$1` for `$2` for `$3` seconds, unless another
+    /// instance holds a live claim on one of them.
+    pub(super) claim: String,
     /// The prefix of the advisory-lock names of this schema's keys.
     pub(super) lock_prefix: String,
 }
@@ -258,7 +301,6 @@ impl Sql {
                 "INSERT INTO {s}.outbox (key, op, value, created_at) VALUES ($1, $2, $3, $4)
                  RETURNING id",
             ),
-            pending: q("SELECT {cols} FROM {s}.outbox WHERE NOT dead ORDER BY id LIMIT $1"),
             newest: q(
                 "SELECT op, value FROM {s}.outbox WHERE key = $1 AND NOT dead
                        ORDER BY id DESC LIMIT 1",
@@ -268,7 +310,7 @@ impl Sql {
             keys_of: q("SELECT DISTINCT key FROM {s}.outbox WHERE id = ANY($1)"),
             failed: q(
                 "UPDATE {s}.outbox SET attempts = attempts + 1, next_attempt = $2,
-                   last_error = $3, dead = $4
+                   last_error = $3, dead = $4, claimed_by = NULL, claim_expires = NULL
                  WHERE id = ANY($1) AND NOT dead",
             ),
             supersede_newer: q("UPDATE {s}.outbox AS d SET superseded = true
@@ -280,7 +322,8 @@ impl Sql {
                 "SELECT key, superseded FROM {s}.outbox WHERE id = $1 AND dead FOR UPDATE",
             ),
             retry_dead: q(
-                "UPDATE {s}.outbox SET dead = false, attempts = 0, next_attempt = 0
+                "UPDATE {s}.outbox SET dead = false, attempts = 0, next_attempt = 0,
+                   claimed_by = NULL, claim_expires = NULL
                  WHERE id = $1 AND dead",
             ),
             discard_dead: q("DELETE FROM {s}.outbox WHERE id = $1 AND dead"),
@@ -300,6 +343,28 @@ impl Sql {
                            coalesce(sum(octet_length(key) + coalesce(octet_length(value), 0)), 0)::bigint
                              AS bytes
                     FROM {s}.outbox) AS o",
+            ),
+            publish: q(
+                "WITH i AS (INSERT INTO {s}.invalidations (origin, key)
+                            SELECT $1::text, k FROM unnest($2::text[]) AS k RETURNING seq)
+                 SELECT pg_notify($3::text, CASE WHEN p = $5::text
+                   THEN p || ' ' || (SELECT min(seq) || ' ' || max(seq) FROM i) ELSE p END)
+                 FROM unnest($4::text[]) AS p",
+            ),
+            claimable: q("SELECT key FROM {s}.outbox WHERE NOT dead GROUP BY key
+                 HAVING NOT bool_or(claimed_by IS NOT NULL AND claimed_by <> $1
+                                    AND claim_expires > now())
+                 ORDER BY min(id) LIMIT $2"),
+            try_lock_keys: "SELECT k FROM unnest($1::text[]) AS k
+                 WHERE pg_try_advisory_xact_lock(hashtextextended($2 || k, 0))"
+                .to_owned(),
+            claim: q(
+                "UPDATE {s}.outbox AS r SET claimed_by = $2,
+                   claim_expires = now() + make_interval(secs => $3)
+                 WHERE r.key = ANY($1) AND NOT r.dead AND NOT EXISTS (
+                   SELECT 1 FROM {s}.outbox o WHERE o.key = r.key AND NOT o.dead
+                     AND o.claimed_by <> $2 AND o.claim_expires > now())
+                 RETURNING {cols}",
             ),
             lock_prefix: format!("{schema}/"),
         }

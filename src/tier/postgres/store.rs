@@ -8,6 +8,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::{Row, Statement};
 
+use super::notify;
 use super::schema::{storage, LOCK};
 use super::{to_i64, to_u64, PostgresStore};
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ type Pg = tokio_postgres::Error;
 
 impl PostgresStore {
     /// A connection from the pool.
-    async fn client(&self) -> Result<Object> {
+    pub(super) async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| Error::Storage {
             message: format!(
                 "no connection to PostgreSQL at {}: {}",
@@ -33,7 +34,7 @@ impl PostgresStore {
 }
 
 /// Takes the advisory locks `names` for the transaction (in hash order).
-async fn lock(tx: &Transaction<'_>, names: &[String]) -> Result<(), Pg> {
+pub(super) async fn lock(tx: &Transaction<'_>, names: &[String]) -> Result<(), Pg> {
     let st = tx.prepare_cached(LOCK).await?;
     tx.execute(&st, &[&names]).await.map(drop)
 }
@@ -87,7 +88,7 @@ fn row_to_outbox(r: &Row) -> Result<OutboxRow, Pg> {
     Ok(row)
 }
 
-async fn put_entry(
+pub(super) async fn put_entry(
     tx: &Transaction<'_>,
     st: &Statement,
     key: &str,
@@ -110,6 +111,26 @@ async fn put_entry(
 }
 
 impl PostgresStore {
+    /// Logs `keys` as changed and notifies the other instances, in `tx` (the write's own
+    /// transaction: the log row and the `NOTIFY` exist if and only if the write commits).
+    /// `st` is [`Sql::publish`](super::schema::Sql) prepared; sends its statement when first
+    /// polled.
+    pub(super) async fn publish(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Statement,
+        keys: &[&str],
+    ) -> Result<(), Pg> {
+        let f = &self.fleet;
+        let payloads = notify::payloads(&f.origin, keys);
+        tx.execute(
+            st,
+            &[&f.origin, &keys, &f.channel, &payloads, &f.range_header],
+        )
+        .await
+        .map(drop)
+    }
+
     /// Whether a fill may write `key`, checked under the key's lock: no write began in this
     /// process since the fill started, and the row is the one it observed.
     async fn fill_allowed(
@@ -134,14 +155,21 @@ impl PostgresStore {
         let run = async {
             let tx = client.transaction().await?;
             let lock = self.sql.key_lock(key);
+            let publish = tx.prepare_cached(&self.sql.publish).await?;
+            let keys = [key];
+            let published = self.publish(&tx, &publish, &keys);
             match settled_id {
                 Some(id) => {
                     let st = tx.prepare_cached(&self.sql.remove_unless_pending).await?;
-                    under_lock(&tx, lock, tx.execute(&st, &[&key, &id])).await?;
+                    let remove = async { tx.execute(&st, &[&key, &id]).await };
+                    let both = async { tokio::try_join!(remove, published) };
+                    under_lock(&tx, lock, both).await?;
                 }
                 None => {
                     let st = tx.prepare_cached(&self.sql.remove).await?;
-                    under_lock(&tx, lock, tx.execute(&st, &[&key])).await?;
+                    let remove = async { tx.execute(&st, &[&key]).await };
+                    let both = async { tokio::try_join!(remove, published) };
+                    under_lock(&tx, lock, both).await?;
                 }
             }
             tx.commit().await
@@ -192,12 +220,15 @@ impl EntryStore for PostgresStore {
         let run = async {
             let tx = client.transaction().await?;
             let st = tx.prepare_cached(&self.sql.upsert).await?;
-            under_lock(
-                &tx,
-                self.sql.key_lock(key),
-                put_entry(&tx, &st, key, &entry),
-            )
-            .await?;
+            let publish = tx.prepare_cached(&self.sql.publish).await?;
+            let keys = [key];
+            let write = async {
+                tokio::try_join!(
+                    put_entry(&tx, &st, key, &entry),
+                    self.publish(&tx, &publish, &keys)
+                )
+            };
+            under_lock(&tx, self.sql.key_lock(key), write).await?;
             tx.commit().await
         };
         run.await.map_err(|e| storage("write an entry", e))
@@ -256,6 +287,17 @@ impl EntryStore for PostgresStore {
         self.remove_unless_pending(key, Some(settled_id)).await
     }
 
+    /// One transaction per chunk of entries (see `merge.rs`): the written keys published.
+    async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<crate::tier::Merged>> {
+        self.merge_entries(entries).await
+    }
+
+    /// The other instances' writes, from this store's listener (one per store, started by the
+    /// first subscription; see the [module docs](super)).
+    fn invalidations(&self) -> Option<crate::tier::Invalidations> {
+        Some(self.fleet.subscribe())
+    }
+
     /// Recency is not recorded: this store has no size bound yet (no eviction), so a touch
     /// would be a write for nothing. Never waits, never fails.
     fn touch(&self, _key: &str, _now: u64) {}
@@ -301,6 +343,7 @@ impl OutboxStore for PostgresStore {
                 .await?;
             let supersede_st = tx.prepare_cached(&self.sql.supersede_key).await?;
             let insert_st = tx.prepare_cached(&self.sql.enqueue).await?;
+            let publish_st = tx.prepare_cached(&self.sql.publish).await?;
             let (value, now) = (
                 match &op {
                     OutboxOp::Put(v) => Some(v.as_ref()),
@@ -308,6 +351,7 @@ impl OutboxStore for PostgresStore {
                 },
                 to_i64(now),
             );
+            let keys = [key];
             // Under the key's lock, in one round trip: the entry, the key's dead letters
             // superseded (a newer write: they may no longer be retried, I4), the row.
             let write_entry = async {
@@ -322,28 +366,59 @@ impl OutboxStore for PostgresStore {
                     tx.query_one(&insert_st, &[&key, &op.name(), &value, &now])
                         .await
                 };
-                tokio::try_join!(write_entry, supersede, insert)
+                let publish = self.publish(&tx, &publish_st, &keys);
+                tokio::try_join!(write_entry, supersede, insert, publish)
             };
-            let (_, _, row) = under_lock(&tx, self.sql.key_lock(key), steps).await?;
+            let (_, _, row, _) = under_lock(&tx, self.sql.key_lock(key), steps).await?;
             let id: i64 = row.try_get(0)?;
             tx.commit().await.map(|()| id)
         };
         run.await.map_err(|e| storage("enqueue a write", e))
     }
 
+    /// Claims, then returns, the rows this instance may deliver (see the module docs): every
+    /// pending row of the oldest keys no other instance holds a live claim on, whose advisory
+    /// lock was free, claimed for the lease; rows it claimed before are claimed again. In id
+    /// order, at most `limit`. One short transaction; none is held across a delivery.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
+        let max = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
         let run = async {
-            let st = client.prepare_cached(&self.sql.pending).await?;
-            client
-                .query(&st, &[&limit])
+            let tx = client.transaction().await?;
+            let st = tx.prepare_cached(&self.sql.claimable).await?;
+            let keys: Vec<String> = tx
+                .query(&st, &[&self.fleet.origin, &max])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, Pg>>()?;
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            // A key another instance is claiming (or a writer is writing) right now is left
+            // for the next round: its lock is tried, never waited for.
+            let st = tx.prepare_cached(&self.sql.try_lock_keys).await?;
+            let prefix = self.sql.key_lock("");
+            let keys: Vec<String> = tx
+                .query(&st, &[&keys, &prefix])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, Pg>>()?;
+            // A statement after the locks: it sees every claim committed before them.
+            let st = tx.prepare_cached(&self.sql.claim).await?;
+            let mut rows = tx
+                .query(&st, &[&keys, &self.fleet.origin, &self.lease.as_secs_f64()])
                 .await?
                 .iter()
                 .map(row_to_outbox)
-                .collect::<Result<Vec<_>, Pg>>()
+                .collect::<Result<Vec<_>, Pg>>()?;
+            tx.commit().await?;
+            rows.sort_by_key(|r| r.id);
+            rows.truncate(limit);
+            Ok(rows)
         };
-        run.await.map_err(|e| storage("read the outbox", e))
+        run.await.map_err(|e| storage("claim outbox rows", e))
     }
 
     async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
@@ -419,6 +494,10 @@ impl OutboxStore for PostgresStore {
                     .prepare_cached(&self.sql.remove_many_unless_pending)
                     .await?;
                 tx.execute(&st, &[&keys, &newest]).await?;
+                // The keys read as the source's value now: the fleet drops its copies.
+                let st = tx.prepare_cached(&self.sql.publish).await?;
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                self.publish(&tx, &st, &keys).await?;
             }
             tx.commit().await
         };
@@ -464,6 +543,9 @@ impl OutboxStore for PostgresStore {
                     // write was dead) goes with it.
                     let st = tx.prepare_cached(&self.sql.remove).await?;
                     tx.execute(&st, &[&key]).await?;
+                    // The key reads as the pending write again: the fleet drops its copies.
+                    let st = tx.prepare_cached(&self.sql.publish).await?;
+                    self.publish(&tx, &st, &[key.as_str()]).await?;
                     &self.sql.retry_dead
                 }
                 Some(_) => &self.sql.discard_dead,

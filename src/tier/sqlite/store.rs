@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::types::Value;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::writer::{WriterState, MAX_TOUCHES};
 use super::{outbox_bound, storage, to_i64, to_u64, SqliteTier};
@@ -179,17 +179,26 @@ impl EntryStore for SqliteTier {
         // One statement for the whole batch: the keys travel as one array parameter, so there
         // is no parameter limit to chunk around. The entries and the newest pending outbox row
         // of each key come back together (`kind` 0: entry, 1: pending put, 2: pending delete).
+        // With no pending row at all (the counters say so, read in the same snapshot: one read
+        // transaction), the outbox half is left out: a tenth of a batch read's cost.
         let array: Rc<Vec<Value>> =
             Rc::new(keys.iter().map(|k| Value::from((*k).to_owned())).collect());
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
+            let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Deferred)?;
+            let pending: i64 = tx
+                .prepare_cached("SELECT pending FROM counters WHERE id = 1")?
+                .query_row([], |r| r.get(0))?;
+            let mut stmt = tx.prepare_cached(if pending > 0 {
                 "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
                  FROM entries WHERE key IN rarray(?1)
                  UNION ALL
                  SELECT key, value, NULL, 0, 0, 0, CASE op WHEN 'put' THEN 1 ELSE 2 END
                  FROM outbox WHERE id IN (
-                   SELECT max(id) FROM outbox WHERE key IN rarray(?1) AND dead = 0 GROUP BY key)",
-            )?;
+                   SELECT max(id) FROM outbox WHERE key IN rarray(?1) AND dead = 0 GROUP BY key)"
+            } else {
+                "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
+                 FROM entries WHERE key IN rarray(?1)"
+            })?;
             let mut rows = stmt.query([array])?;
             let mut found = Found::default();
             while let Some(r) = rows.next()? {
@@ -204,6 +213,9 @@ impl EntryStore for SqliteTier {
                     _ => found.pending.push((key, OutboxOp::Delete)),
                 }
             }
+            drop(rows);
+            drop(stmt);
+            tx.commit()?;
             Ok(found)
         })
         .map_err(storage("read a batch of entries"))
