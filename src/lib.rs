@@ -105,10 +105,15 @@
 //! kept for [`negative_ttl`](TieredCacheBuilder::negative_ttl). L2 is an in-memory database
 //! unless [`sqlite_path`](TieredCacheBuilder::sqlite_path) names a file: the default cache does
 //! not survive a restart.
+//! With [`refresh_ahead`](TieredCacheBuilder::refresh_ahead) (off by default), a read in the last
+//! part of an entry's TTL refreshes it in the background, conditionally, while the source's
+//! budget is above [`budget_reserve`](TieredCacheBuilder::budget_reserve); readers, then
+//! revalidations, go first (see [`stats::RequestKind`]).
 //!
 //! # Stats, health and errors
 //! * [`stats`](TieredCache::stats) → [`stats::StatsSnapshot`]: per-tier hits, misses, errors
 //!   and the latency of each tier's own work; source calls actually sent (refused ones apart);
+//!   requests sent and saved, and budget spent, by [`RequestKind`](stats::RequestKind);
 //!   a table (`Display`), JSON (serde), or Prometheus text
 //!   ([`to_prometheus`](stats::StatsSnapshot::to_prometheus), seconds, via `prometheus-client`).
 //! * [`health`](TieredCache::health) → [`HealthReport`]: a tier whose last calls failed is

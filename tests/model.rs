@@ -424,6 +424,9 @@ struct Setup {
     background: bool,
     /// The source batches cold misses (`Source::fetch_many`, 3 keys a call).
     batched: bool,
+    /// Reads in the last half of a TTL refresh the entry in the background
+    /// (`refresh_ahead(0.5)`).
+    refresh_ahead: bool,
 }
 
 impl Setup {
@@ -628,10 +631,11 @@ impl World {
     }
 
     fn open(&mut self) -> Check {
-        let cache = self
-            .builder(self.setup.strategy)
-            .build()
-            .map_err(|e| format!("build failed: {e}"))?;
+        let mut builder = self.builder(self.setup.strategy);
+        if self.setup.refresh_ahead {
+            builder = builder.refresh_ahead(0.5);
+        }
+        let cache = builder.build().map_err(|e| format!("build failed: {e}"))?;
         self.cache = Some(cache);
         Ok(())
     }
@@ -1764,6 +1768,7 @@ fn read_through_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: false,
+            refresh_ahead: false,
         },
         1,
     );
@@ -1777,6 +1782,7 @@ fn cache_aside_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: false,
+            refresh_ahead: false,
         },
         2,
     );
@@ -1790,6 +1796,7 @@ fn write_through_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: false,
+            refresh_ahead: false,
         },
         3,
     );
@@ -1803,6 +1810,7 @@ fn write_behind_durable_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: false,
+            refresh_ahead: false,
         },
         4,
     );
@@ -1816,6 +1824,7 @@ fn write_behind_memory_model() {
             mode: OutboxMode::Memory,
             background: false,
             batched: false,
+            refresh_ahead: false,
         },
         5,
     );
@@ -1829,6 +1838,7 @@ fn write_behind_durable_background_model() {
             mode: OutboxMode::Durable,
             background: true,
             batched: false,
+            refresh_ahead: false,
         },
         6,
     );
@@ -1842,6 +1852,7 @@ fn write_behind_memory_background_model() {
             mode: OutboxMode::Memory,
             background: true,
             batched: false,
+            refresh_ahead: false,
         },
         7,
     );
@@ -1855,6 +1866,7 @@ fn read_through_batched_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: true,
+            refresh_ahead: false,
         },
         8,
     );
@@ -1868,7 +1880,22 @@ fn write_behind_durable_batched_model() {
             mode: OutboxMode::Durable,
             background: false,
             batched: true,
+            refresh_ahead: false,
         },
         9,
+    );
+}
+
+#[test]
+fn read_through_refresh_ahead_model() {
+    model(
+        Setup {
+            strategy: Strategy::ReadThrough,
+            mode: OutboxMode::Durable,
+            background: false,
+            batched: false,
+            refresh_ahead: true,
+        },
+        10,
     );
 }

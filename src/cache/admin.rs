@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 
 use super::flight::Flight;
 use super::load::{fetch_batches, Answer, Via};
+use crate::stats::{RequestEvent, RequestKind};
 use crate::tier::{Observed, Resolved};
 
 impl TieredCache {
@@ -107,7 +108,8 @@ impl TieredCache {
         })
     }
 
-    /// Flushes the outbox (within the close timeout), then stops the background tasks. What is
+    /// Flushes the outbox (within the close timeout), then stops the background tasks (and
+    /// waits, within the close timeout, for background refreshes under way to end). What is
     /// left stays in the database for the next open. Later calls fail with [`Error::Closed`].
     ///
     /// # Errors
@@ -137,6 +139,10 @@ impl TieredCache {
                 .unwrap_or_else(|e| e.into_inner())
                 .take(),
         );
+        // Refreshes not yet sent see the cache closed and stop; those under way finish (each
+        // within the source timeout).
+        let _ =
+            tokio::time::timeout(self.inner.settings.close_timeout, self.background_idle()).await;
         Ok(report)
     }
 
@@ -184,6 +190,29 @@ impl TieredCache {
             });
         }
         let inner = &*self.inner;
+        // Warm is background work: below the budget reserve, not even the listing is sent.
+        if let Some(budget) = inner.source.rate_limit() {
+            if !inner
+                .background
+                .admits(RequestKind::Warm, Some(budget), self.now())
+            {
+                inner
+                    .stats
+                    .request(RequestKind::Warm, RequestEvent::SkippedBudget);
+                return Err(Error::Unavailable {
+                    key: prefix.to_owned(),
+                    reason: StaleReason::RateLimited,
+                    source: SourceError::RateLimited {
+                        until: budget.reset,
+                        status: None,
+                        message: format!(
+                            "{} requests left, at or below the budget reserve: warm is background work and waits for the reset",
+                            budget.remaining
+                        ),
+                    },
+                });
+            }
+        }
         let offline = inner.offline.clone();
         let keys = guarded(
             &inner.guard,
@@ -226,7 +255,7 @@ impl TieredCache {
                     (k, r)
                 }
             }));
-            let (_, results) = tokio::join!(fetch_batches(inner, batch), waited);
+            let (_, results) = tokio::join!(fetch_batches(inner, batch, RequestKind::Warm), waited);
             (results, later)
         } else {
             (Vec::new(), keys)
@@ -252,6 +281,7 @@ impl TieredCache {
                 Ok(Loaded::Fetched) => summary.fetched += 1,
                 Ok(Loaded::NotModified) => summary.not_modified += 1,
                 Ok(Loaded::AlreadyCached) => summary.cached += 1,
+                Ok(Loaded::SkippedBudget) => summary.skipped_budget += 1,
                 Err(e) => summary.failed.push((k, crate::error::chain_text(&e))),
             }
         }
@@ -287,6 +317,15 @@ impl TieredCache {
                 return Ok(WarmTurn::Done(Loaded::AlreadyCached));
             }
         }
+        // Checked per key: the budget may run down to the reserve during the warm.
+        let kind = RequestKind::Warm;
+        if !inner
+            .background
+            .admits(kind, inner.source.rate_limit(), now)
+        {
+            inner.stats.request(kind, RequestEvent::SkippedBudget);
+            return Ok(WarmTurn::Done(Loaded::SkippedBudget));
+        }
         let cold = held.as_ref().is_none_or(|e| e.revalidator().is_none());
         let via = match batch {
             Some(_) if !cold => return Ok(WarmTurn::Later),
@@ -301,6 +340,7 @@ impl TieredCache {
             token,
             observed,
             outbox_checked: true,
+            kind,
         };
         let flight = inner.flights.join(key, |early| {
             load(
@@ -313,6 +353,9 @@ impl TieredCache {
                 via,
             )
         });
+        if !flight.leader {
+            inner.stats.request(kind, RequestEvent::Deduplicated);
+        }
         Ok(WarmTurn::Waiting(flight))
     }
 

@@ -159,6 +159,7 @@ impl TieredCache {
                 token: tokens[d],
                 observed: observed[d],
                 outbox_checked,
+                kind: crate::stats::RequestKind::Read,
             };
             let (key, candidate) = (distinct[d].0, candidates[d].take());
             let turn = self
@@ -172,7 +173,10 @@ impl TieredCache {
             });
             futures_util::future::join_all(waits).await
         };
-        let (_, batched) = tokio::join!(fetch_batches(inner, batch), waited);
+        let (_, batched) = tokio::join!(
+            fetch_batches(inner, batch, crate::stats::RequestKind::Read),
+            waited
+        );
         for (d, r) in batched {
             answers[d] = Some(r);
         }
@@ -183,6 +187,7 @@ impl TieredCache {
                     token: tokens[d],
                     observed: observed[d],
                     outbox_checked,
+                    kind: crate::stats::RequestKind::Read,
                 };
                 async move {
                     let key = distinct_ref[d].0;

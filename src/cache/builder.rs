@@ -55,6 +55,8 @@ pub struct TieredCacheBuilder {
     pub(crate) timeout: Duration,
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) fetch_concurrency: usize,
+    pub(crate) refresh_ahead: Option<f64>,
+    pub(crate) budget_reserve: Option<u64>,
     pub(crate) offline: bool,
     pub(crate) stats: bool,
     pub(crate) clock: Arc<dyn Clock>,
@@ -89,6 +91,8 @@ impl Default for TieredCacheBuilder {
             timeout: Duration::from_secs(15),
             soft_timeout: None,
             fetch_concurrency: 8,
+            refresh_ahead: None,
+            budget_reserve: None,
             offline: false,
             stats: true,
             clock: Arc::new(SystemClock),
@@ -250,6 +254,60 @@ impl TieredCacheBuilder {
     /// Source calls in flight at once for one `mget` or `warm`. Default: 8.
     pub fn fetch_concurrency(mut self, n: usize) -> Self {
         self.fetch_concurrency = n;
+        self
+    }
+
+    /// Refreshes hot entries in the background before they expire: a read that finds a fresh
+    /// entry whose age is past `fraction` of its TTL (0.8: the last 20%) starts one background
+    /// request for the key, and is answered from the entry at once; it never waits. Only
+    /// entries the source gave with a validator (an ETag) are refreshed, always with a
+    /// conditional request (a 304 renews the deadlines without moving bytes); a value written
+    /// with `set`, loaded by `get_with`, or from a source that sends no validator stands until
+    /// it expires. The refresh fills like a read's load, so a write that races it is never
+    /// overwritten. One per key: nothing starts while a load of the key is under way
+    /// (single-flight), and at most [`fetch_concurrency`](Self::fetch_concurrency) refreshes
+    /// run at once (a read that finds them all busy starts none; a later read in the window
+    /// will). It is background work: not sent while the budget is at or below the
+    /// [`budget_reserve`](Self::budget_reserve). Reads of `get`, `lookup` and L2 hits trigger
+    /// it; `mget` does not.
+    ///
+    /// Default: off, because it spends requests (budget) on keys that might not be read again
+    /// before they expire; turn it on for hot keys whose expiry would otherwise make readers
+    /// wait for the source. `fraction` must be above 0 and below 1; `build()` refuses
+    /// anything else, and refresh-ahead under [`Strategy::CacheAside`] (nothing to refresh
+    /// from).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// use std::time::Duration;
+    /// use tiercache::TieredCache;
+    ///
+    /// // Entries live 5 minutes; one read in the last minute refreshes them in the background,
+    /// // unless the source's budget is down to its last 100 requests.
+    /// let cache = TieredCache::builder()
+    ///     .ttl(Duration::from_secs(300))
+    ///     .refresh_ahead(0.8)
+    ///     .budget_reserve(100)
+    ///     .build()?;
+    /// # drop(cache);
+    /// # Ok(()) }
+    /// ```
+    pub fn refresh_ahead(mut self, fraction: f64) -> Self {
+        self.refresh_ahead = Some(fraction);
+        self
+    }
+
+    /// The rate-limit budget kept for readers: background work (refresh-ahead, then
+    /// [`warm`](TieredCache::warm)) is not sent while the source reports (through
+    /// [`Source::rate_limit`]) `remaining <= reserve` before its reset; the stale windows
+    /// carry the load instead. Readers (a miss, an expired entry's revalidation) still go,
+    /// until the budget is spent (then the breaker holds every call until the reset). A source
+    /// that reports no budget never holds background work back.
+    ///
+    /// Default: 10% of the limit the source reports (rounded up: 500 of GitHub's 5000 an
+    /// hour).
+    pub fn budget_reserve(mut self, requests: u64) -> Self {
+        self.budget_reserve = Some(requests);
         self
     }
 
@@ -447,6 +505,19 @@ impl TieredCacheBuilder {
                 "fetch_concurrency is {}; it must be between 1 and 1024",
                 self.fetch_concurrency
             ));
+        }
+        if let Some(fraction) = self.refresh_ahead {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return fail(format!(
+                    "refresh_ahead is {fraction}; it must be a fraction of the TTL above 0 and below 1"
+                ));
+            }
+            if !self.strategy.reads_through() {
+                return fail(format!(
+                    "refresh_ahead needs a strategy that reads through the source; {} never calls it",
+                    self.strategy
+                ));
+            }
         }
         if self.retry_base.is_zero() || self.retry_max < self.retry_base {
             return fail(format!(

@@ -54,6 +54,16 @@ pub(crate) struct Flight<T> {
     pub(crate) leader: bool,
 }
 
+impl<T> Flights<T> {
+    /// Whether a load of `key` is in progress.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
+}
+
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
     /// Joins the load of `key`, starting it with `start` if none is in progress. The load runs as
     /// its own task, so it finishes (and fills the caches) even if every waiter gives up.

@@ -12,6 +12,8 @@ use super::flight::Early;
 use super::read::Seen;
 use super::*;
 use crate::source::guard::{is_not_sent, not_sent};
+use crate::source::RateLimit;
+use crate::stats::{RequestEvent, RequestKind};
 use crate::tier::FillGuard;
 
 /// Classifies a source error into the cache's error.
@@ -66,10 +68,17 @@ pub(super) async fn load(
 ) -> LoadResult {
     let clock = inner.clock.clone();
     let now = clock.now_millis();
+    let kind = match seen.kind {
+        RequestKind::Read if prev.as_ref().is_some_and(|p| p.revalidator().is_some()) => {
+            RequestKind::Revalidate
+        }
+        kind => kind,
+    };
     // A load that finished just before this one started has already filled L1.
     if let Some(e) = inner.l1.get(&key).await {
         let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
         if !same && e.is_fresh(now, max_age) {
+            inner.stats.request(kind, RequestEvent::Deduplicated);
             return Ok((e, Loaded::AlreadyCached));
         }
     }
@@ -79,13 +88,16 @@ pub(super) async fn load(
         sent,
         answered_at,
     } = match via {
-        Via::Fetch => fetch(&inner, &key, prev.as_deref()).await,
+        Via::Fetch => fetch(&inner, &key, prev.as_deref(), kind).await,
         Via::Batch(rx) => rx.await.unwrap_or_else(|_| Answer {
             fetched: Err(not_sent()),
             sent: false,
             answered_at: 0,
         }),
     };
+    if sent && !matches!(&fetched, Err(e) if is_not_sent(e)) {
+        inner.stats.request(kind, RequestEvent::Sent);
+    }
     // The answer is dated when the source gave it, not after the breaker's bookkeeping.
     let now = match answered_at {
         0 => clock.now_millis(),
@@ -121,6 +133,7 @@ pub(super) async fn load(
             };
             // A 304 is an L3 hit: the source confirmed the copy.
             inner.stats.source_call(SourceOutcome::NotModified);
+            inner.stats.request(kind, RequestEvent::NotModified);
             inner.stats.hit(Tier::L3);
             let (fresh_until, stale_until) = deadlines(ttl, settings.ttl);
             (
@@ -162,14 +175,28 @@ pub(super) async fn load(
 }
 
 /// One call to [`Source::fetch`] under the guard, conditional on `prev`'s validator.
-async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>) -> Answer {
+async fn fetch(inner: &Inner, key: &str, prev: Option<&Entry>, kind: RequestKind) -> Answer {
     let validator = prev.and_then(Entry::revalidator);
+    let before = inner.source.rate_limit();
     let (fetched, sent, answered_at) =
         call_source(inner, Op::Get, inner.source.fetch(key, validator)).await;
+    if sent {
+        record_budget(inner, kind, before);
+    }
     Answer {
         fetched,
         sent,
         answered_at,
+    }
+}
+
+/// Records the budget a call of `kind` spent: the drop of the source's `remaining` since
+/// `before`, within one window (see [`RequestStats::budget_spent`](crate::stats::RequestStats)).
+fn record_budget(inner: &Inner, kind: RequestKind, before: Option<RateLimit>) {
+    if let (Some(b), Some(a)) = (before, inner.source.rate_limit()) {
+        if a.reset == b.reset && a.limit == b.limit && a.remaining < b.remaining {
+            inner.stats.budget_spent(kind, b.remaining - a.remaining);
+        }
     }
 }
 
@@ -212,7 +239,11 @@ async fn call_source<T>(
 /// Fetches cold keys (no validator) in batches of the source's [`Source::max_batch`], each
 /// batch one [`Source::fetch_many`] call under one breaker permit, and hands each key's answer
 /// to its load ([`Via::Batch`]).
-pub(super) async fn fetch_batches(inner: &Inner, mut keys: Vec<(String, oneshot::Sender<Answer>)>) {
+pub(super) async fn fetch_batches(
+    inner: &Inner,
+    mut keys: Vec<(String, oneshot::Sender<Answer>)>,
+    kind: RequestKind,
+) {
     let max = inner.source.max_batch().max(1);
     let mut batches = Vec::new();
     while !keys.is_empty() {
@@ -238,7 +269,11 @@ pub(super) async fn fetch_batches(inner: &Inner, mut keys: Vec<(String, oneshot:
                     None => Ok(answers),
                 }
             };
+            let before = inner.source.rate_limit();
             let (fetched, sent, answered_at) = call_source(inner, Op::Mget, call).await;
+            if sent {
+                record_budget(inner, kind, before);
+            }
             let partial = partial.into_inner().unwrap_or_else(|p| p.into_inner());
             let fetched = match (fetched, partial) {
                 (Err(_), Some(answers)) => Ok(answers),

@@ -51,6 +51,7 @@ mod load;
 mod loader;
 mod options;
 mod read;
+mod refresh;
 mod typed;
 mod write;
 
@@ -72,6 +73,8 @@ pub(crate) enum Loaded {
     NotModified,
     /// Another load had just filled L1; the source was not called.
     AlreadyCached,
+    /// `warm` only: not sent, the budget is at or below the reserve.
+    SkippedBudget,
 }
 
 type LoadResult = Result<(Arc<Entry>, Loaded)>;
@@ -105,6 +108,8 @@ pub(crate) struct Inner {
     offline: Arc<AtomicBool>,
     closed: AtomicBool,
     flights: Flights<(Arc<Entry>, Loaded)>,
+    /// Refresh-ahead and the budget reserve.
+    background: refresh::Background,
     stats: Arc<Stats>,
     outbox: Option<Outbox>,
     /// The outbox's storage in [`OutboxMode::Memory`].
@@ -185,6 +190,9 @@ pub struct WarmSummary {
     pub not_modified: usize,
     /// Already fresh in the cache; the source was not asked.
     pub cached: usize,
+    /// Not sent: the source's budget was at or below the reserve
+    /// ([`budget_reserve`](TieredCacheBuilder::budget_reserve)); warm is background work.
+    pub skipped_budget: usize,
     /// Failed, with the error of each.
     pub failed: Vec<(String, String)>,
 }
@@ -314,6 +322,11 @@ impl TieredCache {
                 offline,
                 closed: AtomicBool::new(false),
                 flights: Flights::default(),
+                background: refresh::Background::new(
+                    b.refresh_ahead,
+                    b.budget_reserve,
+                    b.fetch_concurrency,
+                ),
                 stats,
                 outbox,
                 memory_queue,

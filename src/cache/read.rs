@@ -13,6 +13,7 @@ use super::flight::Flight;
 use super::load::{load_custom, Answer, CustomLoad, Via};
 use super::*;
 use crate::source::guard::not_sent;
+use crate::stats::{RequestEvent, RequestKind};
 use crate::tier::Observed;
 
 /// What a read saw before it asked the source.
@@ -24,6 +25,9 @@ pub(crate) struct Seen {
     pub(crate) observed: Observed,
     /// Whether the outbox was already asked for a pending write of the key.
     pub(crate) outbox_checked: bool,
+    /// Why the load would be made: [`RequestKind::Read`] for reads (a load with a validator
+    /// counts as [`RequestKind::Revalidate`]).
+    pub(crate) kind: RequestKind,
 }
 
 /// A read at the source's turn ([`TieredCache::source_turn`]).
@@ -90,6 +94,7 @@ impl TieredCache {
                 if e.value.is_none() {
                     inner.stats.negative_hit();
                 }
+                self.consider_refresh(key, e, now);
                 return Ok(e.value.clone());
             }
         }
@@ -135,6 +140,7 @@ impl TieredCache {
             if e.is_fresh(now, max_age) {
                 inner.stats.hit(Tier::L1);
                 inner.stats.record(Tier::L1, Op::Get, timer);
+                self.consider_refresh(key, e, now);
                 return Ok(self.served(e, Tier::L1, Freshness::Fresh, now));
             }
         }
@@ -248,6 +254,7 @@ impl TieredCache {
             token,
             observed,
             outbox_checked: false,
+            kind: RequestKind::Read,
         };
         self.ask_source(key, max_age, candidate, now, seen, custom)
             .await
@@ -275,6 +282,7 @@ impl TieredCache {
             inner.stats.hit(Tier::L2);
             self.promote(key, e.clone(), token).await;
             inner.l2.touch(key, now);
+            self.consider_refresh(key, &e, now);
             return Probe::Fresh(self.served(&e, Tier::L2, Freshness::Fresh, now));
         }
         inner.stats.miss(Tier::L2);
@@ -386,6 +394,12 @@ impl TieredCache {
             });
         if !flight.leader {
             inner.stats.coalesced_waiter();
+            let kind = if cold {
+                RequestKind::Read
+            } else {
+                RequestKind::Revalidate
+            };
+            inner.stats.request(kind, RequestEvent::Deduplicated);
         }
         Turn::Waiting { flight, candidate }
     }

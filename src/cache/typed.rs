@@ -103,6 +103,7 @@ where
                 if let Some(v) = e.decoded::<T>() {
                     inner.stats.hit(Tier::L1);
                     inner.stats.record(Tier::L1, Op::Get, timer);
+                    self.cache.consider_refresh(key, &e, now);
                     return Ok(Some(v));
                 }
             }

@@ -48,7 +48,9 @@ pub const LATENCY_BUCKETS_SECONDS: [f64; 15] = [
     1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
 ];
 pub(crate) use recorder::{SnapshotExtras, Stats};
-pub use snapshot::{BreakerStats, LatencyStats, OutboxStats, StatsSnapshot, TierStats};
+pub use snapshot::{
+    BreakerStats, LatencyStats, OutboxStats, RequestStats, StatsSnapshot, TierStats,
+};
 
 /// An operation whose latency is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -129,6 +131,69 @@ impl fmt::Display for SourceOutcome {
     }
 }
 
+/// Why a request to the source was made, highest priority first. Background kinds
+/// ([`RefreshAhead`](Self::RefreshAhead), [`Warm`](Self::Warm)) are held back when the source's
+/// rate-limit budget is at or below the reserve
+/// ([`budget_reserve`](crate::TieredCacheBuilder::budget_reserve)); a reader's kinds go until
+/// the breaker's gate (the budget spent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RequestKind {
+    /// A reader waits for it: a miss with nothing to revalidate with.
+    Read,
+    /// A reader waits for it: an expired entry revalidated with its validator.
+    Revalidate,
+    /// A hot entry refreshed in the background before it expires (nobody waits).
+    RefreshAhead,
+    /// [`warm`](crate::TieredCache::warm) loading or revalidating a listed key.
+    Warm,
+}
+
+impl RequestKind {
+    /// All kinds, highest priority first.
+    pub const ALL: [RequestKind; 4] = [
+        RequestKind::Read,
+        RequestKind::Revalidate,
+        RequestKind::RefreshAhead,
+        RequestKind::Warm,
+    ];
+
+    /// `"read"`, `"revalidate"`, `"refresh_ahead"` or `"warm"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Read => "read",
+            RequestKind::Revalidate => "revalidate",
+            RequestKind::RefreshAhead => "refresh_ahead",
+            RequestKind::Warm => "warm",
+        }
+    }
+
+    /// Whether the kind is background work, held back at the budget reserve.
+    pub fn is_background(self) -> bool {
+        matches!(self, RequestKind::RefreshAhead | RequestKind::Warm)
+    }
+}
+
+impl fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a request of one [`RequestKind`] went, for the recorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestEvent {
+    /// Sent to the source.
+    Sent,
+    /// Sent, and answered "not modified" (no body moved).
+    NotModified,
+    /// Not sent: the budget was at or below the reserve.
+    SkippedBudget,
+    /// Not sent: another request of the key was already under way (single-flight).
+    Deduplicated,
+}
+
 /// A snapshot with some of everything, for the snapshot and Prometheus tests.
 #[cfg(test)]
 fn sample_snapshot() -> StatsSnapshot {
@@ -152,6 +217,10 @@ fn sample_snapshot() -> StatsSnapshot {
     stats.source_call(SourceOutcome::Ok);
     stats.source_call(SourceOutcome::NotModified);
     stats.negative_hit();
+    stats.request(RequestKind::RefreshAhead, RequestEvent::Sent);
+    stats.request(RequestKind::RefreshAhead, RequestEvent::NotModified);
+    stats.request(RequestKind::Warm, RequestEvent::SkippedBudget);
+    stats.budget_spent(RequestKind::Read, 2);
     stats.snapshot(SnapshotExtras {
         rate_limit: Some(RateLimit::new(
             5000,
@@ -195,6 +264,9 @@ mod tests {
         for (i, o) in SourceOutcome::ALL.iter().enumerate() {
             assert_eq!(*o as usize, i);
         }
+        for (i, k) in RequestKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
         for (i, r) in StaleReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }
@@ -210,6 +282,9 @@ mod tests {
         }
         for o in SourceOutcome::ALL {
             assert_eq!(serde_json::to_value(o).ok(), Some(o.as_str().into()));
+        }
+        for k in RequestKind::ALL {
+            assert_eq!(serde_json::to_value(k).ok(), Some(k.as_str().into()));
         }
     }
 }

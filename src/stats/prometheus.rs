@@ -34,6 +34,8 @@ impl StatsSnapshot {
     /// | `tiercache_negative_hits_total`, `_coalesced_waiters_total`, `_decode_errors_total` | counter | |
     /// | `tiercache_source_calls_total` (calls sent) | counter | `outcome` |
     /// | `tiercache_source_calls_refused_total` (never sent) | counter | |
+    /// | `tiercache_requests_sent_total`, `_budget_spent_total` | counter | `kind` |
+    /// | `tiercache_requests_saved_total` | counter | `kind`, `reason` (`not_modified`, `budget`, `deduplicated`) |
     /// | `tiercache_rate_limit_limit`, `_remaining`, `_reset_timestamp_seconds` | gauge | |
     /// | `tiercache_breaker_state` (1 for the current state, else 0) | gauge | `name`, `state` |
     /// | `tiercache_breaker_transitions_total` | counter | `name` |
@@ -186,6 +188,39 @@ impl Collector for Exposition {
             s.source_calls_refused,
         )?;
 
+        let series = s.requests.iter().map(|(k, r)| (k.as_str(), r.sent));
+        counters(
+            &mut enc,
+            "requests_sent",
+            "Requests sent to the source, by why they were made.",
+            "kind",
+            series,
+        )?;
+        let mut family = enc.encode_descriptor(
+            "requests_saved",
+            "Requests saved: answered 304, skipped at the budget reserve, or deduplicated.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, r) in &s.requests {
+            for (reason, n) in [
+                ("not_modified", r.not_modified),
+                ("budget", r.skipped_budget),
+                ("deduplicated", r.deduplicated),
+            ] {
+                let labels = [("kind", kind.as_str()), ("reason", reason)];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let series = s.requests.iter().map(|(k, r)| (k.as_str(), r.budget_spent));
+        counters(
+            &mut enc,
+            "budget_spent",
+            "Rate-limit budget spent, by request kind (the drop of the reported remaining).",
+            "kind",
+            series,
+        )?;
+
         if let Some(rl) = &s.rate_limit {
             gauge(
                 &mut enc,
@@ -322,6 +357,19 @@ mod tests {
             v("tiercache_source_calls_total{outcome=\"not_modified\"}"),
             Some(1.0)
         );
+        assert_eq!(
+            v("tiercache_requests_sent_total{kind=\"refresh_ahead\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tiercache_requests_saved_total{kind=\"warm\",reason=\"budget\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("tiercache_requests_saved_total{kind=\"refresh_ahead\",reason=\"not_modified\"}"),
+            Some(1.0)
+        );
+        assert_eq!(v("tiercache_budget_spent_total{kind=\"read\"}"), Some(2.0));
         assert_eq!(v("tiercache_rate_limit_remaining"), Some(4990.0));
         assert_eq!(
             v("tiercache_rate_limit_reset_timestamp_seconds"),

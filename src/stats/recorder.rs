@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::snapshot::{BreakerStats, LatencyStats, OutboxStats, StatsSnapshot, TierStats};
-use super::{Op, SourceOutcome};
+use super::snapshot::{
+    BreakerStats, LatencyStats, OutboxStats, RequestStats, StatsSnapshot, TierStats,
+};
+use super::{Op, RequestEvent, RequestKind, SourceOutcome};
 use crate::source::RateLimit;
 use crate::{StaleReason, Tier};
 
@@ -21,6 +23,9 @@ const TIERS: usize = 3;
 const OPS: usize = Op::ALL.len();
 const REASONS: usize = StaleReason::ALL.len();
 const OUTCOMES: usize = SourceOutcome::ALL.len();
+const KINDS: usize = RequestKind::ALL.len();
+/// Per kind: sent, not modified, skipped (budget), deduplicated, budget spent.
+const KIND_COUNTERS: usize = 5;
 
 /// Latencies are recorded in nanoseconds and clamped to one hour.
 const MAX_LATENCY_NS: u64 = 3_600 * 1_000_000_000;
@@ -93,6 +98,8 @@ struct Shard {
     source_refused: AtomicU64,
     stale_served: [AtomicU64; REASONS],
     source_calls: [AtomicU64; OUTCOMES],
+    /// Indexed by `kind * KIND_COUNTERS + counter` (see [`KIND_COUNTERS`]).
+    requests: [AtomicU64; KINDS * KIND_COUNTERS],
     /// Indexed by `tier * OPS + op`; created on first use (an unused pair costs nothing).
     latency: Mutex<[Option<Box<Latency>>; TIERS * OPS]>,
 }
@@ -110,6 +117,7 @@ impl Shard {
             .chain(&self.errors)
             .chain(&self.stale_served)
             .chain(&self.source_calls)
+            .chain(&self.requests)
             .chain([
                 &self.negative_hits,
                 &self.coalesced_waiters,
@@ -310,6 +318,31 @@ impl Stats {
         );
     }
 
+    /// A request of `kind` was sent, answered 304, skipped or deduplicated.
+    #[inline]
+    pub(crate) fn request(&self, kind: RequestKind, event: RequestEvent) {
+        let counter = match event {
+            RequestEvent::Sent => 0,
+            RequestEvent::NotModified => 1,
+            RequestEvent::SkippedBudget => 2,
+            RequestEvent::Deduplicated => 3,
+        };
+        bump(
+            self.shard()
+                .and_then(|s| s.requests.get(kind as usize * KIND_COUNTERS + counter)),
+        );
+    }
+
+    /// A request of `kind` spent `n` of the source's rate-limit budget.
+    pub(crate) fn budget_spent(&self, kind: RequestKind, n: u64) {
+        if let Some(c) = self
+            .shard()
+            .and_then(|s| s.requests.get(kind as usize * KIND_COUNTERS + 4))
+        {
+            c.fetch_add(n, Relaxed);
+        }
+    }
+
     /// Starts timing an operation (reads the clock unless disabled).
     #[inline]
     pub(crate) fn start(&self) -> Timer {
@@ -432,6 +465,21 @@ impl Stats {
                 .map(|(i, o)| (*o, sum(shards, |s| &s.source_calls[i])))
                 .collect(),
             source_calls_refused: sum(shards, |s| &s.source_refused),
+            requests: RequestKind::ALL
+                .iter()
+                .map(|k| {
+                    let at =
+                        |c: usize| sum(shards, |s| &s.requests[*k as usize * KIND_COUNTERS + c]);
+                    let stats = RequestStats {
+                        sent: at(0),
+                        not_modified: at(1),
+                        skipped_budget: at(2),
+                        deduplicated: at(3),
+                        budget_spent: at(4),
+                    };
+                    (*k, stats)
+                })
+                .collect(),
             rate_limit: extra.rate_limit,
             breakers: extra.breakers,
             outbox: extra.outbox,

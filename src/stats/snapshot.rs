@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Op, SourceOutcome};
+use super::{Op, RequestKind, SourceOutcome};
 use crate::source::RateLimit;
 use crate::{StaleReason, Tier};
 
@@ -56,6 +56,10 @@ pub struct StatsSnapshot {
     /// Reads whose source call was refused before it was sent: the L3 breaker was open, or the
     /// rate-limit budget was known to be spent.
     pub source_calls_refused: u64,
+    /// Requests to the source by why they were made (`"read"`, `"revalidate"`,
+    /// `"refresh_ahead"`, `"warm"`): sent, and saved (answered 304, skipped at the budget
+    /// reserve, deduplicated), with the budget they spent. Every kind is present.
+    pub requests: BTreeMap<RequestKind, RequestStats>,
     /// The source's last reported rate-limit budget, if it reported one.
     pub rate_limit: Option<RateLimit>,
     /// The circuit breakers.
@@ -77,6 +81,11 @@ impl StatsSnapshot {
     /// Stale copies served for `reason`.
     pub fn stale_served_for(&self, reason: StaleReason) -> u64 {
         self.stale_served.get(reason.as_str()).copied().unwrap_or(0)
+    }
+
+    /// The requests of one kind.
+    pub fn requests_for(&self, kind: RequestKind) -> RequestStats {
+        self.requests.get(&kind).copied().unwrap_or_default()
     }
 
     /// Calls to the source that ended with `outcome`.
@@ -115,6 +124,43 @@ pub struct TierStats {
     /// [`L1_SAMPLE_EVERY`](super::L1_SAMPLE_EVERY)) and of `mget`'s L1 pass; L2: the read (one
     /// statement for an `mget`); L3: each source call, under `get` (also for `mget`'s keys).
     pub latency: BTreeMap<Op, LatencyStats>,
+}
+
+/// The requests of one [`RequestKind`].
+///
+/// `sent` counts requests that left (a batched fetch counts one per key, as
+/// [`source_calls`](StatsSnapshot::source_calls) does); `not_modified` those of them answered
+/// 304 (no body moved; free of budget for GitHub). `skipped_budget` and `deduplicated` were
+/// never sent, and are counted per caller that would have sent one: each read in the
+/// refresh-ahead window while a refresh of the key runs, or while the budget is at the
+/// reserve, counts once. [`saved`](Self::saved) adds the three.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RequestStats {
+    /// Requests sent to the source.
+    pub sent: u64,
+    /// Sent requests answered "not modified" (a conditional request confirmed the copy).
+    pub not_modified: u64,
+    /// Background requests not sent because the budget was at or below the reserve (the stale
+    /// window carries the load instead).
+    pub skipped_budget: u64,
+    /// Requests not sent because a request of the same key was already under way
+    /// (single-flight), or had just renewed the entry.
+    pub deduplicated: u64,
+    /// Rate-limit budget spent, as the source reports it: the drop of
+    /// [`RateLimit::remaining`] across each call within one window. An approximation: calls
+    /// running at once may see each other's spending, and a call that starts a new window
+    /// (or the first call, before any budget is known) is not counted.
+    pub budget_spent: u64,
+}
+
+impl RequestStats {
+    /// Requests saved: `not_modified + skipped_budget + deduplicated`.
+    pub fn saved(&self) -> u64 {
+        self.not_modified
+            .saturating_add(self.skipped_budget)
+            .saturating_add(self.deduplicated)
+    }
 }
 
 /// A latency distribution, in **microseconds**.
@@ -264,6 +310,19 @@ impl fmt::Display for StatsSnapshot {
         if self.source_calls_refused > 0 {
             write!(f, "; refused (not sent) {}", self.source_calls_refused)?;
         }
+        f.write_str("\nrequests:")?;
+        for (kind, r) in &self.requests {
+            write!(
+                f,
+                " {kind} sent={} saved={} budget={}",
+                r.sent,
+                r.saved(),
+                r.budget_spent
+            )?;
+            if kind != &RequestKind::Warm {
+                f.write_str(";")?;
+            }
+        }
         f.write_str("\n")?;
         if let Some(rl) = &self.rate_limit {
             writeln!(
@@ -339,6 +398,10 @@ mod tests {
         assert_eq!(at("/source_calls/ok"), json!(1));
         assert_eq!(at("/source_calls/not_modified"), json!(1));
         assert_eq!(at("/source_calls/failed"), json!(0));
+        assert_eq!(at("/requests/refresh_ahead/sent"), json!(1));
+        assert_eq!(at("/requests/refresh_ahead/not_modified"), json!(1));
+        assert_eq!(at("/requests/warm/skipped_budget"), json!(1));
+        assert_eq!(at("/requests/read/budget_spent"), json!(2));
         assert_eq!(at("/negative_hits"), json!(1));
         assert_eq!(at("/coalesced_waiters"), json!(0));
         assert_eq!(at("/decode_errors"), json!(0));
@@ -373,6 +436,7 @@ mod tests {
             "breaker l3: half_open",
             "outbox: depth 3 (oldest 1500ms)",
             "dead letters 1",
+            "refresh_ahead sent=1 saved=1 budget=0",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from\n{text}");
         }
