@@ -46,6 +46,12 @@ struct MemStore {
     state: Arc<Mutex<State>>,
     /// Fills wait for a read lock: a test holding the write lock holds every fill.
     fills: Arc<tokio::sync::RwLock<()>>,
+    /// Told when a fill (`put_fill`) begins.
+    fill_begun: Arc<tokio::sync::Notify>,
+    /// Plain puts wait for a read lock too: a test holding the write lock holds them.
+    puts: Arc<tokio::sync::RwLock<()>>,
+    /// Told when a plain put begins.
+    put_begun: Arc<tokio::sync::Notify>,
 }
 
 fn fault(what: &str) -> Error {
@@ -143,11 +149,14 @@ impl EntryStore for MemStore {
     }
 
     async fn put(&self, key: &str, entry: StoredEntry) -> Result<()> {
+        self.put_begun.notify_one();
+        let _held = self.puts.read().await;
         self.write()?.entries.insert(key.to_owned(), entry);
         Ok(())
     }
 
     async fn put_fill(&self, key: &str, entry: StoredEntry, guard: FillGuard) -> Result<bool> {
+        self.fill_begun.notify_one();
         let _held = self.fills.read().await;
         let mut s = self.write()?;
         // Checked under the lock that orders every write: the same step as the write.
@@ -741,5 +750,86 @@ async fn a_bundle_imports_through_the_default_merge_and_export_says_unsupported(
         HealthStatus::Healthy,
         "not an L2 failure"
     );
+    Ok(())
+}
+
+/// A source that answers `old` to every fetch, once let through, and says when a fetch began.
+#[derive(Debug)]
+struct HeldSource {
+    begun: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl tiercache::source::Source for HeldSource {
+    async fn fetch(
+        &self,
+        _key: &str,
+        _validator: Option<&str>,
+    ) -> std::result::Result<tiercache::source::Fetched, SourceError> {
+        self.begun.notify_one();
+        let permit = self.release.acquire().await;
+        drop(permit);
+        Ok(tiercache::source::Fetched::value("old"))
+    }
+}
+
+/// I1 against a fill that began while a `set` was under way: its token taken after the set's
+/// fence bump, its L2 read made before the set's row was written, the source's older answer
+/// arriving after the set returned. That answer must not reach L1 (nor L2): a read after the
+/// acknowledged set serves the set's value. (Before the second fence bump, the fill put `old`
+/// into L1 and a read served it until the fill's refused L2 write removed it.)
+#[tokio::test]
+async fn a_fill_begun_during_a_set_never_serves_its_older_answer_after_the_set() -> TestResult {
+    let store = MemStore::default();
+    let source = Arc::new(HeldSource {
+        begun: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let cache = TieredCache::builder()
+        .store(store.clone())
+        .source_arc(source.clone())
+        .clock(MockClock::new())
+        .ttl(TTL)
+        .build()?;
+    // The set stops inside its L2 put, after its fence bump.
+    let puts = store.puts.clone().write_owned().await;
+    let set = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.set("k", "new").await }
+    });
+    store.put_begun.notified().await;
+    // A read now misses L1 and L2 (the set's row is not there yet) and asks the source.
+    let read = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get("k").await }
+    });
+    source.begun.notified().await;
+    // The set completes and is acknowledged.
+    drop(puts);
+    set.await??;
+    // Fills stop before their L2 write; the source answers the read its older value.
+    let fills = store.fills.clone().write_owned().await;
+    source.release.add_permits(1);
+    let mut read = read;
+    let read = tokio::select! {
+        () = store.fill_begun.notified() => Some(read),
+        r = &mut read => {
+            assert_eq!(r??.as_deref(), Some(&b"old"[..]), "the read began before the set returned");
+            None
+        }
+    };
+    // Whether the fill reached L2 or was refused before it: a read now serves the set.
+    assert_eq!(
+        cache.get("k").await?.as_deref(),
+        Some(&b"new"[..]),
+        "the acknowledged set is served, not the fill's older answer"
+    );
+    drop(fills);
+    if let Some(read) = read {
+        read.await??;
+    }
+    assert_eq!(cache.get("k").await?.as_deref(), Some(&b"new"[..]));
+    assert_eq!(store.value("k"), Some(Some(b"new".to_vec())));
     Ok(())
 }

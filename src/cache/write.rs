@@ -95,11 +95,15 @@ impl TieredCache {
                 }
             },
         }
+        // L2 holds the write: a fill that began while it was under way stays out too (I1).
+        let token = inner.fences.bump_again(key, token);
         inner.l1.insert(key, Arc::new(entry)).await;
         // The flusher may have settled this write already (it is in the outbox from the enqueue
         // on): a refusal cleared L1 before this insert, so the copy must go (a refused write is
-        // never served: I1). Any write of the key since the bump moved the fence.
-        if inner.settings.strategy == Strategy::WriteBehind && !inner.fences.unchanged(key, token) {
+        // never served: I1). Any write of the key since the first bump moved the fence.
+        if inner.settings.strategy == Strategy::WriteBehind
+            && !token.is_some_and(|t| inner.fences.unchanged(key, t))
+        {
             inner.l1.remove(key).await;
         }
         if let Some(outbox) = &inner.outbox {
@@ -139,6 +143,8 @@ impl TieredCache {
                 }
             }
         }
+        // L2 holds the delete: a fill that began while it was under way stays out too (I1).
+        inner.fences.bump(key);
         inner.l1.remove(key).await;
         if let Some(outbox) = &inner.outbox {
             outbox.notify();
@@ -220,6 +226,9 @@ impl Inner {
         self.fences.bump(key);
         self.l1.remove(key).await;
         let removed = self.l2.remove(key).await;
+        // And again once L2 is changed: a fill that began meanwhile may have read the old row.
+        self.fences.bump(key);
+        self.l1.remove(key).await;
         self.fences.spread(self.peer_id, key).await;
         removed
     }

@@ -245,13 +245,18 @@ impl Deliverer {
             Some(OutboxOp::Delete) | None => {
                 t.fences.bump(key);
                 t.l1.remove(key).await;
-                match (t.memory_mode, delivered) {
+                let removed = match (t.memory_mode, delivered) {
                     // A newer write in the memory outbox shadows L2 until it is delivered.
                     (true, _) => t.l2.remove(key).await,
                     // The refusal removed the entry with the dead letter.
                     (false, None) => Ok(()),
                     (false, Some(_)) => t.l2.remove_settled(key, id).await,
-                }
+                };
+                // And again once L2 is changed: a fill that began meanwhile may have read the
+                // old row (see `tier::fence`).
+                t.fences.bump(key);
+                t.l1.remove(key).await;
+                removed
             }
         };
         if let Err(e) = written {

@@ -4,11 +4,19 @@
 //! Every write that changes what a key reads as (set, delete, invalidate, a delivered or refused
 //! write-behind write) bumps the key's fence **before** it touches L2 and L1. A fill (a load from
 //! the source writing its answer into L2 and L1) takes the fence's token when it starts and:
-//! 1. writes L2 only if the token is unchanged when the writer thread runs its statement (and the
-//!    row is still the one it read, which also catches another process's write);
-//! 2. writes L1 only if that L2 write was applied, then re-checks the token and drops its L1
-//!    entry if a write bumped the fence meanwhile (the next read then goes to L2, which holds
-//!    the write).
+//! 1. writes L1 only if the token is unchanged, re-checks it after the insert and drops its L1
+//!    entry if a write bumped the fence meanwhile;
+//! 2. writes L2 only if the token is still unchanged when the store runs its statement (and
+//!    the row is still the one it read, which also catches another process's write), and drops
+//!    its L1 entry when that write is refused (the next read then goes to L2, which holds the
+//!    write).
+//!
+//! A write bumps the fence a second time once L2 holds its change, before it touches L1
+//! ([`Fences::bump_again`]): a fill that took its token between the two bumps may have read L2
+//! before the change, so its (older) answer must not reach L1 either. Without that second bump
+//! such a fill passed step 1 after the write was acknowledged, and its answer was served until
+//! its refused L2 write removed it (`tests/store.rs`,
+//! `a_fill_begun_during_a_set_never_serves_its_older_answer_after_the_set`).
 //!
 //! Fences are striped: keys that share a stripe only cost each other a skipped fill (the value
 //! is still returned to the reader; it is just not cached), never a wrong answer.
@@ -170,6 +178,15 @@ impl Fences {
     /// checks afterwards to learn whether another write followed it).
     pub(crate) fn bump(&self, key: &str) -> u64 {
         self.stripe(key).fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Called by a write once L2 holds its change, before it touches L1: moves the fence again,
+    /// so a fill that took its token while the write was under way (after the first bump, its
+    /// L2 read perhaps made before the change) is refused too, in L1 and in L2. Returns the new
+    /// token, or `None` when another write of the stripe moved the fence between the two bumps.
+    pub(crate) fn bump_again(&self, key: &str, token: u64) -> Option<u64> {
+        let now = self.bump(key);
+        (now == token.wrapping_add(1)).then_some(now)
     }
 
     /// Moves every fence: no fill or read that started before may cache what it found (another
