@@ -18,7 +18,8 @@
 //! `TIERCACHE_RATIOS_N` times (default 100,000), in a function named `profile_<scenario>`, so
 //! that `valgrind --tool=callgrind --toggle-collect='*profile_*'` counts only that:
 //! scenarios `l1_tiercache`, `l1_tiercache_nostats`, `l1_moka`, `l2_tiercache`, `l2_sqlite`,
-//! `mget100`, `gets100`, `write_behind`, `write_behind_memory`. The L2 scenarios read each of
+//! `mget100`, `gets100`, `l2_floor`, `mget100_floor` (the raw parts of an L2 hit and of an
+//! `mget`: moka and rusqlite alone), `write_behind`, `write_behind_memory`. The L2 scenarios read each of
 //! 10,000 keys once from L2 (promoting it): keep `TIERCACHE_RATIOS_N` at 10,000 or fewer there.
 
 mod common;
@@ -342,9 +343,17 @@ fn profile(scenario: &str, n: usize) {
             rt.block_on(moka_gets(&m, &l1_keys, 10_000));
             profile_l1_moka(&rt, &m, &l1_keys, n);
         }
-        "l2_tiercache" | "l2_sqlite" | "mget100" | "gets100" => {
+        "l2_tiercache" | "l2_sqlite" | "mget100" | "gets100" | "l2_floor" | "mget100_floor" => {
             let l2 = l2::l2_setup(&rt);
             match scenario {
+                "l2_floor" | "mget100_floor" => {
+                    let moka = rt.block_on(l1_moka(&[]));
+                    if scenario == "l2_floor" {
+                        l2::profile_l2_floor(&rt, &l2, &moka, n)
+                    } else {
+                        l2::profile_mget100_floor(&rt, &l2, &moka, n)
+                    }
+                }
                 "l2_tiercache" => {
                     rt.block_on(l2.cache.clear_memory());
                     l2::profile_l2_tiercache(&rt, &l2, n)

@@ -147,6 +147,26 @@ pub(crate) fn profile_gets100(rt: &tokio::runtime::Runtime, l2: &L2, n: usize) {
     rt.block_on(hundred_gets(l2, n / 100));
 }
 
+#[inline(never)]
+pub(crate) fn profile_l2_floor(
+    rt: &tokio::runtime::Runtime,
+    l2: &L2,
+    moka: &Moka<String, Bytes>,
+    n: usize,
+) {
+    rt.block_on(floor_gets(l2, moka, n));
+}
+
+#[inline(never)]
+pub(crate) fn profile_mget100_floor(
+    rt: &tokio::runtime::Runtime,
+    l2: &L2,
+    moka: &Moka<String, Bytes>,
+    n: usize,
+) {
+    rt.block_on(floor_mgets(l2, moka, n / 100));
+}
+
 /// The L2 rows: `l2_hit_vs_sqlite`, `l2_hit_vs_floor`, `mget100_vs_100_gets`, `mget100_vs_floor`.
 pub(crate) fn rows(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     // L2: a file database, reads cycling over 10,000 keys, L1 emptied before each round (every
