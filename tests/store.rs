@@ -833,3 +833,81 @@ async fn a_fill_begun_during_a_set_never_serves_its_older_answer_after_the_set()
     assert_eq!(store.value("k"), Some(Some(b"new".to_vec())));
     Ok(())
 }
+
+/// A source whose fetch reads its value when called and answers it once let through; `delete`
+/// removes the value.
+#[derive(Debug)]
+struct SlowReadSource {
+    value: Mutex<Option<bytes::Bytes>>,
+    fetches: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl tiercache::source::Source for SlowReadSource {
+    async fn fetch(
+        &self,
+        _key: &str,
+        _validator: Option<&str>,
+    ) -> std::result::Result<tiercache::source::Fetched, SourceError> {
+        let read = self.value.lock().unwrap().clone();
+        self.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let permit = self.release.acquire().await;
+        drop(permit);
+        Ok(read.map_or(tiercache::source::Fetched::NotFound, |v| {
+            tiercache::source::Fetched::value(v)
+        }))
+    }
+
+    async fn delete(&self, _key: &str) -> std::result::Result<(), SourceError> {
+        *self.value.lock().unwrap() = None;
+        Ok(())
+    }
+}
+
+/// I1 against single-flight: a read that begins after an acknowledged write-through delete
+/// must not join a load that began before it (and read the source before the delete): it gets
+/// a load of its own.
+#[tokio::test]
+async fn a_read_after_a_write_never_joins_a_load_begun_before_it() -> TestResult {
+    let source = Arc::new(SlowReadSource {
+        value: Mutex::new(Some(bytes::Bytes::from_static(b"old"))),
+        fetches: std::sync::atomic::AtomicUsize::new(0),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let cache = TieredCache::builder()
+        .store(MemStore::default())
+        .source_arc(source.clone())
+        .strategy(Strategy::WriteThrough)
+        .clock(MockClock::new())
+        .build()?;
+    let fetches = || source.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    let before = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get("k").await }
+    });
+    while fetches() < 1 {
+        tokio::task::yield_now().await;
+    }
+    cache.delete("k").await?;
+    let after = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get("k").await }
+    });
+    // The later read either joins the earlier load (a coalesced waiter) or starts its own.
+    let mut spins = 0;
+    while fetches() < 2 && cache.stats().await.coalesced_waiters == 0 {
+        tokio::task::yield_now().await;
+        spins += 1;
+        assert!(spins < 100_000, "the later read neither joined nor fetched");
+    }
+    source.release.add_permits(2);
+    assert_eq!(
+        before.await??.as_deref(),
+        Some(&b"old"[..]),
+        "began before the delete"
+    );
+    assert_eq!(after.await??, None, "began after the acknowledged delete");
+    Ok(())
+}

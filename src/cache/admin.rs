@@ -342,7 +342,7 @@ impl TieredCache {
             outbox_checked: true,
             kind,
         };
-        let flight = inner.flights.join(key, |early| {
+        let flight = inner.flights.join(key, token, |early| {
             load(
                 self.inner.clone(),
                 key.to_owned(),

@@ -1,5 +1,10 @@
 //! Single-flight: concurrent loads of one key share one source call and its result (or error).
 //!
+//! Only loads that took the same fence token share (see `tier::fence`): a read that took its
+//! token after a write of the key began must not be handed the answer of a load that began
+//! before it (the source's value from before the write, I1). Such a read starts a load of its
+//! own, which replaces the older one as the key's flight.
+//!
 //! The load may publish its value [`Early`]: the waiters that joined it get it then (when the
 //! source answered and L1 holds it), while the caller that started it waits until the load is
 //! done (L2 written too), so what it does next (a close, a restart, a look at L2) finds the fill.
@@ -16,10 +21,10 @@ use crate::error::{Error, Result};
 type Stage<T> = Option<(Result<T>, bool)>;
 type Slot<T> = watch::Receiver<Stage<T>>;
 
-/// The loads in progress, by key.
+/// The loads in progress, by key: the fence token their leader took, and their result.
 #[derive(Debug)]
 pub(crate) struct Flights<T> {
-    map: Arc<Mutex<HashMap<String, Slot<T>>>>,
+    map: Arc<Mutex<HashMap<String, (u64, Slot<T>)>>>,
 }
 
 impl<T> Default for Flights<T> {
@@ -65,22 +70,24 @@ impl<T> Flights<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
-    /// Joins the load of `key`, starting it with `start` if none is in progress. The load runs as
-    /// its own task, so it finishes (and fills the caches) even if every waiter gives up.
-    pub(crate) fn join<F, Fut>(&self, key: &str, start: F) -> Flight<T>
+    /// Joins the load of `key` started under the same fence `token`, starting it with `start`
+    /// if none is in progress (or the one in progress began before a write of the key: this
+    /// one then takes its place). The load runs as its own task, so it finishes (and fills the
+    /// caches) even if every waiter gives up.
+    pub(crate) fn join<F, Fut>(&self, key: &str, token: u64, start: F) -> Flight<T>
     where
         F: FnOnce(Early<T>) -> Fut,
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = map.get(key) {
+        if let Some((_, rx)) = map.get(key).filter(|(t, _)| *t == token) {
             return Flight {
                 rx: rx.clone(),
                 leader: false,
             };
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(key.to_owned(), rx.clone());
+        map.insert(key.to_owned(), (token, rx.clone()));
         drop(map);
         let tx = Arc::new(tx);
         let fut = start(Early(tx.clone()));
@@ -120,7 +127,7 @@ impl<T: Clone> Flight<T> {
 
 /// Unregisters a load when its task ends, however it ends (a panic, a runtime shutdown).
 struct Remove<T> {
-    map: Arc<Mutex<HashMap<String, Slot<T>>>>,
+    map: Arc<Mutex<HashMap<String, (u64, Slot<T>)>>>,
     key: String,
     rx: Slot<T>,
 }
@@ -130,7 +137,7 @@ impl<T> Drop for Remove<T> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map
             .get(&self.key)
-            .is_some_and(|rx| rx.same_channel(&self.rx))
+            .is_some_and(|(_, rx)| rx.same_channel(&self.rx))
         {
             map.remove(&self.key);
         }

@@ -374,24 +374,25 @@ impl TieredCache {
         let prev = candidate.as_ref().map(|(e, _)| e.clone());
         // Nothing to revalidate with: a cold key, which a batch can carry.
         let cold = prev.as_ref().is_none_or(|p| p.revalidator().is_none());
-        let flight = inner
-            .flights
-            .join(key, |early| -> BoxFuture<'static, LoadResult> {
-                let inner = self.inner.clone();
-                let key = key.to_owned();
-                let via = match batch {
-                    Some(batch) if cold => {
-                        let (tx, rx) = oneshot::channel();
-                        batch.push((key.clone(), tx));
-                        Via::Batch(rx)
+        let flight =
+            inner
+                .flights
+                .join(key, seen.token, |early| -> BoxFuture<'static, LoadResult> {
+                    let inner = self.inner.clone();
+                    let key = key.to_owned();
+                    let via = match batch {
+                        Some(batch) if cold => {
+                            let (tx, rx) = oneshot::channel();
+                            batch.push((key.clone(), tx));
+                            Via::Batch(rx)
+                        }
+                        _ => Via::Fetch,
+                    };
+                    match custom {
+                        Some(loader) => Box::pin(load_custom(inner, key, loader, seen, early)),
+                        None => Box::pin(load(inner, key, prev, max_age, seen, early, via)),
                     }
-                    _ => Via::Fetch,
-                };
-                match custom {
-                    Some(loader) => Box::pin(load_custom(inner, key, loader, seen, early)),
-                    None => Box::pin(load(inner, key, prev, max_age, seen, early, via)),
-                }
-            });
+                });
         if !flight.leader {
             inner.stats.coalesced_waiter();
             let kind = if cold {

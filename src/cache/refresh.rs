@@ -236,7 +236,7 @@ async fn refresh(inner: Weak<Inner>, prev: Arc<Entry>, key: &str) {
         outbox_checked: true,
         kind,
     };
-    let flight = inner.flights.join(key, |early| {
+    let flight = inner.flights.join(key, token, |early| {
         load(
             inner.clone(),
             key.to_owned(),
