@@ -21,7 +21,7 @@ use support::FakeSource;
 use tiercache::source::SourceError;
 use tiercache::tier::postgres::PostgresStore;
 use tiercache::tier::{EntryStore, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry};
-use tiercache::{MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
+use tiercache::{Clock, MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -846,5 +846,361 @@ async fn entries_merged_from_a_bundle_on_one_are_read_on_the_others() -> TestRes
         .one("SELECT count(*) FROM {s}.invalidations WHERE key = 'k'")
         .await;
     assert_eq!(logged, 1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #14 items 3 and 4: one breaker and one budget for the fleet, cross-instance single-flight.
+// ---------------------------------------------------------------------------------------------
+
+/// What every instance's [`FleetSource`] shares: the calls made, a gate holding calls until the
+/// test opens it, and scripted answers.
+#[derive(Debug)]
+struct FleetShared {
+    calls: std::sync::atomic::AtomicUsize,
+    /// When each call was made (real time), in order.
+    called_at: std::sync::Mutex<Vec<std::time::Instant>>,
+    /// Calls wait here until it holds `true`.
+    open: tokio::sync::watch::Sender<bool>,
+    /// The next call answers 429 until then (taken by that call).
+    limit_next: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// The next call never answers (its instance "dies" mid-call).
+    hang_next: std::sync::atomic::AtomicBool,
+}
+
+/// A source counting calls across the fleet, one per instance (each its own rate-limit budget,
+/// as separate processes' GitHub clients would have), answering `v:<key>`.
+#[derive(Debug, Clone)]
+struct FleetSource {
+    shared: std::sync::Arc<FleetShared>,
+    /// This instance's last known budget ([`Source::rate_limit`]).
+    budget: std::sync::Arc<std::sync::Mutex<Option<tiercache::source::RateLimit>>>,
+    /// The budget the next answer of this instance leaves.
+    budget_after_call: std::sync::Arc<std::sync::Mutex<Option<tiercache::source::RateLimit>>>,
+}
+
+impl FleetSource {
+    fn new(open: bool) -> Self {
+        Self {
+            shared: std::sync::Arc::new(FleetShared {
+                calls: Default::default(),
+                called_at: Default::default(),
+                open: tokio::sync::watch::channel(open).0,
+                limit_next: Default::default(),
+                hang_next: Default::default(),
+            }),
+            budget: Default::default(),
+            budget_after_call: Default::default(),
+        }
+    }
+
+    /// Another instance's client of the same source: calls counted together, its own budget.
+    fn instance(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            budget: Default::default(),
+            budget_after_call: Default::default(),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.shared.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) {
+        self.shared.open.send_replace(true);
+    }
+}
+
+#[async_trait::async_trait]
+impl tiercache::source::Source for FleetSource {
+    async fn fetch(
+        &self,
+        key: &str,
+        _validator: Option<&str>,
+    ) -> Result<tiercache::source::Fetched, SourceError> {
+        self.shared
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .called_at
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
+        if self
+            .shared
+            .hang_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            std::future::pending::<()>().await;
+        }
+        if let Some(until) = self.shared.limit_next.lock().unwrap().take() {
+            return Err(SourceError::RateLimited {
+                until,
+                status: Some(429),
+                message: "API rate limit exceeded".into(),
+            });
+        }
+        let mut open = self.shared.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+        if let Some(b) = self.budget_after_call.lock().unwrap().take() {
+            *self.budget.lock().unwrap() = Some(b);
+        }
+        Ok(tiercache::source::Fetched::value(format!("v:{key}")))
+    }
+
+    fn rate_limit(&self) -> Option<tiercache::source::RateLimit> {
+        self.budget.lock().unwrap().clone()
+    }
+}
+
+/// Prints a measured figure on the process's stderr (not captured by the harness).
+fn measured(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "MEASURED {what}");
+}
+
+/// `n` caches on the test's schema, each with its own store and its own client of `source`,
+/// the L3 breaker persisted (shared by the fleet).
+async fn fleet_on(
+    t: &pg::PgTest,
+    n: usize,
+    source: &FleetSource,
+    clock: &MockClock,
+    timeout: Duration,
+) -> Result<(Vec<PostgresStore>, Vec<TieredCache>, Vec<FleetSource>), Box<dyn std::error::Error>> {
+    let (mut stores, mut caches, mut sources) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+        let instance = source.instance();
+        let cache = TieredCache::builder()
+            .store(store.clone())
+            .source(instance.clone())
+            .clock(clock.clone())
+            .ttl(TTL)
+            .timeout(timeout)
+            .persist_breaker(true)
+            .build()?;
+        stores.push(store);
+        caches.push(cache);
+        sources.push(instance);
+    }
+    Ok((stores, caches, sources))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_cold_reads_over_four_instances_make_one_source_call() -> TestResult {
+    let t = pg_or_skip!("two_hundred_cold_reads_over_four_instances_make_one_source_call");
+    let (source, clock) = (FleetSource::new(false), MockClock::new());
+    let (_stores, caches, _) = fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let began = std::time::Instant::now();
+    let mut reads = Vec::new();
+    for i in 0..200 {
+        let cache = caches[i % 4].clone();
+        let started = started.clone();
+        reads.push(tokio::spawn(async move {
+            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            cache.get("cold").await
+        }));
+    }
+    // The first load is at the source (held there), every read has begun: let it answer.
+    let (s, st) = (&source, &started);
+    eventually(
+        "one call at the source and all reads begun",
+        || async move { s.calls() >= 1 && st.load(std::sync::atomic::Ordering::SeqCst) == 200 },
+    )
+    .await;
+    source.open();
+    for read in reads {
+        assert_eq!(read.await??, Some(Bytes::from_static(b"v:cold")));
+    }
+    let took = began.elapsed();
+    assert_eq!(source.calls(), 1, "one source call for the whole fleet");
+    assert_eq!(
+        t.one::<i64>("SELECT count(*) FROM {s}.fill_leases").await,
+        0,
+        "the lease was released"
+    );
+    measured(&format!(
+        "200 cold reads over 4 instances, the source held until all began: {took:?}"
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_lease_holders_key_is_loaded_by_another_after_its_lease() -> TestResult {
+    let t = pg_or_skip!("a_dead_lease_holders_key_is_loaded_by_another_after_its_lease");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    // The holder runs on a runtime of its own, shut down mid-call: a process that died.
+    source
+        .shared
+        .hang_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (dead_source, dead_schema, dead_clock) =
+        (source.instance(), t.schema.clone(), clock.clone());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let dead = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let store = PostgresStore::builder(pg::url())
+                .schema(dead_schema)
+                .heartbeat(SLOW_HEARTBEAT)
+                .connect()
+                .await
+                .expect("a store");
+            let cache = TieredCache::builder()
+                .store(store)
+                .source(dead_source)
+                .clock(dead_clock)
+                .ttl(TTL)
+                .timeout(Duration::from_millis(500))
+                .build()
+                .expect("a cache");
+            tokio::spawn(async move { cache.get("k").await });
+            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        });
+        rt.shutdown_background();
+    });
+    let s = &source;
+    eventually(
+        "the holder called the source",
+        || async move { s.calls() == 1 },
+    )
+    .await;
+    let remaining: f64 = t
+        .one("SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM {s}.fill_leases WHERE key = 'k'")
+        .await;
+    let expires = std::time::Instant::now() + Duration::from_secs_f64(remaining.max(0.0));
+    tx.send(())?;
+    let _ = dead.join();
+
+    let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+    let live = TieredCache::builder()
+        .store(store)
+        .source(source.instance())
+        .clock(clock.clone())
+        .ttl(TTL)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    assert_eq!(live.get("k").await?, Some(Bytes::from_static(b"v:k")));
+    assert_eq!(
+        source.calls(),
+        2,
+        "the dead holder's call, then the taker's"
+    );
+    let second = source.shared.called_at.lock().unwrap()[1];
+    assert!(
+        second + Duration::from_millis(50) >= expires,
+        "the second call waited for the dead holder's lease to run out"
+    );
+    Ok(())
+}
+
+/// Reads `n` distinct cold keys (named `prefix…`) on each cache at once; how many answered Ok.
+async fn read_all(caches: &[TieredCache], prefix: &str, n: usize) -> usize {
+    let reads = caches.iter().enumerate().flat_map(|(c, cache)| {
+        (0..n).map(move |i| {
+            let cache = cache.clone();
+            let key = format!("{prefix}{c}-{i}");
+            async move { cache.get(&key).await.is_ok() }
+        })
+    });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe() -> TestResult {
+    let t = pg_or_skip!("a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let (_stores, caches, _) = fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+    // Every instance has called (and found the shared breaker clean) just now.
+    assert_eq!(read_all(&caches, "warm", 1).await, 4);
+    assert_eq!(source.calls(), 4);
+
+    // A sees a 429 with a reset a minute ahead.
+    let reset = clock.now() + Duration::from_secs(60);
+    *source.shared.limit_next.lock().unwrap() = Some(reset);
+    assert!(caches[0].get("limited").await.is_err());
+    assert_eq!(source.calls(), 5);
+
+    // Within a second (the documented bound) no instance sends anything, until the reset.
+    clock.advance(Duration::from_secs(1));
+    for step in [
+        Duration::ZERO,
+        Duration::from_secs(30),
+        Duration::from_millis(28_999),
+    ] {
+        clock.advance(step);
+        assert_eq!(read_all(&caches, "during", 5).await, 0);
+        assert_eq!(source.calls(), 5, "nothing sent before the reset");
+    }
+    assert!(clock.now() < reset);
+
+    // Past the reset: reads on all four at once send exactly one probe (held at the source).
+    source.shared.open.send_replace(false);
+    clock.advance(Duration::from_secs(1));
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut reads = Vec::new();
+    for (c, cache) in caches.iter().enumerate() {
+        for i in 0..10 {
+            let (cache, finished) = (cache.clone(), finished.clone());
+            reads.push(tokio::spawn(async move {
+                let ok = cache.get(&format!("after{c}-{i}")).await.is_ok();
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                ok
+            }));
+        }
+    }
+    // Every read but the probe's is refused while the probe is out.
+    let (s, f) = (&source, &finished);
+    eventually("39 reads refused, the probe at the source", || async move {
+        s.calls() == 6 && f.load(std::sync::atomic::Ordering::SeqCst) == 39
+    })
+    .await;
+    assert_eq!(source.calls(), 6, "exactly one probe fleet-wide");
+    source.open();
+    let mut answered = 0;
+    for read in reads {
+        answered += usize::from(read.await?);
+    }
+    assert_eq!(answered, 1, "only the probe's read was answered");
+    assert_eq!(source.calls(), 6);
+
+    // The probe closed the shared breaker: every instance calls again.
+    assert_eq!(read_all(&caches, "closed", 1).await, 4);
+    assert_eq!(source.calls(), 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_budget_spent_on_one_instance_stops_those_that_never_called() -> TestResult {
+    let t = pg_or_skip!("a_budget_spent_on_one_instance_stops_those_that_never_called");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let (_stores, caches, sources) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+    let reset = clock.now() + Duration::from_secs(60);
+    *sources[0].budget_after_call.lock().unwrap() =
+        Some(tiercache::source::RateLimit::new(5000, 0, reset));
+    // A's answer spends the last of the budget: A has its value, and nobody calls again.
+    assert!(caches[0].get("last").await?.is_some());
+    assert_eq!(source.calls(), 1);
+    assert_eq!(read_all(&caches[1..], "never", 5).await, 0);
+    assert_eq!(
+        source.calls(),
+        1,
+        "B, C, D never called: the shared row says spent"
+    );
+    clock.advance(Duration::from_secs(61));
+    assert!(caches[1].get("after").await?.is_some(), "the probe");
+    assert_eq!(source.calls(), 2);
     Ok(())
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::oneshot;
 
+use super::fleet;
 use super::flight::Early;
 use super::read::Seen;
 use super::*;
@@ -73,13 +74,39 @@ pub(super) async fn load(
             return Ok((e, Loaded::AlreadyCached));
         }
     }
+    // In a fleet sharing L2: one instance loads the key, the others wait for its fill.
+    let lease = match via {
+        Via::Fetch => match fleet::turn(&inner, &key, max_age).await {
+            fleet::Turn::Load(lease) => lease,
+            fleet::Turn::Filled(e) => return fleet::adopt(&inner, &key, e, &seen, &early).await,
+            fleet::Turn::TimedOut(e) => return Err(e),
+        },
+        Via::Batch(_) => None,
+    };
+    let result = answer_and_fill(&inner, &key, prev, seen, early, via).await;
+    if let Some(token) = lease {
+        fleet::release(&inner, &key, token).await;
+    }
+    result
+}
+
+/// The source's answer (its own call or a batch's) for the load, filled into the tiers.
+async fn answer_and_fill(
+    inner: &Inner,
+    key: &str,
+    prev: Option<Arc<Entry>>,
+    seen: Seen,
+    early: Early<(Arc<Entry>, Loaded)>,
+    via: Via,
+) -> LoadResult {
+    let clock = inner.clock.clone();
     let settings = &inner.settings;
     let Answer {
         fetched,
         sent,
         answered_at,
     } = match via {
-        Via::Fetch => fetch(&inner, &key, prev.as_deref()).await,
+        Via::Fetch => fetch(inner, key, prev.as_deref()).await,
         Via::Batch(rx) => rx.await.unwrap_or_else(|_| Answer {
             fetched: Err(not_sent()),
             sent: false,

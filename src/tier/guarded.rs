@@ -21,8 +21,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, OutboxOp, OutboxRow, OutboxStore,
-    Resolved, StateStore, Store, StoreSummary, StoredEntry,
+    EntrySink, EntryStore, FillGuard, FillLease, Found, Merged, MetaUpdate, OutboxOp, OutboxRow,
+    OutboxStore, Resolved, StateStore, Store, StoreSummary, StoredEntry,
 };
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
@@ -208,6 +208,14 @@ impl EntryStore for Guarded {
 
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
         self.write(self.inner.merge(entries)).await
+    }
+
+    async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
+        self.write(self.inner.fill_lease(key, lease)).await
+    }
+
+    async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        self.write(self.inner.release_fill_lease(key, token)).await
     }
 }
 

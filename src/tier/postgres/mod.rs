@@ -176,6 +176,7 @@ use tokio_postgres::NoTls;
 
 use crate::error::{Error, Result};
 
+mod lease;
 mod listen;
 mod merge;
 mod notify;
@@ -186,8 +187,9 @@ use schema::Sql;
 
 /// The version of the schema this tiercache creates and reads, kept in the schema's
 /// `schema_version` table. History: 1, the first; 2 adds the invalidation log
-/// (`invalidations`, `invalidations_pruned`; a schema of version 1 is migrated on open).
-pub const SCHEMA_VERSION: i64 = 2;
+/// (`invalidations`, `invalidations_pruned`); 3 adds the fill leases (`fill_leases`,
+/// `fill_lease_tokens`). A schema of an older version is migrated on open.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The PostgreSQL schema used when none is set: `tiercache`.
 pub const DEFAULT_SCHEMA: &str = "tiercache";

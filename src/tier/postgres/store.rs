@@ -13,8 +13,8 @@ use super::schema::{storage, LOCK};
 use super::{to_i64, to_u64, PostgresStore};
 use crate::error::{Error, Result};
 use crate::tier::{
-    EntryStore, FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved,
-    StateStore, StoreSummary, StoredEntry,
+    EntryStore, FillGuard, FillLease, Found, MetaUpdate, Observed, OutboxOp, OutboxRow,
+    OutboxStore, Resolved, StateStore, StoreSummary, StoredEntry,
 };
 
 type Pg = tokio_postgres::Error;
@@ -290,6 +290,15 @@ impl EntryStore for PostgresStore {
     /// One transaction per chunk of entries (see `merge.rs`): the written keys published.
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<crate::tier::Merged>> {
         self.merge_entries(entries).await
+    }
+
+    /// Fleet-wide single-flight: one upsert (see `lease.rs`).
+    async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
+        self.take_fill_lease(key, lease).await
+    }
+
+    async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        self.drop_fill_lease(key, token).await
     }
 
     /// The other instances' writes, from this store's listener (one per store, started by the
