@@ -866,6 +866,8 @@ struct FleetShared {
     limit_next: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// The next call never answers (its instance "dies" mid-call).
     hang_next: std::sync::atomic::AtomicBool,
+    /// Calls fail (503) while set.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// A source counting calls across the fleet, one per instance (each its own rate-limit budget,
@@ -888,6 +890,7 @@ impl FleetSource {
                 open: tokio::sync::watch::channel(open).0,
                 limit_next: Default::default(),
                 hang_next: Default::default(),
+                failing: Default::default(),
             }),
             budget: Default::default(),
             budget_after_call: Default::default(),
@@ -934,6 +937,13 @@ impl tiercache::source::Source for FleetSource {
         {
             std::future::pending::<()>().await;
         }
+        if self
+            .shared
+            .failing
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(support::outage());
+        }
         if let Some(until) = self.shared.limit_next.lock().unwrap().take() {
             return Err(SourceError::RateLimited {
                 until,
@@ -968,19 +978,22 @@ async fn fleet_on(
     source: &FleetSource,
     clock: &MockClock,
     timeout: Duration,
+    configure: impl Fn(TieredCacheBuilder) -> TieredCacheBuilder,
 ) -> Result<(Vec<PostgresStore>, Vec<TieredCache>, Vec<FleetSource>), Box<dyn std::error::Error>> {
     let (mut stores, mut caches, mut sources) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
         let instance = source.instance();
-        let cache = TieredCache::builder()
-            .store(store.clone())
-            .source(instance.clone())
-            .clock(clock.clone())
-            .ttl(TTL)
-            .timeout(timeout)
-            .persist_breaker(true)
-            .build()?;
+        let cache = configure(
+            TieredCache::builder()
+                .store(store.clone())
+                .source(instance.clone())
+                .clock(clock.clone())
+                .ttl(TTL)
+                .timeout(timeout)
+                .persist_breaker(true),
+        )
+        .build()?;
         stores.push(store);
         caches.push(cache);
         sources.push(instance);
@@ -992,7 +1005,8 @@ async fn fleet_on(
 async fn two_hundred_cold_reads_over_four_instances_make_one_source_call() -> TestResult {
     let t = pg_or_skip!("two_hundred_cold_reads_over_four_instances_make_one_source_call");
     let (source, clock) = (FleetSource::new(false), MockClock::new());
-    let (_stores, caches, _) = fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+    let (_stores, caches, _) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
     let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let began = std::time::Instant::now();
     let mut reads = Vec::new();
@@ -1121,7 +1135,8 @@ async fn read_all(caches: &[TieredCache], prefix: &str, n: usize) -> usize {
 async fn a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe() -> TestResult {
     let t = pg_or_skip!("a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe");
     let (source, clock) = (FleetSource::new(true), MockClock::new());
-    let (_stores, caches, _) = fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+    let (_stores, caches, _) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
     // Every instance has called (and found the shared breaker clean) just now.
     assert_eq!(read_all(&caches, "warm", 1).await, 4);
     assert_eq!(source.calls(), 4);
@@ -1186,7 +1201,7 @@ async fn a_budget_spent_on_one_instance_stops_those_that_never_called() -> TestR
     let t = pg_or_skip!("a_budget_spent_on_one_instance_stops_those_that_never_called");
     let (source, clock) = (FleetSource::new(true), MockClock::new());
     let (_stores, caches, sources) =
-        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10)).await?;
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
     let reset = clock.now() + Duration::from_secs(60);
     *sources[0].budget_after_call.lock().unwrap() =
         Some(tiercache::source::RateLimit::new(5000, 0, reset));
@@ -1202,5 +1217,42 @@ async fn a_budget_spent_on_one_instance_stops_those_that_never_called() -> TestR
     clock.advance(Duration::from_secs(61));
     assert!(caches[1].get("after").await?.is_some(), "the probe");
     assert_eq!(source.calls(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn failures_on_instances_that_missed_an_opening_count_in_the_shared_breaker() -> TestResult {
+    let t = pg_or_skip!("failures_on_instances_that_missed_an_opening_count_in_the_shared_breaker");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let policy = tiercache::breaker::BreakerPolicy::builder()
+        .failure_threshold(2)
+        .jitter(0.0)
+        .build()?;
+    let (_stores, caches, _) = fleet_on(&t, 3, &source, &clock, Duration::from_secs(10), |b| {
+        b.source_breaker(policy.clone())
+    })
+    .await?;
+    // The shared breaker opens (a 429 on A) and closes again (A's probe), while B and C are idle.
+    *source.shared.limit_next.lock().unwrap() = Some(clock.now() + Duration::from_secs(10));
+    assert!(caches[0].get("limited").await.is_err());
+    clock.advance(Duration::from_secs(11));
+    assert!(caches[0].get("probe").await?.is_some());
+    assert_eq!(source.calls(), 2);
+
+    // The source fails once on B and once on C: two failures in a row for the fleet's breaker.
+    source
+        .shared
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(caches[1].get("b").await.is_err());
+    assert!(caches[2].get("c").await.is_err());
+    assert_eq!(source.calls(), 4);
+    clock.advance(Duration::from_secs(1));
+    assert!(caches[0].get("a").await.is_err());
+    assert_eq!(
+        source.calls(),
+        4,
+        "the shared breaker opened on B's and C's failures"
+    );
     Ok(())
 }
