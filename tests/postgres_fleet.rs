@@ -960,7 +960,7 @@ impl tiercache::source::Source for FleetSource {
     }
 
     fn rate_limit(&self) -> Option<tiercache::source::RateLimit> {
-        self.budget.lock().unwrap().clone()
+        *self.budget.lock().unwrap()
     }
 }
 

@@ -139,7 +139,7 @@ async fn answer_and_fill(
                 inner.stats.source_call(SourceOutcome::Failed);
                 inner.stats.error(Tier::L3);
                 return Err(source_failure(
-                    &key,
+                    key,
                     SourceError::InvalidResponse {
                         message: "the source answered \"not modified\" to an unconditional request"
                             .into(),
@@ -165,13 +165,13 @@ async fn answer_and_fill(
         Err(e) if is_not_sent(&e) => {
             // Offline switched on while the call waited for its permit: nothing was sent (and
             // nothing is counted as a source call).
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
         Err(e) if !sent => {
             // The breaker or the rate-limit gate refused the call: nothing was sent, so it is
             // no source call and no L3 error, only a refusal.
             inner.stats.source_refused();
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
         Err(e) => {
             inner
@@ -182,10 +182,10 @@ async fn answer_and_fill(
                     SourceOutcome::Failed
                 });
             inner.stats.error(Tier::L3);
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
     };
-    fill(&inner, &key, entry, how, seen, early).await
+    fill(inner, key, entry, how, seen, early).await
 }
 
 /// One call to [`Source::fetch`] under the guard, conditional on `prev`'s validator.
