@@ -20,7 +20,9 @@ use futures_util::StreamExt;
 use support::FakeSource;
 use tiercache::source::SourceError;
 use tiercache::tier::postgres::PostgresStore;
-use tiercache::tier::{EntryStore, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry};
+use tiercache::tier::{
+    EntryStore, FillLease, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry,
+};
 use tiercache::{Clock, MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -541,9 +543,10 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> 
         )
         .await?;
     drop(store);
-    // What the first tiercache with PostgreSQL made: no log, no claims.
+    // What the first tiercache with PostgreSQL made: no log, no claims, no fill leases.
     t.exec(
-        "DROP TABLE {s}.invalidations, {s}.invalidations_pruned;
+        "DROP TABLE {s}.invalidations, {s}.invalidations_pruned, {s}.fill_leases;
+         DROP SEQUENCE {s}.fill_lease_tokens;
          ALTER TABLE {s}.outbox DROP COLUMN claimed_by, DROP COLUMN claim_expires;
          UPDATE {s}.schema_version SET version = 1",
     )
@@ -565,6 +568,41 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> 
     );
     store.enqueue("k", None, OutboxOp::Delete, 1).await?;
     assert_eq!(store.outbox_pending(10).await?.len(), 1, "claimed");
+    assert!(matches!(
+        store.fill_lease("k", Duration::from_secs(1)).await?,
+        FillLease::Held(_)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_2_schema_is_migrated_to_the_fill_leases() -> TestResult {
+    let t = pg_or_skip!("a_version_2_schema_is_migrated_to_the_fill_leases");
+    drop(t.store().connect().await?);
+    t.exec(
+        "DROP TABLE {s}.fill_leases; DROP SEQUENCE {s}.fill_lease_tokens;
+         UPDATE {s}.schema_version SET version = 2",
+    )
+    .await;
+    let store = t.store().connect().await?;
+    assert_eq!(
+        t.one::<i64>("SELECT version FROM {s}.schema_version").await,
+        tiercache::tier::postgres::SCHEMA_VERSION
+    );
+    let lease = Duration::from_secs(30);
+    let FillLease::Held(first) = store.fill_lease("k", lease).await? else {
+        panic!("the first taker holds the lease");
+    };
+    let other = t.store().connect().await?;
+    assert_eq!(other.fill_lease("k", lease).await?, FillLease::Busy);
+    // A late holder's release (an older token) leaves the live lease alone.
+    other.release_fill_lease("k", first + 1_000).await?;
+    assert_eq!(other.fill_lease("k", lease).await?, FillLease::Busy);
+    store.release_fill_lease("k", first).await?;
+    let FillLease::Held(second) = other.fill_lease("k", lease).await? else {
+        panic!("released: the next taker holds it");
+    };
+    assert!(second > first, "a newer lease has a higher fencing token");
     Ok(())
 }
 
