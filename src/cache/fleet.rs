@@ -15,8 +15,9 @@
 //!   between this load's first L2 read and its lease has already answered.
 //!
 //! A store without leases (SQLite, the default of the trait) answers
-//! [`FillLease::Unsupported`]; an L2 that fails is treated alike: the load goes on with the
-//! process's own single-flight (never blocked by L2 trouble).
+//! [`FillLease::Unsupported`]; an L2 that fails, or is unhealthy (its breakers are not clean:
+//! no lease is asked for then), is treated alike: the load goes on with the process's own
+//! single-flight (never blocked by L2 trouble).
 //!
 //! Polling, not a `NOTIFY` on release: only one load per instance waits (the others join it in
 //! the process), so a fleet of N instances polls with at most N - 1 loads, each a primary-key

@@ -210,12 +210,27 @@ impl EntryStore for Guarded {
         self.write(self.inner.merge(entries)).await
     }
 
+    /// Only while L2 is healthy, never through a breaker's permit: a lease is an optimization,
+    /// so it must not be a breaker's probe (the no-op answer of a store without leases would
+    /// close it), and an unhealthy L2 is not waited on (loads go on with the process's own
+    /// single-flight). A failure counts as on the healthy path of any call.
     async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
-        self.write(self.inner.fill_lease(key, lease)).await
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Ok(FillLease::Unsupported);
+        }
+        let result = self.inner.fill_lease(key, lease).await;
+        self.after_healthy_call(&self.writes, &result);
+        result
     }
 
+    /// As `fill_lease`: skipped while L2 is unhealthy (the lease then runs out).
     async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
-        self.write(self.inner.release_fill_lease(key, token)).await
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let result = self.inner.release_fill_lease(key, token).await;
+        self.after_healthy_call(&self.writes, &result);
+        result
     }
 }
 
