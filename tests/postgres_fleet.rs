@@ -7,6 +7,8 @@
 //! fixed sleeps.
 #![cfg(feature = "postgres")]
 
+#[path = "support/github_fake.rs"]
+mod github_fake;
 #[path = "support/pg.rs"]
 mod pg;
 mod support;
@@ -1298,5 +1300,69 @@ async fn failures_on_instances_that_missed_an_opening_count_in_the_shared_breake
         4,
         "the shared breaker opened on B's and C's failures"
     );
+    Ok(())
+}
+
+/// The same against GitHub's answers (a wiremock fake): each instance has its own
+/// `GitHubSource`; a 429 with `Retry-After: 60` seen by the first stops the three others, which
+/// never called, until the reset; then one request, and the fleet calls again.
+#[tokio::test]
+async fn a_github_429_on_one_instance_holds_the_fleet_until_retry_after() -> TestResult {
+    use wiremock::matchers::method;
+    use wiremock::Mock;
+    let t = pg_or_skip!("a_github_429_on_one_instance_holds_the_fleet_until_retry_after");
+    let f = github_fake::Fake::start().await;
+    Mock::given(method("GET"))
+        .respond_with(f.secondary_limit(429, Some("60")))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            f.answer(200, 4000)
+                .insert_header("etag", "\"v1\"")
+                .set_body_raw(b"v".to_vec(), "application/vnd.github.raw"),
+        )
+        .with_priority(2)
+        .mount(&f.server)
+        .await;
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+        caches.push(
+            TieredCache::builder()
+                .store(store)
+                .source(f.source())
+                .clock(f.clock.clone())
+                .ttl(TTL)
+                .build()?,
+        );
+    }
+    let sent = || async { f.server.received_requests().await.unwrap_or_default().len() };
+    let err = caches[0].get("octo/app/a.txt").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(sent().await, 1);
+    for step in [Duration::ZERO, Duration::from_secs(59)] {
+        f.clock.advance(step);
+        for (i, cache) in caches.iter().enumerate() {
+            let err = cache.get(&format!("octo/app/{i}.txt")).await.unwrap_err();
+            assert!(err.is_unavailable(), "{err}");
+        }
+        assert_eq!(sent().await, 1, "nothing sent before the reset");
+    }
+    f.clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        caches[2].get("octo/app/probe.txt").await?.as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(sent().await, 2, "one probe");
+    for (i, cache) in caches.iter().enumerate() {
+        assert!(cache
+            .get(&format!("octo/app/after{i}.txt"))
+            .await?
+            .is_some());
+    }
+    assert_eq!(sent().await, 6, "closed again: every instance calls");
     Ok(())
 }
