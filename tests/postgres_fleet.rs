@@ -1366,3 +1366,34 @@ async fn a_github_429_on_one_instance_holds_the_fleet_until_retry_after() -> Tes
     assert_eq!(sent().await, 6, "closed again: every instance calls");
     Ok(())
 }
+
+/// What a fill lease adds to a cold miss on PostgreSQL: a take and a release, timed over 500
+/// keys (the third statement, the re-read of L2, is a `get`). Run with `cargo test --features
+/// postgres --test postgres_fleet -- --ignored --nocapture fill_lease_cost`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn fill_lease_cost() -> TestResult {
+    let t = pg_or_skip!("fill_lease_cost");
+    let store = t.store().connect().await?;
+    let lease = Duration::from_secs(16);
+    let mut took = Vec::new();
+    for i in 0..500 {
+        let key = format!("k{i}");
+        let started = std::time::Instant::now();
+        let FillLease::Held(token) = store.fill_lease(&key, lease).await? else {
+            panic!("a free key's lease is taken");
+        };
+        store.release_fill_lease(&key, token).await?;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "take + release of a fill lease, over {} keys: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
+}

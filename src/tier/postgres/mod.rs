@@ -195,7 +195,9 @@
 //! as it is committed; the lease gone with no fill (the holder failed, or died and its lease
 //! ran out), it takes the lease and loads itself. Measured: 200 cold reads over 4 instances
 //! make 1 source call, the last waiter answered 20 to 45 ms after the source (the poll
-//! interval); a cold miss costs three more statements (take, re-read, release).
+//! interval); a cold miss costs three more statements (take, re-read, release): take and
+//! release together p50 0.5 ms, p99 0.75 ms on loopback, debug build (`cargo test --features
+//! postgres --test postgres_fleet -- --ignored --nocapture fill_lease_cost`).
 //!
 //! The **fencing token** (from a sequence: a lease taken over gets a higher one) fences the
 //! lease: only its holder releases it, a late holder cannot free its successor's. The *fill*
