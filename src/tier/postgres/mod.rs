@@ -232,6 +232,7 @@ mod listen;
 mod merge;
 mod names;
 mod notify;
+mod rows;
 mod schema;
 mod store;
 
