@@ -193,11 +193,13 @@
 //! by its token. An instance that finds the lease held does not call: it polls L2 (2 ms,
 //! doubling to 50 ms, for at most one lease duration) and serves the holder's fill as soon
 //! as it is committed; the lease gone with no fill (the holder failed, or died and its lease
-//! ran out), it takes the lease and loads itself. Measured: 200 cold reads over 4 instances
-//! make 1 source call, the last waiter answered 10 to 55 ms after the source over 10 runs
-//! (the poll interval, 50 ms once a waiter has waited a while, dominates); a cold miss costs three more statements (take, re-read, release): take and
-//! release together p50 0.5 ms, p99 0.75 ms on loopback, debug build (`cargo test --features
-//! postgres --test postgres_fleet -- --ignored --nocapture fill_lease_cost`).
+//! ran out), it takes the lease and loads itself.
+//!
+//! Measured (loopback, debug build): 200 cold reads over 4 instances make 1 source call; the
+//! last waiter answered 10 to 55 ms after the source over 10 runs (the poll interval, 50 ms
+//! once a waiter has waited a while, dominates). A cold miss costs three more statements
+//! (take, re-read, release); take and release together: p50 0.5 ms, p99 0.75 ms (`cargo test
+//! --features postgres --test postgres_fleet -- --ignored --nocapture fill_lease_cost`).
 //!
 //! The **fencing token** (from a sequence: a lease taken over gets a higher one) fences the
 //! lease: only its holder releases it, a late holder cannot free its successor's. The *fill*
