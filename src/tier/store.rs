@@ -506,8 +506,9 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// For a backend shared by several processes: takes the lease on loading `key` from the
     /// source for `lease` (fleet-wide single-flight), unless another instance holds a live
-    /// one ([`FillLease::Busy`]). A lease that runs out (its holder died or hangs) may be
-    /// taken by anyone, with a new, higher token. The cache holds it around the source call
+    /// one ([`FillLease::Busy`]), decided atomically: two instances asking at once never
+    /// both hold it. A lease that runs out (its holder died or hangs) may be taken by anyone,
+    /// with a new, higher token. The cache holds it around the source call
     /// and the fill, then releases it; instances that found it busy wait for the fill in L2.
     /// Default: [`FillLease::Unsupported`] (no lease; single-flight within the process only).
     async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
