@@ -1397,3 +1397,38 @@ async fn fill_lease_cost() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn leases_that_ran_out_are_pruned_by_the_heartbeat() -> TestResult {
+    let t = pg_or_skip!("leases_that_ran_out_are_pruned_by_the_heartbeat");
+    let store = t
+        .store()
+        .heartbeat(Duration::from_millis(50))
+        .connect()
+        .await?;
+    let FillLease::Held(_) = store.fill_lease("dead", Duration::from_millis(1)).await? else {
+        panic!("a free key's lease is taken");
+    };
+    let FillLease::Held(live) = store.fill_lease("live", Duration::from_secs(600)).await? else {
+        panic!("a free key's lease is taken");
+    };
+    // A cache on the store starts its listener, whose heartbeat prunes.
+    let _cache = TieredCache::builder()
+        .store(store.clone())
+        .source(FakeSource::new())
+        .build()?;
+    let t = &t;
+    eventually("the lease that ran out is deleted", || async move {
+        t.one::<i64>("SELECT count(*) FROM {s}.fill_leases WHERE key = 'dead'")
+            .await
+            == 0
+    })
+    .await;
+    assert_eq!(
+        t.one::<i64>("SELECT token FROM {s}.fill_leases WHERE key = 'live'")
+            .await,
+        i64::try_from(live)?,
+        "a live lease is kept"
+    );
+    Ok(())
+}

@@ -211,8 +211,8 @@
 //!
 //! Not leased: keys fetched in a batch (`mget`'s cold keys) and `get_with` loaders. A negative
 //! answer with `negative_ttl` 0 is not stored, so waiters load it again one at a time; so do
-//! waiters after a holder's failed call (the shared breaker then bounds the calls). Rows of
-//! dead holders stay until the key is loaded again (one row per such key).
+//! waiters after a holder's failed call (the shared breaker then bounds the calls). Leases of
+//! dead holders are deleted by the heartbeat's pruning.
 //!
 //! # Limits today
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
