@@ -1432,3 +1432,40 @@ async fn leases_that_ran_out_are_pruned_by_the_heartbeat() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_waiter_gives_up_after_its_own_lease_duration_without_calling() -> TestResult {
+    let t = pg_or_skip!("a_waiter_gives_up_after_its_own_lease_duration_without_calling");
+    let (source, clock) = (FleetSource::new(false), MockClock::new());
+    let (_s, holder, _) = fleet_on(&t, 1, &source, &clock, Duration::from_secs(30), |b| b).await?;
+    let (_s, waiter, _) =
+        fleet_on(&t, 1, &source, &clock, Duration::from_millis(200), |b| b).await?;
+    let held = tokio::spawn({
+        let holder = holder[0].clone();
+        async move { holder.get("k").await }
+    });
+    let s = &source;
+    eventually(
+        "the holder is at the source",
+        || async move { s.calls() == 1 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let err = waiter[0].get("k").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(source.calls(), 1, "the waiter never called");
+    assert!(
+        waited >= Duration::from_millis(1_200),
+        "waited its timeout plus the grace: {waited:?}"
+    );
+    source.open();
+    assert_eq!(held.await??, Some(Bytes::from_static(b"v:k")));
+    assert_eq!(
+        waiter[0].get("k").await?,
+        Some(Bytes::from_static(b"v:k")),
+        "then served from L2"
+    );
+    assert_eq!(source.calls(), 1);
+    Ok(())
+}
