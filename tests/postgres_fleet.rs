@@ -1,7 +1,9 @@
-//! A fleet on one PostgreSQL schema (feature `postgres`, issue #14 item 2): caches in one test
-//! process, each with its own L1 and its own `PostgresStore`, see each other's writes through
-//! the invalidation log and `NOTIFY`; a killed listener reconnects and catches up; a pruned log
-//! clears L1; fills and renewals publish nothing; many keys are split under 8,000 bytes. Each
+//! A fleet on one PostgreSQL schema (feature `postgres`, issue #14 items 2 to 5): caches in one
+//! test process, each with its own L1 and its own `PostgresStore`, see each other's writes
+//! through the invalidation log and `NOTIFY`; a killed listener reconnects and catches up; a
+//! pruned log clears L1; fills and renewals publish nothing; many keys are split under 8,000
+//! bytes; the outbox is drained by the fleet; one breaker and one spent budget stop the fleet
+//! and one probe is sent; a cold key is loaded once for the fleet (fill leases). Each
 //! test runs on its own fresh schema; without a server it says on stderr that it is skipped
 //! (see `support/pg.rs`). Waits are bounded polls of a condition (at most [`WAIT`]), never
 //! fixed sleeps.
