@@ -1,12 +1,16 @@
-//! A fleet on one PostgreSQL schema (feature `postgres`, issue #14 item 2): caches in one test
-//! process, each with its own L1 and its own `PostgresStore`, see each other's writes through
-//! the invalidation log and `NOTIFY`; a killed listener reconnects and catches up; a pruned log
-//! clears L1; fills and renewals publish nothing; many keys are split under 8,000 bytes. Each
+//! A fleet on one PostgreSQL schema (feature `postgres`, issue #14 items 2 to 5): caches in one
+//! test process, each with its own L1 and its own `PostgresStore`, see each other's writes
+//! through the invalidation log and `NOTIFY`; a killed listener reconnects and catches up; a
+//! pruned log clears L1; fills and renewals publish nothing; many keys are split under 8,000
+//! bytes; the outbox is drained by the fleet; one breaker and one spent budget stop the fleet
+//! and one probe is sent; a cold key is loaded once for the fleet (fill leases). Each
 //! test runs on its own fresh schema; without a server it says on stderr that it is skipped
 //! (see `support/pg.rs`). Waits are bounded polls of a condition (at most [`WAIT`]), never
 //! fixed sleeps.
 #![cfg(feature = "postgres")]
 
+#[path = "support/github_fake.rs"]
+mod github_fake;
 #[path = "support/pg.rs"]
 mod pg;
 mod support;
@@ -20,8 +24,10 @@ use futures_util::StreamExt;
 use support::FakeSource;
 use tiercache::source::SourceError;
 use tiercache::tier::postgres::PostgresStore;
-use tiercache::tier::{EntryStore, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry};
-use tiercache::{MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
+use tiercache::tier::{
+    EntryStore, FillLease, Invalidation, Merged, OutboxOp, OutboxStore, StoredEntry,
+};
+use tiercache::{Clock, MockClock, Strategy, Tier, TieredCache, TieredCacheBuilder};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -541,9 +547,10 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> 
         )
         .await?;
     drop(store);
-    // What the first tiercache with PostgreSQL made: no log, no claims.
+    // What the first tiercache with PostgreSQL made: no log, no claims, no fill leases.
     t.exec(
-        "DROP TABLE {s}.invalidations, {s}.invalidations_pruned;
+        "DROP TABLE {s}.invalidations, {s}.invalidations_pruned, {s}.fill_leases;
+         DROP SEQUENCE {s}.fill_lease_tokens;
          ALTER TABLE {s}.outbox DROP COLUMN claimed_by, DROP COLUMN claim_expires;
          UPDATE {s}.schema_version SET version = 1",
     )
@@ -565,6 +572,41 @@ async fn a_version_1_schema_is_migrated_to_the_invalidation_log_and_claims() -> 
     );
     store.enqueue("k", None, OutboxOp::Delete, 1).await?;
     assert_eq!(store.outbox_pending(10).await?.len(), 1, "claimed");
+    assert!(matches!(
+        store.fill_lease("k", Duration::from_secs(1)).await?,
+        FillLease::Held(_)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_2_schema_is_migrated_to_the_fill_leases() -> TestResult {
+    let t = pg_or_skip!("a_version_2_schema_is_migrated_to_the_fill_leases");
+    drop(t.store().connect().await?);
+    t.exec(
+        "DROP TABLE {s}.fill_leases; DROP SEQUENCE {s}.fill_lease_tokens;
+         UPDATE {s}.schema_version SET version = 2",
+    )
+    .await;
+    let store = t.store().connect().await?;
+    assert_eq!(
+        t.one::<i64>("SELECT version FROM {s}.schema_version").await,
+        tiercache::tier::postgres::SCHEMA_VERSION
+    );
+    let lease = Duration::from_secs(30);
+    let FillLease::Held(first) = store.fill_lease("k", lease).await? else {
+        panic!("the first taker holds the lease");
+    };
+    let other = t.store().connect().await?;
+    assert_eq!(other.fill_lease("k", lease).await?, FillLease::Busy);
+    // A late holder's release (an older token) leaves the live lease alone.
+    other.release_fill_lease("k", first + 1_000).await?;
+    assert_eq!(other.fill_lease("k", lease).await?, FillLease::Busy);
+    store.release_fill_lease("k", first).await?;
+    let FillLease::Held(second) = other.fill_lease("k", lease).await? else {
+        panic!("released: the next taker holds it");
+    };
+    assert!(second > first, "a newer lease has a higher fencing token");
     Ok(())
 }
 
@@ -846,5 +888,586 @@ async fn entries_merged_from_a_bundle_on_one_are_read_on_the_others() -> TestRes
         .one("SELECT count(*) FROM {s}.invalidations WHERE key = 'k'")
         .await;
     assert_eq!(logged, 1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #14 items 3 and 4: one breaker and one budget for the fleet, cross-instance single-flight.
+// ---------------------------------------------------------------------------------------------
+
+/// What every instance's [`FleetSource`] shares: the calls made, a gate holding calls until the
+/// test opens it, and scripted answers.
+#[derive(Debug)]
+struct FleetShared {
+    calls: std::sync::atomic::AtomicUsize,
+    /// When each call was made (real time), in order.
+    called_at: std::sync::Mutex<Vec<std::time::Instant>>,
+    /// Calls wait here until it holds `true`.
+    open: tokio::sync::watch::Sender<bool>,
+    /// The next call answers 429 until then (taken by that call).
+    limit_next: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// The next call never answers (its instance "dies" mid-call).
+    hang_next: std::sync::atomic::AtomicBool,
+    /// Calls fail (503) while set.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+/// A source counting calls across the fleet, one per instance (each its own rate-limit budget,
+/// as separate processes' GitHub clients would have), answering `v:<key>`.
+#[derive(Debug, Clone)]
+struct FleetSource {
+    shared: std::sync::Arc<FleetShared>,
+    /// This instance's last known budget ([`Source::rate_limit`]).
+    budget: std::sync::Arc<std::sync::Mutex<Option<tiercache::source::RateLimit>>>,
+    /// The budget the next answer of this instance leaves.
+    budget_after_call: std::sync::Arc<std::sync::Mutex<Option<tiercache::source::RateLimit>>>,
+}
+
+impl FleetSource {
+    fn new(open: bool) -> Self {
+        Self {
+            shared: std::sync::Arc::new(FleetShared {
+                calls: Default::default(),
+                called_at: Default::default(),
+                open: tokio::sync::watch::channel(open).0,
+                limit_next: Default::default(),
+                hang_next: Default::default(),
+                failing: Default::default(),
+            }),
+            budget: Default::default(),
+            budget_after_call: Default::default(),
+        }
+    }
+
+    /// Another instance's client of the same source: calls counted together, its own budget.
+    fn instance(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            budget: Default::default(),
+            budget_after_call: Default::default(),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.shared.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) {
+        self.shared.open.send_replace(true);
+    }
+}
+
+#[async_trait::async_trait]
+impl tiercache::source::Source for FleetSource {
+    async fn fetch(
+        &self,
+        key: &str,
+        _validator: Option<&str>,
+    ) -> Result<tiercache::source::Fetched, SourceError> {
+        self.shared
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .called_at
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
+        if self
+            .shared
+            .hang_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            std::future::pending::<()>().await;
+        }
+        if self
+            .shared
+            .failing
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(support::outage());
+        }
+        if let Some(until) = self.shared.limit_next.lock().unwrap().take() {
+            return Err(SourceError::RateLimited {
+                until,
+                status: Some(429),
+                message: "API rate limit exceeded".into(),
+            });
+        }
+        let mut open = self.shared.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+        if let Some(b) = self.budget_after_call.lock().unwrap().take() {
+            *self.budget.lock().unwrap() = Some(b);
+        }
+        Ok(tiercache::source::Fetched::value(format!("v:{key}")))
+    }
+
+    fn rate_limit(&self) -> Option<tiercache::source::RateLimit> {
+        *self.budget.lock().unwrap()
+    }
+}
+
+/// Prints a measured figure on the process's stderr (not captured by the harness).
+fn measured(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "MEASURED {what}");
+}
+
+/// `n` caches on the test's schema, each with its own store and its own client of `source`,
+/// the L3 breaker persisted (shared by the fleet).
+async fn fleet_on(
+    t: &pg::PgTest,
+    n: usize,
+    source: &FleetSource,
+    clock: &MockClock,
+    timeout: Duration,
+    configure: impl Fn(TieredCacheBuilder) -> TieredCacheBuilder,
+) -> Result<(Vec<PostgresStore>, Vec<TieredCache>, Vec<FleetSource>), Box<dyn std::error::Error>> {
+    let (mut stores, mut caches, mut sources) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+        let instance = source.instance();
+        let cache = configure(
+            TieredCache::builder()
+                .store(store.clone())
+                .source(instance.clone())
+                .clock(clock.clone())
+                .ttl(TTL)
+                .timeout(timeout)
+                .persist_breaker(true),
+        )
+        .build()?;
+        stores.push(store);
+        caches.push(cache);
+        sources.push(instance);
+    }
+    Ok((stores, caches, sources))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_cold_reads_over_four_instances_make_one_source_call() -> TestResult {
+    let t = pg_or_skip!("two_hundred_cold_reads_over_four_instances_make_one_source_call");
+    let (source, clock) = (FleetSource::new(false), MockClock::new());
+    let (_stores, caches, _) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
+    let mut reads = Vec::new();
+    for i in 0..200 {
+        let cache = caches[i % 4].clone();
+        reads.push(tokio::spawn(async move {
+            let value = cache.get("cold").await;
+            (value, std::time::Instant::now())
+        }));
+    }
+    // One load is at the source (held there); on every instance, 49 reads joined its load.
+    let (s, cs) = (&source, &caches);
+    eventually(
+        "one call at the source, every read joined a load",
+        || async move {
+            let mut joined = true;
+            for c in cs {
+                joined &= c.stats().await.coalesced_waiters == 49;
+            }
+            s.calls() >= 1 && joined
+        },
+    )
+    .await;
+    let opened = std::time::Instant::now();
+    source.open();
+    let mut slowest = Duration::ZERO;
+    for read in reads {
+        let (value, at) = read.await?;
+        assert_eq!(value?, Some(Bytes::from_static(b"v:cold")));
+        slowest = slowest.max(at.saturating_duration_since(opened));
+    }
+    assert_eq!(source.calls(), 1, "one source call for the whole fleet");
+    assert_eq!(
+        t.one::<i64>("SELECT count(*) FROM {s}.fill_leases").await,
+        0,
+        "the lease was released"
+    );
+    measured(&format!(
+        "200 cold reads over 4 instances: the last answered {slowest:?} after the source did"
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_lease_holders_key_is_loaded_by_another_after_its_lease() -> TestResult {
+    let t = pg_or_skip!("a_dead_lease_holders_key_is_loaded_by_another_after_its_lease");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    // The holder runs on a runtime of its own, shut down mid-call: a process that died.
+    source
+        .shared
+        .hang_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (dead_source, dead_schema, dead_clock) =
+        (source.instance(), t.schema.clone(), clock.clone());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let dead = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let store = PostgresStore::builder(pg::url())
+                .schema(dead_schema)
+                .heartbeat(SLOW_HEARTBEAT)
+                .connect()
+                .await
+                .expect("a store");
+            let cache = TieredCache::builder()
+                .store(store)
+                .source(dead_source)
+                .clock(dead_clock)
+                .ttl(TTL)
+                .timeout(Duration::from_millis(500))
+                .build()
+                .expect("a cache");
+            tokio::spawn(async move { cache.get("k").await });
+            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        });
+        rt.shutdown_background();
+    });
+    let s = &source;
+    eventually(
+        "the holder called the source",
+        || async move { s.calls() == 1 },
+    )
+    .await;
+    let remaining: f64 = t
+        .one("SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM {s}.fill_leases WHERE key = 'k'")
+        .await;
+    let expires = std::time::Instant::now() + Duration::from_secs_f64(remaining.max(0.0));
+    tx.send(())?;
+    let _ = dead.join();
+
+    let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+    let live = TieredCache::builder()
+        .store(store)
+        .source(source.instance())
+        .clock(clock.clone())
+        .ttl(TTL)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    assert_eq!(live.get("k").await?, Some(Bytes::from_static(b"v:k")));
+    assert_eq!(
+        source.calls(),
+        2,
+        "the dead holder's call, then the taker's"
+    );
+    let second = source.shared.called_at.lock().unwrap()[1];
+    assert!(
+        second + Duration::from_millis(50) >= expires,
+        "the second call waited for the dead holder's lease to run out"
+    );
+    Ok(())
+}
+
+/// Reads `n` distinct cold keys (named `prefix…`) on each cache at once; how many answered Ok.
+async fn read_all(caches: &[TieredCache], prefix: &str, n: usize) -> usize {
+    let reads = caches.iter().enumerate().flat_map(|(c, cache)| {
+        (0..n).map(move |i| {
+            let cache = cache.clone();
+            let key = format!("{prefix}{c}-{i}");
+            async move { cache.get(&key).await.is_ok() }
+        })
+    });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe() -> TestResult {
+    let t = pg_or_skip!("a_429_on_one_instance_stops_the_fleet_until_the_reset_then_one_probe");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let (_stores, caches, _) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
+    // Every instance has called (and found the shared breaker clean) just now.
+    assert_eq!(read_all(&caches, "warm", 1).await, 4);
+    assert_eq!(source.calls(), 4);
+
+    // A sees a 429 with a reset a minute ahead.
+    let reset = clock.now() + Duration::from_secs(60);
+    *source.shared.limit_next.lock().unwrap() = Some(reset);
+    assert!(caches[0].get("limited").await.is_err());
+    assert_eq!(source.calls(), 5);
+
+    // Within a second (the documented bound) no instance sends anything, until the reset.
+    clock.advance(Duration::from_secs(1));
+    for step in [
+        Duration::ZERO,
+        Duration::from_secs(30),
+        Duration::from_millis(28_999),
+    ] {
+        clock.advance(step);
+        assert_eq!(read_all(&caches, "during", 5).await, 0);
+        assert_eq!(source.calls(), 5, "nothing sent before the reset");
+    }
+    assert!(clock.now() < reset);
+
+    // Past the reset: reads on all four at once send exactly one probe (held at the source).
+    source.shared.open.send_replace(false);
+    clock.advance(Duration::from_secs(1));
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut reads = Vec::new();
+    for (c, cache) in caches.iter().enumerate() {
+        for i in 0..10 {
+            let (cache, finished) = (cache.clone(), finished.clone());
+            reads.push(tokio::spawn(async move {
+                let ok = cache.get(&format!("after{c}-{i}")).await.is_ok();
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                ok
+            }));
+        }
+    }
+    // Every read but the probe's is refused while the probe is out.
+    let (s, f) = (&source, &finished);
+    eventually("39 reads refused, the probe at the source", || async move {
+        s.calls() == 6 && f.load(std::sync::atomic::Ordering::SeqCst) == 39
+    })
+    .await;
+    assert_eq!(source.calls(), 6, "exactly one probe fleet-wide");
+    source.open();
+    let mut answered = 0;
+    for read in reads {
+        answered += usize::from(read.await?);
+    }
+    assert_eq!(answered, 1, "only the probe's read was answered");
+    assert_eq!(source.calls(), 6);
+
+    // The probe closed the shared breaker: every instance calls again.
+    assert_eq!(read_all(&caches, "closed", 1).await, 4);
+    assert_eq!(source.calls(), 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_budget_spent_on_one_instance_stops_those_that_never_called() -> TestResult {
+    let t = pg_or_skip!("a_budget_spent_on_one_instance_stops_those_that_never_called");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let (_stores, caches, sources) =
+        fleet_on(&t, 4, &source, &clock, Duration::from_secs(10), |b| b).await?;
+    let reset = clock.now() + Duration::from_secs(60);
+    *sources[0].budget_after_call.lock().unwrap() =
+        Some(tiercache::source::RateLimit::new(5000, 0, reset));
+    // A's answer spends the last of the budget: A has its value, and nobody calls again.
+    assert!(caches[0].get("last").await?.is_some());
+    assert_eq!(source.calls(), 1);
+    assert_eq!(read_all(&caches[1..], "never", 5).await, 0);
+    assert_eq!(
+        source.calls(),
+        1,
+        "B, C, D never called: the shared row says spent"
+    );
+    clock.advance(Duration::from_secs(61));
+    assert!(caches[1].get("after").await?.is_some(), "the probe");
+    assert_eq!(source.calls(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn failures_on_instances_that_missed_an_opening_count_in_the_shared_breaker() -> TestResult {
+    let t = pg_or_skip!("failures_on_instances_that_missed_an_opening_count_in_the_shared_breaker");
+    let (source, clock) = (FleetSource::new(true), MockClock::new());
+    let policy = tiercache::breaker::BreakerPolicy::builder()
+        .failure_threshold(2)
+        .jitter(0.0)
+        .build()?;
+    let (_stores, caches, _) = fleet_on(&t, 3, &source, &clock, Duration::from_secs(10), |b| {
+        b.source_breaker(policy.clone())
+    })
+    .await?;
+    // The shared breaker opens (a 429 on A) and closes again (A's probe), while B and C are idle.
+    *source.shared.limit_next.lock().unwrap() = Some(clock.now() + Duration::from_secs(10));
+    assert!(caches[0].get("limited").await.is_err());
+    clock.advance(Duration::from_secs(11));
+    assert!(caches[0].get("probe").await?.is_some());
+    assert_eq!(source.calls(), 2);
+
+    // The source fails once on B and once on C: two failures in a row for the fleet's breaker.
+    source
+        .shared
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(caches[1].get("b").await.is_err());
+    assert!(caches[2].get("c").await.is_err());
+    assert_eq!(source.calls(), 4);
+    clock.advance(Duration::from_secs(1));
+    assert!(caches[0].get("a").await.is_err());
+    assert_eq!(
+        source.calls(),
+        4,
+        "the shared breaker opened on B's and C's failures"
+    );
+    Ok(())
+}
+
+/// The same against GitHub's answers (a wiremock fake): each instance has its own
+/// `GitHubSource`; a 429 with `Retry-After: 60` seen by the first stops the three others, which
+/// never called, until the reset; then one request, and the fleet calls again.
+#[tokio::test]
+async fn a_github_429_on_one_instance_holds_the_fleet_until_retry_after() -> TestResult {
+    use wiremock::matchers::method;
+    use wiremock::Mock;
+    let t = pg_or_skip!("a_github_429_on_one_instance_holds_the_fleet_until_retry_after");
+    let f = github_fake::Fake::start().await;
+    Mock::given(method("GET"))
+        .respond_with(f.secondary_limit(429, Some("60")))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            f.answer(200, 4000)
+                .insert_header("etag", "\"v1\"")
+                .set_body_raw(b"v".to_vec(), "application/vnd.github.raw"),
+        )
+        .with_priority(2)
+        .mount(&f.server)
+        .await;
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let store = t.store().heartbeat(SLOW_HEARTBEAT).connect().await?;
+        caches.push(
+            TieredCache::builder()
+                .store(store)
+                .source(f.source())
+                .clock(f.clock.clone())
+                .ttl(TTL)
+                .build()?,
+        );
+    }
+    let sent = || async { f.server.received_requests().await.unwrap_or_default().len() };
+    let err = caches[0].get("octo/app/a.txt").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(sent().await, 1);
+    for step in [Duration::ZERO, Duration::from_secs(59)] {
+        f.clock.advance(step);
+        for (i, cache) in caches.iter().enumerate() {
+            let err = cache.get(&format!("octo/app/{i}.txt")).await.unwrap_err();
+            assert!(err.is_unavailable(), "{err}");
+        }
+        assert_eq!(sent().await, 1, "nothing sent before the reset");
+    }
+    f.clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        caches[2].get("octo/app/probe.txt").await?.as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(sent().await, 2, "one probe");
+    for (i, cache) in caches.iter().enumerate() {
+        assert!(cache
+            .get(&format!("octo/app/after{i}.txt"))
+            .await?
+            .is_some());
+    }
+    assert_eq!(sent().await, 6, "closed again: every instance calls");
+    Ok(())
+}
+
+/// What a fill lease adds to a cold miss on PostgreSQL: a take and a release, timed over 500
+/// keys (the third statement, the re-read of L2, is a `get`). Run with `cargo test --features
+/// postgres --test postgres_fleet -- --ignored --nocapture fill_lease_cost`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn fill_lease_cost() -> TestResult {
+    let t = pg_or_skip!("fill_lease_cost");
+    let store = t.store().connect().await?;
+    let lease = Duration::from_secs(16);
+    let mut took = Vec::new();
+    for i in 0..500 {
+        let key = format!("k{i}");
+        let started = std::time::Instant::now();
+        let FillLease::Held(token) = store.fill_lease(&key, lease).await? else {
+            panic!("a free key's lease is taken");
+        };
+        store.release_fill_lease(&key, token).await?;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "take + release of a fill lease, over {} keys: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn leases_that_ran_out_are_pruned_by_the_heartbeat() -> TestResult {
+    let t = pg_or_skip!("leases_that_ran_out_are_pruned_by_the_heartbeat");
+    let store = t
+        .store()
+        .heartbeat(Duration::from_millis(50))
+        .connect()
+        .await?;
+    let FillLease::Held(_) = store.fill_lease("dead", Duration::from_millis(1)).await? else {
+        panic!("a free key's lease is taken");
+    };
+    let FillLease::Held(live) = store.fill_lease("live", Duration::from_secs(600)).await? else {
+        panic!("a free key's lease is taken");
+    };
+    // A cache on the store starts its listener, whose heartbeat prunes.
+    let _cache = TieredCache::builder()
+        .store(store.clone())
+        .source(FakeSource::new())
+        .build()?;
+    let t = &t;
+    eventually("the lease that ran out is deleted", || async move {
+        t.one::<i64>("SELECT count(*) FROM {s}.fill_leases WHERE key = 'dead'")
+            .await
+            == 0
+    })
+    .await;
+    assert_eq!(
+        t.one::<i64>("SELECT token FROM {s}.fill_leases WHERE key = 'live'")
+            .await,
+        i64::try_from(live)?,
+        "a live lease is kept"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_waiter_gives_up_after_its_own_lease_duration_without_calling() -> TestResult {
+    let t = pg_or_skip!("a_waiter_gives_up_after_its_own_lease_duration_without_calling");
+    let (source, clock) = (FleetSource::new(false), MockClock::new());
+    let (_s, holder, _) = fleet_on(&t, 1, &source, &clock, Duration::from_secs(30), |b| b).await?;
+    let (_s, waiter, _) =
+        fleet_on(&t, 1, &source, &clock, Duration::from_millis(200), |b| b).await?;
+    let held = tokio::spawn({
+        let holder = holder[0].clone();
+        async move { holder.get("k").await }
+    });
+    let s = &source;
+    eventually(
+        "the holder is at the source",
+        || async move { s.calls() == 1 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let err = waiter[0].get("k").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(source.calls(), 1, "the waiter never called");
+    assert!(
+        waited >= Duration::from_millis(1_200),
+        "waited its timeout plus the grace: {waited:?}"
+    );
+    source.open();
+    assert_eq!(held.await??, Some(Bytes::from_static(b"v:k")));
+    assert_eq!(
+        waiter[0].get("k").await?,
+        Some(Bytes::from_static(b"v:k")),
+        "then served from L2"
+    );
+    assert_eq!(source.calls(), 1);
     Ok(())
 }

@@ -98,8 +98,8 @@ async fn the_schema_is_created_with_its_version_and_reopened() -> TestResult {
         ))
         .await;
     assert_eq!(
-        tables, 6,
-        "entries, outbox, meta, schema_version, invalidations, invalidations_pruned"
+        tables, 7,
+        "entries, outbox, meta, schema_version, invalidations, invalidations_pruned, fill_leases"
     );
     Ok(())
 }
@@ -117,7 +117,7 @@ async fn unlogged_entries_never_make_the_outbox_or_the_state_unlogged() -> TestR
         )
     };
     assert_eq!(t.one::<String>(&persistence("entries")).await, "u");
-    for table in ["outbox", "meta", "schema_version"] {
+    for table in ["outbox", "meta", "schema_version", "fill_leases"] {
         assert_eq!(t.one::<String>(&persistence(table)).await, "p", "{table}");
     }
     Ok(())

@@ -20,11 +20,13 @@ use crate::error::{Error, Result};
 /// The load's result once there is one, and whether the load is done.
 type Stage<T> = Option<(Result<T>, bool)>;
 type Slot<T> = watch::Receiver<Stage<T>>;
+/// The loads in progress by key, each with the fence token its leader took.
+type Map<T> = Arc<Mutex<HashMap<String, (u64, Slot<T>)>>>;
 
 /// The loads in progress, by key: the fence token their leader took, and their result.
 #[derive(Debug)]
 pub(crate) struct Flights<T> {
-    map: Arc<Mutex<HashMap<String, (u64, Slot<T>)>>>,
+    map: Map<T>,
 }
 
 impl<T> Default for Flights<T> {
@@ -127,7 +129,7 @@ impl<T: Clone> Flight<T> {
 
 /// Unregisters a load when its task ends, however it ends (a panic, a runtime shutdown).
 struct Remove<T> {
-    map: Arc<Mutex<HashMap<String, (u64, Slot<T>)>>>,
+    map: Map<T>,
     key: String,
     rx: Slot<T>,
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::oneshot;
 
+use super::fleet;
 use super::flight::Early;
 use super::read::Seen;
 use super::*;
@@ -82,13 +83,40 @@ pub(super) async fn load(
             return Ok((e, Loaded::AlreadyCached));
         }
     }
+    // In a fleet sharing L2: one instance loads the key, the others wait for its fill.
+    let lease = match via {
+        Via::Fetch => match fleet::turn(&inner, &key, max_age).await {
+            fleet::Turn::Load(lease) => lease,
+            fleet::Turn::Filled(e) => return fleet::adopt(&inner, &key, e, &seen, &early).await,
+            fleet::Turn::TimedOut(e) => return Err(e),
+        },
+        Via::Batch(_) => None,
+    };
+    let result = answer_and_fill(&inner, &key, prev, seen, early, via, kind).await;
+    if let Some(token) = lease {
+        fleet::release(&inner, &key, token).await;
+    }
+    result
+}
+
+/// The source's answer (its own call or a batch's) for the load, filled into the tiers.
+async fn answer_and_fill(
+    inner: &Inner,
+    key: &str,
+    prev: Option<Arc<Entry>>,
+    seen: Seen,
+    early: Early<(Arc<Entry>, Loaded)>,
+    via: Via,
+    kind: RequestKind,
+) -> LoadResult {
+    let clock = inner.clock.clone();
     let settings = &inner.settings;
     let Answer {
         fetched,
         sent,
         answered_at,
     } = match via {
-        Via::Fetch => fetch(&inner, &key, prev.as_deref(), kind).await,
+        Via::Fetch => fetch(inner, key, prev.as_deref(), kind).await,
         Via::Batch(rx) => rx.await.unwrap_or_else(|_| Answer {
             fetched: Err(not_sent()),
             sent: false,
@@ -124,7 +152,7 @@ pub(super) async fn load(
                 inner.stats.source_call(SourceOutcome::Failed);
                 inner.stats.error(Tier::L3);
                 return Err(source_failure(
-                    &key,
+                    key,
                     SourceError::InvalidResponse {
                         message: "the source answered \"not modified\" to an unconditional request"
                             .into(),
@@ -151,13 +179,13 @@ pub(super) async fn load(
         Err(e) if is_not_sent(&e) => {
             // Offline switched on while the call waited for its permit: nothing was sent (and
             // nothing is counted as a source call).
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
         Err(e) if !sent => {
             // The breaker or the rate-limit gate refused the call: nothing was sent, so it is
             // no source call and no L3 error, only a refusal.
             inner.stats.source_refused();
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
         Err(e) => {
             inner
@@ -168,10 +196,10 @@ pub(super) async fn load(
                     SourceOutcome::Failed
                 });
             inner.stats.error(Tier::L3);
-            return Err(source_failure(&key, e));
+            return Err(source_failure(key, e));
         }
     };
-    fill(&inner, &key, entry, how, seen, early).await
+    fill(inner, key, entry, how, seen, early).await
 }
 
 /// One call to [`Source::fetch`] under the guard, conditional on `prev`'s validator.

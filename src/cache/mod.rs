@@ -45,6 +45,7 @@ mod admin;
 mod batch;
 mod builder;
 mod bundle;
+mod fleet;
 mod flight;
 mod invalidate;
 mod load;

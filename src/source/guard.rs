@@ -117,15 +117,20 @@ impl SourceGuard {
             {
                 return self.breaker.try_acquire();
             }
-            let persisted_clean = match store.load_meta(META_KEY).await {
-                Ok(json) => json
-                    .as_deref()
-                    .and_then(|s| serde_json::from_str::<BreakerState>(s).ok())
-                    .is_none_or(|st| st.is_clean()),
-                // L2 unreadable: the memory copy decides.
-                Err(_) => true,
-            };
-            if persisted_clean && self.breaker.is_clean() {
+            // L2 unreadable (or no row): the memory copy decides.
+            let persisted = store.load_meta(META_KEY).await.ok().flatten();
+            let persisted = persisted.and_then(|s| serde_json::from_str::<BreakerState>(&s).ok());
+            if persisted.as_ref().is_none_or(BreakerState::is_clean) && self.breaker.is_clean() {
+                // The fleet's clean row replaces the memory copy, so a permit names the row's
+                // state (its epoch): this call's failure counts in the shared breaker even if
+                // this process missed the row's last opening and closing.
+                if let Some(st) = persisted {
+                    self.breaker.update(|mine, _, _| {
+                        if mine.is_clean() {
+                            *mine = st;
+                        }
+                    });
+                }
                 self.persisted_clean_at.store(now.max(1), Ordering::Relaxed);
                 return self.breaker.try_acquire();
             }

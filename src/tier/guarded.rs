@@ -21,8 +21,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, OutboxOp, OutboxRow, OutboxStore,
-    Resolved, StateStore, Store, StoreSummary, StoredEntry,
+    EntrySink, EntryStore, FillGuard, FillLease, Found, Merged, MetaUpdate, OutboxOp, OutboxRow,
+    OutboxStore, Resolved, StateStore, Store, StoreSummary, StoredEntry,
 };
 use crate::breaker::{BreakerPolicy, BreakerStatus, CircuitBreaker, Outcome};
 use crate::clock::Clock;
@@ -208,6 +208,29 @@ impl EntryStore for Guarded {
 
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<Merged>> {
         self.write(self.inner.merge(entries)).await
+    }
+
+    /// Only while L2 is healthy, never through a breaker's permit: a lease is an optimization,
+    /// so it must not be a breaker's probe (the no-op answer of a store without leases would
+    /// close it), and an unhealthy L2 is not waited on (loads go on with the process's own
+    /// single-flight). A failure counts as on the healthy path of any call.
+    async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Ok(FillLease::Unsupported);
+        }
+        let result = self.inner.fill_lease(key, lease).await;
+        self.after_healthy_call(&self.writes, &result);
+        result
+    }
+
+    /// As `fill_lease`: skipped while L2 is unhealthy (the lease then runs out).
+    async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let result = self.inner.release_fill_lease(key, token).await;
+        self.after_healthy_call(&self.writes, &result);
+        result
     }
 }
 

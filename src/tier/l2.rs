@@ -70,6 +70,18 @@ impl L2 {
         self.store.renew_fill(key, deadlines, guard).await
     }
 
+    pub(crate) async fn fill_lease(
+        &self,
+        key: &str,
+        lease: std::time::Duration,
+    ) -> Result<super::FillLease> {
+        self.store.fill_lease(key, lease).await
+    }
+
+    pub(crate) async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        self.store.release_fill_lease(key, token).await
+    }
+
     pub(crate) async fn remove(&self, key: &str) -> Result<()> {
         self.store.remove(key).await
     }

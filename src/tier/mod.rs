@@ -13,7 +13,7 @@ pub mod sqlite;
 pub mod store;
 
 pub use store::{
-    EntrySink, EntryStore, FillGuard, Found, Invalidation, Invalidations, Listening, Merged,
-    MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved, StateStore, Store,
+    EntrySink, EntryStore, FillGuard, FillLease, Found, Invalidation, Invalidations, Listening,
+    Merged, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved, StateStore, Store,
     StoreSummary, StoredEntry,
 };

@@ -378,6 +378,21 @@ impl Invalidations {
     }
 }
 
+/// What [`EntryStore::fill_lease`] answered: whether this instance may load a key from the
+/// source now, or another instance is loading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FillLease {
+    /// The store keeps no leases (the default): single-flight is per process only.
+    Unsupported,
+    /// This instance holds the key's lease, until it releases it or the lease runs out. The
+    /// fencing token is higher than that of every lease granted before on the key: only its
+    /// holder can release it ([`EntryStore::release_fill_lease`]).
+    Held(u64),
+    /// Another instance holds a live lease on the key: it is loading it.
+    Busy,
+}
+
 /// A read-modify-write of one named value ([`StateStore::update_meta`]): given the value held
 /// (`None`: none), returns the value to hold (`None`: remove it).
 pub type MetaUpdate = Box<dyn FnOnce(Option<String>) -> Option<String> + Send>;
@@ -487,6 +502,25 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Called once by each cache built on the store, from within a Tokio runtime.
     fn invalidations(&self) -> Option<Invalidations> {
         None
+    }
+
+    /// For a backend shared by several processes: takes the lease on loading `key` from the
+    /// source for `lease` (fleet-wide single-flight), unless another instance holds a live
+    /// one ([`FillLease::Busy`]), decided atomically: two instances asking at once never
+    /// both hold it. A lease that runs out (its holder died or hangs) may be taken by anyone,
+    /// with a new, higher token. The cache holds it around the source call
+    /// and the fill, then releases it; instances that found it busy wait for the fill in L2.
+    /// Default: [`FillLease::Unsupported`] (no lease; single-flight within the process only).
+    async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
+        let _ = (key, lease);
+        Ok(FillLease::Unsupported)
+    }
+
+    /// Releases `key`'s lease if it is still the one granted with `token` (a lease that ran
+    /// out and was taken by another instance is left alone). Default: nothing.
+    async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        let _ = (key, token);
+        Ok(())
     }
 
     /// Every entry whose key starts with `prefix` (`""`: all) and has **no pending** (not

@@ -393,7 +393,8 @@ async fn catch_up(
 }
 
 /// Deletes the log rows older than the retention, by one listener of the fleet at a time (an
-/// advisory lock tried, not waited for), recording how far it went.
+/// advisory lock tried, not waited for), recording how far it went; and the fill leases that
+/// ran out.
 async fn prune(fleet: &Fleet, client: &mut Client) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let got: bool = tx
@@ -413,6 +414,13 @@ async fn prune(fleet: &Fleet, client: &mut Client) -> Result<(), tokio_postgres:
             mark = table(fleet, "invalidations_pruned"),
         );
         tx.execute(&sql, &[&fleet.retention.as_secs_f64()]).await?;
+        // Fill leases that ran out (their holders died): free to take anyway, so deleting
+        // them changes nothing but the table's size.
+        let sql = format!(
+            "DELETE FROM {} WHERE expires_at < clock_timestamp()",
+            table(fleet, "fill_leases")
+        );
+        tx.execute(&sql, &[]).await?;
     }
     tx.commit().await
 }

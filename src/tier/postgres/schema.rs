@@ -67,6 +67,18 @@ CREATE TABLE {s}.invalidations_pruned (
 INSERT INTO {s}.invalidations_pruned (through) VALUES (0);
 ";
 
+/// What version 3 adds to version 2 (and a new schema has too): the leases of fleet-wide
+/// single-flight (`lease.rs`) and the sequence of their fencing tokens.
+const VERSION_3: &str = "
+CREATE SEQUENCE {s}.fill_lease_tokens;
+CREATE TABLE {s}.fill_leases (
+    key        text PRIMARY KEY,
+    token      bigint NOT NULL,
+    holder     text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+";
+
 /// Creates the schema `name`, or checks and migrates it; returns whether `entries` is
 /// UNLOGGED. One transaction, under an advisory lock on the schema's name: instances starting
 /// together set it up once. A newer or foreign schema is refused before any write (the
@@ -111,11 +123,16 @@ pub(super) async fn open(
             .map(|r| r.get(0));
         match found {
             Some(v) if v == SCHEMA_VERSION => {}
-            // Version 1 (no invalidation log): migrated in this transaction.
-            Some(1) => {
-                tx.batch_execute(&VERSION_2.replace("{s}", &quoted))
+            // Version 1 (no invalidation log), 2 (no leases): migrated in this transaction.
+            Some(v @ (1 | 2)) => {
+                let steps = if v == 1 {
+                    [VERSION_2, VERSION_3].concat()
+                } else {
+                    VERSION_3.to_owned()
+                };
+                tx.batch_execute(&steps.replace("{s}", &quoted))
                     .await
-                    .map_err(fail("migrate to version 2"))?;
+                    .map_err(fail("migrate to the current version"))?;
                 tx.execute(
                     &format!("UPDATE {quoted}.schema_version SET version = $1"),
                     &[&SCHEMA_VERSION],
@@ -175,6 +192,7 @@ pub(super) async fn open(
                 .replace("{unlogged}", if unlogged { "UNLOGGED" } else { "" }),
         );
         ddl.push_str(&VERSION_2.replace("{s}", &quoted));
+        ddl.push_str(&VERSION_3.replace("{s}", &quoted));
         tx.batch_execute(&ddl)
             .await
             .map_err(fail("create the tables"))?;

@@ -4,17 +4,17 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use deadpool_postgres::{Object, Transaction};
-use tokio_postgres::{Row, Statement};
+use tokio_postgres::Statement;
 
 use super::notify;
+use super::rows::{op_of, row_to_entry, row_to_outbox};
 use super::schema::{storage, LOCK};
 use super::{to_i64, to_u64, PostgresStore};
 use crate::error::{Error, Result};
 use crate::tier::{
-    EntryStore, FillGuard, Found, MetaUpdate, Observed, OutboxOp, OutboxRow, OutboxStore, Resolved,
-    StateStore, StoreSummary, StoredEntry,
+    EntryStore, FillGuard, FillLease, Found, MetaUpdate, Observed, OutboxOp, OutboxRow,
+    OutboxStore, Resolved, StateStore, StoreSummary, StoredEntry,
 };
 
 type Pg = tokio_postgres::Error;
@@ -52,40 +52,6 @@ async fn under_lock<T>(
     let lock = async { tx.execute(&st, &[&names.as_slice()]).await };
     let (_, out) = tokio::try_join!(lock, write)?;
     Ok(out)
-}
-
-fn row_to_entry(r: &Row, offset: usize) -> Result<StoredEntry, Pg> {
-    let value: Option<Vec<u8>> = r.try_get(offset)?;
-    Ok(StoredEntry::new(
-        value.map(Bytes::from),
-        r.try_get(offset + 1)?,
-        to_u64(r.try_get(offset + 2)?),
-        to_u64(r.try_get(offset + 3)?),
-        to_u64(r.try_get(offset + 4)?),
-    ))
-}
-
-fn op_of(op: &str, value: Option<Vec<u8>>) -> OutboxOp {
-    match op {
-        "put" => OutboxOp::Put(value.map(Bytes::from).unwrap_or_default()),
-        _ => OutboxOp::Delete,
-    }
-}
-
-fn row_to_outbox(r: &Row) -> Result<OutboxRow, Pg> {
-    let op: String = r.try_get(2)?;
-    let mut row = OutboxRow::new(
-        r.try_get(0)?,
-        r.try_get::<_, String>(1)?,
-        op_of(&op, r.try_get(3)?),
-        to_u64(r.try_get(4)?),
-    );
-    row.attempts = u32::try_from(r.try_get::<_, i32>(5)?).unwrap_or(0);
-    row.next_attempt = to_u64(r.try_get(6)?);
-    row.last_error = r.try_get(7)?;
-    row.dead = r.try_get(8)?;
-    row.superseded = r.try_get(9)?;
-    Ok(row)
 }
 
 pub(super) async fn put_entry(
@@ -290,6 +256,15 @@ impl EntryStore for PostgresStore {
     /// One transaction per chunk of entries (see `merge.rs`): the written keys published.
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<crate::tier::Merged>> {
         self.merge_entries(entries).await
+    }
+
+    /// Fleet-wide single-flight: one upsert (see `lease.rs`).
+    async fn fill_lease(&self, key: &str, lease: std::time::Duration) -> Result<FillLease> {
+        self.take_fill_lease(key, lease).await
+    }
+
+    async fn release_fill_lease(&self, key: &str, token: u64) -> Result<()> {
+        self.drop_fill_lease(key, token).await
     }
 
     /// The other instances' writes, from this store's listener (one per store, started by the
