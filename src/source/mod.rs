@@ -168,6 +168,38 @@ pub trait Source: Send + Sync + fmt::Debug + 'static {
         Ok(answers)
     }
 
+    /// Revalidates many cached values at once: `items` are `(key, validator)` pairs, the
+    /// validator the one stored with the cached copy. The answers are those of
+    /// [`fetch`](Self::fetch) with that validator ([`Fetched::NotModified`] when the copy is
+    /// still current), one per item in order; `Err` fails the batch as a whole, as in
+    /// [`fetch_many`](Self::fetch_many). The cache calls it only when
+    /// [`revalidates_in_bulk`](Self::revalidates_in_bulk) says so. The default revalidates the
+    /// items one by one, with the same early exits as `fetch_many`'s default.
+    ///
+    /// # Errors
+    /// A classified [`SourceError`] for the whole batch.
+    async fn revalidate_many(
+        &self,
+        items: &[(&str, &str)],
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        let mut answers = Vec::with_capacity(items.len());
+        for (key, validator) in items {
+            match self.fetch(key, Some(validator)).await {
+                Err(e) if e.rate_limited_until().is_some() => return Err(e),
+                Err(e) if e.counts_as_failure() && answers.is_empty() => return Err(e),
+                answer => answers.push(answer),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Whether [`revalidate_many`](Self::revalidate_many) costs less than one
+    /// [`fetch`](Self::fetch) per key. Default `false`: the cache then revalidates held
+    /// entries one conditional call per key, concurrently.
+    fn revalidates_in_bulk(&self) -> bool {
+        false
+    }
+
     /// How many keys one [`fetch_many`](Self::fetch_many) call may carry. The default, 1, says
     /// the source does not batch: the cache then fetches cold misses one call per key,
     /// concurrently.

@@ -30,6 +30,7 @@ pub struct GitHubSourceBuilder {
     commit_message: String,
     clock: Arc<dyn Clock>,
     graphql_batch: usize,
+    by_commit: bool,
 }
 
 impl Default for GitHubSourceBuilder {
@@ -43,6 +44,7 @@ impl Default for GitHubSourceBuilder {
             commit_message: DEFAULT_COMMIT_MESSAGE.to_owned(),
             clock: Arc::new(SystemClock),
             graphql_batch: DEFAULT_BATCH,
+            by_commit: false,
         }
     }
 }
@@ -132,6 +134,18 @@ impl GitHubSourceBuilder {
         self
     }
 
+    /// Revalidation pinned to a commit (see the module documentation, "Revalidation by
+    /// commit"): batches read files at the ref's resolved commit and record it in each value's
+    /// validator, and [`revalidate_many`](crate::source::Source::revalidate_many) decides for
+    /// all the entries of one repository and ref with one conditional "Get a commit" request
+    /// (free when GitHub answers 304), then "Compare two commits" when the ref moved. Default:
+    /// off (a batch is one GraphQL request, with no extra request to resolve the ref, and every
+    /// revalidation is one conditional request per file).
+    pub fn revalidate_by_commit(mut self, on: bool) -> Self {
+        self.by_commit = on;
+        self
+    }
+
     /// Builds the source.
     ///
     /// The HTTP client is made now when called inside a tokio runtime, else on the first call
@@ -207,6 +221,8 @@ impl GitHubSourceBuilder {
             limits: Mutex::new(Limits::default()),
             graphql_batch: self.graphql_batch,
             graphql_missing: Default::default(),
+            by_commit: self.by_commit,
+            moves: Mutex::new(Default::default()),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             let client = source.make_client().map_err(config_err)?;

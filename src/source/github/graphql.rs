@@ -50,6 +50,7 @@ use serde_json::{json, Map, Value};
 use super::codec;
 use super::key::GitHubKey;
 use super::{GitHubSource, LOG_TARGET};
+use crate::key::KeyError;
 use crate::source::{Fetched, SourceError};
 
 /// Keys per GraphQL request, by default and at most.
@@ -89,10 +90,24 @@ impl GitHubSource {
         &self,
         keys: &[&str],
     ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        let parsed: Vec<Result<GitHubKey, KeyError>> =
+            keys.iter().map(|k| GitHubKey::parse(k)).collect();
+        if self.by_commit {
+            return self.fetch_at_commits(parsed).await;
+        }
+        self.fetch_parsed(parsed).await
+    }
+
+    /// [`fetch_many_inner`](Self::fetch_many_inner) of keys already parsed, read at their
+    /// refs as given.
+    pub(super) async fn fetch_parsed(
+        &self,
+        keys: Vec<Result<GitHubKey, KeyError>>,
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
         let mut answers: Vec<Option<Result<Fetched, SourceError>>> = vec![None; keys.len()];
         let mut valid: Vec<(usize, GitHubKey)> = Vec::with_capacity(keys.len());
-        for (i, k) in keys.iter().enumerate() {
-            match GitHubKey::parse(k) {
+        for (i, k) in keys.into_iter().enumerate() {
+            match k {
                 Ok(k) => valid.push((i, k)),
                 Err(e) => answers[i] = Some(Err(SourceError::InvalidKey(e))),
             }

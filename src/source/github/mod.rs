@@ -35,6 +35,7 @@
 
 mod builder;
 mod codec;
+mod commits;
 mod contents;
 mod graphql;
 mod key;
@@ -108,6 +109,10 @@ pub struct GitHubSource {
     graphql_batch: usize,
     /// The GraphQL endpoint answered 404: batches go through REST.
     graphql_missing: AtomicBool,
+    /// Revalidation pinned to a commit (`commits.rs`).
+    by_commit: bool,
+    /// The refs' last commits and the moves verified (`commits.rs`).
+    moves: Mutex<commits::Moves>,
 }
 
 impl fmt::Debug for GitHubSource {
@@ -198,7 +203,7 @@ impl Source for GitHubSource {
     /// TTL of [`PINNED_TTL`]: what a commit holds never changes, so it is never asked again.
     async fn fetch(&self, key: &str, validator: Option<&str>) -> Result<Fetched, SourceError> {
         let key = GitHubKey::parse(key).map_err(SourceError::InvalidKey)?;
-        let fetched = self.within(self.fetch_inner(&key, validator)).await?;
+        let fetched = self.within(self.fetch_validated(&key, validator)).await?;
         Ok(pin(&key, fetched))
     }
 
@@ -232,6 +237,22 @@ impl Source for GitHubSource {
             }
         }
         Ok(answers)
+    }
+
+    /// With [`GitHubSourceBuilder::revalidate_by_commit`]: one conditional "Get a commit"
+    /// request per (repository, ref) decides for all its entries, "Compare two commits" names
+    /// what changed, and only the changed files are read again, in one batch (see `commits.rs`
+    /// and the module documentation). Without it: one conditional request per key.
+    async fn revalidate_many(
+        &self,
+        items: &[(&str, &str)],
+    ) -> Result<Vec<Result<Fetched, SourceError>>, SourceError> {
+        self.within(self.revalidate_inner(items)).await
+    }
+
+    /// [`GitHubSourceBuilder::revalidate_by_commit`].
+    fn revalidates_in_bulk(&self) -> bool {
+        self.by_commit
     }
 
     /// [`GitHubSourceBuilder::graphql_batch`] when a token is set, else 1 (no batching).
