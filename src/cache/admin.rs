@@ -1,15 +1,11 @@
-//! Administration: write-behind flush and dead letters, close, warm, stats, health, breakers.
+//! Administration: write-behind flush and dead letters, close, stats, health, breakers (warm
+//! and refresh: `warm.rs`).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::*;
-use tokio::sync::oneshot;
 
-use super::flight::Flight;
-use super::load::{fetch_batches, Answer, Via};
-use crate::stats::{RequestEvent, RequestKind};
-use crate::tier::{Observed, Resolved};
+use crate::tier::Resolved;
 
 impl TieredCache {
     // ---------------------------------------------------------------- write-behind
@@ -159,204 +155,6 @@ impl TieredCache {
                 tracing::warn!(key, error = %e, "could not drop the L2 copy of an undelivered write");
             }
         }
-    }
-
-    // ---------------------------------------------------------------- warm
-
-    /// Fetches every key the source lists under `prefix` into the cache (conditional requests
-    /// for what is already held; the others in batches when the source batches, as in
-    /// [`mget`](Self::mget)), with bounded concurrency, calling `progress` after each key.
-    /// This is what makes a folder of components available offline.
-    ///
-    /// # Errors
-    /// [`Error::Source`] / [`Error::Unavailable`] when the listing fails. Per-key failures are in
-    /// the summary.
-    pub async fn warm(
-        &self,
-        prefix: &str,
-        progress: impl Fn(WarmProgress) + Send + Sync,
-    ) -> Result<WarmSummary> {
-        if self.inner.closed.load(Ordering::Relaxed) {
-            return Err(Error::Closed);
-        }
-        if self.is_offline() {
-            return Err(Error::Unavailable {
-                key: prefix.to_owned(),
-                reason: StaleReason::Offline,
-                source: SourceError::Unavailable {
-                    status: None,
-                    message: "offline mode is on: the source was not contacted".into(),
-                },
-            });
-        }
-        let inner = &*self.inner;
-        // Warm is background work: below the budget reserve, not even the listing is sent.
-        if let Some(budget) = inner.source.rate_limit() {
-            if !inner
-                .background
-                .admits(RequestKind::Warm, Some(budget), self.now())
-            {
-                inner
-                    .stats
-                    .request(RequestKind::Warm, RequestEvent::SkippedBudget);
-                return Err(Error::Unavailable {
-                    key: prefix.to_owned(),
-                    reason: StaleReason::RateLimited,
-                    source: SourceError::RateLimited {
-                        until: budget.reset,
-                        status: None,
-                        message: format!(
-                            "{} requests left, at or below the budget reserve: warm is background work and waits for the reset",
-                            budget.remaining
-                        ),
-                    },
-                });
-            }
-        }
-        let offline = inner.offline.clone();
-        let keys = guarded(
-            &inner.guard,
-            inner.settings.timeout,
-            || !offline.load(Ordering::SeqCst),
-            inner.source.list(prefix),
-        )
-        .await
-        .map_err(|e| source_failure(prefix, e))?;
-        let total = keys.len();
-        let mut summary = WarmSummary {
-            listed: total,
-            ..WarmSummary::default()
-        };
-        let done = std::sync::atomic::AtomicUsize::new(0);
-        let tick = || {
-            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-            progress(WarmProgress { done: n, total });
-        };
-        // A source that batches gets the cold keys (nothing held to revalidate) in batches;
-        // the others go one conditional request each, below.
-        let (mut results, keys) = if inner.source.max_batch() > 1 {
-            let mut batch = Vec::new();
-            let mut turns = Vec::new();
-            let mut later = Vec::new();
-            for k in keys {
-                match self.warm_turn(&k, Some(&mut batch)).await {
-                    Ok(WarmTurn::Later) => later.push(k),
-                    turn => turns.push((k, turn)),
-                }
-            }
-            let waited = futures_util::future::join_all(turns.into_iter().map(|(k, turn)| {
-                let tick = &tick;
-                async move {
-                    let r = match turn {
-                        Ok(turn) => turn.wait().await,
-                        Err(e) => Err(e),
-                    };
-                    tick();
-                    (k, r)
-                }
-            }));
-            let (_, results) = tokio::join!(fetch_batches(inner, batch, RequestKind::Warm), waited);
-            (results, later)
-        } else {
-            (Vec::new(), keys)
-        };
-        let one_by_one: Vec<(String, Result<Loaded>)> = stream::iter(keys)
-            .map(|k| {
-                let tick = &tick;
-                async move {
-                    let r = match self.warm_turn(&k, None).await {
-                        Ok(turn) => turn.wait().await,
-                        Err(e) => Err(e),
-                    };
-                    tick();
-                    (k, r)
-                }
-            })
-            .buffer_unordered(self.inner.settings.fetch_concurrency)
-            .collect()
-            .await;
-        results.extend(one_by_one);
-        for (k, r) in results {
-            match r {
-                Ok(Loaded::Fetched) => summary.fetched += 1,
-                Ok(Loaded::NotModified) => summary.not_modified += 1,
-                Ok(Loaded::AlreadyCached) => summary.cached += 1,
-                Ok(Loaded::SkippedBudget) => summary.skipped_budget += 1,
-                Err(e) => summary.failed.push((k, crate::error::chain_text(&e))),
-            }
-        }
-        summary.failed.sort();
-        Ok(summary)
-    }
-
-    /// One key of [`warm`](Self::warm) up to its load. With `batch`, a cold key's load gets
-    /// its answer from the batch (which the caller sends), and a key held with a validator is
-    /// left for [`WarmTurn::Later`].
-    async fn warm_turn(
-        &self,
-        key: &str,
-        batch: Option<&mut Vec<(String, oneshot::Sender<Answer>)>>,
-    ) -> Result<WarmTurn> {
-        self.check(key)?;
-        let inner = &*self.inner;
-        let now = self.now();
-        let token = inner.fences.token(key);
-        let (held, observed) = match inner.l2.get(key).await {
-            Ok(e) => {
-                let observed = Observed::of(&e);
-                (e.filter(|e| e.is_servable(now)).map(Arc::new), observed)
-            }
-            Err(_) => (inner.l1.get(key).await, Observed::Unknown),
-        };
-        if held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
-            return Ok(WarmTurn::Done(Loaded::AlreadyCached));
-        }
-        // An undelivered write of the key is newer than anything the source could say.
-        if let Some(outbox) = &inner.outbox {
-            if outbox.queue().newest(key).await?.is_some() {
-                return Ok(WarmTurn::Done(Loaded::AlreadyCached));
-            }
-        }
-        // Checked per key: the budget may run down to the reserve during the warm.
-        let kind = RequestKind::Warm;
-        if !inner
-            .background
-            .admits(kind, inner.source.rate_limit(), now)
-        {
-            inner.stats.request(kind, RequestEvent::SkippedBudget);
-            return Ok(WarmTurn::Done(Loaded::SkippedBudget));
-        }
-        let cold = held.as_ref().is_none_or(|e| e.revalidator().is_none());
-        let via = match batch {
-            Some(_) if !cold => return Ok(WarmTurn::Later),
-            Some(batch) => {
-                let (tx, rx) = oneshot::channel();
-                batch.push((key.to_owned(), tx));
-                Via::Batch(rx)
-            }
-            None => Via::Fetch,
-        };
-        let seen = super::read::Seen {
-            token,
-            observed,
-            outbox_checked: true,
-            kind,
-        };
-        let flight = inner.flights.join(key, token, |early| {
-            load(
-                self.inner.clone(),
-                key.to_owned(),
-                held,
-                None,
-                seen,
-                early,
-                via,
-            )
-        });
-        if !flight.leader {
-            inner.stats.request(kind, RequestEvent::Deduplicated);
-        }
-        Ok(WarmTurn::Waiting(flight))
     }
 
     // ---------------------------------------------------------------- introspection
@@ -534,25 +332,5 @@ impl TieredCache {
             .sqlite
             .as_ref()
             .map_or(0, |s| s.read_statements())
-    }
-}
-
-/// One key of [`TieredCache::warm`] at its load.
-enum WarmTurn {
-    /// Nothing to load.
-    Done(Loaded),
-    /// Its load, joined.
-    Waiting(Flight<(Arc<Entry>, Loaded)>),
-    /// Held with a validator: revalidated one by one, after the batches.
-    Later,
-}
-
-impl WarmTurn {
-    async fn wait(self) -> Result<Loaded> {
-        match self {
-            Self::Done(how) => Ok(how),
-            Self::Waiting(flight) => flight.wait().await.map(|(_, how)| how),
-            Self::Later => Ok(Loaded::AlreadyCached),
-        }
     }
 }

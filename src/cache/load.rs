@@ -269,70 +269,95 @@ async fn call_source<T>(
 /// to its load ([`Via::Batch`]).
 pub(super) async fn fetch_batches(
     inner: &Inner,
-    mut keys: Vec<(String, oneshot::Sender<Answer>)>,
+    keys: Vec<(String, oneshot::Sender<Answer>)>,
     kind: RequestKind,
 ) {
     let max = inner.source.max_batch().max(1);
+    let mut keys: Vec<BatchItem> = keys.into_iter().map(|(k, tx)| (k, None, tx)).collect();
     let mut batches = Vec::new();
     while !keys.is_empty() {
         let rest = keys.split_off(keys.len().min(max));
         batches.push(std::mem::replace(&mut keys, rest));
     }
     stream::iter(batches)
-        .for_each_concurrent(inner.settings.fetch_concurrency, |batch| async move {
-            let names: Vec<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
-            // A key whose own answer says the source failed: the breaker hears of it (the call
-            // reads as failed), and every key keeps its own answer.
-            let partial = std::sync::Mutex::new(None);
-            let call = async {
-                let answers = inner.source.fetch_many(&names).await?;
-                let failed = answers
-                    .iter()
-                    .find_map(|a| a.as_ref().err().filter(|e| e.counts_as_failure()).cloned());
-                match failed {
-                    Some(e) => {
-                        *partial.lock().unwrap_or_else(|p| p.into_inner()) = Some(answers);
-                        Err(e)
-                    }
-                    None => Ok(answers),
-                }
-            };
-            let before = inner.source.rate_limit();
-            let (fetched, sent, answered_at) = call_source(inner, Op::Mget, call).await;
-            if sent {
-                record_budget(inner, kind, before);
-            }
-            let partial = partial.into_inner().unwrap_or_else(|p| p.into_inner());
-            let fetched = match (fetched, partial) {
-                (Err(_), Some(answers)) => Ok(answers),
-                (fetched, _) => fetched,
-            };
-            let mut answers = match fetched {
-                Ok(answers) if answers.len() == batch.len() => answers,
-                Ok(answers) => {
-                    let e = SourceError::InvalidResponse {
-                        message: format!(
-                            "the source answered {} of a batch of {} keys",
-                            answers.len(),
-                            batch.len()
-                        ),
-                    };
-                    vec![Err(e); batch.len()]
-                }
-                Err(e) => vec![Err(e); batch.len()],
-            }
-            .into_iter();
-            for (_, tx) in batch {
-                let fetched = answers.next().unwrap_or_else(|| Err(not_sent()));
-                // A load that found its key in L1 meanwhile has stopped listening.
-                let _ = tx.send(Answer {
-                    fetched,
-                    sent,
-                    answered_at,
-                });
-            }
+        .for_each_concurrent(inner.settings.fetch_concurrency, |batch| {
+            one_batch(inner, batch, kind)
         })
         .await;
+}
+
+/// A key of a batch: its name, the validator to revalidate with (`None`: a cold fetch), and
+/// where its load waits for the answer.
+pub(super) type BatchItem = (String, Option<String>, oneshot::Sender<Answer>);
+
+/// One batch under one breaker permit: [`Source::fetch_many`] when no key has a validator,
+/// else [`Source::revalidate_many`] (every key must then have one); each key's answer is
+/// handed to its load.
+pub(super) async fn one_batch(inner: &Inner, batch: Vec<BatchItem>, kind: RequestKind) {
+    let names: Vec<&str> = batch.iter().map(|(k, _, _)| k.as_str()).collect();
+    let pairs: Option<Vec<(&str, &str)>> = batch
+        .iter()
+        .map(|(k, v, _)| v.as_deref().map(|v| (k.as_str(), v)))
+        .collect();
+    let revalidate = batch.iter().any(|(_, v, _)| v.is_some());
+    // A key whose own answer says the source failed: the breaker hears of it (the call
+    // reads as failed), and every key keeps its own answer.
+    let partial = std::sync::Mutex::new(None);
+    let call = async {
+        let answers = match (&pairs, revalidate) {
+            (Some(pairs), true) => inner.source.revalidate_many(pairs).await?,
+            (None, true) => {
+                return Err(SourceError::InvalidResponse {
+                    message: "a revalidation batch holds a key without a validator".into(),
+                })
+            }
+            (_, false) => inner.source.fetch_many(&names).await?,
+        };
+        let failed = answers
+            .iter()
+            .find_map(|a| a.as_ref().err().filter(|e| e.counts_as_failure()).cloned());
+        match failed {
+            Some(e) => {
+                *partial.lock().unwrap_or_else(|p| p.into_inner()) = Some(answers);
+                Err(e)
+            }
+            None => Ok(answers),
+        }
+    };
+    let before = inner.source.rate_limit();
+    let (fetched, sent, answered_at) = call_source(inner, Op::Mget, call).await;
+    if sent {
+        record_budget(inner, kind, before);
+    }
+    let partial = partial.into_inner().unwrap_or_else(|p| p.into_inner());
+    let fetched = match (fetched, partial) {
+        (Err(_), Some(answers)) => Ok(answers),
+        (fetched, _) => fetched,
+    };
+    let mut answers = match fetched {
+        Ok(answers) if answers.len() == batch.len() => answers,
+        Ok(answers) => {
+            let e = SourceError::InvalidResponse {
+                message: format!(
+                    "the source answered {} of a batch of {} keys",
+                    answers.len(),
+                    batch.len()
+                ),
+            };
+            vec![Err(e); batch.len()]
+        }
+        Err(e) => vec![Err(e); batch.len()],
+    }
+    .into_iter();
+    for (_, _, tx) in batch {
+        let fetched = answers.next().unwrap_or_else(|| Err(not_sent()));
+        // A load that found its key in L1 meanwhile has stopped listening.
+        let _ = tx.send(Answer {
+            fetched,
+            sent,
+            answered_at,
+        });
+    }
 }
 
 /// Writes what a load got into L1, then L2. L1 first (readers see the answer at once, and the
