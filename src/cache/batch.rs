@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use super::load::fetch_batches;
+use super::load::{fetch_batches, BatchItem};
+use super::warm::revalidate_batches;
 use super::read::{Probe, Seen};
 use super::*;
 use crate::tier::Observed;
@@ -10,7 +11,9 @@ use crate::tier::Observed;
 impl TieredCache {
     /// Looks up many keys at once: one pass over L1, one SQL statement for all L1 misses, and
     /// the source for what is left. Keys held with a validator are revalidated one conditional
-    /// call each (with bounded concurrency); cold keys go in batches of
+    /// call each (with bounded concurrency), or in bulk through
+    /// [`Source::revalidate_many`](crate::source::Source::revalidate_many) when the source
+    /// [revalidates in bulk](crate::source::Source::revalidates_in_bulk); cold keys go in batches of
     /// [`Source::max_batch`](crate::source::Source::max_batch) through
     /// [`Source::fetch_many`](crate::source::Source::fetch_many) when the source batches (one
     /// call per key otherwise). Every key stays single-flight with concurrent reads.
@@ -145,12 +148,14 @@ impl TieredCache {
         // The source, for what is left: the cold keys (nothing to revalidate with) in batches
         // when the source batches, the others one call each.
         let distinct_ref = &distinct;
-        let batches = inner.source.max_batch() > 1 && inner.settings.strategy.reads_through();
+        let reads_through = inner.settings.strategy.reads_through();
+        let batches = inner.source.max_batch() > 1 && reads_through;
+        let bulk = inner.source.revalidates_in_bulk() && reads_through;
         let (cold, to_source): (Vec<usize>, Vec<usize>) = to_source.into_iter().partition(|&d| {
-            batches
-                && candidates[d]
-                    .as_ref()
-                    .is_none_or(|(e, _)| e.revalidator().is_none())
+            let cold = candidates[d]
+                .as_ref()
+                .is_none_or(|(e, _)| e.revalidator().is_none());
+            (batches && cold) || (bulk && !cold)
         });
         let mut batch = Vec::new();
         let mut turns = Vec::with_capacity(cold.len());
@@ -173,8 +178,12 @@ impl TieredCache {
             });
             futures_util::future::join_all(waits).await
         };
-        let (_, batched) = tokio::join!(
-            fetch_batches(inner, batch, crate::stats::RequestKind::Read),
+        let (cold, held): (Vec<BatchItem>, Vec<BatchItem>) =
+            batch.into_iter().partition(|(_, v, _)| v.is_none());
+        let cold = cold.into_iter().map(|(k, _, tx)| (k, tx)).collect();
+        let (_, _, batched) = tokio::join!(
+            fetch_batches(inner, cold, crate::stats::RequestKind::Read),
+            revalidate_batches(inner, held, crate::stats::RequestKind::Revalidate),
             waited
         );
         for (d, r) in batched {

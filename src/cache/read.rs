@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use super::flight::Flight;
-use super::load::{load_custom, Answer, CustomLoad, Via};
+use super::load::{load_custom, BatchItem, CustomLoad, Via};
 use super::*;
 use crate::source::guard::not_sent;
 use crate::stats::{RequestEvent, RequestKind};
@@ -328,7 +328,9 @@ impl TieredCache {
     /// [`ask_source`](Self::ask_source) up to the load: answered at once (a pending write,
     /// offline, a cache-aside miss), or a load joined. With `batch`, a cold key's load (no
     /// validator to revalidate with) gets its answer from the batch, which the caller sends
-    /// ([`fetch_batches`](super::load::fetch_batches)).
+    /// ([`fetch_batches`](super::load::fetch_batches)); so does a key held with a validator
+    /// when the source revalidates in bulk (the item then carries the validator: the caller
+    /// sends those through `revalidate_batches`).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn source_turn(
         &self,
@@ -338,7 +340,7 @@ impl TieredCache {
         now: u64,
         seen: Seen,
         custom: Option<CustomLoad>,
-        batch: Option<&mut Vec<(String, oneshot::Sender<Answer>)>>,
+        batch: Option<&mut Vec<BatchItem>>,
     ) -> Turn {
         let inner = &*self.inner;
         // A per-call loader stands in for the source under every strategy.
@@ -383,7 +385,16 @@ impl TieredCache {
                     let via = match batch {
                         Some(batch) if cold => {
                             let (tx, rx) = oneshot::channel();
-                            batch.push((key.clone(), tx));
+                            batch.push((key.clone(), None, tx));
+                            Via::Batch(rx)
+                        }
+                        Some(batch) if inner.source.revalidates_in_bulk() => {
+                            let (tx, rx) = oneshot::channel();
+                            let validator = prev
+                                .as_ref()
+                                .and_then(|p| p.revalidator())
+                                .map(str::to_owned);
+                            batch.push((key.clone(), validator, tx));
                             Via::Batch(rx)
                         }
                         _ => Via::Fetch,
