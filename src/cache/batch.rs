@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::load::{fetch_batches, BatchItem};
-use super::warm::revalidate_batches;
 use super::read::{Probe, Seen};
+use super::warm::revalidate_batches;
 use super::*;
 use crate::tier::Observed;
 

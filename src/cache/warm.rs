@@ -61,8 +61,9 @@ impl TieredCache {
         self.warm_keys(keys, false, progress).await
     }
 
-    /// Revalidates every entry L2 holds whose key starts with `prefix` (a plain string prefix:
-    /// `octo/app/config/` covers every ref), fresh or not, **without listing the source again**:
+    /// Revalidates every entry L2 holds whose key starts with `prefix` (a string prefix:
+    /// `octo/app/config/` covers every ref; `DIR@REF`, as `warm` takes it, covers the keys under
+    /// `DIR` that end in `@REF`), fresh or not, **without listing the source again**:
     /// the keys come from L2 (its [`snapshot`](crate::tier::EntryStore::snapshot); a store that
     /// cannot list its keys falls back to the source's listing). Entries held with a validator
     /// are revalidated (in bulk when [`Source::revalidates_in_bulk`]: for a GitHub source with
@@ -97,8 +98,19 @@ impl TieredCache {
                 Ok(())
             })
         };
-        let keys = match self.inner.l2_guard.snapshot(prefix, sink).await {
-            Ok(()) => std::mem::take(&mut *keys.lock().unwrap_or_else(|p| p.into_inner())),
+        // `DIR@REF` (a GitHub-style prefix with a ref): the keys under `DIR` ending in `@REF`.
+        let (dir, at_ref) = match prefix.rsplit_once('@') {
+            Some((dir, r)) => (dir.trim_end_matches('/'), Some(format!("@{r}"))),
+            _ => (prefix, None),
+        };
+        let keys = match self.inner.l2_guard.snapshot(dir, sink).await {
+            Ok(()) => {
+                let mut keys = std::mem::take(&mut *keys.lock().unwrap_or_else(|p| p.into_inner()));
+                if let Some(at_ref) = &at_ref {
+                    keys.retain(|k| k.ends_with(at_ref.as_str()));
+                }
+                keys
+            }
             Err(Error::Bundle {
                 fault: BundleFault::Unsupported,
                 ..
@@ -334,7 +346,11 @@ impl TieredCache {
 /// Revalidates keys held with a validator in batches of `REVALIDATE_BATCH` (1000), each batch one
 /// [`Source::revalidate_many`] call under one breaker permit, and hands each key's answer to its
 /// load ([`Via::Batch`]).
-pub(super) async fn revalidate_batches(inner: &Inner, mut items: Vec<BatchItem>, kind: RequestKind) {
+pub(super) async fn revalidate_batches(
+    inner: &Inner,
+    mut items: Vec<BatchItem>,
+    kind: RequestKind,
+) {
     let mut batches = Vec::new();
     while !items.is_empty() {
         let rest = items.split_off(items.len().min(REVALIDATE_BATCH));

@@ -223,6 +223,7 @@ impl GitHubSourceBuilder {
             graphql_missing: Default::default(),
             by_commit: self.by_commit,
             moves: Mutex::new(Default::default()),
+            resolving: tokio::sync::Mutex::new(()),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             let client = source.make_client().map_err(config_err)?;

@@ -56,6 +56,7 @@ use serde_json::Value;
 use super::key::{encode, repo_path, GitHubKey};
 use super::transport::JSON;
 use super::{pin, GitHubSource, LOG_TARGET};
+use crate::clock::Clock;
 use crate::key::KeyError;
 use crate::source::{Fetched, SourceError};
 
@@ -69,6 +70,9 @@ pub(super) const COMPARE_FILE_LIMIT: usize = 300;
 const MAX_MOVES: usize = 4096;
 /// Moves followed from the commit an entry was read at.
 const MAX_HOPS: usize = 64;
+/// A ref resolved this recently (by the source's clock) is not resolved again by the batches
+/// of one `fetch_many` round (a warm of 200 keys is two GraphQL requests, one resolution).
+const RESOLVED_REUSE_MS: u64 = 1000;
 
 /// Owner, repository and ref (`None`: the default branch).
 type Group = (String, String, Option<String>);
@@ -76,7 +80,8 @@ type Group = (String, String, Option<String>);
 /// What this source learnt of refs: the last commit seen, and the moves it verified.
 #[derive(Debug, Default)]
 pub(super) struct Moves {
-    last: HashMap<Group, String>,
+    /// The last commit seen of each ref, and when (ms by the source's clock).
+    last: HashMap<Group, (String, u64)>,
     moved: HashMap<(Group, String), (String, HashSet<String>)>,
 }
 
@@ -197,7 +202,8 @@ impl GitHubSource {
                 let body = std::str::from_utf8(&a.body).unwrap_or("").trim();
                 if is_sha(body) {
                     let sha = body.to_ascii_lowercase();
-                    self.moves().last.insert(g.clone(), sha.clone());
+                    let now = self.clock.now_millis();
+                    self.moves().last.insert(g.clone(), (sha.clone(), now));
                     Ok(Some(Head::At(sha)))
                 } else {
                     Err(SourceError::InvalidResponse {
@@ -303,9 +309,24 @@ impl GitHubSource {
             };
             let g = group_of(&k);
             if !heads.contains_key(&g) {
+                // One resolution at a time: concurrent batches of one round share it.
+                let _turn = self.resolving.lock().await;
+                let now = self.clock.now_millis();
                 let known = self.moves().last.get(&g).cloned();
-                let head = match self.head(&g, known.as_deref()).await {
-                    Ok(Some(Head::Unchanged)) => known,
+                let head = match &known {
+                    Some((sha, at)) if now.saturating_sub(*at) < RESOLVED_REUSE_MS => {
+                        Ok(Some(Head::At(sha.clone())))
+                    }
+                    _ => self.head(&g, known.as_ref().map(|(k, _)| k.as_str())).await,
+                };
+                let known = known.map(|(k, _)| k);
+                let head = match head {
+                    Ok(Some(Head::Unchanged)) => {
+                        if let Some(k) = &known {
+                            self.moves().last.insert(g.clone(), (k.clone(), now));
+                        }
+                        known
+                    }
                     Ok(Some(Head::At(sha))) => Some(sha),
                     Ok(None) => None,
                     Err(e) if e.rate_limited_until().is_some() || e.counts_as_failure() => {
@@ -428,7 +449,11 @@ impl GitHubSource {
             Ok(Some(Head::Unchanged)) => known,
             Ok(Some(Head::At(sha))) => sha,
             Ok(None) => {
-                per_file.extend(items.into_iter().map(|it| (it.index, it.key, it.etag, None)));
+                per_file.extend(
+                    items
+                        .into_iter()
+                        .map(|it| (it.index, it.key, it.etag, None)),
+                );
                 return Ok(());
             }
             Err(e) if e.rate_limited_until().is_some() || e.counts_as_failure() => return Err(e),
@@ -478,7 +503,10 @@ impl GitHubSource {
         if to_read.is_empty() {
             return Ok(());
         }
-        let keys = to_read.iter().map(|it| Ok(key_at(&it.key, &head))).collect();
+        let keys = to_read
+            .iter()
+            .map(|it| Ok(key_at(&it.key, &head)))
+            .collect();
         let read = self.fetch_parsed(keys).await?;
         for (it, answer) in to_read.into_iter().zip(read) {
             answers[it.index] = Some(answer.map(|f| at_commit(f, &head)));
@@ -502,7 +530,10 @@ mod tests {
         assert_eq!(split_validator(&v), (Some("\"e1\""), Some(A)));
         let v = with_commit(None, A);
         assert_eq!(split_validator(&v), (None, Some(A)));
-        assert_eq!(split_validator("W/\"x\" @commit=12"), (Some("W/\"x\" @commit=12"), None));
+        assert_eq!(
+            split_validator("W/\"x\" @commit=12"),
+            (Some("W/\"x\" @commit=12"), None)
+        );
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct GitHubSource {
     by_commit: bool,
     /// The refs' last commits and the moves verified (`commits.rs`).
     moves: Mutex<commits::Moves>,
+    /// Held while a batch resolves a ref (`commits.rs`).
+    resolving: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for GitHubSource {
