@@ -571,6 +571,7 @@ async fn a_write_is_never_overwritten_by_a_refresh() {
     });
     f.clock.advance(TTL + Duration::from_secs(1));
     cache.set(&key(0), "local write").await.unwrap();
+    f.clock.advance(Duration::from_secs(1));
     cache.refresh("octo/app/conf", |_| {}).await.unwrap();
     let got = cache.get(&key(0)).await.unwrap().unwrap();
     assert_eq!(got, "local write", "the acknowledged write stands");

@@ -66,10 +66,11 @@ impl TieredCache {
     /// `DIR` that end in `@REF`), fresh or not, **without listing the source again**:
     /// the keys come from L2 (its [`snapshot`](crate::tier::EntryStore::snapshot); a store that
     /// cannot list its keys falls back to the source's listing). Entries held with a validator
-    /// are revalidated (in bulk when [`Source::revalidates_in_bulk`]: for a GitHub source with
+    /// are revalidated, fresh or not (in bulk when [`Source::revalidates_in_bulk`]: for a GitHub source with
     /// [`revalidate_by_commit`](crate::source::github::GitHubSourceBuilder::revalidate_by_commit),
     /// one free conditional request per repository and ref when nothing changed); the others
-    /// are fetched again. Keys with an undelivered write, and entries past their stale window,
+    /// are fetched again once expired (a fresh value without a validator may be a local
+    /// write, which is left alone). Keys with an undelivered write, and entries past their stale window,
     /// are left alone. This is `tiercache warm --refresh PREFIX`.
     ///
     /// ```
@@ -280,7 +281,13 @@ impl TieredCache {
             }
             Err(_) => (inner.l1.get(key).await, Observed::Unknown),
         };
-        if !force && held.as_ref().is_some_and(|e| e.is_fresh(now, None)) {
+        // Forced, a fresh entry is revalidated only when it came from the source with a
+        // validator: a fresh value without one may be a local write (`set`), which the
+        // source's older value must not replace before its TTL (I1).
+        if held
+            .as_ref()
+            .is_some_and(|e| e.is_fresh(now, None) && (!force || e.revalidator().is_none()))
+        {
             return Ok(WarmTurn::Done(Loaded::AlreadyCached));
         }
         // An undelivered write of the key is newer than anything the source could say.
