@@ -1245,3 +1245,93 @@ async fn postgres_without_its_feature_is_a_usage_error() {
     assert!(run.stderr.contains("postgres` feature"), "{}", run.stderr);
     assert!(!run.stderr.contains("pw@"), "{}", run.stderr);
 }
+
+/// `warm --refresh`: what the cache holds under the prefix, revalidated without listing GitHub
+/// again: one "Get a commit" request, answered 304 (free).
+#[tokio::test]
+async fn warm_refresh_revalidates_the_held_files_with_one_commit_request() {
+    let env = Env::new().await;
+    let f = &env.fake;
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app"))
+        .respond_with(f.json(200, serde_json::json!({"default_branch": "main"})))
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/git/trees/main"))
+        .respond_with(f.json(
+            200,
+            serde_json::json!({"sha": "t", "truncated": false, "tree": [
+                {"path": "conf/a.toml", "type": "blob"},
+                {"path": "conf/b.toml", "type": "blob"}
+            ]}),
+        ))
+        .mount(&f.server)
+        .await;
+    let quoted = format!("\"{sha}\"");
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/commits/HEAD"))
+        .and(header("accept", "application/vnd.github.sha"))
+        .and(header("if-none-match", quoted.as_str()))
+        .respond_with(f.not_modified(&quoted))
+        .with_priority(1)
+        .mount(&f.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/repos/octo/app/commits/HEAD"))
+        .and(header("accept", "application/vnd.github.sha"))
+        .respond_with(
+            f.answer(200, 4998)
+                .insert_header("etag", quoted.as_str())
+                .set_body_raw(sha, "application/vnd.github.sha; charset=utf-8"),
+        )
+        .mount(&f.server)
+        .await;
+    let repo = github_fake::FakeRepo::default()
+        .with(
+            "octo",
+            "app",
+            &format!("{sha}:conf/a.toml"),
+            github_fake::Object::text("a = 1\n"),
+        )
+        .with(
+            "octo",
+            "app",
+            &format!("{sha}:conf/b.toml"),
+            github_fake::Object::text("b = 2\n"),
+        );
+    Mock::given(method("POST"))
+        .and(path("/graphql"))
+        .respond_with(f.graphql(repo))
+        .mount(&f.server)
+        .await;
+    let run = env.run(&["warm", "octo/app/conf"]).await;
+    assert!(
+        run.expect(0).out().contains("2 listed, 2 fetched"),
+        "{}",
+        run.out()
+    );
+    let before = env.requests().await.len();
+    let run = env.run(&["warm", "--refresh", "octo/app/conf"]).await;
+    let out = run.expect(0).out();
+    assert!(
+        out.contains("refreshed octo/app/conf: 2 held, 0 fetched, 2 unchanged (304)"),
+        "{out}"
+    );
+    let after = env.requests().await;
+    let sent: Vec<String> = after[before..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.url.path()))
+        .collect();
+    assert_eq!(sent, ["GET /repos/octo/app/commits/HEAD"], "one request");
+    let a = env.run(&["--offline", "get", "octo/app/conf/a.toml"]).await;
+    assert_eq!(a.expect(0).stdout, b"a = 1\n");
+    let none = env.run(&["warm", "--refresh", "octo/other"]).await;
+    none.expect(2);
+    assert!(
+        none.stderr.contains("nothing to refresh"),
+        "{}",
+        none.stderr
+    );
+}

@@ -206,10 +206,15 @@ enum Command {
     Flush,
     /// Fetch every file under a directory into the cache (for offline use)
     #[command(after_help = "Examples:\n  tiercache warm octo/app\n  \
-        tiercache warm octo/app/config@main")]
+        tiercache warm octo/app/config@main\n  tiercache warm --refresh octo/app/config")]
     Warm {
         /// OWNER/REPO[/DIR][@REF]
         prefix: String,
+        /// Revalidate every file the cache holds under the prefix (fresh or not) without
+        /// listing GitHub again: one free conditional request per repository and ref when
+        /// nothing changed
+        #[arg(long)]
+        refresh: bool,
     },
     /// What the database holds, the write-behind outbox, the GitHub breaker (why and until when
     /// it is open) and rate limit
@@ -473,7 +478,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Command::Delete { key } => write::delete(&settings, &keys::canonical(&key)?).await,
             Command::Flush => outbox::flush(&settings).await,
-            Command::Warm { prefix } => read::warm(&settings, &prefix).await,
+            Command::Warm { prefix, refresh } => read::warm(&settings, &prefix, refresh).await,
             Command::Stats { json } => status::stats(&settings, json).await,
             Command::Health { json, probe } => {
                 let probe = probe.as_deref().map(keys::canonical).transpose()?;
@@ -521,6 +526,7 @@ async fn open(s: &Settings, strategy: Strategy) -> Result<TieredCache, Failure> 
     let source = GitHubSource::builder()
         .base_url(s.api_url.as_str())
         .token_from_env()
+        .revalidate_by_commit(true)
         .build()
         .map_err(|e| Failure::from_error(&e))?;
     let mut b = TieredCache::builder()

@@ -137,7 +137,7 @@ pub(crate) async fn mget(s: &Settings, keys: &[String], json: bool) -> Result<u8
 /// What `warm` takes.
 const WARM_SYNTAX: &str = "OWNER/REPO[/DIR][@REF]";
 
-pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
+pub(crate) async fn warm(s: &Settings, prefix: &str, refresh: bool) -> Result<u8, Failure> {
     if s.offline {
         return Err(Failure::usage(
             "warm fetches from GitHub; it cannot run with --offline",
@@ -166,7 +166,11 @@ pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
             bar.set_position(p.done as u64);
         }
     };
-    let result = cache.warm(prefix, progress).await;
+    let result = if refresh {
+        cache.refresh(prefix, progress).await
+    } else {
+        cache.warm(prefix, progress).await
+    };
     bar.finish_and_clear();
     let summary = result.map_err(|e| {
         let mut f = Failure::from_error(&e);
@@ -177,6 +181,15 @@ pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
         }
         f
     })?;
+    if summary.listed == 0 && refresh {
+        return Err(Failure {
+            code: EXIT_NOT_FOUND,
+            message: format!(
+                "nothing to refresh: the cache holds no files under {prefix} \
+                 (warm it first: tiercache warm {prefix})"
+            ),
+        });
+    }
     if summary.listed == 0 {
         return Err(Failure {
             code: EXIT_NOT_FOUND,
@@ -186,8 +199,13 @@ pub(crate) async fn warm(s: &Settings, prefix: &str) -> Result<u8, Failure> {
             ),
         });
     }
+    let (verb, what) = if refresh {
+        ("refreshed", "held")
+    } else {
+        ("warmed", "listed")
+    };
     println!(
-        "warmed {prefix}: {} listed, {} fetched, {} unchanged (304), {} already fresh, {} failed",
+        "{verb} {prefix}: {} {what}, {} fetched, {} unchanged (304), {} already fresh, {} failed",
         summary.listed,
         summary.fetched,
         summary.not_modified,
