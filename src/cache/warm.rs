@@ -84,7 +84,7 @@ impl TieredCache {
     /// ```
     ///
     /// # Errors
-    /// As [`warm`](Self::warm); [`Error::Store`]-kind errors when L2 cannot be read.
+    /// As [`warm`](Self::warm); [`Error::Storage`] when L2 cannot be read.
     pub async fn refresh(
         &self,
         prefix: &str,

@@ -26,7 +26,9 @@
 //! A value read through GraphQL therefore carries no validator: its first revalidation after
 //! expiry is a full REST read (one request, one point of REST budget, the bytes again), which
 //! brings the ETag, and later revalidations are the usual free 304s. Values read through the
-//! REST fallback keep their ETag.
+//! REST fallback keep their ETag. With revalidation pinned to a commit (`commits.rs`) the keys
+//! are read at a resolved sha (`"<sha>:path"`) and every value's validator records that commit,
+//! so no full read is needed.
 //!
 //! # Whole-batch failures
 //! The request could not be sent, a 5xx (whatever its body), 401, an answer that is not

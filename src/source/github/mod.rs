@@ -5,6 +5,14 @@
 //! needs one), with a REST fallback for what GraphQL cannot give byte-exact (binary or
 //! truncated blobs); see `graphql.rs` for the details, and why those values carry no validator.
 //!
+//! With [`GitHubSourceBuilder::revalidate_by_commit`], revalidation is pinned to a commit: a
+//! batch resolves the ref once ("Get a commit", `application/vnd.github.sha`) and reads the files
+//! at that sha, each value's validator records it (`<etag> @commit=<sha>`), and
+//! [`Source::revalidate_many`] decides for every entry of one repository and ref with one
+//! conditional request (a free 304 when the ref has not moved), then "Compare two commits" for
+//! what changed; see `commits.rs` for the details and the fallbacks. A single `fetch` with an
+//! ETag keeps its per-file conditional request (as cheap for one key).
+//!
 //! Keys are `owner/repo/path/to/file[@ref]`; see [`GitHubKey`] for the exact rules (notably: the
 //! **last** `@` starts the ref).
 //!
@@ -30,7 +38,8 @@
 // Layout: `builder.rs` checks the settings; `transport.rs` sends one request and classifies a
 // failed answer; `rate_limit.rs` keeps the budget and holds calls off; `contents.rs` reads,
 // writes and deletes files; `trees.rs` lists them; `key.rs` parses keys; `codec.rs` holds the
-// encodings; `graphql.rs` fetches many files in one GraphQL request. `GitHubSource` and its
+// encodings; `graphql.rs` fetches many files in one GraphQL request; `commits.rs` resolves refs
+// to commits and revalidates by commit. `GitHubSource` and its
 // `Source` impl stay here.
 
 mod builder;
@@ -227,7 +236,11 @@ impl Source for GitHubSource {
     /// by REST meanwhile. A REST rate limit (or a secondary limit) fails the whole call, and so
     /// does an outage of the GraphQL request; a REST read's own failure is that key's answer.
     /// Values read through GraphQL carry no validator (GraphQL gives the blob's id, not the
-    /// ETag): their first revalidation is a full read, which brings the ETag.
+    /// ETag): their first revalidation is a full read, which brings the ETag. With
+    /// [`GitHubSourceBuilder::revalidate_by_commit`], each (repository, ref) is first resolved
+    /// to its commit (one "Get a commit" request, conditional on the last sha seen; shared by
+    /// the batches of one round) and the keys are read at that sha: every value's validator
+    /// then records the commit (`@commit=<sha>`, after the ETag when REST gave one).
     async fn fetch_many(
         &self,
         keys: &[&str],
