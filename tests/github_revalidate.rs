@@ -576,3 +576,23 @@ async fn a_write_is_never_overwritten_by_a_refresh() {
     let got = cache.get(&key(0)).await.unwrap().unwrap();
     assert_eq!(got, "local write", "the acknowledged write stands");
 }
+
+#[tokio::test]
+async fn warm_again_after_expiry_lists_then_revalidates_with_one_commit_request() {
+    let e = warmed(N).await;
+    e.f.clock.advance(TTL + Duration::from_secs(1));
+    let from = e.count().await;
+    let seen = e.cache.rate_limit().expect("a budget was read").remaining;
+    let summary = e.cache.warm("octo/app/conf", |_| {}).await.unwrap();
+    assert_eq!(summary.not_modified, N, "{summary:?}");
+    assert_eq!(
+        e.since(from).await,
+        [
+            "GET /repos/octo/app",
+            "GET /repos/octo/app/git/trees/main",
+            "GET /repos/octo/app/commits/HEAD"
+        ]
+    );
+    // The 304's `x-ratelimit-remaining` is the tree's: the check spent nothing.
+    assert_eq!(e.cache.rate_limit().unwrap().remaining, seen - 2);
+}
