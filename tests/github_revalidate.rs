@@ -596,3 +596,60 @@ async fn warm_again_after_expiry_lists_then_revalidates_with_one_commit_request(
     // The 304's `x-ratelimit-remaining` is the tree's: the check spent nothing.
     assert_eq!(e.cache.rate_limit().unwrap().remaining, seen - 2);
 }
+
+/// Holds the first "Get a commit" request until the test lets it go.
+struct Gated {
+    repo: Repo,
+    arrived: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Respond for Gated {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        if req.url.path().starts_with("/repos/octo/app/commits/") {
+            if let Some(arrived) = self.arrived.lock().unwrap().take() {
+                arrived.send(()).unwrap();
+                if let Some(release) = self.release.lock().unwrap().take() {
+                    release.recv().unwrap();
+                }
+            }
+        }
+        self.repo.respond(req)
+    }
+}
+
+/// I1 with the revalidation in flight: a write acknowledged after the batch took its fence
+/// tokens, before GitHub answered, is not overwritten by the changed file the batch reads.
+#[tokio::test]
+async fn a_write_acknowledged_while_a_revalidation_is_in_flight_stands() {
+    let e = warmed(3).await;
+    e.repo.push(|f| {
+        f.insert("conf/0.txt".into(), b"upstream\n".to_vec());
+    });
+    e.f.clock.advance(TTL + Duration::from_secs(1));
+    let (arrived_tx, arrived_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    e.f.server.reset().await;
+    Mock::given(any())
+        .respond_with(Gated {
+            repo: e.repo.clone(),
+            arrived: Mutex::new(Some(arrived_tx)),
+            release: Mutex::new(Some(release_rx)),
+        })
+        .mount(&e.f.server)
+        .await;
+    let cache = e.cache.clone();
+    let refresh =
+        tokio::spawn(async move { cache.refresh("octo/app/conf", |_| {}).await.unwrap() });
+    tokio::task::spawn_blocking(move || arrived_rx.recv().unwrap())
+        .await
+        .unwrap();
+    e.cache.set(&key(0), "local write").await.unwrap();
+    release_tx.send(()).unwrap();
+    let summary = refresh.await.unwrap();
+    assert_eq!(summary.not_modified, 2, "{summary:?}");
+    let sent = e.since(0).await;
+    assert_eq!(sent.len(), 3, "commit + compare + GraphQL: {sent:?}");
+    assert_eq!(e.value(0).await.as_deref(), Some("local write"), "I1");
+    assert_eq!(e.value(1).await.as_deref(), Some("file 1\n"));
+}
