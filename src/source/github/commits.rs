@@ -45,7 +45,9 @@
 //! [`fetch`](crate::source::Source::fetch) of one key keeps the per-file conditional request
 //! when the validator holds an ETag: one request, a free 304, where the commit route could cost
 //! three. A validator with a commit and no ETag (a value read through GraphQL) goes the commit
-//! route for that one key: a free 304 when the ref has not moved.
+//! route for that one key: a free 304 when the ref has not moved. (A per-file read answered 200
+//! was read at "the branch now", so its new validator is a plain ETag: that entry takes the
+//! per-file route in bulk too until a batch reads it again at a known commit.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
