@@ -29,6 +29,8 @@ enum CompareMode {
     TooMany,
     /// A 500.
     Fails,
+    /// A force-push: `status: diverged`, the merge-base diff listing nothing.
+    Diverged,
 }
 
 struct State {
@@ -193,6 +195,11 @@ impl Respond for Repo {
                     let body = json!({"status": "ahead", "ahead_by": 1, "files": files});
                     return s.core(json_body(ResponseTemplate::new(200), &body));
                 }
+                CompareMode::Diverged => {
+                    let body =
+                        json!({"status": "diverged", "ahead_by": 1, "behind_by": 1, "files": []});
+                    return s.core(json_body(ResponseTemplate::new(200), &body));
+                }
                 CompareMode::AsGitHub => {}
             }
             let (Some(bi), Some(hi)) = (s.at(b), s.at(h)) else {
@@ -210,7 +217,17 @@ impl Respond for Repo {
                 }
             }
             for p in old.keys().filter(|p| !new.contains_key(*p)) {
-                files.push(json!({"filename": p, "status": "removed"}));
+                // The same bytes added under another name: GitHub reports a rename.
+                let renamed = files.iter_mut().find(|f| {
+                    f["status"] == "added" && new.get(f["filename"].as_str().unwrap()) == old.get(p)
+                });
+                match renamed {
+                    Some(f) => {
+                        f["status"] = json!("renamed");
+                        f["previous_filename"] = json!(p);
+                    }
+                    None => files.push(json!({"filename": p, "status": "removed"})),
+                }
             }
             let status = match bi.cmp(&hi) {
                 std::cmp::Ordering::Less => "ahead",
@@ -451,7 +468,11 @@ async fn a_file_removed_upstream_reads_as_not_found() {
 
 #[tokio::test]
 async fn a_compare_past_its_limit_or_failing_falls_back_to_per_file_requests() {
-    for mode in [CompareMode::TooMany, CompareMode::Fails] {
+    for mode in [
+        CompareMode::TooMany,
+        CompareMode::Fails,
+        CompareMode::Diverged,
+    ] {
         let e = warmed(5).await;
         let head = e.repo.push(|f| {
             f.insert("conf/1.txt".into(), b"changed\n".to_vec());
@@ -652,4 +673,21 @@ async fn a_write_acknowledged_while_a_revalidation_is_in_flight_stands() {
     assert_eq!(sent.len(), 3, "commit + compare + GraphQL: {sent:?}");
     assert_eq!(e.value(0).await.as_deref(), Some("local write"), "I1");
     assert_eq!(e.value(1).await.as_deref(), Some("file 1\n"));
+}
+
+#[tokio::test]
+async fn a_file_renamed_upstream_reads_as_not_found_under_its_old_name() {
+    let e = warmed(4).await;
+    e.repo.push(|f| {
+        let bytes = f.remove("conf/2.txt").unwrap();
+        f.insert("conf/moved.txt".into(), bytes);
+    });
+    e.f.clock.advance(TTL + Duration::from_secs(1));
+    let from = e.count().await;
+    let summary = e.cache.refresh("octo/app/conf", |_| {}).await.unwrap();
+    assert_eq!(summary.not_modified, 3, "{summary:?}");
+    let compare = &e.requests().await[from + 1];
+    assert!(compare.url.path().contains("/compare/"));
+    assert_eq!(e.value(2).await, None, "the old name is gone");
+    assert_eq!(e.value(3).await.as_deref(), Some("file 3\n"));
 }
