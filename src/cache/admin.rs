@@ -336,23 +336,8 @@ impl TieredCache {
             }
             None => Via::Fetch,
         };
-        let seen = super::read::Seen {
-            token,
-            observed,
-            outbox_checked: true,
-            kind,
-        };
-        let flight = inner.flights.join(key, token, |early| {
-            load(
-                self.inner.clone(),
-                key.to_owned(),
-                held,
-                None,
-                seen,
-                early,
-                via,
-            )
-        });
+        let flight =
+            super::load::join_background(&self.inner, key, (token, observed, kind), held, via);
         if !flight.leader {
             inner.stats.request(kind, RequestEvent::Deduplicated);
         }
