@@ -17,92 +17,24 @@
 //! Every run gets `--db` in a temporary folder, `--api-url` of the fake and a fake
 //! `GITHUB_TOKEN`, and every run checks that the token appears in neither stdout nor stderr.
 
+#[path = "support/cli.rs"]
+mod cli_support;
 #[path = "support/github_fake.rs"]
 mod github_fake;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use cli_support::{binary, run_binary, Run, TOKEN};
 use github_fake::Fake;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::io::AsyncWriteExt;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, Request};
 
-const TOKEN: &str = "ghp_FAKEtoken0123456789abcdefSECRET";
 const KEY: &str = "octo/app/config/prod.toml";
 const CONTENTS: &str = "/repos/octo/app/contents/config/prod.toml";
-
-/// The binary: cargo's, or built once here.
-fn binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = option_env!("CARGO_BIN_EXE_tiercache") {
-            return PathBuf::from(p);
-        }
-        let out = std::process::Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--features",
-                "cli",
-                "--bin",
-                "tiercache",
-                "--message-format=json",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cargo runs");
-        assert!(out.status.success(), "cargo build --features cli failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"]["name"] == "tiercache")
-            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported the tiercache executable")
-    })
-}
-
-/// One run of the binary.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Run {
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {}", self.out()))
-    }
-
-    fn json_lines(&self) -> Vec<Value> {
-        self.out()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
-    }
-
-    #[track_caller]
-    fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            code,
-            "exit code; stdout: {}\nstderr: {}",
-            self.out(),
-            self.stderr
-        );
-        self
-    }
-}
 
 /// A fake GitHub and a temporary folder for the database.
 struct Env {
@@ -148,38 +80,7 @@ impl Env {
 
     /// Runs the binary with exactly `args`, extra environment and optional stdin.
     async fn run_raw(&self, args: &[String], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Run {
-        let mut cmd = tokio::process::Command::new(binary());
-        cmd.args(args)
-            .env("GITHUB_TOKEN", TOKEN)
-            .env_remove("TIERCACHE_DB")
-            .env_remove("TIERCACHE_CONFIG")
-            .env_remove("GITHUB_API_URL")
-            .envs(env.iter().copied())
-            .current_dir(self.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the binary starts");
-        let mut pipe = child.stdin.take().unwrap();
-        if let Some(bytes) = stdin {
-            pipe.write_all(bytes).await.unwrap();
-        }
-        drop(pipe);
-        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-            .await
-            .expect("the binary finishes within 30 s")
-            .unwrap();
-        let run = Run {
-            code: out.status.code().expect("exited, not killed"),
-            stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(
-            !run.out().contains(TOKEN) && !run.stderr.contains(TOKEN),
-            "the token leaked: {run:?}"
-        );
-        run
+        run_binary(self.dir.path(), args, env, stdin).await
     }
 
     async fn requests(&self) -> Vec<Request> {

@@ -3,20 +3,18 @@
 //! from the fake, exported, imported into a fresh `--db`, then served by `--offline get` with
 //! no request sent. Refusals and their exit codes.
 
+#[path = "support/cli.rs"]
+mod cli_support;
 #[path = "support/github_fake.rs"]
 mod github_fake;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
+use cli_support::{run_binary, Run};
 use github_fake::Fake;
-use serde_json::Value;
 use tempfile::TempDir;
 use wiremock::matchers::{method, path};
 use wiremock::Mock;
-
-const TOKEN: &str = "ghp_FAKEtoken0123456789abcdefSECRET";
 
 /// Two files: text, and binary (every byte value).
 fn files() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
@@ -34,43 +32,6 @@ fn files() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
             "\"etag-logo\"",
         ),
     ]
-}
-
-fn binary() -> PathBuf {
-    match option_env!("CARGO_BIN_EXE_tiercache") {
-        Some(p) => PathBuf::from(p),
-        None => panic!("build with the dev-dependency on tiercache[cli] (see tests/cli.rs)"),
-    }
-}
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Run {
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {}", self.out()))
-    }
-
-    #[track_caller]
-    fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            code,
-            "exit code; stdout: {}\nstderr: {}",
-            self.out(),
-            self.stderr
-        );
-        self
-    }
 }
 
 struct Env {
@@ -100,36 +61,14 @@ impl Env {
 
     /// Runs `tiercache --db DB --api-url FAKE ARGS`.
     async fn run(&self, db: &Path, args: &[&str]) -> Run {
-        let mut cmd = tokio::process::Command::new(binary());
-        cmd.arg("--db")
-            .arg(db)
-            .arg("--api-url")
-            .arg(self.fake.server.uri())
-            .args(args)
-            .env("GITHUB_TOKEN", TOKEN)
-            .env_remove("TIERCACHE_DB")
-            .env_remove("TIERCACHE_CONFIG")
-            .env_remove("GITHUB_API_URL")
-            .env_remove("TIERCACHE_POSTGRES_URL")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-            .await
-            .expect("the binary finishes within 30 s")
-            .expect("the binary runs");
-        let run = Run {
-            code: out.status.code().expect("exited, not killed"),
-            stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(
-            !run.out().contains(TOKEN) && !run.stderr.contains(TOKEN),
-            "the token leaked: {run:?}"
-        );
-        run
+        let mut all: Vec<String> = vec![
+            "--db".into(),
+            db.to_str().expect("a UTF-8 path").into(),
+            "--api-url".into(),
+            self.fake.server.uri(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        run_binary(self.dir.path(), &all, &[], None).await
     }
 
     /// Reads every file through the CI database (one request each) and exports it.

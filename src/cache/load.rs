@@ -9,13 +9,13 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::oneshot;
 
 use super::fleet;
-use super::flight::Early;
+use super::flight::{Early, Flight};
 use super::read::Seen;
 use super::*;
 use crate::source::guard::{is_not_sent, not_sent};
 use crate::source::RateLimit;
 use crate::stats::{RequestEvent, RequestKind};
-use crate::tier::FillGuard;
+use crate::tier::{FillGuard, Observed};
 
 /// Classifies a source error into the cache's error.
 pub(super) fn source_failure(key: &str, e: SourceError) -> Error {
@@ -55,6 +55,26 @@ pub(super) struct Answer {
     pub(super) sent: bool,
     /// When the source answered (ms; 0: it did not, e.g. timed out).
     pub(super) answered_at: u64,
+}
+
+/// Joins (or starts) the load of `key` for background work (a refresh ahead, a warm) that
+/// read L2 and checked the outbox under the fence `token`, `prev` the copy it holds.
+pub(super) fn join_background(
+    inner: &Arc<Inner>,
+    key: &str,
+    (token, observed, kind): (u64, Observed, RequestKind),
+    prev: Option<Arc<Entry>>,
+    via: Via,
+) -> Flight<(Arc<Entry>, Loaded)> {
+    let seen = Seen {
+        token,
+        observed,
+        outbox_checked: true,
+        kind,
+    };
+    inner.flights.join(key, token, |early| {
+        load(inner.clone(), key.to_owned(), prev, None, seen, early, via)
+    })
 }
 
 /// One load from the source, run as its own task by single-flight.

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Semaphore;
 
-use super::read::Seen;
 use super::*;
 use crate::clock::to_millis;
 use crate::source::RateLimit;
@@ -230,23 +229,13 @@ async fn refresh(inner: Weak<Inner>, prev: Arc<Entry>, key: &str) {
         inner.stats.request(kind, RequestEvent::SkippedBudget);
         return;
     }
-    let seen = Seen {
-        token,
-        observed,
-        outbox_checked: true,
-        kind,
-    };
-    let flight = inner.flights.join(key, token, |early| {
-        load(
-            inner.clone(),
-            key.to_owned(),
-            Some(prev),
-            None,
-            seen,
-            early,
-            super::load::Via::Fetch,
-        )
-    });
+    let flight = super::load::join_background(
+        &inner,
+        key,
+        (token, observed, kind),
+        Some(prev),
+        super::load::Via::Fetch,
+    );
     if !flight.leader {
         return dedup();
     }
