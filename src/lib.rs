@@ -203,6 +203,7 @@ mod time;
 
 pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
+    DEFAULT_MAX_L1_AGE,
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use error::{BundleFault, Error, Result};

@@ -1097,3 +1097,34 @@ async fn a_bundle_imported_on_one_postgres_instance_drops_the_others_l1_copy() -
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn on_postgres_a_missed_invalidation_lasts_at_most_the_default_max_l1_age() -> TestResult {
+    let t = pg_or_skip!("on_postgres_a_missed_invalidation_lasts_at_most_the_default_max_l1_age");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let store = t.store().connect().await?;
+    let cache = builder(&store, &source, &clock)
+        .ttl(Duration::from_secs(3600))
+        .build()?;
+    eventually("the listener connected", || async { store.listening() }).await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
+    assert_eq!(cache.lookup("k").await?.expect("a value").tier, Tier::L1);
+    // A write whose invalidation never arrives: the row changed behind the store's back.
+    t.admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\".entries SET value = 'new'::bytea WHERE key = 'k'",
+                t.schema
+            ),
+            &[],
+        )
+        .await?;
+    clock.advance(tiercache::DEFAULT_MAX_L1_AGE - Duration::from_millis(1));
+    let l = cache.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"old"[..], Tier::L1));
+    clock.advance(Duration::from_millis(1));
+    let l = cache.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"new"[..], Tier::L2));
+    Ok(())
+}

@@ -142,11 +142,18 @@
 //!   [`invalidation_retention`](PostgresStoreBuilder::invalidation_retention) (1 hour),
 //!   by one instance at a time (`pg_try_advisory_xact_lock`).
 //!
+//! * **A maximum L1 age** is the last backstop: on a store that publishes, a cache serves an
+//!   L1 copy for at most [`DEFAULT_MAX_L1_AGE`](crate::DEFAULT_MAX_L1_AGE) (60 s) after it put
+//!   it there, then re-reads L2
+//!   ([`max_l1_age`](crate::TieredCacheBuilder::max_l1_age) sets another, or none). A message
+//!   lost without the listener noticing (or a bug) leaves a copy older than a write in an L1
+//!   for at most that long, not until its fresh deadline.
+//!
 //! What it guarantees: once a write has committed, and the other instances' listeners are
 //! connected, their L1s drop the key as soon as the `NOTIFY` arrives (a read in between may
 //! still be served from L1: the invalidation is asynchronous, not part of the write's
 //! acknowledgement). While a listener is disconnected its cache's L1 may serve copies older
-//! than a write until it reconnects and catches up; L2 reads are never stale (they read the
+//! than a write until it reconnects and catches up (at most the maximum L1 age); L2 reads are never stale (they read the
 //! shared tables).
 //!
 //! # An outbox drained by the fleet
@@ -234,7 +241,6 @@
 //! # Limits today
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
 //!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
-//! * **No maximum L1 age** as a last backstop against a missed message.
 //! * **The running budget** (remaining calls) is each instance's own; only a spent one is
 //!   shared (above).
 
