@@ -422,8 +422,11 @@ impl PostgresStoreBuilder {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // LIFO: a sequential caller keeps reusing the connection it just returned (a warm
+        // backend) instead of cycling through every idle one (`benches/fleet.rs`).
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(self.connect_timeout))
             .wait_timeout(Some(self.connect_timeout))
