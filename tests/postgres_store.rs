@@ -1128,3 +1128,50 @@ async fn on_postgres_a_missed_invalidation_lasts_at_most_the_default_max_l1_age(
     assert_eq!((l.value.as_ref(), l.tier), (&b"new"[..], Tier::L2));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reads_one_moment_whatever_is_written_while_it_pages() -> TestResult {
+    let t = pg_or_skip!("a_snapshot_reads_one_moment_whatever_is_written_while_it_pages");
+    let store = t.store().connect().await?;
+    let keys: Vec<String> = (0..1_200).map(|i| format!("k/{i:05}")).collect();
+    store
+        .merge(keys.iter().map(|k| (k.clone(), entry(k, 1_000))).collect())
+        .await?;
+    let (writer, handle) = (store.clone(), tokio::runtime::Handle::current());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink: tiercache::tier::EntrySink = {
+        let seen = seen.clone();
+        Box::new(move |key, e| {
+            if key == "k/00900" {
+                assert_eq!(
+                    e.value.as_deref(),
+                    Some(&b"k/00900"[..]),
+                    "the value as it was"
+                );
+            }
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.is_empty() {
+                // While the first page is handed over (on a blocking thread), other writes
+                // commit: a key of a later page removed, a new one added, one changed.
+                handle.block_on(async {
+                    writer.remove("k/01100").await?;
+                    writer.put("k/01199x", entry("new", 2_000)).await?;
+                    writer.put("k/00900", entry("changed", 2_000)).await
+                })?;
+            }
+            seen.push(key);
+            Ok(())
+        })
+    };
+    store.snapshot("", sink).await?;
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(
+        seen, keys,
+        "every key as at the start, in order, nothing added"
+    );
+    assert!(
+        store.get("k/01100").await?.is_none(),
+        "the writes did commit"
+    );
+    Ok(())
+}
