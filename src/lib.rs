@@ -38,8 +38,10 @@
 //! the breaker), and caches of one process on one file share their write fences, so a write by
 //! one drops the others' L1 copies. What no database can reach is another *operating-system
 //! process's* memory: a long-running process may serve its own L1 copy, fresh by its TTL, for up
-//! to that TTL after a different process wrote the key (cross-process invalidation is the
-//! PostgreSQL fleet's job). Short-lived processes, such as the `tiercache` command, start with an
+//! to that TTL after a different process wrote the key, or for at most
+//! [`max_l1_age`](TieredCacheBuilder::max_l1_age) when one is set (cross-process invalidation
+//! is the PostgreSQL fleet's job; there the maximum L1 age, 60 s by default, bounds what a lost
+//! message can cost). Short-lived processes, such as the `tiercache` command, start with an
 //! empty L1 and are not affected.
 //!
 //! How they are held: every write bumps its key's *write fence* before it touches a tier, and a
@@ -203,6 +205,7 @@ mod time;
 
 pub use cache::{
     ReadOptions, Strategy, TieredCache, TieredCacheBuilder, Typed, WarmProgress, WarmSummary,
+    DEFAULT_MAX_L1_AGE,
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use error::{BundleFault, Error, Result};

@@ -936,3 +936,242 @@ async fn two_http_replicas_on_one_schema_serve_each_others_writes() -> TestResul
     assert!(not_modified.starts_with("HTTP/1.1 304"), "{not_modified}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Offline bundles on PostgreSQL: `EntryStore::snapshot` (export) and `merge` (import).
+// ---------------------------------------------------------------------------------------------
+
+/// Waits (polling every few ms, at most 10 s) until `check` holds.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let wait = Duration::from_secs(10);
+    let polled = tokio::time::timeout(wait, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(polled.is_ok(), "not within {wait:?}: {what}");
+}
+
+/// A value holding every byte, then `key`'s bytes: byte-exactness shows.
+fn binary(key: &str) -> Bytes {
+    let mut v: Vec<u8> = (0..=255u8).collect();
+    v.extend_from_slice(key.as_bytes());
+    Bytes::from(v)
+}
+
+#[tokio::test]
+async fn an_export_from_postgres_imported_into_sqlite_serves_every_key_offline() -> TestResult {
+    let t = pg_or_skip!("an_export_from_postgres_imported_into_sqlite_serves_every_key_offline");
+    let store = t.store().connect().await?;
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let now = tiercache::Clock::now_millis(&clock);
+    // More than one page of the cursor (500 rows), keys whose bytes sort differently under a
+    // language collation (upper/lower case, `_`, `%`), values of every byte.
+    let mut keys: Vec<String> = (0..1_203).map(|i| format!("bulk/{i:05}")).collect();
+    keys.extend(["a_%/x", "a_%/Y", "aX%/z", "a_b/c", "B/upper", "b/lower"].map(str::to_owned));
+    let fresh = |key: &str| {
+        StoredEntry::new(
+            Some(binary(key)),
+            Some(format!("\"etag-{key}\"")),
+            now,
+            now + 60_000,
+            now + 3_600_000,
+        )
+    };
+    store
+        .merge(keys.iter().map(|k| (k.clone(), fresh(k))).collect())
+        .await?;
+    // Left out: a negative entry, an expired one, one with a pending write-behind write.
+    let mut negative = fresh("neg");
+    negative.value = None;
+    store.put("neg", negative).await?;
+    store
+        .put(
+            "expired",
+            StoredEntry::new(Some(binary("e")), None, 1, 2, 3),
+        )
+        .await?;
+    store.put("pending", fresh("pending")).await?;
+    store
+        .enqueue(
+            "pending",
+            Some(fresh("pending")),
+            OutboxOp::Put(binary("pending")),
+            now,
+        )
+        .await?;
+    let pg_cache = builder(&store, &source, &clock).build()?;
+
+    let dir = tempfile::tempdir()?;
+    let bundle = dir.path().join("pg.bundle");
+    let exported = pg_cache.export(&bundle).await?;
+    assert_eq!(exported.entries, keys.len() as u64, "{exported:?}");
+    assert_eq!(
+        (exported.skipped_negative, exported.skipped_expired),
+        (1, 1),
+        "{exported:?}"
+    );
+
+    let runner_source = FakeSource::new();
+    let runner = TieredCache::builder()
+        .source(runner_source.clone())
+        .sqlite_path(dir.path().join("runner.db"))
+        .clock(clock.clone())
+        .offline(true)
+        .build()?;
+    let imported = runner.import(&bundle).await?;
+    assert_eq!(imported.imported, keys.len() as u64, "{imported:?}");
+    for key in &keys {
+        let hit = runner.lookup(key).await?.expect("imported");
+        assert_eq!(hit.value, binary(key), "{key} byte-exact");
+        assert_eq!(hit.validator, Some(format!("\"etag-{key}\"")), "{key}");
+    }
+    for key in ["neg", "expired", "pending"] {
+        assert!(
+            runner.lookup(key).await.is_err(),
+            "{key}: not in the bundle"
+        );
+    }
+    assert_eq!(runner_source.fetch_count(), 0, "offline");
+
+    // A prefix is a prefix: `_` and `%` are plain characters, not `LIKE` wildcards.
+    let part = dir.path().join("part.bundle");
+    let options = tiercache::bundle::ExportOptions::new().prefix("a_%/");
+    assert_eq!(pg_cache.export_with(&part, &options).await?.entries, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bundle_imported_on_one_postgres_instance_drops_the_others_l1_copy() -> TestResult {
+    let t = pg_or_skip!("a_bundle_imported_on_one_postgres_instance_drops_the_others_l1_copy");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let (a, b) = (t.store().connect().await?, t.store().connect().await?);
+    let cache_a = builder(&a, &source, &clock).build()?;
+    let cache_b = builder(&b, &source, &clock).build()?;
+    for s in [&a, &b] {
+        eventually("the listener connected", || async move { s.listening() }).await;
+    }
+    // B holds "old" in its L1.
+    assert_eq!(get(&cache_b, "k").await?.as_deref(), Some("old"));
+    eventually("k in B's L1", || async {
+        let l = cache_b.lookup("k").await.expect("a read").expect("a value");
+        l.tier == Tier::L1
+    })
+    .await;
+
+    // A bundle from a PostgreSQL cache on another schema, made later (a newer `stored_at`).
+    let other = t
+        .store()
+        .schema(format!("{}_src", t.schema))
+        .connect()
+        .await?;
+    let later = MockClock::new();
+    later.advance(Duration::from_secs(5));
+    let exporter = builder(&other, &FakeSource::new(), &later)
+        .strategy(Strategy::CacheAside)
+        .build()?;
+    exporter.set("k", "new").await?;
+    let dir = tempfile::tempdir()?;
+    let bundle = dir.path().join("k.bundle");
+    assert_eq!(exporter.export(&bundle).await?.entries, 1);
+    t.admin
+        .batch_execute(&format!("DROP SCHEMA \"{}_src\" CASCADE", t.schema))
+        .await?;
+
+    assert_eq!(cache_a.import(&bundle).await?.imported, 1);
+    // The import is published: B drops its copy and reads the imported entry from L2.
+    eventually("B reads the imported value", || async {
+        get(&cache_b, "k").await.expect("a read").as_deref() == Some("new")
+    })
+    .await;
+    assert_eq!(
+        source.fetch_count(),
+        1,
+        "only B's first read asked the source"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn on_postgres_a_missed_invalidation_lasts_at_most_the_default_max_l1_age() -> TestResult {
+    let t = pg_or_skip!("on_postgres_a_missed_invalidation_lasts_at_most_the_default_max_l1_age");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let store = t.store().connect().await?;
+    let cache = builder(&store, &source, &clock)
+        .ttl(Duration::from_secs(3600))
+        .build()?;
+    eventually("the listener connected", || async { store.listening() }).await;
+    assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
+    assert_eq!(cache.lookup("k").await?.expect("a value").tier, Tier::L1);
+    // A write whose invalidation never arrives: the row changed behind the store's back.
+    t.admin
+        .execute(
+            &format!(
+                "UPDATE \"{}\".entries SET value = 'new'::bytea WHERE key = 'k'",
+                t.schema
+            ),
+            &[],
+        )
+        .await?;
+    clock.advance(tiercache::DEFAULT_MAX_L1_AGE - Duration::from_millis(1));
+    let l = cache.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"old"[..], Tier::L1));
+    clock.advance(Duration::from_millis(1));
+    let l = cache.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"new"[..], Tier::L2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reads_one_moment_whatever_is_written_while_it_pages() -> TestResult {
+    let t = pg_or_skip!("a_snapshot_reads_one_moment_whatever_is_written_while_it_pages");
+    let store = t.store().connect().await?;
+    let keys: Vec<String> = (0..1_200).map(|i| format!("k/{i:05}")).collect();
+    store
+        .merge(keys.iter().map(|k| (k.clone(), entry(k, 1_000))).collect())
+        .await?;
+    let (writer, handle) = (store.clone(), tokio::runtime::Handle::current());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink: tiercache::tier::EntrySink = {
+        let seen = seen.clone();
+        Box::new(move |key, e| {
+            if key == "k/00900" {
+                assert_eq!(
+                    e.value.as_deref(),
+                    Some(&b"k/00900"[..]),
+                    "the value as it was"
+                );
+            }
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.is_empty() {
+                // While the first page is handed over (on a blocking thread), other writes
+                // commit: a key of a later page removed, a new one added, one changed.
+                handle.block_on(async {
+                    writer.remove("k/01100").await?;
+                    writer.put("k/01199x", entry("new", 2_000)).await?;
+                    writer.put("k/00900", entry("changed", 2_000)).await
+                })?;
+            }
+            seen.push(key);
+            Ok(())
+        })
+    };
+    store.snapshot("", sink).await?;
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(
+        seen, keys,
+        "every key as at the start, in order, nothing added"
+    );
+    assert!(
+        store.get("k/01100").await?.is_none(),
+        "the writes did commit"
+    );
+    Ok(())
+}

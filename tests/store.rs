@@ -911,3 +911,71 @@ async fn a_read_after_a_write_never_joins_a_load_begun_before_it() -> TestResult
     assert_eq!(after.await??, None, "began after the acknowledged delete");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The maximum L1 age (issue #14 item 2): the last backstop against a missed invalidation.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_copy_older_in_l1_than_max_l1_age_is_read_again_from_l2() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let long_ttl = Duration::from_secs(3600);
+    let reader = builder(&store, &source, &clock)
+        .ttl(long_ttl)
+        .max_l1_age(Duration::from_secs(30))
+        .build()?;
+    let writer = builder(&store, &source, &clock).ttl(long_ttl).build()?;
+    assert_eq!(get(&reader, "k").await?.as_deref(), Some("old"));
+    assert_eq!(reader.lookup("k").await?.expect("a value").tier, Tier::L1);
+    // Another instance writes L2; this store publishes nothing (as if the message was lost).
+    writer.set("k", "new").await?;
+    clock.advance(Duration::from_millis(29_999));
+    let l = reader.lookup("k").await?.expect("a value");
+    assert_eq!(
+        (l.value.as_ref(), l.tier),
+        (&b"old"[..], Tier::L1),
+        "within the age"
+    );
+    clock.advance(Duration::from_millis(1));
+    let l = reader.lookup("k").await?.expect("a value");
+    assert_eq!(
+        (l.value.as_ref(), l.tier),
+        (&b"new"[..], Tier::L2),
+        "re-read from L2"
+    );
+    // Put back into L1 for another period.
+    let l = reader.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"new"[..], Tier::L1));
+    assert_eq!(source.fetch_count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_max_l1_age_a_store_that_does_not_publish_serves_l1_while_fresh() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    source.insert("k", "old");
+    let reader = builder(&store, &source, &clock).build()?;
+    let writer = builder(&store, &source, &clock).build()?;
+    assert_eq!(get(&reader, "k").await?.as_deref(), Some("old"));
+    writer.set("k", "new").await?;
+    // The default is off here: the L1 copy is served until its fresh deadline (TTL).
+    clock.advance(TTL - Duration::from_millis(1));
+    let l = reader.lookup("k").await?.expect("a value");
+    assert_eq!((l.value.as_ref(), l.tier), (&b"old"[..], Tier::L1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_zero_or_absurd_max_l1_age_is_refused_and_none_turns_it_off() -> TestResult {
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    for age in [Duration::ZERO, Duration::from_secs(20 * 365 * 24 * 3600)] {
+        match builder(&store, &source, &clock).max_l1_age(age).build() {
+            Err(Error::Config(m)) => assert!(m.contains("max_l1_age"), "{m}"),
+            other => panic!("{age:?}: {other:?}"),
+        }
+    }
+    builder(&store, &source, &clock).max_l1_age(None).build()?;
+    assert_eq!(tiercache::DEFAULT_MAX_L1_AGE, Duration::from_secs(60));
+    Ok(())
+}

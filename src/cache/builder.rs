@@ -72,6 +72,9 @@ pub struct TieredCacheBuilder {
     pub(crate) busy_timeout: Duration,
     /// L2 given by the caller instead of SQLite.
     pub(crate) store: Option<Arc<dyn Store>>,
+    /// `None`: the default ([`DEFAULT_MAX_L1_AGE`] when L2 publishes invalidations, else off);
+    /// `Some(None)`: off.
+    pub(crate) max_l1_age: Option<Option<Duration>>,
 }
 
 impl Default for TieredCacheBuilder {
@@ -107,6 +110,7 @@ impl Default for TieredCacheBuilder {
             pragmas: Vec::new(),
             busy_timeout: Duration::from_secs(5),
             store: None,
+            max_l1_age: None,
         }
     }
 }
@@ -228,6 +232,20 @@ impl TieredCacheBuilder {
     /// cannot answer. Default: 24 hours.
     pub fn stale_ttl(mut self, stale_ttl: Duration) -> Self {
         self.stale_ttl = stale_ttl;
+        self
+    }
+
+    /// The last backstop against a missed invalidation: a copy in L1 for this long (on the
+    /// cache's [`clock`](Self::clock)) is not served from L1; the read re-reads L2, as after a
+    /// miss, and puts what it finds back. `None`: no maximum (served from L1 while fresh).
+    /// Default: [`DEFAULT_MAX_L1_AGE`](crate::DEFAULT_MAX_L1_AGE) (60 s) on an L2 that
+    /// publishes other instances' writes ([`EntryStore::invalidations`](crate::tier::EntryStore::invalidations):
+    /// PostgreSQL), where a lost message would otherwise leave a copy older than a write in L1
+    /// until its fresh deadline; off on one that does not (SQLite; set one to bound how long
+    /// another process's write goes unseen). Costs one L2 read per key per period.
+    /// [`Error::Config`] at [`build`](Self::build) for zero or more than ten years.
+    pub fn max_l1_age(mut self, max_age: impl Into<Option<Duration>>) -> Self {
+        self.max_l1_age = Some(max_age.into());
         self
     }
 
@@ -480,6 +498,14 @@ impl TieredCacheBuilder {
             if d > MAX_TTL {
                 return fail(format!(
                     "{name} is {d:?}, more than ten years; was a unit mistaken?"
+                ));
+            }
+        }
+        if let Some(Some(age)) = self.max_l1_age {
+            if age.is_zero() || age > MAX_TTL {
+                return fail(format!(
+                    "max_l1_age is {age:?}; it must be above zero and at most ten years \
+                     (None turns it off)"
                 ));
             }
         }

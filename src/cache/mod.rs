@@ -58,7 +58,7 @@ mod warm;
 mod write;
 
 pub use builder::TieredCacheBuilder;
-pub use options::{ReadOptions, Strategy};
+pub use options::{ReadOptions, Strategy, DEFAULT_MAX_L1_AGE};
 pub use typed::Typed;
 
 use crate::source::guard::{guarded, SourceGuard};
@@ -269,7 +269,7 @@ impl TieredCache {
             Some(q) => q.clone(),
             None => Arc::new(DurableQueue::new(l2_guard.clone())),
         };
-        let l1 = MemoryTier::new(b.memory_capacity);
+        let l1 = MemoryTier::new(b.memory_capacity, b.clock.clone());
         // Shared with this process's other caches on the same file (see `tier::fence`).
         let (fences, peer_id) = Fences::for_file(db_path.as_deref(), &l1);
         // Other instances' writes to this L1 (a store shared by processes); dropping the sender
@@ -280,6 +280,12 @@ impl TieredCache {
             Some((stop, listening)) => (Some(stop), listening),
             None => (None, None),
         };
+        // The maximum L1 age: as set, else on when L2 publishes (see `max_l1_age`).
+        l1.set_max_age(b.max_l1_age.unwrap_or_else(|| {
+            stop_invalidations
+                .is_some()
+                .then_some(options::DEFAULT_MAX_L1_AGE)
+        }));
         let offline = Arc::new(AtomicBool::new(b.offline));
         // Every cache can deliver an outbox (one an earlier write-behind process left, say);
         // only write-behind runs the background flusher.

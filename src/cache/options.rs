@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The maximum L1 age when L2 publishes other instances' writes (PostgreSQL) and none was set:
+/// 60 seconds. See [`TieredCacheBuilder::max_l1_age`](crate::TieredCacheBuilder::max_l1_age).
+pub const DEFAULT_MAX_L1_AGE: Duration = Duration::from_secs(60);
+
 /// How reads and writes move between the tiers.
 ///
 /// | strategy | `get` on a miss | `set` |

@@ -1,19 +1,39 @@
-//! L1: memory, a `moka::future::Cache` bounded by bytes.
+//! L1: memory, a `moka::future::Cache` bounded by bytes, with an optional maximum age.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moka::future::Cache;
 
+use crate::clock::Clock;
 use crate::entry::Entry;
 
 /// Per-entry overhead counted against the byte bound besides key and value: moka's node, the
 /// `Arc<Entry>` and its fields.
 const ENTRY_OVERHEAD: usize = 160;
 
+/// An entry in L1 and when it was put there (ms of the cache's clock; 0 when no maximum age
+/// was set then).
+#[derive(Clone)]
+struct Slot {
+    entry: Arc<Entry>,
+    since: u64,
+}
+
+/// The maximum L1 age: a copy put into L1 longer ago than this is not served from L1 (a read
+/// goes on to L2, as after a miss). Checked against the cache's clock, so tests inject it.
+#[derive(Debug)]
+struct MaxAge {
+    /// Milliseconds; 0: off.
+    ms: AtomicU64,
+    clock: Arc<dyn Clock>,
+}
+
 /// The memory tier.
 #[derive(Clone)]
 pub(crate) struct MemoryTier {
-    cache: Cache<String, Arc<Entry>>,
+    cache: Cache<String, Slot>,
+    max_age: Arc<MaxAge>,
 }
 
 impl std::fmt::Debug for MemoryTier {
@@ -32,27 +52,52 @@ impl MemoryTier {
     /// drops an entry found past its stale deadline; the byte bound evicts the rest. A per-entry
     /// expiry policy in moka cost about a fifth of an L1 hit, and even one time-to-live for all
     /// entries a few percent (callgrind), for nothing the deadline checks do not already do.
-    pub(crate) fn new(max_bytes: u64) -> Self {
+    ///
+    /// The maximum L1 age ([`set_max_age`](Self::set_max_age)) is checked on read too, against
+    /// `clock` (moka's own clock cannot be injected): off until set.
+    pub(crate) fn new(max_bytes: u64, clock: Arc<dyn Clock>) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &String, entry: &Arc<Entry>| -> u32 {
-                u32::try_from(key.len() + entry.size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+            .weigher(|key: &String, slot: &Slot| -> u32 {
+                u32::try_from(key.len() + slot.entry.size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
             .build();
-        Self { cache }
+        let max_age = Arc::new(MaxAge {
+            ms: AtomicU64::new(0),
+            clock,
+        });
+        Self { cache, max_age }
     }
 
-    /// moka's own future, not wrapped in another: this is the hot path.
+    /// Sets the maximum L1 age (`None`: off) for this tier and all its clones. A copy put into
+    /// L1 while it was off counts as put there at time 0 (too old once it is on).
+    pub(crate) fn set_max_age(&self, max_age: Option<std::time::Duration>) {
+        let ms = max_age.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.max_age.ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The copy of `key`, unless it is older in L1 than the maximum age (then `None`, as a
+    /// miss: the read goes on to L2). The hot path: one relaxed load when no maximum is set.
     #[inline]
-    pub(crate) fn get<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> impl std::future::Future<Output = Option<Arc<Entry>>> + 'a {
-        self.cache.get(key)
+    pub(crate) async fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let slot = self.cache.get(key).await?;
+        let max = self.max_age.ms.load(Ordering::Relaxed);
+        if max != 0 && self.max_age.clock.now_millis().saturating_sub(slot.since) >= max {
+            return None;
+        }
+        Some(slot.entry)
     }
 
     pub(crate) async fn insert(&self, key: &str, entry: Arc<Entry>) {
-        self.cache.insert(key.to_owned(), entry).await;
+        let since = match self.max_age.ms.load(Ordering::Relaxed) {
+            0 => 0,
+            _ => self.max_age.clock.now_millis(),
+        };
+        self.cache
+            .insert(key.to_owned(), Slot { entry, since })
+            .await;
     }
 
     pub(crate) async fn remove(&self, key: &str) {
@@ -81,5 +126,44 @@ impl MemoryTier {
 
     pub(crate) async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::MockClock;
+
+    fn entry() -> Arc<Entry> {
+        Arc::new(Entry::new(Some("v".into()), None, 0, u64::MAX, u64::MAX))
+    }
+
+    #[tokio::test]
+    async fn a_copy_older_in_l1_than_the_maximum_age_is_not_served() {
+        let clock = MockClock::new();
+        let l1 = MemoryTier::new(1 << 20, Arc::new(clock.clone()));
+        l1.set_max_age(Some(Duration::from_secs(60)));
+        l1.insert("k", entry()).await;
+        clock.advance(Duration::from_millis(59_999));
+        assert!(l1.get("k").await.is_some(), "younger than the maximum age");
+        clock.advance(Duration::from_millis(1));
+        assert!(l1.get("k").await.is_none(), "60 s in L1: not served");
+        // Put in again (a re-read of L2): served again, for another 60 s.
+        l1.insert("k", entry()).await;
+        assert!(l1.get("k").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn without_a_maximum_age_a_copy_is_served_whatever_its_age() {
+        let clock = MockClock::new();
+        let l1 = MemoryTier::new(1 << 20, Arc::new(clock.clone()));
+        l1.insert("k", entry()).await;
+        clock.advance(Duration::from_secs(365 * 24 * 3600));
+        assert!(l1.get("k").await.is_some());
+        // Turned on later: a copy put in while it was off counts as too old.
+        l1.set_max_age(Some(Duration::from_secs(60)));
+        assert!(l1.get("k").await.is_none());
     }
 }

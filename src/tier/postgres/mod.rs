@@ -88,6 +88,7 @@
 //! | `release_fill_lease` | `DELETE … WHERE key = $1 AND token = $2` |
 //! | `summary` | one statement of aggregates over both tables |
 //! | `merge` | per 500 entries, one transaction: lock the keys; the `get_many` statement; upsert the entries that are newer and have no pending write; publish them |
+//! | `snapshot` | one `REPEATABLE READ, READ ONLY` transaction: `DECLARE … CURSOR FOR SELECT … FROM entries WHERE starts_with(key, $1) AND NOT EXISTS (a pending outbox row of the key) ORDER BY key COLLATE "C"`, then `FETCH 500` until done (an export; see below) |
 //! | *publish* | one statement in the write's transaction, pipelined with it: `WITH i AS (INSERT INTO invalidations … RETURNING seq) SELECT pg_notify(channel, payload) FROM unnest($payloads)` |
 //! | `invalidations` | the store's listener (below) |
 //!
@@ -141,11 +142,18 @@
 //!   [`invalidation_retention`](PostgresStoreBuilder::invalidation_retention) (1 hour),
 //!   by one instance at a time (`pg_try_advisory_xact_lock`).
 //!
+//! * **A maximum L1 age** is the last backstop: on a store that publishes, a cache serves an
+//!   L1 copy for at most [`DEFAULT_MAX_L1_AGE`](crate::DEFAULT_MAX_L1_AGE) (60 s) after it put
+//!   it there, then re-reads L2
+//!   ([`max_l1_age`](crate::TieredCacheBuilder::max_l1_age) sets another, or none). A message
+//!   lost without the listener noticing (or a bug) leaves a copy older than a write in an L1
+//!   for at most that long, not until its fresh deadline.
+//!
 //! What it guarantees: once a write has committed, and the other instances' listeners are
 //! connected, their L1s drop the key as soon as the `NOTIFY` arrives (a read in between may
 //! still be served from L1: the invalidation is asynchronous, not part of the write's
 //! acknowledgement). While a listener is disconnected its cache's L1 may serve copies older
-//! than a write until it reconnects and catches up; L2 reads are never stale (they read the
+//! than a write until it reconnects and catches up (at most the maximum L1 age); L2 reads are never stale (they read the
 //! shared tables).
 //!
 //! # An outbox drained by the fleet
@@ -214,10 +222,25 @@
 //! waiters after a holder's failed call (the shared breaker then bounds the calls). Leases of
 //! dead holders are deleted by the heartbeat's pruning.
 //!
+//! # Offline bundles
+//! [`TieredCache::export`](crate::TieredCache::export) and
+//! [`TieredCache::import`](crate::TieredCache::import) work on a PostgreSQL L2 as on SQLite
+//! (the bundle file is the same; see [`crate::bundle`]), so a bundle exported from a fleet's
+//! shared L2 is imported into a runner's SQLite cache, or the other way round.
+//! * **Export** ([`EntryStore::snapshot`](crate::tier::EntryStore::snapshot)): one
+//!   `REPEATABLE READ, READ ONLY` transaction on a pooled connection, so every row comes from
+//!   one moment whatever the fleet writes meanwhile; a cursor ordered by key in byte order
+//!   (`COLLATE "C"`: the order of SQLite's keys), fetched 500 rows at a time (an export of any
+//!   size holds one page in memory). The prefix is matched with `starts_with`, so `%` and `_`
+//!   are plain characters. Left out as on SQLite: keys with a pending write-behind write (in
+//!   the query); "not found" markers and expired entries (counted by the export).
+//! * **Import** ([`EntryStore::merge`](crate::tier::EntryStore::merge)): per 500 entries one
+//!   transaction under the keys' locks; the entries written are published, so every other
+//!   instance drops its L1 copy.
+//!
 //! # Limits today
 //! * **No size bound.** Entries past their stale deadline stay until overwritten or removed;
 //!   [`touch`](crate::tier::EntryStore::touch) records nothing (there is no eviction to feed).
-//! * **No maximum L1 age** as a last backstop against a missed message.
 //! * **The running budget** (remaining calls) is each instance's own; only a spent one is
 //!   shared (above).
 
@@ -236,6 +259,7 @@ mod names;
 mod notify;
 mod rows;
 mod schema;
+mod snapshot;
 mod store;
 
 use names::{redacted, server_name, validate_schema_name};
@@ -398,8 +422,11 @@ impl PostgresStoreBuilder {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // LIFO: a sequential caller keeps reusing the connection it just returned (a warm
+        // backend) instead of cycling through every idle one (`benches/fleet.rs`).
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(self.connect_timeout))
             .wait_timeout(Some(self.connect_timeout))

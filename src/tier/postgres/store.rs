@@ -17,7 +17,7 @@ use crate::tier::{
     OutboxStore, Resolved, StateStore, StoreSummary, StoredEntry,
 };
 
-type Pg = tokio_postgres::Error;
+pub(super) type Pg = tokio_postgres::Error;
 
 impl PostgresStore {
     /// A connection from the pool.
@@ -256,6 +256,11 @@ impl EntryStore for PostgresStore {
     /// One transaction per chunk of entries (see `merge.rs`): the written keys published.
     async fn merge(&self, entries: Vec<(String, StoredEntry)>) -> Result<Vec<crate::tier::Merged>> {
         self.merge_entries(entries).await
+    }
+
+    /// One `REPEATABLE READ, READ ONLY` transaction, paged through a cursor (see `snapshot.rs`).
+    async fn snapshot(&self, prefix: &str, sink: crate::tier::EntrySink) -> Result<()> {
+        self.snapshot_entries(prefix, sink).await
     }
 
     /// Fleet-wide single-flight: one upsert (see `lease.rs`).

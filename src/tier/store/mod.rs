@@ -160,7 +160,8 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// The default fails with [`Error::Bundle`] ([`BundleFault::Unsupported`]): the other
     /// methods cannot list a store's keys. The SQLite tier implements it with one read
-    /// transaction on a connection of its own, on a blocking thread.
+    /// transaction on a connection of its own, on a blocking thread; the PostgreSQL store with
+    /// one `REPEATABLE READ, READ ONLY` transaction and a cursor in key byte order.
     async fn snapshot(&self, prefix: &str, sink: EntrySink) -> Result<()> {
         let _ = (prefix, sink);
         Err(Error::Bundle {
