@@ -54,6 +54,7 @@ mod options;
 mod read;
 mod refresh;
 mod typed;
+mod validate;
 mod warm;
 mod write;
 
