@@ -25,6 +25,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::report::{median, spread, Target};
 use common::SlowSource;
 use tiercache::tier::postgres::PostgresStore;
 use tiercache::tier::EntryStore;
@@ -49,32 +50,6 @@ const SET_ROUNDS: usize = 3;
 /// The longest a single invalidation is waited for.
 const WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    AtMost(f64),
-    AtLeast(f64),
-}
-
-impl Target {
-    fn met(self, v: f64) -> bool {
-        match self {
-            Target::AtMost(t) => v <= t,
-            Target::AtLeast(t) => v >= t,
-        }
-    }
-    fn value(self) -> f64 {
-        match self {
-            Target::AtMost(t) | Target::AtLeast(t) => t,
-        }
-    }
-    fn cmp(self) -> &'static str {
-        match self {
-            Target::AtMost(_) => "<=",
-            Target::AtLeast(_) => ">=",
-        }
-    }
-}
-
 struct Row {
     name: &'static str,
     value: f64,
@@ -83,22 +58,6 @@ struct Row {
     detail: String,
     /// Extra figures for the JSON report.
     extra: serde_json::Value,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (lo, hi)
 }
 
 /// The server's URL, as the tests take it.
@@ -405,16 +364,7 @@ fn report(rows: &[Row], took: Duration) {
         entry["detail"] = row.extra.clone();
         json.insert(row.name.to_owned(), entry);
     }
-    let path = common::target_dir().join("tiercache-fleet.json");
-    let written = std::fs::create_dir_all(common::target_dir())
-        .and_then(|()| {
-            std::fs::write(
-                &path,
-                serde_json::to_string_pretty(&json).expect("JSON") + "\n",
-            )
-        })
-        .map(|()| format!("wrote {}", path.display()))
-        .unwrap_or_else(|e| format!("could not write {}: {e}", path.display()));
+    let written = common::report::write_json("tiercache-fleet.json", &json);
     let mut summary = String::new();
     if misses.is_empty() {
         let _ = write!(summary, "all {} targets met", rows.len());

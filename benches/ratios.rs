@@ -36,6 +36,7 @@ use bytes::Bytes;
 use moka::future::Cache as Moka;
 use tiercache::{Strategy, Tier, TieredCache, Typed};
 
+use common::report::{median, spread, Target};
 use common::SlowSource;
 
 /// Rounds per ratio; each round measures both sides back to back (order alternating).
@@ -55,32 +56,6 @@ const SETTERS: usize = 128;
 const SETS_EACH: usize = 100;
 const MIB: u64 = 1024 * 1024;
 
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    AtMost(f64),
-    AtLeast(f64),
-}
-
-impl Target {
-    fn met(self, v: f64) -> bool {
-        match self {
-            Target::AtMost(t) => v <= t,
-            Target::AtLeast(t) => v >= t,
-        }
-    }
-    fn value(self) -> f64 {
-        match self {
-            Target::AtMost(t) | Target::AtLeast(t) => t,
-        }
-    }
-    fn cmp(self) -> &'static str {
-        match self {
-            Target::AtMost(_) => "<=",
-            Target::AtLeast(_) => ">=",
-        }
-    }
-}
-
 struct Row {
     name: &'static str,
     value: f64,
@@ -89,22 +64,6 @@ struct Row {
     detail: String,
     /// Set when the figure does not yet measure what its name says.
     note: Option<&'static str>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (lo, hi)
 }
 
 /// Runs `a` and `b` for `rounds` rounds (alternating which goes first) and returns the median of
@@ -568,16 +527,7 @@ fn report(rows: &[Row], took: Duration) {
         }
         json.insert(row.name.to_owned(), entry);
     }
-    let path = common::target_dir().join("tiercache-ratios.json");
-    let written = std::fs::create_dir_all(common::target_dir())
-        .and_then(|()| {
-            std::fs::write(
-                &path,
-                serde_json::to_string_pretty(&json).expect("JSON") + "\n",
-            )
-        })
-        .map(|()| format!("wrote {}", path.display()))
-        .unwrap_or_else(|e| format!("could not write {}: {e}", path.display()));
+    let written = common::report::write_json("tiercache-ratios.json", &json);
     if misses.is_empty() {
         println!(
             "\nall {} targets met in {:.1} s; {written}",

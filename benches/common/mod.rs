@@ -4,6 +4,8 @@
 //! Each bench uses a different subset of these.
 #![allow(dead_code)]
 
+pub mod report;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
