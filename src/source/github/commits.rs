@@ -404,23 +404,10 @@ impl GitHubSource {
                     .map(|f| at_commit(f, sha)),
                 None => self.fetch_inner(&key, etag.as_deref()).await,
             };
-            if let Err(e) = &answer {
-                if e.rate_limited_until().is_some() {
-                    return Err(e.clone());
-                }
-            }
+            super::graphql::rate_limit_stops_the_batch(&answer)?;
             answers[index] = Some(answer);
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| {
-                    Err(SourceError::InvalidResponse {
-                        message: "no answer was read for this key".into(),
-                    })
-                })
-            })
-            .collect())
+        Ok(super::graphql::every_key_answered(answers))
     }
 
     async fn revalidate_group(

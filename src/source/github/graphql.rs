@@ -150,24 +150,10 @@ impl GitHubSource {
         // One at a time: GitHub asks for serial requests (secondary rate limits).
         for (i, key) in rest {
             let answer = self.fetch_inner(key, None).await;
-            if let Err(e) = &answer {
-                // Nothing more will be answered until the limit passes.
-                if e.rate_limited_until().is_some() {
-                    return Err(e.clone());
-                }
-            }
+            rate_limit_stops_the_batch(&answer)?;
             answers[i] = Some(answer);
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| {
-                    Err(SourceError::InvalidResponse {
-                        message: "no answer was read for this key".into(),
-                    })
-                })
-            })
-            .collect())
+        Ok(every_key_answered(answers))
     }
 
     /// One GraphQL request for `keys`: one field per key, in order; `None` when the server has
@@ -335,6 +321,33 @@ fn field(key: &GitHubKey, repo: Option<&Value>, errors: &[&Value]) -> Field {
         validator: None,
         ttl: None,
     }))
+}
+
+/// A REST read of a batch that met a rate limit: nothing more will be answered until the limit
+/// passes, so the whole batch fails with it.
+pub(super) fn rate_limit_stops_the_batch(
+    answer: &Result<Fetched, SourceError>,
+) -> Result<(), SourceError> {
+    match answer {
+        Err(e) if e.rate_limited_until().is_some() => Err(e.clone()),
+        _ => Ok(()),
+    }
+}
+
+/// The answers of a batch, one per key; a key nothing was read for is an invalid response.
+pub(super) fn every_key_answered(
+    answers: Vec<Option<Result<Fetched, SourceError>>>,
+) -> Vec<Result<Fetched, SourceError>> {
+    answers
+        .into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| {
+                Err(SourceError::InvalidResponse {
+                    message: "no answer was read for this key".into(),
+                })
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
