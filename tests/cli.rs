@@ -1114,7 +1114,22 @@ async fn warm_of_a_prefix_with_no_files_exits_2_and_warm_owner_names_warms_synta
         "{}",
         empty.stderr
     );
-    assert_eq!(env.requests().await.len(), 1, "only the listing");
+    // The ref resolved to its commit first (this fake has no commits: a 404, so the tree is
+    // listed at the ref itself), then the one listing: nothing is fetched.
+    let sent: Vec<String> = env
+        .requests()
+        .await
+        .iter()
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "/repos/octo/app/commits/main",
+            "/repos/octo/app/git/trees/main"
+        ],
+        "only the ref and the listing"
+    );
 
     let owner = env.run(&["warm", "octo"]).await;
     owner.expect(64);
@@ -1160,7 +1175,7 @@ async fn warm_refresh_revalidates_the_held_files_with_one_commit_request() {
         .mount(&f.server)
         .await;
     Mock::given(method("GET"))
-        .and(path("/repos/octo/app/git/trees/main"))
+        .and(path(format!("/repos/octo/app/git/trees/{sha}").as_str()))
         .respond_with(f.json(
             200,
             serde_json::json!({"sha": "t", "truncated": false, "tree": [

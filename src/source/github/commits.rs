@@ -77,7 +77,7 @@ const MAX_HOPS: usize = 64;
 const RESOLVED_REUSE_MS: u64 = 1000;
 
 /// Owner, repository and ref (`None`: the default branch).
-type Group = (String, String, Option<String>);
+pub(super) type Group = (String, String, Option<String>);
 
 /// What this source learnt of refs: the last commit seen, and the moves it verified.
 #[derive(Debug, Default)]
@@ -219,6 +219,27 @@ impl GitHubSource {
             StatusCode::NOT_MODIFIED if conditional => Ok(Some(Head::Unchanged)),
             StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY => Ok(None),
             _ => Err(self.error_for(&a)),
+        }
+    }
+
+    /// The ref's commit for a listing: "Get a commit", conditional on the commit last seen (a
+    /// 304 is free), remembered so that the batches reading the listed files within the next
+    /// second read them at it. `None`: the ref does not resolve.
+    pub(super) async fn resolve_for_listing(
+        &self,
+        g: &Group,
+    ) -> Result<Option<String>, SourceError> {
+        let known = self.moves().last.get(g).map(|(sha, _)| sha.clone());
+        match self.head(g, known.as_deref()).await? {
+            Some(Head::At(sha)) => Ok(Some(sha)),
+            Some(Head::Unchanged) => {
+                let now = self.clock.now_millis();
+                if let Some(sha) = &known {
+                    self.moves().last.insert(g.clone(), (sha.clone(), now));
+                }
+                Ok(known)
+            }
+            None => Ok(None),
         }
     }
 

@@ -26,9 +26,19 @@ impl GitHubSource {
     }
 
     pub(super) async fn list_inner(&self, p: &GitHubPrefix) -> Result<Vec<String>, SourceError> {
-        let reference = match &p.reference {
-            Some(r) => r.clone(),
-            None => self.default_branch(p).await?,
+        // Revalidating by commit: the ref is resolved to its commit first ("Get a commit"; the
+        // default branch as `HEAD`), the tree listed at that commit, and the batches that read
+        // the listed files within the next second read them at it without resolving again.
+        let resolved = if self.by_commit {
+            let g = (p.owner.clone(), p.repo.clone(), p.reference.clone());
+            self.resolve_for_listing(&g).await?
+        } else {
+            None
+        };
+        let reference = match (resolved, &p.reference) {
+            (Some(sha), _) => sha,
+            (None, Some(r)) => r.clone(),
+            (None, None) => self.default_branch(p).await?,
         };
         // The ref is one path segment: its '/'s are encoded too ('feature%2Fx'), as clients of
         // this endpoint commonly send them; left bare, they would split the segment.
