@@ -331,36 +331,14 @@ async fn fleet_sets(schema: &str) -> Row {
 
 fn report(rows: &[Row], took: Duration) {
     let mut json = serde_json::Map::new();
-    println!(
-        "\n{:<24} {:>10} {:>12}  {:<6} detail",
-        "figure", "value", "target", "result"
-    );
+    common::report::print_header("figure", 24);
     let mut misses = Vec::new();
     for row in rows {
-        let pass = row.target.met(row.value);
+        let (mut entry, pass) =
+            common::report::print_row(row.name, 24, row.value, row.target, &row.detail);
         if !pass {
             misses.push(row.name);
         }
-        let value = if row.value >= 1000.0 {
-            format!("{:.0}", row.value)
-        } else {
-            format!("{:.3}", row.value)
-        };
-        println!(
-            "{:<24} {:>10} {:>3}{:>9}  {:<6} {}",
-            row.name,
-            value,
-            row.target.cmp(),
-            row.target.value(),
-            if pass { "PASS" } else { "FAIL" },
-            row.detail
-        );
-        let mut entry = serde_json::json!({
-            "value": row.value,
-            "target": row.target.value(),
-            "cmp": row.target.cmp(),
-            "pass": pass,
-        });
         entry["detail"] = row.extra.clone();
         json.insert(row.name.to_owned(), entry);
     }

@@ -489,39 +489,18 @@ fn main() {
 
 fn report(rows: &[Row], took: Duration) {
     let mut json = serde_json::Map::new();
-    println!(
-        "\n{:<36} {:>12} {:>12}  {:<6} detail",
-        "ratio", "value", "target", "result"
-    );
+    common::report::print_header("ratio", 36);
     let mut misses = Vec::new();
     for row in rows {
-        let pass = row.target.met(row.value);
-        if !pass {
-            misses.push(row.name);
-        }
-        let value = if row.value >= 1000.0 {
-            format!("{:.0}", row.value)
-        } else {
-            format!("{:.3}", row.value)
-        };
         let mut detail = row.detail.clone();
         if let Some(note) = row.note {
             let _ = write!(detail, "  [{note}]");
         }
-        println!(
-            "{:<36} {:>12} {:>3}{:>9}  {:<6} {detail}",
-            row.name,
-            value,
-            row.target.cmp(),
-            row.target.value(),
-            if pass { "PASS" } else { "FAIL" },
-        );
-        let mut entry = serde_json::json!({
-            "value": row.value,
-            "target": row.target.value(),
-            "cmp": row.target.cmp(),
-            "pass": pass,
-        });
+        let (mut entry, pass) =
+            common::report::print_row(row.name, 36, row.value, row.target, &detail);
+        if !pass {
+            misses.push(row.name);
+        }
         if let Some(note) = row.note {
             entry["note"] = note.into();
         }

@@ -59,3 +59,41 @@ pub fn write_json(file: &str, json: &serde_json::Map<String, serde_json::Value>)
         .map(|()| format!("wrote {}", path.display()))
         .unwrap_or_else(|e| format!("could not write {}: {e}", path.display()))
 }
+
+/// Prints the table's header: `first` names the first column, `width` wide.
+pub fn print_header(first: &str, width: usize) {
+    println!(
+        "\n{first:<width$} {:>12} {:>12}  {:<6} detail",
+        "value", "target", "result"
+    );
+}
+
+/// Prints one row of the table; returns its JSON entry (value, target, comparison, pass) and
+/// whether it met its target.
+pub fn print_row(
+    name: &str,
+    width: usize,
+    value: f64,
+    target: Target,
+    detail: &str,
+) -> (serde_json::Value, bool) {
+    let pass = target.met(value);
+    let shown = if value >= 1000.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
+    };
+    println!(
+        "{name:<width$} {shown:>12} {:>3}{:>9}  {:<6} {detail}",
+        target.cmp(),
+        target.value(),
+        if pass { "PASS" } else { "FAIL" },
+    );
+    let entry = serde_json::json!({
+        "value": value,
+        "target": target.value(),
+        "cmp": target.cmp(),
+        "pass": pass,
+    });
+    (entry, pass)
+}
