@@ -316,3 +316,79 @@ async fn a_keys_own_outage_reaches_the_breaker_and_the_other_keys_keep_their_ans
     assert_eq!(cache.health().await.l3.consecutive_failures, 1);
     Ok(())
 }
+
+/// `get_batch_window`: the cold misses of concurrent `get`s of different keys go to the source
+/// as one batch (a full batch at once, the rest when the window closes); a lone `get` waits out
+/// the window and is a batch of one; without the option, each `get` is its own call.
+#[tokio::test(start_paused = true)]
+async fn concurrent_gets_within_the_window_are_one_batch() -> TestResult {
+    let source = BatchSource::new(100);
+    for i in 0..150 {
+        source.insert(&format!("k{i}"), &format!("v{i}"), None);
+    }
+    let cache = TieredCache::builder()
+        .source(source.clone())
+        .get_batch_window(Duration::from_millis(5))
+        .build()?;
+    let tasks: Vec<_> = (0..150)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(&format!("k{i}")).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await??, Some(Bytes::from(format!("v{i}"))), "k{i}");
+    }
+    let calls = source.calls();
+    assert!(calls.iter().all(|(op, _)| *op == "fetch_many"), "{calls:?}");
+    let mut sizes: Vec<usize> = calls.iter().map(|(_, keys)| keys.len()).collect();
+    sizes.sort_unstable();
+    assert_eq!(
+        sizes,
+        [50, 100],
+        "a full batch at once, the rest at the window's end"
+    );
+    // Read again: L1, nothing sent.
+    assert_eq!(cache.get("k7").await?, Some(Bytes::from("v7")));
+    assert_eq!(source.calls().len(), 2);
+
+    // A lone get: a batch of one, after the window.
+    let lone = source.clone();
+    lone.insert("solo", "s", None);
+    let started = tokio::time::Instant::now();
+    assert_eq!(cache.get("solo").await?, Some(Bytes::from("s")));
+    assert!(started.elapsed() >= Duration::from_millis(5));
+    assert_eq!(source.calls().last().unwrap().1, ["solo"]);
+
+    // Without the window: one call per key.
+    let plain_source = BatchSource::new(100);
+    for i in 0..3 {
+        plain_source.insert(&format!("p{i}"), "x", None);
+    }
+    let plain = TieredCache::builder()
+        .source(plain_source.clone())
+        .build()?;
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let plain = plain.clone();
+            tokio::spawn(async move { plain.get(&format!("p{i}")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await??.is_some());
+    }
+    assert_eq!(plain_source.calls().len(), 3);
+    assert!(plain_source.calls().iter().all(|(op, _)| *op == "fetch"));
+    Ok(())
+}
+
+#[test]
+fn a_get_batch_window_of_zero_or_past_a_second_is_refused() {
+    for w in [Duration::ZERO, Duration::from_millis(1001)] {
+        let e = TieredCache::builder()
+            .get_batch_window(w)
+            .build()
+            .expect_err("refused");
+        assert!(matches!(e, tiercache::Error::Config(_)), "{e}");
+    }
+}

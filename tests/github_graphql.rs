@@ -741,3 +741,33 @@ async fn pinned_keys_read_through_graphql_are_never_asked_again() {
     }
     assert_eq!(received(&f.server).await.len(), 1, "nothing more sent");
 }
+
+/// Concurrent `get`s of cold keys through a cache with a batch window: one GraphQL request.
+/// (The batch is full at 20 keys, so it leaves at once, however the window falls.)
+#[tokio::test]
+async fn concurrent_cold_gets_in_a_window_are_one_graphql_request() {
+    let f = Fake::start().await;
+    let (repo, keys) = text_files(20);
+    mount_graphql(&f, repo).await;
+    let source = f.authed_builder().graphql_batch(20).build().unwrap();
+    let cache = tiercache::TieredCache::builder()
+        .source(source)
+        .clock(f.clock.clone())
+        .get_batch_window(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (cache, k) = (cache.clone(), k.clone());
+            tokio::spawn(async move { cache.get(&k).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let v = t.await.unwrap().unwrap().expect("exists");
+        assert_eq!(v, format!("file {i}\n"));
+    }
+    let reqs = received(&f.server).await;
+    assert_eq!(reqs.len(), 1, "one request for 20 concurrent gets");
+    assert_eq!(keys_in(&reqs[0]), 20);
+}

@@ -58,6 +58,7 @@ pub struct TieredCacheBuilder {
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) fetch_concurrency: usize,
     pub(crate) refresh_ahead: Option<f64>,
+    pub(crate) get_batch_window: Option<Duration>,
     pub(crate) budget_reserve: Option<u64>,
     pub(crate) offline: bool,
     pub(crate) stats: bool,
@@ -97,6 +98,7 @@ impl Default for TieredCacheBuilder {
             soft_timeout: None,
             fetch_concurrency: 8,
             refresh_ahead: None,
+            get_batch_window: None,
             budget_reserve: None,
             offline: false,
             stats: true,
@@ -274,6 +276,25 @@ impl TieredCacheBuilder {
     /// Source calls in flight at once for one `mget` or `warm`. Default: 8.
     pub fn fetch_concurrency(mut self, n: usize) -> Self {
         self.fetch_concurrency = n;
+        self
+    }
+
+    /// Batches the cold misses of concurrent `get`s (and `lookup`s): the first opens a window
+    /// of `window`; the cold misses of other keys arriving meanwhile join it, and they go to
+    /// the source together when it closes, or at once when they fill a batch
+    /// ([`Source::max_batch`](crate::source::Source::max_batch)), through
+    /// [`Source::fetch_many`](crate::source::Source::fetch_many). `GitHubSource` with a token
+    /// sends such a batch as one GraphQL request. Default: off (a lone `get` would wait out the
+    /// window). Only keys with nothing to revalidate with are batched; a source that does not
+    /// batch (`max_batch` 1) is asked key by key as without it. At most one second.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let builder = tiercache::TieredCache::builder().get_batch_window(Duration::from_millis(2));
+    /// ```
+    pub fn get_batch_window(mut self, window: Duration) -> Self {
+        self.get_batch_window = Some(window);
         self
     }
 

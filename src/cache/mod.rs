@@ -56,6 +56,7 @@ mod refresh;
 mod typed;
 mod validate;
 mod warm;
+mod window;
 mod write;
 
 pub use builder::TieredCacheBuilder;
@@ -113,6 +114,8 @@ pub(crate) struct Inner {
     flights: Flights<(Arc<Entry>, Loaded)>,
     /// Refresh-ahead and the budget reserve.
     background: refresh::Background,
+    /// The cold misses of concurrent `get`s, batched ([`TieredCacheBuilder::get_batch_window`]).
+    get_window: Option<window::GetWindow>,
     stats: Arc<Stats>,
     outbox: Option<Outbox>,
     /// The outbox's storage in [`OutboxMode::Memory`].
@@ -336,6 +339,7 @@ impl TieredCache {
                     b.budget_reserve,
                     b.fetch_concurrency,
                 ),
+                get_window: b.get_batch_window.map(window::GetWindow::new),
                 stats,
                 outbox,
                 memory_queue,

@@ -397,6 +397,18 @@ impl TieredCache {
                             batch.push((key.clone(), validator, tx));
                             Via::Batch(rx)
                         }
+                        // A lone read's cold miss: into the window, if one is configured
+                        // and the source batches.
+                        None if cold && custom.is_none() && inner.source.max_batch() > 1 => {
+                            match &inner.get_window {
+                                Some(window) => {
+                                    let (tx, rx) = oneshot::channel();
+                                    window.push(&inner, key.clone(), tx);
+                                    Via::Batch(rx)
+                                }
+                                None => Via::Fetch,
+                            }
+                        }
                         _ => Via::Fetch,
                     };
                     match custom {

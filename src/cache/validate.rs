@@ -75,6 +75,13 @@ impl TieredCacheBuilder {
                 self.fetch_concurrency
             ));
         }
+        if let Some(window) = self.get_batch_window {
+            if window.is_zero() || window > std::time::Duration::from_secs(1) {
+                return fail(format!(
+                    "get_batch_window is {window:?}; it must be above zero and at most 1 s"
+                ));
+            }
+        }
         if let Some(fraction) = self.refresh_ahead {
             if !(fraction > 0.0 && fraction < 1.0) {
                 return fail(format!(
