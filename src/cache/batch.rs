@@ -83,7 +83,7 @@ impl TieredCache {
         let l1_timer = inner.stats.start();
         let mut l1_misses = Vec::new();
         for (d, (k, _)) in distinct.iter().enumerate() {
-            match inner.l1.get(k).await {
+            match inner.l1.get(k, now).await {
                 Some(e) if e.is_fresh(now, max_age) => {
                     inner.stats.hit(Tier::L1);
                     answers[d] = Some(Ok(self.served(&e, Tier::L1, Freshness::Fresh, now)));

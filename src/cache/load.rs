@@ -96,7 +96,7 @@ pub(super) async fn load(
         kind => kind,
     };
     // A load that finished just before this one started has already filled L1.
-    if let Some(e) = inner.l1.get(&key).await {
+    if let Some(e) = inner.l1.get(&key, now).await {
         let same = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &e));
         if !same && e.is_fresh(now, max_age) {
             inner.stats.request(kind, RequestEvent::Deduplicated);

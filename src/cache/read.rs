@@ -86,7 +86,7 @@ impl TieredCache {
         }
         let timer = inner.stats.start_sampled();
         let now = self.now();
-        let e = inner.l1.get(key).await;
+        let e = inner.l1.get(key, now).await;
         if let Some(e) = &e {
             if now < e.fresh_until {
                 inner.stats.hit(Tier::L1);
@@ -134,8 +134,8 @@ impl TieredCache {
         self.check_basic(key)?;
         let inner = &*self.inner;
         let timer = inner.stats.start_sampled();
-        let e = inner.l1.get(key).await;
         let now = self.now();
+        let e = inner.l1.get(key, now).await;
         if let Some(e) = &e {
             if e.is_fresh(now, max_age) {
                 inner.stats.hit(Tier::L1);

@@ -98,7 +98,7 @@ where
         }
         let timer = inner.stats.start_sampled();
         let now = self.cache.now();
-        if let Some(e) = inner.l1.get(key).await {
+        if let Some(e) = inner.l1.get(key, now).await {
             if now < e.fresh_until {
                 if let Some(v) = e.decoded::<T>() {
                     inner.stats.hit(Tier::L1);
@@ -179,7 +179,7 @@ where
                 });
             }
         };
-        if let Some(e) = inner.l1.get(key).await {
+        if let Some(e) = inner.l1.get(key, self.cache.now()).await {
             if e.value.as_ref() == Some(&bytes) {
                 let _ = e.decoded.set(value.clone());
             }

@@ -279,7 +279,7 @@ impl TieredCache {
                 let observed = Observed::of(&e);
                 (e.filter(|e| e.is_servable(now)).map(Arc::new), observed)
             }
-            Err(_) => (inner.l1.get(key).await, Observed::Unknown),
+            Err(_) => (inner.l1.get(key, now).await, Observed::Unknown),
         };
         // Forced, a fresh entry is revalidated only when it came from the source with a
         // validator: a fresh value without one may be a local write (`set`), which the
