@@ -293,11 +293,22 @@ pub(super) async fn fetch_batches(
     kind: RequestKind,
 ) {
     let max = inner.source.max_batch().max(1);
-    let mut keys: Vec<BatchItem> = keys.into_iter().map(|(k, tx)| (k, None, tx)).collect();
+    let items = keys.into_iter().map(|(k, tx)| (k, None, tx)).collect();
+    in_batches(inner, items, max, kind).await;
+}
+
+/// Sends `items` in batches of at most `size`, [`one_batch`] each, up to `fetch_concurrency`
+/// batches at a time.
+pub(super) async fn in_batches(
+    inner: &Inner,
+    mut items: Vec<BatchItem>,
+    size: usize,
+    kind: RequestKind,
+) {
     let mut batches = Vec::new();
-    while !keys.is_empty() {
-        let rest = keys.split_off(keys.len().min(max));
-        batches.push(std::mem::replace(&mut keys, rest));
+    while !items.is_empty() {
+        let rest = items.split_off(items.len().min(size.max(1)));
+        batches.push(std::mem::replace(&mut items, rest));
     }
     stream::iter(batches)
         .for_each_concurrent(inner.settings.fetch_concurrency, |batch| {
@@ -313,7 +324,7 @@ pub(super) type BatchItem = (String, Option<String>, oneshot::Sender<Answer>);
 /// One batch under one breaker permit: [`Source::fetch_many`] when no key has a validator,
 /// else [`Source::revalidate_many`] (every key must then have one); each key's answer is
 /// handed to its load.
-pub(super) async fn one_batch(inner: &Inner, batch: Vec<BatchItem>, kind: RequestKind) {
+async fn one_batch(inner: &Inner, batch: Vec<BatchItem>, kind: RequestKind) {
     let names: Vec<&str> = batch.iter().map(|(k, _, _)| k.as_str()).collect();
     let pairs: Option<Vec<(&str, &str)>> = batch
         .iter()

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::flight::Flight;
-use super::load::{fetch_batches, one_batch, Answer, BatchItem, Via};
+use super::load::{fetch_batches, in_batches, Answer, BatchItem, Via};
 use super::*;
 use crate::error::BundleFault;
 use crate::stats::{RequestEvent, RequestKind};
@@ -353,21 +353,8 @@ impl TieredCache {
 /// Revalidates keys held with a validator in batches of `REVALIDATE_BATCH` (1000), each batch one
 /// [`Source::revalidate_many`] call under one breaker permit, and hands each key's answer to its
 /// load ([`Via::Batch`]).
-pub(super) async fn revalidate_batches(
-    inner: &Inner,
-    mut items: Vec<BatchItem>,
-    kind: RequestKind,
-) {
-    let mut batches = Vec::new();
-    while !items.is_empty() {
-        let rest = items.split_off(items.len().min(REVALIDATE_BATCH));
-        batches.push(std::mem::replace(&mut items, rest));
-    }
-    stream::iter(batches)
-        .for_each_concurrent(inner.settings.fetch_concurrency, |batch| {
-            one_batch(inner, batch, kind)
-        })
-        .await;
+pub(super) async fn revalidate_batches(inner: &Inner, items: Vec<BatchItem>, kind: RequestKind) {
+    in_batches(inner, items, REVALIDATE_BATCH, kind).await;
 }
 
 /// One key of [`TieredCache::warm`] at its load.
