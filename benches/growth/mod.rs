@@ -48,6 +48,9 @@ fn build(n: usize) -> Db {
         rusqlite::params![n as i64, now],
     )
     .expect("the bulk insert");
+    // Raw statements: the counters and the recency rows follow by a recount.
+    conn.execute_batch(tiercache::tier::sqlite::RECOUNT)
+        .expect("the recount");
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .expect("checkpoint");
     drop(conn);

@@ -7,7 +7,7 @@ use std::path::Path;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags};
 
-use super::store::put_entry;
+use super::changes::put_entry;
 use super::{storage, to_i64, to_u64, Location, SqliteTier};
 use crate::error::{Error, Result};
 use crate::tier::{EntrySink, Merged, StoredEntry};
@@ -94,12 +94,12 @@ impl SqliteTier {
     }
 
     /// [`EntryStore::merge`](crate::tier::EntryStore::merge) in one job of the writer thread,
-    /// inside a savepoint: every entry is decided and written, or (on an error) none is.
+    /// every entry is decided and written, or (on an error) none is.
     pub(super) async fn merge_entries(
         &self,
         entries: Vec<(String, StoredEntry)>,
     ) -> Result<Vec<Merged>> {
-        self.write_atomic(move |conn, state| {
+        self.write(move |conn, state| {
             let mut merged = Vec::with_capacity(entries.len());
             for (key, entry) in &entries {
                 let pending: bool = conn

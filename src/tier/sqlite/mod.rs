@@ -7,15 +7,16 @@
 //! A read of a cached page is a few microseconds, cheaper than any hop to another thread.
 //!
 //! The module's parts: `open` (the file looked at before any write, foreign and corrupt files,
-//! the integrity policy, the watch on the file's identity), `schema` (tables, counters kept by
-//! triggers, migrations), `writer` (the writer thread: group commit, jobs, last-access touches,
-//! bounded eviction) and `store` (reads, and the write jobs of the tier's implementation of the
-//! storage traits, `tier::store`).
+//! the integrity policy, the watch on the file's identity), `schema` (tables, indexes,
+//! migrations), `changes` (every change of `entries` and `outbox` with its bookkeeping: the
+//! counters and the recency rows), `writer` (the writer thread: group commit, jobs,
+//! last-access touches, bounded eviction) and `store` (reads, and the write jobs of the tier's
+//! implementation of the storage traits, `tier::store`).
 //!
 //! # Costs that do not grow with the table
-//! The counts and byte totals live in a one-row table kept by triggers in the same transaction
-//! as every change, so a summary, `stats()` and `health()` read one row, and opening reads no
-//! total. Eviction walks two indexes (expired first, then least recently used) a small batch per
+//! The counts and byte totals live in a one-row table the writer keeps in the same transaction
+//! as every change (no triggers: see `changes`), so a summary, `stats()` and `health()` read
+//! one row, and opening reads no total. Eviction walks two indexes (expired first, then least recently used) a small batch per
 //! commit. A read's last access is a row of a narrow table, applied after the writer has
 //! acknowledged its jobs, never inside a caller's write.
 //!
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod bundle;
+mod changes;
 mod open;
 mod schema;
 mod store;
@@ -45,7 +47,7 @@ mod store;
 mod tests;
 mod writer;
 
-pub use schema::{SCHEMA, SCHEMA_VERSION};
+pub use schema::{RECOUNT, SCHEMA, SCHEMA_VERSION};
 
 use open::FileWatch;
 use writer::{Msg, Touches};

@@ -1,10 +1,10 @@
-//! The schema: tables, indexes and the triggers that keep the counters, and its history (the
-//! migrations that bring an older database to the current version).
+//! The schema: tables and indexes, and its history (the migrations that bring an older database
+//! to the current version).
 //!
 //! Version 3 makes every cost the cache pays at run time independent of the table's size:
-//! * `counters`, one row kept by triggers in the same transaction as every change of `entries`
-//!   and `outbox`: entries, bytes, negative entries, pending writes, dead letters and outbox
-//!   bytes. `stats()`, `health()`, the flush reports and the eviction's byte total read it;
+//! * `counters`, one row kept in the same transaction as every change of `entries` and
+//!   `outbox`: entries, bytes, negative entries, pending writes, dead letters and outbox
+//!   bytes. Version 3 kept it by triggers; from version 4 the writer keeps it (see `changes`). `stats()`, `health()`, the flush reports and the eviction's byte total read it;
 //!   every process sharing the file sees the same figures.
 //! * `recency`, a narrow table (the entry's rowid, its last access) indexed by time: a read's
 //!   last-access update rewrites 16 bytes there, never the entry's value; eviction takes the
@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS counters (
     outbox_bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters VALUES (1, 0, 0, 0, 0, 0, 0);
+"
+    };
+}
+
+/// Version 3's triggers, which kept the counters and `recency` (version 4 drops them: the writer
+/// keeps both, see `changes`).
+macro_rules! schema_v3_triggers {
+    () => {
+        "
 CREATE TRIGGER IF NOT EXISTS entries_insert AFTER INSERT ON entries BEGIN
     UPDATE counters SET entries = entries + 1, bytes = bytes + new.size,
         negative = negative + (new.value IS NULL) WHERE id = 1;
@@ -105,6 +114,29 @@ END;
     };
 }
 
+/// Recomputes the counters and the `recency` rows from the tables (reads every row).
+macro_rules! recount {
+    () => {
+        "
+INSERT OR REPLACE INTO counters (id, entries, bytes, negative, pending, dead, outbox_bytes)
+SELECT 1, e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
+FROM (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes,
+             coalesce(sum(value IS NULL), 0) AS negative FROM entries) AS e,
+     (SELECT coalesce(sum(dead = 0), 0) AS pending, coalesce(sum(dead <> 0), 0) AS dead,
+             coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0) AS bytes
+      FROM outbox) AS o;
+DELETE FROM recency WHERE id NOT IN (SELECT rowid FROM entries);
+INSERT OR IGNORE INTO recency (id, at) SELECT rowid, last_access FROM entries;
+"
+    };
+}
+
+/// The SQL that recomputes the `counters` row and the `recency` rows from the tables, in one
+/// pass over every row. The writer keeps both with every change it makes; a database filled by
+/// raw statements (a bulk load of `entries`) needs this once afterwards, in the same
+/// transaction, or its counters and eviction order do not see those rows.
+pub const RECOUNT: &str = recount!();
+
 /// The database schema of version [`SCHEMA_VERSION`], as a new database is created. An older
 /// database is brought to it by the migrations, one version at a time.
 pub const SCHEMA: &str = concat!(schema_v2!(), schema_v3_additions!());
@@ -113,8 +145,9 @@ pub const SCHEMA: &str = concat!(schema_v2!(), schema_v3_additions!());
 ///
 /// History: 1, the first (no `application_id`); 2, `outbox.superseded` and the outbox indexes,
 /// and `application_id` set to [`APPLICATION_ID`](super::APPLICATION_ID); 3, the `counters` and
-/// `recency` tables, their triggers, and the eviction and outbox indexes.
-pub const SCHEMA_VERSION: i64 = 3;
+/// `recency` tables, their triggers, and the eviction and outbox indexes; 4, no triggers (the
+/// writer keeps the counters and `recency` in the transaction of each change).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// One step of the schema's history: the SQL that takes a database of version `to - 1` to
 /// version `to`. Run in one transaction with the version bump.
@@ -142,19 +175,20 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         to: 3,
         // The one full read of the file a migration makes: the counters and the recency table
         // are filled from what the database holds, once.
-        sql: concat!(
-            schema_v3_additions!(),
-            "
-        INSERT OR REPLACE INTO counters (id, entries, bytes, negative, pending, dead, outbox_bytes)
-        SELECT 1, e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
-        FROM (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes,
-                     coalesce(sum(value IS NULL), 0) AS negative FROM entries) AS e,
-             (SELECT coalesce(sum(dead = 0), 0) AS pending, coalesce(sum(dead <> 0), 0) AS dead,
-                     coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0) AS bytes
-              FROM outbox) AS o;
-        INSERT OR REPLACE INTO recency (id, at) SELECT rowid, last_access FROM entries;
-    "
-        ),
+        sql: concat!(schema_v3_additions!(), schema_v3_triggers!(), recount!()),
+    },
+    Migration {
+        to: 4,
+        // The counters and `recency` are kept by the writer from here on (see `changes`): a
+        // statement that fires a trigger journals every page it changes.
+        sql: "
+        DROP TRIGGER IF EXISTS entries_insert;
+        DROP TRIGGER IF EXISTS entries_delete;
+        DROP TRIGGER IF EXISTS entries_update;
+        DROP TRIGGER IF EXISTS outbox_insert;
+        DROP TRIGGER IF EXISTS outbox_delete;
+        DROP TRIGGER IF EXISTS outbox_update;
+    ",
     },
 ];
 

@@ -10,6 +10,10 @@ use bytes::Bytes;
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::changes::{
+    self, delete_outbox_returning, insert_outbox, outbox_moved, put_entry, remove_entry,
+    DELETE_DEAD_LETTER, DELETE_DELIVERED,
+};
 use super::writer::{WriterState, MAX_TOUCHES};
 use super::{outbox_bound, storage, to_i64, to_u64, SqliteTier};
 use crate::error::{Error, Result};
@@ -62,33 +66,6 @@ fn row_to_entry(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<Stored
     ))
 }
 
-pub(super) fn put_entry(
-    conn: &Connection,
-    state: &mut WriterState,
-    key: &str,
-    e: &StoredEntry,
-) -> rusqlite::Result<()> {
-    // The counters and the recency row follow by trigger (see `schema`).
-    conn.prepare_cached(
-        "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value, validator = excluded.validator,
-           stored_at = excluded.stored_at, fresh_until = excluded.fresh_until,
-           stale_until = excluded.stale_until, size = excluded.size, last_access = excluded.last_access",
-    )?
-    .execute(params![
-        key,
-        e.value.as_deref(),
-        e.validator,
-        to_i64(e.stored_at),
-        to_i64(e.fresh_until),
-        to_i64(e.stale_until),
-        to_i64(e.size() as u64),
-    ])?;
-    state.now_hint = state.now_hint.max(e.stored_at);
-    Ok(())
-}
-
 /// Whether a fill may replace `key`'s row: no write began since it started, and the row is the
 /// one it observed (another process's write changes it).
 fn fill_allowed(conn: &Connection, key: &str, guard: &FillGuard) -> rusqlite::Result<bool> {
@@ -121,12 +98,6 @@ fn remove_unless_pending(
         return Ok(());
     }
     remove_entry(conn, state, key)
-}
-
-fn remove_entry(conn: &Connection, _: &mut WriterState, key: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM entries WHERE key = ?1")?
-        .execute([key])
-        .map(drop)
 }
 
 fn row_to_outbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
@@ -249,12 +220,7 @@ impl EntryStore for SqliteTier {
             if !fill_allowed(conn, &key, &guard)? {
                 return Ok(false);
             }
-            conn.prepare_cached(
-                "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
-                 WHERE key = ?1",
-            )?
-            .execute(params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)])
-            .map(|n| n > 0)
+            changes::renew_entry(conn, &key, (stored_at, fresh_until, stale_until))
         })
         .await
     }
@@ -338,40 +304,39 @@ impl OutboxStore for SqliteTier {
     ) -> Result<i64> {
         let key = key.to_owned();
         let needed = (key.len() + op_len(&op)) as u64;
-        let outcome = self.write_atomic(move |conn, state| {
-            // The outbox's bound, checked in the transaction that would pass it: refused, the
-            // write changes nothing.
-            let held: i64 = conn
-                .prepare_cached("SELECT outbox_bytes FROM counters WHERE id = 1")?
-                .query_row([], |r| r.get(0))?;
-            let held = to_u64(held);
-            let limit = outbox_bound(state.max_bytes);
-            if held.saturating_add(needed) > limit {
-                return Ok(Err(Error::OutboxFull { key, needed, held, limit }));
-            }
-            match &entry {
-                Some(e) => put_entry(conn, state, &key, e)?,
-                None => remove_entry(conn, state, &key)?,
-            }
-            let value = match &op {
-                OutboxOp::Put(v) => Some(v.as_ref()),
-                OutboxOp::Delete => None,
-            };
-            // A newer write: the key's dead letters may no longer be retried (I4). (Skipped
-            // when the outbox holds none, as the writer knows: see `WriterState`.)
-            if state.has_dead_letters(conn)? {
-                conn.prepare_cached(
-                    "UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1",
-                )?
-                .execute([&key])?;
-            }
-            conn.prepare_cached(
-                "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
-            )?
-            .execute(params![key, op.name(), value, to_i64(now)])?;
-            Ok(Ok(conn.last_insert_rowid()))
-        })
-        .await?;
+        let outcome = self
+            .write(move |conn, state| {
+                // The outbox's bound, checked in the transaction that would pass it: refused, the
+                // write changes nothing.
+                let held = to_u64(changes::current(conn, state)?.outbox_bytes);
+                let limit = outbox_bound(state.max_bytes);
+                if held.saturating_add(needed) > limit {
+                    return Ok(Err(Error::OutboxFull {
+                        key,
+                        needed,
+                        held,
+                        limit,
+                    }));
+                }
+                match &entry {
+                    Some(e) => put_entry(conn, state, &key, e)?,
+                    None => remove_entry(conn, state, &key)?,
+                }
+                let value = match &op {
+                    OutboxOp::Put(v) => Some(v.as_ref()),
+                    OutboxOp::Delete => None,
+                };
+                // A newer write: the key's dead letters may no longer be retried (I4). (Skipped
+                // when the outbox holds none, as the writer knows: see `WriterState`.)
+                if state.has_dead_letters(conn)? {
+                    conn.prepare_cached(
+                        "UPDATE outbox SET superseded = 1 WHERE key = ?1 AND dead = 1",
+                    )?
+                    .execute([&key])?;
+                }
+                insert_outbox(conn, state, &key, op.name(), value, now).map(Ok)
+            })
+            .await?;
         outcome
     }
 
@@ -430,12 +395,10 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
-        self.write(move |conn, _| {
+        self.write(move |conn, state| {
             // One statement for the batch; the array (an `Rc`) is built on the writer thread.
             let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
-            conn.prepare_cached("DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0")?
-                .execute([ids])
-                .map(drop)
+            delete_outbox_returning(conn, state, DELETE_DELIVERED, [ids]).map(drop)
         })
         .await
     }
@@ -447,15 +410,17 @@ impl OutboxStore for SqliteTier {
         error: String,
         dead: bool,
     ) -> Result<()> {
-        self.write_atomic(move |conn, state| {
+        self.write(move |conn, state| {
             let newest = ids.iter().copied().max().unwrap_or(0);
             let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
-            conn.prepare_cached(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?2, last_error = ?3, dead = ?4
-                 WHERE id IN rarray(?1) AND dead = 0",
-            )?
-            .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?2, last_error = ?3, dead = ?4
+                     WHERE id IN rarray(?1) AND dead = 0",
+                )?
+                .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
             if dead {
+                outbox_moved(state, n, true);
                 state.has_dead_letters = Some(true);
                 // A dead letter with a newer row of its key (the group's older rows, coalesced
                 // into the refused newest one; or a write that arrived during the attempt) is
@@ -491,24 +456,31 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
-        self.write_atomic(move |conn, state| {
+        self.write(move |conn, state| {
             state.has_dead_letters = None;
             let row: Option<(String, bool)> = conn
                 .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
                 .query_row([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
                 .optional()?;
-            let sql = match row {
+            match row {
                 None => return Ok(Resolved::Missing),
                 Some((key, true)) if retry => return Ok(Resolved::Superseded(key)),
                 Some((key, false)) if retry => {
                     // Pending again: what was cached while it was dead (the source's answer)
                     // must not be served over it (I1). Reads find the row, then the source.
                     remove_entry(conn, state, &key)?;
-                    "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0 WHERE id = ?1 AND dead = 1"
+                    let n = conn
+                        .prepare_cached(
+                            "UPDATE outbox SET dead = 0, attempts = 0, next_attempt = 0
+                             WHERE id = ?1 AND dead = 1",
+                        )?
+                        .execute([id])?;
+                    outbox_moved(state, n, false);
                 }
-                Some(_) => "DELETE FROM outbox WHERE id = ?1 AND dead = 1",
-            };
-            conn.prepare_cached(sql)?.execute([id])?;
+                Some(_) => {
+                    delete_outbox_returning(conn, state, DELETE_DEAD_LETTER, [id])?;
+                }
+            }
             Ok(Resolved::Done)
         })
         .await

@@ -84,7 +84,7 @@ async fn the_counters_match_a_scan_after_random_operations() -> Result<()> {
         for step in 0..400 {
             now += rng.u64(0..50);
             let key = format!("k{}", rng.usize(0..60));
-            match rng.u8(0..10) {
+            match rng.u8(0..14) {
                 0..=2 => {
                     let e = entry(rng.usize(0..3000), now, now + rng.u64(0..400));
                     tier.put(&key, e).await?;
@@ -113,11 +113,51 @@ async fn the_counters_match_a_scan_after_random_operations() -> Result<()> {
                     let id = ids[rng.usize(0..ids.len())];
                     tier.resolve_dead_letter(id, rng.bool()).await?;
                 }
+                10 => {
+                    let e = entry(rng.usize(0..2000), now, now + 300);
+                    tier.merge(vec![(key.clone(), e)]).await?;
+                }
+                11 => tier.remove_settled(&key, rng.i64(0..50)).await?,
+                12 => {
+                    // A job that changes rows, then fails: its batch is rolled back, rows and
+                    // what it counted.
+                    let e = entry(rng.usize(0..2000), now, now + 300);
+                    let before = (tier.get(&key).await?, tier.get("k0").await?);
+                    let k = key.clone();
+                    let failed = tier
+                        .write(move |c, state| {
+                            super::changes::put_entry(c, state, &k, &e)?;
+                            super::changes::remove_entry(c, state, "k0")?;
+                            Err::<(), _>(rusqlite::Error::QueryReturnedNoRows)
+                        })
+                        .await;
+                    assert!(failed.is_err());
+                    let after = (tier.get(&key).await?, tier.get("k0").await?);
+                    assert_eq!(before, after, "a failed job changes nothing");
+                }
                 _ => {
                     tier.touch(&key, now);
                     tier.apply_touches().await?;
                 }
             }
+            let (entries, recency): (i64, i64) = tier
+                .read(|c| {
+                    c.query_row(
+                        "SELECT (SELECT count(*) FROM entries),
+                                (SELECT count(*) FROM recency JOIN entries ON entries.rowid = recency.id)",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                })
+                .map_err(storage("recency"))?;
+            let orphans: i64 = tier
+                .read(|c| c.query_row("SELECT count(*) FROM recency", [], |r| r.get(0)))
+                .map_err(storage("recency"))?;
+            assert_eq!(
+                (recency, orphans),
+                (entries, entries),
+                "one recency row per entry"
+            );
             let at = now + rng.u64(0..100);
             assert_eq!(
                 tier.summary(at).await?,
@@ -180,8 +220,10 @@ async fn one_commit_evicts_a_bounded_batch_and_the_next_commits_go_on() -> Resul
         c.execute_batch(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 1999)
              INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
-             SELECT 'k' || i, zeroblob(100), NULL, i, i, 100000, 100, i FROM n",
-        )
+             SELECT 'k' || i, zeroblob(100), NULL, i, i, 100000, 100, i FROM n;",
+        )?;
+        // Raw statements: the counters and recency follow by a recount.
+        c.execute_batch(crate::tier::sqlite::RECOUNT)
     })
     .await?;
     let held = |s: StoreSummary| s.entries;

@@ -7,6 +7,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use super::changes::{self, remove_entries_returning, Counts};
 use super::open::FileWatch;
 use super::{to_i64, to_u64, SqliteTier};
 use crate::error::{Error, Result};
@@ -50,6 +51,11 @@ pub(super) struct WriterState {
     pub(super) checkpoints: Option<mpsc::SyncSender<()>>,
     /// Commits since the last checkpoint was asked for.
     pub(super) commits: u32,
+    /// What the open transaction's statements changed of the counters, written with its commit
+    /// (see `changes`).
+    pub(super) counts: Counts,
+    /// A job of the open batch failed after changing rows: the batch is rolled back.
+    pub(super) part_done: bool,
 }
 
 /// Commits between two checkpoints asked of the checkpointer (each commit of a lone set adds a
@@ -76,49 +82,33 @@ impl WriterState {
         if let Some(known) = self.has_dead_letters {
             return Ok(known);
         }
-        let any: bool = conn
-            .prepare_cached("SELECT dead > 0 FROM counters WHERE id = 1")?
-            .query_row([], |r| r.get(0))?;
+        let any = changes::current(conn, self)?.dead > 0;
         self.has_dead_letters = Some(any);
         Ok(any)
     }
 }
 
 impl SqliteTier {
-    /// Runs `f`, which makes at most one change (one modifying statement: SQLite undoes a
-    /// failed statement by itself), in the writer thread's next transaction, and waits for the
-    /// commit.
+    /// Runs `f` in the writer thread's next transaction, and waits for the commit.
+    ///
+    /// A job is all or nothing without a savepoint of its own (a savepoint copies every page
+    /// before its first change: a quarter of the writer's instructions): a job that fails
+    /// having changed rows rolls its whole batch back, and every job of the batch is told;
+    /// one that fails before changing anything fails alone (SQLite undid its failed statement).
     pub(super) async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.write_job(false, f).await
-    }
-
-    /// [`write`](Self::write) for a job of several changes: they are undone together if one
-    /// fails (a savepoint), leaving the rest of the batch alone.
-    pub(super) async fn write_atomic<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.write_job(true, f).await
-    }
-
-    async fn write_job<T: Send + 'static>(
-        &self,
-        savepoint: bool,
         f: impl FnOnce(&Connection, &mut WriterState) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |ctx| {
             let out = ctx.map(|(conn, state)| {
-                let out = if savepoint {
-                    run_in_savepoint(conn, |c| f(c, &mut *state))
-                } else {
-                    f(conn, &mut *state)
-                };
-                if let Err(rusqlite::Error::SqliteFailure(e, _)) = &out {
-                    state.last_failure = Some(*e);
+                let (changes, counts) = (conn.total_changes(), state.counts);
+                let out = f(conn, &mut *state);
+                if let Err(e) = &out {
+                    if let rusqlite::Error::SqliteFailure(e, _) = e {
+                        state.last_failure = Some(*e);
+                    }
+                    state.part_done |= conn.total_changes() != changes || state.counts != counts;
                 }
                 out
             });
@@ -147,23 +137,6 @@ impl SqliteTier {
 
     fn send(&self, msg: Msg) -> Result<()> {
         self.writer.send(msg).map_err(|_| Error::Closed)
-    }
-}
-
-fn run_in_savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
-    match f(conn) {
-        Ok(v) => {
-            conn.prepare_cached("RELEASE job")?.execute([])?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
-            Err(e)
-        }
     }
 }
 
@@ -321,15 +294,18 @@ fn commit_batch(
         }
         completions.push(job(Some((&tx, &mut *state))));
         // Some errors (a full disk, I/O) make SQLite roll the whole transaction back: the jobs
-        // after it must not run in autocommit mode, and none of the batch is committed.
-        aborted = tx.is_autocommit();
+        // after it must not run in autocommit mode, and none of the batch is committed. A job
+        // that failed half done is undone with its batch (dropping `tx` rolls it back).
+        aborted = tx.is_autocommit() || state.part_done;
     }
     if aborted {
         state.has_dead_letters = None;
+        state.counts = Counts::default();
+        state.part_done = false;
         let cause = state.last_failure.take();
         let err = Error::Storage {
             message: format!(
-                "SQLite rolled the transaction back: {}",
+                "a write failed, and its batch of {written} was rolled back: {}",
                 cause.map_or_else(|| "unknown error".to_owned(), |e| e.to_string())
             ),
             source: cause.map(|e| {
@@ -344,7 +320,13 @@ fn commit_batch(
     if let Err(e) = evict(&tx, state, EVICT_PER_COMMIT + written) {
         tracing::warn!(error = %e, "L2 eviction failed");
     }
-    let result = tx.commit().map_err(|e| Error::storage("commit", e));
+    // The counters move with the statements that took effect; written last, in this
+    // transaction. Unwritten, the batch is not committed: the jobs are told.
+    let result = match state.counts.write(&tx) {
+        Ok(()) => tx.commit().map_err(|e| Error::storage("commit", e)),
+        Err(e) => Err(Error::storage("update the counters", e)),
+    };
+    state.counts = Counts::default();
     state.committed();
     completions
         .into_iter()
@@ -354,7 +336,12 @@ fn commit_batch(
 
 /// Removes the least recently used entries, at most `step` of them, whose sizes, added up in
 /// that order, first cover `excess` bytes (no over-eviction). Returns how many went.
-fn evict_least_recent(conn: &Connection, step: usize, excess: u64) -> rusqlite::Result<usize> {
+fn evict_least_recent(
+    conn: &Connection,
+    state: &mut WriterState,
+    step: usize,
+    excess: u64,
+) -> rusqlite::Result<usize> {
     let mut ids = Vec::with_capacity(step);
     let mut freed = 0;
     {
@@ -374,15 +361,12 @@ fn evict_least_recent(conn: &Connection, step: usize, excess: u64) -> rusqlite::
     if ids.is_empty() {
         return Ok(0);
     }
-    conn.prepare_cached("DELETE FROM entries WHERE rowid IN rarray(?1)")?
-        .execute([std::rc::Rc::new(ids)])
-}
-
-/// Bytes L2 holds, entries and outbox (the counters: one row).
-pub(super) fn held_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.prepare_cached("SELECT bytes + outbox_bytes FROM counters WHERE id = 1")?
-        .query_row([], |r| r.get::<_, i64>(0))
-        .map(to_u64)
+    remove_entries_returning(
+        conn,
+        state,
+        "DELETE FROM entries WHERE rowid IN rarray(?1) RETURNING rowid, size, value IS NULL",
+        [std::rc::Rc::new(ids)],
+    )
 }
 
 /// Brings the bytes held towards the bound, removing at most `budget` entries: once past the
@@ -390,7 +374,7 @@ pub(super) fn held_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 /// (oldest deadline first), then the least recently used. Every step walks the head of an
 /// index, so its cost does not grow with the table.
 fn evict(conn: &Connection, state: &mut WriterState, budget: usize) -> rusqlite::Result<()> {
-    let mut held = held_bytes(conn)?;
+    let mut held = changes::held_bytes(conn, state)?;
     if held > state.max_bytes {
         state.evicting = true;
     }
@@ -398,26 +382,29 @@ fn evict(conn: &Connection, state: &mut WriterState, budget: usize) -> rusqlite:
         return Ok(());
     }
     let target = state.max_bytes - state.max_bytes / 10;
-    let mut expired = conn.prepare_cached(
-        "DELETE FROM entries WHERE rowid IN (
-           SELECT rowid FROM entries WHERE stale_until <= ?1 ORDER BY stale_until LIMIT ?2)",
-    )?;
     let (mut removed, mut any_expired) = (0, true);
     while held > target && removed < budget {
         let step = EVICT_STEP.min(budget - removed);
         let mut n = 0;
         if any_expired {
-            n = expired.execute(params![to_i64(state.now_hint), to_i64(step as u64)])?;
+            n = remove_entries_returning(
+                conn,
+                state,
+                "DELETE FROM entries WHERE rowid IN (
+                   SELECT rowid FROM entries WHERE stale_until <= ?1 ORDER BY stale_until LIMIT ?2)
+                 RETURNING rowid, size, value IS NULL",
+                params![to_i64(state.now_hint), to_i64(step as u64)],
+            )?;
             any_expired = n > 0;
         }
         if n == 0 {
-            n = evict_least_recent(conn, step, held - target)?;
+            n = evict_least_recent(conn, state, step, held - target)?;
         }
         if n == 0 {
             break;
         }
         removed += n;
-        held = held_bytes(conn)?;
+        held = changes::held_bytes(conn, state)?;
     }
     // Still over 90% with the budget spent: the next commit goes on. (Nothing left to evict,
     // the outbox holding the bytes: the next commit past the bound looks again.)

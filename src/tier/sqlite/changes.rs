@@ -1,0 +1,259 @@
+//! Every change the writer makes to `entries` and `outbox`, each with its bookkeeping: the
+//! entry's `recency` row and the counters.
+//!
+//! Schema 4 has no triggers. A statement that fires a trigger makes SQLite open a statement
+//! journal and copy every page before its first change: 40% of the writer's instructions went
+//! there (callgrind, durable write-behind sets). Here each statement reports what it changed
+//! (`RETURNING` the old row where the counters need it), the change goes into
+//! [`WriterState::counts`] at once, and the commit writes the sum into the `counters` row in the
+//! same transaction. A batch rolled back (by SQLite, or because a job failed half done: see
+//! `SqliteTier::write`), or a failed commit, drops the sum. The counters therefore move with
+//! exactly the statements that took effect, job by job, whatever fails.
+
+use std::rc::Rc;
+
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::writer::WriterState;
+use super::{to_i64, to_u64};
+use crate::tier::StoredEntry;
+
+/// Changes of the `counters` row made by the open transaction, not yet written to it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Counts {
+    pub(super) entries: i64,
+    pub(super) bytes: i64,
+    pub(super) negative: i64,
+    pub(super) pending: i64,
+    pub(super) dead: i64,
+    pub(super) outbox_bytes: i64,
+}
+
+impl Counts {
+    /// Adds these changes to the `counters` row (nothing when there are none) and forgets them.
+    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        if *self == Counts::default() {
+            return Ok(());
+        }
+        conn.prepare_cached(
+            "UPDATE counters SET entries = entries + ?1, bytes = bytes + ?2,
+               negative = negative + ?3, pending = pending + ?4, dead = dead + ?5,
+               outbox_bytes = outbox_bytes + ?6 WHERE id = 1",
+        )?
+        .execute(params![
+            self.entries,
+            self.bytes,
+            self.negative,
+            self.pending,
+            self.dead,
+            self.outbox_bytes
+        ])?;
+        *self = Counts::default();
+        Ok(())
+    }
+
+    /// An entry of `size` bytes (negative: no value) came (`sign` 1) or went (-1).
+    fn entry(&mut self, sign: i64, size: i64, negative: bool) {
+        self.entries += sign;
+        self.bytes += sign * size;
+        self.negative += sign * i64::from(negative);
+    }
+}
+
+/// Writes `key`'s entry (its last access: `stored_at`).
+pub(super) fn put_entry(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    e: &StoredEntry,
+) -> rusqlite::Result<()> {
+    let size = to_i64(e.size() as u64);
+    let at = to_i64(e.stored_at);
+    let held: Option<(i64, i64, bool)> = conn
+        .prepare_cached("SELECT rowid, size, value IS NULL FROM entries WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (value, validator) = (e.value.as_deref(), &e.validator);
+    let (fresh, stale) = (to_i64(e.fresh_until), to_i64(e.stale_until));
+    match held {
+        Some((rowid, old_size, old_negative)) => {
+            conn.prepare_cached(
+                "UPDATE entries SET value = ?2, validator = ?3, stored_at = ?4, fresh_until = ?5,
+                   stale_until = ?6, size = ?7, last_access = ?4 WHERE rowid = ?1",
+            )?
+            .execute(params![rowid, value, validator, at, fresh, stale, size])?;
+            state.counts.entry(-1, old_size, old_negative);
+            state.counts.entry(1, size, e.value.is_none());
+            conn.prepare_cached("UPDATE recency SET at = ?2 WHERE id = ?1")?
+                .execute([rowid, at])?;
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?4)",
+            )?
+            .execute(params![key, value, validator, at, fresh, stale, size])?;
+            state.counts.entry(1, size, e.value.is_none());
+            conn.prepare_cached("INSERT OR REPLACE INTO recency (id, at) VALUES (?1, ?2)")?
+                .execute([conn.last_insert_rowid(), at])?;
+        }
+    }
+    state.now_hint = state.now_hint.max(e.stored_at);
+    Ok(())
+}
+
+/// Renews `key`'s entry in place (a 304): its times change, and its last access. Whether it was
+/// there.
+pub(super) fn renew_entry(
+    conn: &Connection,
+    key: &str,
+    (stored_at, fresh_until, stale_until): (u64, u64, u64),
+) -> rusqlite::Result<bool> {
+    let rowid: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
+             WHERE key = ?1 RETURNING rowid",
+        )?
+        .query_row(
+            params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(rowid) = rowid else {
+        return Ok(false);
+    };
+    conn.prepare_cached("UPDATE recency SET at = ?2 WHERE id = ?1")?
+        .execute([rowid, to_i64(stored_at)])?;
+    Ok(true)
+}
+
+/// Removes `key`'s entry, if any.
+pub(super) fn remove_entry(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+) -> rusqlite::Result<()> {
+    let gone: Option<(i64, i64, bool)> = conn
+        .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING rowid, size, value IS NULL")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((rowid, size, negative)) = gone {
+        state.counts.entry(-1, size, negative);
+        conn.prepare_cached("DELETE FROM recency WHERE id = ?1")?
+            .execute([rowid])?;
+    }
+    Ok(())
+}
+
+/// Runs `delete`, a `DELETE FROM entries … RETURNING rowid, size, value IS NULL`, and removes
+/// the recency rows of what it deleted. How many went.
+pub(super) fn remove_entries_returning(
+    conn: &Connection,
+    state: &mut WriterState,
+    delete: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    let mut ids = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(delete)?;
+        let mut rows = stmt.query(args)?;
+        while let Some(r) = rows.next()? {
+            ids.push(Value::from(r.get::<_, i64>(0)?));
+            state.counts.entry(-1, r.get(1)?, r.get(2)?);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let n = ids.len();
+    conn.prepare_cached("DELETE FROM recency WHERE id IN rarray(?1)")?
+        .execute([Rc::new(ids)])?;
+    Ok(n)
+}
+
+/// Adds a pending write of `key` to the outbox (its value: `value`). Its id.
+pub(super) fn insert_outbox(
+    conn: &Connection,
+    state: &mut WriterState,
+    key: &str,
+    op: &str,
+    value: Option<&[u8]>,
+    now: u64,
+) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO outbox (key, op, value, created_at, next_attempt) VALUES (?1, ?2, ?3, ?4, 0)",
+    )?
+    .execute(params![key, op, value, to_i64(now)])?;
+    state.counts.pending += 1;
+    state.counts.outbox_bytes += to_i64((key.len() + value.map_or(0, <[u8]>::len)) as u64);
+    Ok(conn.last_insert_rowid())
+}
+
+/// Runs `delete` ([`DELETE_DELIVERED`] or [`DELETE_DEAD_LETTER`]). How many rows went.
+pub(super) fn delete_outbox_returning(
+    conn: &Connection,
+    state: &mut WriterState,
+    delete: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    let mut stmt = conn.prepare_cached(delete)?;
+    let mut rows = stmt.query(args)?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let dead: bool = r.get(0)?;
+        let bytes: i64 = r.get(1)?;
+        state.counts.pending -= i64::from(!dead);
+        state.counts.dead -= i64::from(dead);
+        state.counts.outbox_bytes -= bytes;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Deletes the delivered rows of the ids in `?1` (an array), for [`delete_outbox_returning`].
+pub(super) const DELETE_DELIVERED: &str = "DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0
+    RETURNING dead <> 0, length(CAST(key AS BLOB)) + coalesce(length(value), 0)";
+
+/// Deletes the dead letter `?1`, for [`delete_outbox_returning`].
+pub(super) const DELETE_DEAD_LETTER: &str = "DELETE FROM outbox WHERE id = ?1 AND dead = 1
+    RETURNING dead <> 0, length(CAST(key AS BLOB)) + coalesce(length(value), 0)";
+
+/// Rows moved between pending and dead: `n` rows became dead (`to_dead`) or pending again.
+pub(super) fn outbox_moved(state: &mut WriterState, n: usize, to_dead: bool) {
+    let n = to_i64(n as u64);
+    let sign = if to_dead { 1 } else { -1 };
+    state.counts.dead += sign * n;
+    state.counts.pending -= sign * n;
+}
+
+/// The counters as the open transaction sees them: the row plus the changes not yet written.
+pub(super) fn current(conn: &Connection, state: &WriterState) -> rusqlite::Result<Counts> {
+    let mut c = conn
+        .prepare_cached(
+            "SELECT entries, bytes, negative, pending, dead, outbox_bytes FROM counters WHERE id = 1",
+        )?
+        .query_row([], |r| {
+            Ok(Counts {
+                entries: r.get(0)?,
+                bytes: r.get(1)?,
+                negative: r.get(2)?,
+                pending: r.get(3)?,
+                dead: r.get(4)?,
+                outbox_bytes: r.get(5)?,
+            })
+        })?;
+    let d = state.counts;
+    c.entries += d.entries;
+    c.bytes += d.bytes;
+    c.negative += d.negative;
+    c.pending += d.pending;
+    c.dead += d.dead;
+    c.outbox_bytes += d.outbox_bytes;
+    Ok(c)
+}
+
+/// Bytes L2 holds, entries and outbox, as the open transaction sees them.
+pub(super) fn held_bytes(conn: &Connection, state: &WriterState) -> rusqlite::Result<u64> {
+    current(conn, state).map(|c| to_u64(c.bytes.saturating_add(c.outbox_bytes)))
+}
