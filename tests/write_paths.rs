@@ -188,9 +188,12 @@ async fn offline_switched_on_during_a_delivery_round_sends_nothing_more() -> Tes
     let dir = tempfile::tempdir()?;
     let (source, clock) = (FakeSource::new(), MockClock::new());
     // One failure leaves the persisted breaker unclean, so a delivery's permit is taken through
-    // the database (the writer thread): the round waits there after its first checks.
+    // the database (the writer thread): the round waits there after its first checks. (Under
+    // `synchronous=FULL` every write goes through the writer thread; under `NORMAL` a write
+    // that finds the writer idle commits on the caller's thread, without waiting.)
     let cache = builder(&source, &clock)
         .sqlite_path(dir.path().join("cache.db"))
+        .synchronous(tiercache::Synchronous::Full)
         .build()?;
     source.fail_writes(Some(outage()));
     cache.set("k", "v").await?;

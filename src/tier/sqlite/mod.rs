@@ -30,7 +30,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -50,7 +50,7 @@ mod writer;
 pub use schema::{RECOUNT, SCHEMA, SCHEMA_VERSION};
 
 use open::FileWatch;
-use writer::{Msg, Touches};
+use writer::{Touches, Writer};
 
 /// The longest [`sqlite_busy_timeout`](crate::TieredCacheBuilder::sqlite_busy_timeout) SQLite
 /// accepts: `i32::MAX` milliseconds (about 24.8 days); `build()` refuses a longer one.
@@ -129,7 +129,7 @@ pub(crate) struct SqliteOptions {
 
 /// The SQLite tier.
 pub(crate) struct SqliteTier {
-    writer: mpsc::Sender<Msg>,
+    writer: Writer,
     touches: Touches,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use super::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
-use super::writer::{writer_loop, Touches, WriterState};
+use super::writer::{Touches, Writer, WriterState};
 use super::{
     storage, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous, APPLICATION_ID,
     MAX_BUSY_TIMEOUT, READER_CACHE_KIB,
@@ -131,9 +131,7 @@ impl SqliteTier {
             Location::File(_) => Some(spawn_checkpointer(Self::open_reader(&uri, &opts)?)?),
             Location::Memory => None,
         };
-        let (tx, rx) = mpsc::channel();
         let touches = Touches::default();
-        let writer_touches = touches.clone();
         let state = WriterState {
             last_failure: None,
             now_hint: 0,
@@ -147,15 +145,14 @@ impl SqliteTier {
             counts: Default::default(),
             part_done: false,
         };
-        thread::Builder::new()
-            .name("tiercache-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx, writer_touches, state))
-            .map_err(|e| Error::Storage {
+        let inline = opts.synchronous == Synchronous::Normal;
+        let writer =
+            Writer::spawn(writer, state, touches.clone(), inline).map_err(|e| Error::Storage {
                 message: format!("could not start the writer thread: {e}"),
                 source: Some(Arc::new(e)),
             })?;
         Ok(Self {
-            writer: tx,
+            writer,
             touches,
             readers,
             next_reader: AtomicUsize::new(0),

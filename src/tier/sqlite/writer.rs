@@ -2,6 +2,7 @@
 //! commit in one transaction (group commit), evicts towards the byte bound a bounded batch per
 //! commit, and applies the reads' last-access times once its queue is empty.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use rusqlite::{params, Connection, TransactionBehavior};
@@ -23,6 +24,9 @@ pub(super) type Touches = Arc<Mutex<Vec<(String, u64)>>>;
 
 pub(super) enum Msg {
     Job(Job),
+    /// A caller committed on its own thread (see [`Writer`]): the writer thread looks after the
+    /// waiting last-access times as after a batch of its own.
+    Nudge,
     /// Apply the waiting last-access times now (at most `TOUCHES_PER_COMMIT`), then answer.
     #[cfg_attr(not(test), allow(dead_code))]
     Touches(oneshot::Sender<()>),
@@ -88,6 +92,88 @@ impl WriterState {
     }
 }
 
+/// The write connection and the writer's state.
+pub(super) struct Core {
+    conn: Connection,
+    state: WriterState,
+}
+
+/// The writer: the write connection (taken by the writer thread for each batch, or by a caller
+/// that finds it idle), the channel to the thread, and the count of jobs waiting in it.
+///
+/// A write that finds no job waiting and the connection free commits on the caller's thread:
+/// the thread's round trip (two wake-ups) was half of a lone write's time. Under load the
+/// connection is busy, the jobs queue, and the thread commits them together (group commit).
+/// Never under `synchronous=FULL` (a commit's fsync would block the caller's thread), nor
+/// while eviction runs (a batch of deletes per commit): those go through the thread.
+pub(super) struct Writer {
+    sender: mpsc::Sender<Msg>,
+    core: Arc<Mutex<Core>>,
+    queued: Arc<AtomicUsize>,
+    inline: bool,
+}
+
+impl Writer {
+    /// Starts the writer thread over `conn`.
+    pub(super) fn spawn(
+        conn: Connection,
+        state: WriterState,
+        touches: Touches,
+        inline: bool,
+    ) -> std::io::Result<Self> {
+        let (sender, rx) = mpsc::channel();
+        let core = Arc::new(Mutex::new(Core { conn, state }));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (thread_core, thread_queued) = (core.clone(), queued.clone());
+        std::thread::Builder::new()
+            .name("tiercache-sqlite-writer".into())
+            .spawn(move || writer_loop(&thread_core, &rx, &thread_queued, &touches))?;
+        Ok(Self {
+            sender,
+            core,
+            queued,
+            inline,
+        })
+    }
+
+    /// Commits `job` on this thread when nothing waits for the writer and its connection is
+    /// free; otherwise gives the job back.
+    fn commit_here(&self, job: Job, touches: &Touches) -> Option<Job> {
+        if !self.inline || self.queued.load(Ordering::Acquire) != 0 {
+            return Some(job);
+        }
+        let Ok(mut core) = self.core.try_lock() else {
+            return Some(job);
+        };
+        let Core { conn, state } = &mut *core;
+        if state.evicting {
+            return Some(job);
+        }
+        let completions = commit_batch(conn, vec![job], state);
+        drop(core);
+        for (done, result) in completions {
+            done(result);
+        }
+        if !touches.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            let _ = self.sender.send(Msg::Nudge);
+        }
+        None
+    }
+
+    fn send(&self, msg: Msg) -> Result<()> {
+        let job = matches!(msg, Msg::Job(_));
+        if job {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        self.sender.send(msg).map_err(|_| {
+            if job {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            Error::Closed
+        })
+    }
+}
+
 impl SqliteTier {
     /// Runs `f` in the writer thread's next transaction, and waits for the commit.
     ///
@@ -122,7 +208,9 @@ impl SqliteTier {
                 let _ = tx.send(result);
             })
         });
-        self.send(Msg::Job(job))?;
+        if let Some(job) = self.writer.commit_here(job, &self.touches) {
+            self.writer.send(Msg::Job(job))?;
+        }
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -131,12 +219,8 @@ impl SqliteTier {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) async fn apply_touches(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(Msg::Touches(tx))?;
+        self.writer.send(Msg::Touches(tx))?;
         rx.await.map_err(|_| Error::Closed)
-    }
-
-    fn send(&self, msg: Msg) -> Result<()> {
-        self.writer.send(msg).map_err(|_| Error::Closed)
     }
 }
 
@@ -159,38 +243,48 @@ const EVICT_STEP: usize = 32;
 /// write waits for eviction, whatever the table's size.
 pub(super) const EVICT_PER_COMMIT: usize = 64;
 
-pub(super) fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Msg>,
-    shared_touches: Touches,
-    mut state: WriterState,
+fn writer_loop(
+    core: &Mutex<Core>,
+    rx: &mpsc::Receiver<Msg>,
+    queued: &AtomicUsize,
+    shared_touches: &Touches,
 ) {
+    let lock = || core.lock().unwrap_or_else(|e| e.into_inner());
     let mut next: Option<Msg> = None;
     let mut batches_since_touches = 0;
     loop {
-        let first = match next.take().map_or_else(|| rx.recv().ok(), Some) {
-            Some(Msg::Job(job)) => job,
+        match next.take().map_or_else(|| rx.recv().ok(), Some) {
+            Some(Msg::Job(first)) => {
+                let mut jobs = vec![first];
+                while jobs.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Msg::Job(j)) => jobs.push(j),
+                        Ok(msg) => {
+                            next = Some(msg);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                queued.fetch_sub(jobs.len(), Ordering::AcqRel);
+                let completions = {
+                    let mut core = lock();
+                    let Core { conn, state } = &mut *core;
+                    commit_batch(conn, jobs, state)
+                };
+                for (done, result) in completions {
+                    done(result);
+                }
+            }
+            Some(Msg::Nudge) => {}
             Some(Msg::Touches(done)) => {
-                apply_touches(&mut conn, &shared_touches, &mut state);
+                let mut core = lock();
+                let Core { conn, state } = &mut *core;
+                apply_touches(conn, shared_touches, state);
                 let _ = done.send(());
                 continue;
             }
             None => break,
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Msg::Job(j)) => jobs.push(j),
-                Ok(msg) => {
-                    next = Some(msg);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let completions = commit_batch(&mut conn, jobs, &mut state);
-        for (done, result) in completions {
-            done(result);
         }
         // Reads' last-access times are a hint for eviction. They are applied once the writer
         // has acknowledged its jobs and then found no job for `TOUCH_IDLE` (or, under a queue
@@ -209,7 +303,9 @@ pub(super) fn writer_loop(
         }
         if batches_since_touches >= BATCHES_PER_TOUCH_COMMIT {
             batches_since_touches = 0;
-            apply_touches(&mut conn, &shared_touches, &mut state);
+            let mut core = lock();
+            let Core { conn, state } = &mut *core;
+            apply_touches(conn, shared_touches, state);
         }
     }
     tracing::debug!("sqlite writer stopped");
