@@ -31,8 +31,8 @@ pub(super) struct Counts {
 }
 
 impl Counts {
-    /// Adds these changes to the `counters` row (nothing when there are none) and forgets them.
-    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+    /// Adds these changes to the `counters` row (nothing when there are none).
+    pub(super) fn write(&self, conn: &Connection) -> rusqlite::Result<()> {
         if *self == Counts::default() {
             return Ok(());
         }
@@ -49,8 +49,19 @@ impl Counts {
             self.dead,
             self.outbox_bytes
         ])?;
-        *self = Counts::default();
         Ok(())
+    }
+
+    /// These counts with `d` added.
+    pub(super) fn plus(self, d: Counts) -> Counts {
+        Counts {
+            entries: self.entries + d.entries,
+            bytes: self.bytes + d.bytes,
+            negative: self.negative + d.negative,
+            pending: self.pending + d.pending,
+            dead: self.dead + d.dead,
+            outbox_bytes: self.outbox_bytes + d.outbox_bytes,
+        }
     }
 
     /// An entry of `size` bytes (negative: no value) came (`sign` 1) or went (-1).
@@ -227,33 +238,34 @@ pub(super) fn outbox_moved(state: &mut WriterState, n: usize, to_dead: bool) {
     state.counts.pending -= sign * n;
 }
 
-/// The counters as the open transaction sees them: the row plus the changes not yet written.
-pub(super) fn current(conn: &Connection, state: &WriterState) -> rusqlite::Result<Counts> {
-    let mut c = conn
-        .prepare_cached(
-            "SELECT entries, bytes, negative, pending, dead, outbox_bytes FROM counters WHERE id = 1",
-        )?
-        .query_row([], |r| {
-            Ok(Counts {
-                entries: r.get(0)?,
-                bytes: r.get(1)?,
-                negative: r.get(2)?,
-                pending: r.get(3)?,
-                dead: r.get(4)?,
-                outbox_bytes: r.get(5)?,
-            })
-        })?;
-    let d = state.counts;
-    c.entries += d.entries;
-    c.bytes += d.bytes;
-    c.negative += d.negative;
-    c.pending += d.pending;
-    c.dead += d.dead;
-    c.outbox_bytes += d.outbox_bytes;
-    Ok(c)
+/// The counters as the open transaction sees them: the row (read once, then known: see
+/// [`WriterState::row`]) plus the changes not yet written.
+pub(super) fn current(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<Counts> {
+    let row = match state.row {
+        Some(row) => row,
+        None => {
+            let row = conn
+                .prepare_cached(
+                    "SELECT entries, bytes, negative, pending, dead, outbox_bytes
+                     FROM counters WHERE id = 1",
+                )?
+                .query_row([], |r| {
+                    Ok(Counts {
+                        entries: r.get(0)?,
+                        bytes: r.get(1)?,
+                        negative: r.get(2)?,
+                        pending: r.get(3)?,
+                        dead: r.get(4)?,
+                        outbox_bytes: r.get(5)?,
+                    })
+                })?;
+            *state.row.insert(row)
+        }
+    };
+    Ok(row.plus(state.counts))
 }
 
 /// Bytes L2 holds, entries and outbox, as the open transaction sees them.
-pub(super) fn held_bytes(conn: &Connection, state: &WriterState) -> rusqlite::Result<u64> {
+pub(super) fn held_bytes(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<u64> {
     current(conn, state).map(|c| to_u64(c.bytes.saturating_add(c.outbox_bytes)))
 }

@@ -138,7 +138,7 @@ impl SqliteTier {
             max_bytes: opts.max_bytes,
             evicting: false,
             file: file.clone(),
-            has_dead_letters: None,
+            row: None,
             data_version: 0,
             checkpoints,
             commits: 0,

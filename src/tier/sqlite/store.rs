@@ -421,7 +421,6 @@ impl OutboxStore for SqliteTier {
                 .execute(params![ids.clone(), to_i64(next_attempt), error, dead as i64])?;
             if dead {
                 outbox_moved(state, n, true);
-                state.has_dead_letters = Some(true);
                 // A dead letter with a newer row of its key (the group's older rows, coalesced
                 // into the refused newest one; or a write that arrived during the attempt) is
                 // superseded from the start: never to be retried over the newer write (I4).
@@ -457,7 +456,6 @@ impl OutboxStore for SqliteTier {
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
         self.write(move |conn, state| {
-            state.has_dead_letters = None;
             let row: Option<(String, bool)> = conn
                 .prepare_cached("SELECT key, superseded FROM outbox WHERE id = ?1 AND dead = 1")?
                 .query_row([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))

@@ -310,3 +310,72 @@ async fn a_full_outbox_refuses_the_write_and_keeps_what_it_holds() -> Result<()>
     tier.enqueue("w3", Some(e), OutboxOp::Put(big), 4).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn two_writers_on_one_file_keep_the_counters_true() -> Result<()> {
+    // Each writer knows the counters row as it last committed it; the other's commits make it
+    // read the row again (`data_version`), so neither decides on a stale total (the bound,
+    // eviction, whether any dead letter is there to supersede).
+    let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+    let open = || {
+        SqliteTier::open(SqliteOptions {
+            location: Location::File(dir.path().join("shared.db")),
+            max_bytes: 1 << 30,
+            synchronous: Synchronous::default(),
+            on_corrupt: OnCorrupt::default(),
+            readers: 1,
+            busy_timeout: Duration::from_secs(5),
+            pragmas: Vec::new(),
+        })
+    };
+    let (a, b) = (open()?, open()?);
+    // `a` knows the row (no dead letter); `b` makes one; `a`'s next write of the key must
+    // supersede it.
+    let put = || OutboxOp::Put(Bytes::from_static(b"v"));
+    let first = a.enqueue("d", None, put(), 1).await?;
+    b.outbox_failed(vec![first], 2, "refused".into(), true)
+        .await?;
+    a.enqueue("d", None, put(), 3).await?;
+    let dead = a.dead_letters().await?;
+    assert!(dead.len() == 1 && dead[0].superseded, "{dead:?}");
+    let mut rng = fastrand::Rng::with_seed(3);
+    for step in 0..200u64 {
+        let tier = if rng.bool() { &a } else { &b };
+        let key = format!("k{}", rng.usize(0..20));
+        match rng.u8(0..4) {
+            0 => {
+                tier.put(&key, entry(rng.usize(0..500), step, step + 50))
+                    .await?
+            }
+            1 => tier.remove(&key).await?,
+            2 => {
+                let v = Bytes::from(vec![b'o'; rng.usize(0..100)]);
+                tier.enqueue(&key, None, OutboxOp::Put(v), step).await?;
+            }
+            _ => {
+                let pending = tier.outbox_pending(1).await?;
+                if let Some(row) = pending.first() {
+                    tier.outbox_failed(vec![row.id], step, "no".into(), true)
+                        .await?;
+                }
+            }
+        }
+        for tier in [&a, &b] {
+            assert_eq!(tier.summary(step).await?, scan(tier, step)?, "step {step}");
+        }
+        // A write after a dead letter of its key supersedes it (I4), whichever writer made
+        // the dead letter: none is left retryable with a newer write of its key behind it.
+        let retryable_over_newer: i64 = a
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM outbox AS d WHERE d.dead = 1 AND d.superseded = 0
+                       AND EXISTS (SELECT 1 FROM outbox AS o WHERE o.key = d.key AND o.id > d.id)",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(storage("dead letters"))?;
+        assert_eq!(retryable_over_newer, 0, "step {step}");
+    }
+    Ok(())
+}

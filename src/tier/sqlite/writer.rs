@@ -45,10 +45,9 @@ pub(super) struct WriterState {
     pub(super) evicting: bool,
     /// The database file, checked before each commit (`None`: a memory database).
     pub(super) file: Option<FileWatch>,
-    /// Whether the outbox holds dead letters (`None`: not known; asked when needed). Every
-    /// write-behind write marks its key's dead letters superseded; with none, that statement is
-    /// skipped. Forgotten whenever another connection (process) committed: `data_version`.
-    pub(super) has_dead_letters: Option<bool>,
+    /// The `counters` row as last committed, when known (`None`: read it when needed).
+    /// Forgotten whenever another connection (process) committed: `data_version`.
+    pub(super) row: Option<Counts>,
     /// `PRAGMA data_version` as this connection last saw it.
     pub(super) data_version: i64,
     /// Asks the checkpointer thread for a checkpoint (`None`: a memory database).
@@ -81,14 +80,10 @@ impl WriterState {
 }
 
 impl WriterState {
-    /// Whether the outbox may hold dead letters (asked of the database when not known).
+    /// Whether the outbox holds dead letters (every write-behind write marks its key's dead
+    /// letters superseded; with none, that statement is skipped).
     pub(super) fn has_dead_letters(&mut self, conn: &Connection) -> rusqlite::Result<bool> {
-        if let Some(known) = self.has_dead_letters {
-            return Ok(known);
-        }
-        let any = changes::current(conn, self)?.dead > 0;
-        self.has_dead_letters = Some(any);
-        Ok(any)
+        Ok(changes::current(conn, self)?.dead > 0)
     }
 }
 
@@ -376,9 +371,9 @@ fn commit_batch(
         Ok(v) if v == state.data_version => {}
         Ok(v) => {
             state.data_version = v;
-            state.has_dead_letters = None;
+            state.row = None;
         }
-        Err(_) => state.has_dead_letters = None,
+        Err(_) => state.row = None,
     }
     let written = jobs.len();
     let mut completions: Vec<Completion> = Vec::with_capacity(written);
@@ -395,7 +390,6 @@ fn commit_batch(
         aborted = tx.is_autocommit() || state.part_done;
     }
     if aborted {
-        state.has_dead_letters = None;
         state.counts = Counts::default();
         state.part_done = false;
         let cause = state.last_failure.take();
@@ -418,11 +412,16 @@ fn commit_batch(
     }
     // The counters move with the statements that took effect; written last, in this
     // transaction. Unwritten, the batch is not committed: the jobs are told.
-    let result = match state.counts.write(&tx) {
+    let counts = std::mem::take(&mut state.counts);
+    let result = match counts.write(&tx) {
         Ok(()) => tx.commit().map_err(|e| Error::storage("commit", e)),
         Err(e) => Err(Error::storage("update the counters", e)),
     };
-    state.counts = Counts::default();
+    match (&result, &mut state.row) {
+        (Ok(()), Some(row)) => *row = row.plus(counts),
+        (Ok(()), None) => {}
+        (Err(_), row) => *row = None,
+    }
     state.committed();
     completions
         .into_iter()
