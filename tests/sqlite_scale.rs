@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use support::FakeSource;
 use tiercache::tier::store::StoreSummary;
-use tiercache::{Clock, MockClock, Strategy, TieredCache};
+use tiercache::{Clock, Error, MockClock, Strategy, TieredCache};
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -163,14 +163,41 @@ async fn a_version_2_file_is_migrated_with_its_counters_filled() -> TestResult {
 #[tokio::test]
 async fn a_write_behind_set_past_the_outbox_bound_is_refused_and_nothing_acknowledged_is_lost(
 ) -> TestResult {
+    // The default bound: the larger of L2's bound and 64 MiB.
+    let limit = tiercache::tier::sqlite::outbox_bound(64 * 1024);
+    assert_eq!(limit, tiercache::tier::sqlite::OUTBOX_MIN_BYTES);
+    fill_the_outbox(|b| b.sqlite_capacity(64 * 1024), limit).await
+}
+
+#[tokio::test]
+async fn the_outbox_capacity_set_on_the_builder_is_its_bound() -> TestResult {
+    fill_the_outbox(
+        |b| b.sqlite_capacity(1024 * 1024).outbox_capacity(128 * 1024),
+        128 * 1024,
+    )
+    .await?;
+    // Refused: out of range.
+    for bytes in [0, 1024, 65 * 1024 * 1024 * 1024 * 1024] {
+        let err = TieredCache::builder().outbox_capacity(bytes).build().err();
+        assert!(
+            matches!(&err, Some(Error::Config(m)) if m.contains("outbox_capacity")),
+            "{err:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Write-behind sets of a 16th of `limit` each during an outage: the 16th is refused with
+/// `OutboxFull` naming `limit`, and the 15 acknowledged are delivered once the source is back.
+async fn fill_the_outbox(
+    configure: impl FnOnce(tiercache::TieredCacheBuilder) -> tiercache::TieredCacheBuilder,
+    limit: u64,
+) -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("full.db");
     let (source, clock) = (FakeSource::new(), MockClock::new());
-    let cache = builder(&source, &clock, &path)
-        .strategy(Strategy::WriteBehind)
-        .sqlite_capacity(64 * 1024)
-        .build()?;
-    let limit = tiercache::tier::sqlite::outbox_bound(64 * 1024);
+    let cache =
+        configure(builder(&source, &clock, &path).strategy(Strategy::WriteBehind)).build()?;
     // An outage: every write stays in the outbox. Values of a 16th of the bound.
     cache.force_source_open().await;
     let chunk = (limit / 16) as usize;
@@ -186,6 +213,10 @@ async fn a_write_behind_set_past_the_outbox_bound_is_refused_and_nothing_acknowl
     assert_eq!(acked.len(), 15);
     let (key, err) = refused;
     assert!(err.is_outbox_full() && !err.is_storage(), "{err:?}");
+    assert!(
+        matches!(&err, Error::OutboxFull { limit: l, .. } if *l == limit),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("outbox is full"), "{err}");
     // The refused write is not served (nothing local holds the key: the read goes to the
     // source, which is down); L2's breaker did not count it as a failure.

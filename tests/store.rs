@@ -650,6 +650,15 @@ fn a_store_and_a_sqlite_path_are_refused_together() {
         .build();
     assert!(matches!(built, Err(Error::Config(_))), "{built:?}");
     assert!(!dir.path().join("cache.db").exists());
+    // The outbox's bound is the SQLite L2's; a store keeps its own.
+    let built = TieredCache::builder()
+        .store(MemStore::default())
+        .outbox_capacity(1024 * 1024)
+        .build();
+    assert!(
+        matches!(&built, Err(Error::Config(m)) if m.contains("outbox_capacity")),
+        "{built:?}"
+    );
 }
 
 /// A load's waiters get the source's answer when it arrives (it is in L1 then); the caller that

@@ -46,6 +46,7 @@ pub struct TieredCacheBuilder {
     pub(crate) memory_capacity: u64,
     pub(crate) sqlite_location: Location,
     pub(crate) sqlite_capacity: u64,
+    pub(crate) outbox_capacity: Option<u64>,
     pub(crate) synchronous: Synchronous,
     pub(crate) on_corrupt: OnCorrupt,
     pub(crate) sqlite_readers: usize,
@@ -86,6 +87,7 @@ impl Default for TieredCacheBuilder {
             memory_capacity: 64 * MIB,
             sqlite_location: Location::Memory,
             sqlite_capacity: GIB,
+            outbox_capacity: None,
             synchronous: Synchronous::Normal,
             on_corrupt: OnCorrupt::Fail,
             sqlite_readers: 2,
@@ -163,11 +165,32 @@ impl TieredCacheBuilder {
 
     /// L2's bound in bytes of values held, the write-behind outbox's included; past it,
     /// expired entries go first, then the least recently used (a bounded batch per commit).
-    /// The outbox has a bound of its own,
-    /// [`outbox_bound`](crate::tier::sqlite::outbox_bound)`(bytes)`: a write-behind write past
-    /// it is refused with [`Error::OutboxFull`](crate::Error::OutboxFull). Default: 1 GiB.
+    /// The outbox has a bound of its own ([`outbox_capacity`](Self::outbox_capacity)).
+    /// Default: 1 GiB.
     pub fn sqlite_capacity(mut self, bytes: u64) -> Self {
         self.sqlite_capacity = bytes;
+        self
+    }
+
+    /// The SQLite write-behind outbox's bound in bytes (the keys and values of its rows, dead
+    /// letters included). A write-behind `set` or `delete` that would take it past the bound is
+    /// refused with [`Error::OutboxFull`](crate::Error::OutboxFull): nothing of that write
+    /// happens, and nothing already acknowledged is lost. The outbox's bytes also count
+    /// against [`sqlite_capacity`](Self::sqlite_capacity) (entries are evicted to make room).
+    /// Between 64 KiB and 64 TiB; only with the SQLite L2 (not with [`store`](Self::store)).
+    /// Default: [`outbox_bound`](crate::tier::sqlite::outbox_bound)`(sqlite_capacity)`, the
+    /// larger of L2's bound and 64 MiB.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tiercache::Result<()> {
+    /// let cache = tiercache::TieredCache::builder()
+    ///     .sqlite_capacity(256 * 1024 * 1024)
+    ///     .outbox_capacity(16 * 1024 * 1024)
+    ///     .build()?;
+    /// # cache.close().await?; Ok(()) }
+    /// ```
+    pub fn outbox_capacity(mut self, bytes: u64) -> Self {
+        self.outbox_capacity = Some(bytes);
         self
     }
 
@@ -479,6 +502,9 @@ impl TieredCacheBuilder {
         let sqlite = SqliteOptions {
             location: self.sqlite_location.clone(),
             max_bytes: self.sqlite_capacity,
+            outbox_max_bytes: self
+                .outbox_capacity
+                .unwrap_or_else(|| crate::tier::sqlite::outbox_bound(self.sqlite_capacity)),
             synchronous: self.synchronous,
             on_corrupt: self.on_corrupt,
             readers: self.sqlite_readers,

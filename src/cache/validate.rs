@@ -27,6 +27,20 @@ impl TieredCacheBuilder {
                 self.sqlite_capacity
             ));
         }
+        if let Some(bytes) = self.outbox_capacity {
+            if self.store.is_some() {
+                return fail(
+                    "outbox_capacity bounds the SQLite L2's outbox; a store given with store() \
+                     keeps its own"
+                        .to_owned(),
+                );
+            }
+            if !(64 * KIB..=64 * TIB).contains(&bytes) {
+                return fail(format!(
+                    "outbox_capacity is {bytes} bytes; it must be between 64 KiB and 64 TiB"
+                ));
+            }
+        }
         if self.sqlite_readers == 0 || self.sqlite_readers > 64 {
             return fail(format!(
                 "sqlite_readers is {}; it must be between 1 and 64",

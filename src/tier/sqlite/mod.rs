@@ -66,8 +66,9 @@ pub const APPLICATION_ID: i32 = 0x7469_6572;
 /// outage of a few thousand writes.
 pub const OUTBOX_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The write-behind outbox's bound for an L2 bound of `l2_bytes`: the larger of the two and
-/// [`OUTBOX_MIN_BYTES`]. A write-behind `set` or `delete` that would take the outbox past it is
+/// The write-behind outbox's default bound for an L2 bound of `l2_bytes`: the larger of the two
+/// and [`OUTBOX_MIN_BYTES`] (set another with
+/// [`outbox_capacity`](crate::TieredCacheBuilder::outbox_capacity)). A write-behind `set` or `delete` that would take the outbox past it is
 /// refused with [`Error::OutboxFull`] (nothing is written; what the outbox holds stays).
 /// The outbox's bytes also count against L2's bound: entries are evicted to make room for them.
 pub fn outbox_bound(l2_bytes: u64) -> u64 {
@@ -118,6 +119,8 @@ pub(crate) enum Location {
 pub(crate) struct SqliteOptions {
     pub(crate) location: Location,
     pub(crate) max_bytes: u64,
+    /// The outbox's bound in bytes (see [`outbox_bound`]).
+    pub(crate) outbox_max_bytes: u64,
     pub(crate) synchronous: Synchronous,
     pub(crate) on_corrupt: OnCorrupt,
     pub(crate) readers: usize,

@@ -136,6 +136,7 @@ impl SqliteTier {
             last_failure: None,
             now_hint: 0,
             max_bytes: opts.max_bytes,
+            outbox_max_bytes: opts.outbox_max_bytes,
             evicting: false,
             file: file.clone(),
             row: None,

@@ -15,7 +15,7 @@ use super::changes::{
     DELETE_DEAD_LETTER, DELETE_DELIVERED,
 };
 use super::writer::{WriterState, MAX_TOUCHES};
-use super::{outbox_bound, storage, to_i64, to_u64, SqliteTier};
+use super::{storage, to_i64, to_u64, SqliteTier};
 use crate::error::{Error, Result};
 use crate::tier::{
     EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, Observed, OutboxOp, OutboxRow,
@@ -309,7 +309,7 @@ impl OutboxStore for SqliteTier {
                 // The outbox's bound, checked in the transaction that would pass it: refused, the
                 // write changes nothing.
                 let held = to_u64(changes::current(conn, state)?.outbox_bytes);
-                let limit = outbox_bound(state.max_bytes);
+                let limit = state.outbox_max_bytes;
                 if held.saturating_add(needed) > limit {
                     return Ok(Err(Error::OutboxFull {
                         key,

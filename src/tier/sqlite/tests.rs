@@ -15,6 +15,7 @@ pub(super) fn tier(max_bytes: u64) -> SqliteTier {
     SqliteTier::open(SqliteOptions {
         location: Location::Memory,
         max_bytes,
+        outbox_max_bytes: super::outbox_bound(max_bytes),
         synchronous: Synchronous::default(),
         on_corrupt: OnCorrupt::default(),
         readers: 1,
@@ -321,6 +322,7 @@ async fn two_writers_on_one_file_keep_the_counters_true() -> Result<()> {
         SqliteTier::open(SqliteOptions {
             location: Location::File(dir.path().join("shared.db")),
             max_bytes: 1 << 30,
+            outbox_max_bytes: 1 << 30,
             synchronous: Synchronous::default(),
             on_corrupt: OnCorrupt::default(),
             readers: 1,

@@ -41,6 +41,8 @@ pub(super) struct WriterState {
     pub(super) now_hint: u64,
     /// L2's bound in bytes (entries and outbox).
     pub(super) max_bytes: u64,
+    /// The outbox's bound in bytes.
+    pub(super) outbox_max_bytes: u64,
     /// Past the bound and not yet back under 90% of it: each commit evicts a batch.
     pub(super) evicting: bool,
     /// The database file, checked before each commit (`None`: a memory database).
