@@ -10,9 +10,9 @@ use super::{storage, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous
 use crate::error::{Error, Result};
 use crate::tier::{EntryStore, OutboxOp, OutboxStore, StoreSummary, StoredEntry};
 
-/// A memory database bounded at `max_bytes`.
-pub(super) fn tier(max_bytes: u64) -> SqliteTier {
-    SqliteTier::open(SqliteOptions {
+/// The options of a memory database bounded at `max_bytes`.
+pub(super) fn options(max_bytes: u64) -> SqliteOptions {
+    SqliteOptions {
         location: Location::Memory,
         max_bytes,
         outbox_max_bytes: super::outbox_bound(max_bytes),
@@ -21,8 +21,12 @@ pub(super) fn tier(max_bytes: u64) -> SqliteTier {
         readers: 1,
         busy_timeout: Duration::from_secs(1),
         pragmas: Vec::new(),
-    })
-    .expect("a memory database")
+    }
+}
+
+/// A memory database bounded at `max_bytes`.
+pub(super) fn tier(max_bytes: u64) -> SqliteTier {
+    SqliteTier::open(options(max_bytes)).expect("a memory database")
 }
 
 fn entry(len: usize, at: u64, stale_until: u64) -> StoredEntry {
@@ -321,13 +325,8 @@ async fn two_writers_on_one_file_keep_the_counters_true() -> Result<()> {
     let open = || {
         SqliteTier::open(SqliteOptions {
             location: Location::File(dir.path().join("shared.db")),
-            max_bytes: 1 << 30,
-            outbox_max_bytes: 1 << 30,
-            synchronous: Synchronous::default(),
-            on_corrupt: OnCorrupt::default(),
-            readers: 1,
             busy_timeout: Duration::from_secs(5),
-            pragmas: Vec::new(),
+            ..options(1 << 30)
         })
     };
     let (a, b) = (open()?, open()?);
