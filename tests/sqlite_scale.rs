@@ -276,3 +276,47 @@ async fn opening_checks_the_edges_and_check_integrity_reads_the_whole_file() -> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn check_integrity_recounts_counters_that_rows_written_by_other_means_left_behind(
+) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("raw.db");
+    let (source, clock) = (FakeSource::new(), MockClock::new());
+    let cache = builder(&source, &clock, &path)
+        .strategy(Strategy::CacheAside)
+        .build()?;
+    for i in 0..20 {
+        cache.set(&format!("k{i}"), vec![b'v'; 100]).await?;
+    }
+    // Rows written into the file by another program's raw statements: the counters (and the
+    // eviction order) do not see them.
+    {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(
+            "DELETE FROM entries WHERE key IN ('k1', 'k2');
+             INSERT INTO entries (key, value, validator, stored_at, fresh_until, stale_until, size, last_access)
+             VALUES ('raw', zeroblob(500), NULL, 1, 9000000000000, 9000000000000, 500, 1);",
+        )?;
+    }
+    let now = clock.now_millis();
+    assert_ne!(cache.store_summary().await?, scan(&path, now)?);
+    cache.check_integrity().await?;
+    let s = cache.store_summary().await?;
+    assert_eq!(s, scan(&path, now)?);
+    assert_eq!((s.entries, s.bytes), (19, 18 * 100 + 500));
+    // Every entry has its recency row again, the raw one included (eviction can choose it).
+    let conn = rusqlite::Connection::open(&path)?;
+    let orphans: i64 = conn.query_row(
+        "SELECT (SELECT count(*) FROM entries WHERE rowid NOT IN (SELECT id FROM recency))
+              + (SELECT count(*) FROM recency WHERE id NOT IN (SELECT rowid FROM entries))",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(orphans, 0);
+    // And the writer goes on from the recounted row (it saw another connection commit).
+    cache.set("k1", vec![b'v'; 100]).await?;
+    assert_eq!(cache.store_summary().await?, scan(&path, now)?);
+    Ok(())
+}

@@ -276,8 +276,11 @@ impl TieredCache {
 
     /// The full integrity check of the SQLite file (`PRAGMA quick_check`: it reads the whole
     /// file, so it is not made on open, which checks only the header, the schema and each
-    /// table's first and last rows). Runs on a blocking thread with a connection of its own;
-    /// the cache goes on serving. `Ok` for an in-memory database or a store given to
+    /// table's first and last rows). Then the counters behind [`stats`](Self::stats),
+    /// [`health`](Self::health) and the byte bound are compared with a count of every row;
+    /// if they differ (rows written into the file by other means) they are recounted, with a
+    /// warning logged, and the check passes. Runs on a blocking thread with a connection of
+    /// its own; the cache goes on serving (writes wait while a recount runs). `Ok` for an in-memory database or a store given to
     /// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store).
     ///
     /// A damaged file is reported, not moved (it is in use): close the cache, then reopen with

@@ -12,11 +12,15 @@
 
 use std::rc::Rc;
 
+use std::path::Path;
+use std::time::Duration;
+
 use rusqlite::types::Value;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::writer::WriterState;
 use super::{to_i64, to_u64};
+use crate::error::{Error, Result};
 use crate::tier::StoredEntry;
 
 /// Changes of the `counters` row made by the open transaction, not yet written to it.
@@ -268,4 +272,57 @@ pub(super) fn current(conn: &Connection, state: &mut WriterState) -> rusqlite::R
 /// Bytes L2 holds, entries and outbox, as the open transaction sees them.
 pub(super) fn held_bytes(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<u64> {
     current(conn, state).map(|c| to_u64(c.bytes.saturating_add(c.outbox_bytes)))
+}
+
+/// The counters as a scan of every row counts them.
+const SCANNED: &str = "
+SELECT e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
+FROM (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes,
+             coalesce(sum(value IS NULL), 0) AS negative FROM entries) AS e,
+     (SELECT coalesce(sum(dead = 0), 0) AS pending, coalesce(sum(dead <> 0), 0) AS dead,
+             coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0) AS bytes
+      FROM outbox) AS o";
+
+/// Compares the `counters` row with a scan of every row, in one read snapshot, on a connection
+/// of its own (blocking: run it off the async threads). When they differ (a bug, or rows
+/// written by raw statements), recounts under the write lock ([`RECOUNT`](super::RECOUNT), which
+/// also restores missing recency rows) and returns the counts it found wrong, else `None`.
+pub(super) fn verify(path: &Path, busy: Duration) -> Result<Option<String>> {
+    let fail = |e| Error::storage("verify the counters", e);
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fail)?;
+    conn.busy_timeout(busy).map_err(fail)?;
+    let read = |conn: &Connection, sql: &str| {
+        conn.query_row(sql, [], |r| {
+            Ok(Counts {
+                entries: r.get(0)?,
+                bytes: r.get(1)?,
+                negative: r.get(2)?,
+                pending: r.get(3)?,
+                dead: r.get(4)?,
+                outbox_bytes: r.get(5)?,
+            })
+        })
+    };
+    let row =
+        "SELECT entries, bytes, negative, pending, dead, outbox_bytes FROM counters WHERE id = 1";
+    let (kept, scanned) = {
+        let tx = conn.transaction().map_err(fail)?;
+        (
+            read(&tx, row).map_err(fail)?,
+            read(&tx, SCANNED).map_err(fail)?,
+        )
+    };
+    if kept == scanned {
+        return Ok(None);
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail)?;
+    tx.execute_batch(super::RECOUNT).map_err(fail)?;
+    tx.commit().map_err(fail)?;
+    Ok(Some(format!("kept {kept:?}, counted {scanned:?}")))
 }

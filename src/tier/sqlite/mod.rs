@@ -139,6 +139,8 @@ pub(crate) struct SqliteTier {
     read_statements: AtomicU64,
     location: Location,
     file: Option<FileWatch>,
+    /// How long a connection of its own (the full check) waits for the write lock.
+    busy_timeout: Duration,
 }
 
 impl std::fmt::Debug for SqliteTier {
@@ -170,8 +172,10 @@ impl SqliteTier {
         self.file.as_ref().map_or(Ok(()), FileWatch::check)
     }
 
-    /// The full integrity check (`PRAGMA quick_check`, which reads the whole file), on a
-    /// connection of its own on a blocking thread: reads and writes go on meanwhile.
+    /// The full integrity check (`PRAGMA quick_check`, which reads the whole file), then the
+    /// counters against a count of every row (recounted, with a warning, when they differ),
+    /// on a connection of its own on a blocking thread: reads and writes go on meanwhile (a
+    /// recount holds the write lock while it reads the tables).
     ///
     /// # Errors
     /// [`Error::CorruptDatabase`] naming what SQLite found; [`Error::Storage`] when the check
@@ -179,13 +183,20 @@ impl SqliteTier {
     pub(crate) async fn check_integrity(&self) -> Result<()> {
         match &self.location {
             Location::File(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || open::quick_check(&path))
-                    .await
-                    .map_err(|e| Error::Storage {
-                        message: format!("the integrity check stopped: {e}"),
-                        source: None,
-                    })?
+                let (path, busy) = (path.clone(), self.busy_timeout);
+                let wrong = tokio::task::spawn_blocking(move || {
+                    open::quick_check(&path)?;
+                    changes::verify(&path, busy)
+                })
+                .await
+                .map_err(|e| Error::Storage {
+                    message: format!("the integrity check stopped: {e}"),
+                    source: None,
+                })??;
+                if let Some(wrong) = wrong {
+                    tracing::warn!(%wrong, "L2's counters did not match its rows; recounted");
+                }
+                Ok(())
             }
             Location::Memory => Ok(()),
         }

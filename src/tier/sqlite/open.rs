@@ -158,6 +158,7 @@ impl SqliteTier {
             readers,
             next_reader: AtomicUsize::new(0),
             read_statements: AtomicU64::new(0),
+            busy_timeout: busy_timeout(&opts),
             location: opts.location,
             file,
         })
