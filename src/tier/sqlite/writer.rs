@@ -3,7 +3,7 @@
 //! thread (see [`Writer`]); it evicts towards the byte bound a bounded batch per commit, and
 //! the thread applies the reads' last-access times once its queue is empty.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use rusqlite::{params, Connection, TransactionBehavior};
@@ -110,6 +110,8 @@ pub(super) struct Writer {
     core: Arc<Mutex<Core>>,
     /// Callers inside [`SqliteTier::write`] (from its start to its answer).
     writing: AtomicUsize,
+    /// A nudge is in the channel, not yet taken by the thread.
+    nudged: Arc<AtomicBool>,
     inline: bool,
 }
 
@@ -132,14 +134,16 @@ impl Writer {
     ) -> std::io::Result<Self> {
         let (sender, rx) = mpsc::channel();
         let core = Arc::new(Mutex::new(Core { conn, state }));
-        let thread_core = core.clone();
+        let nudged = Arc::new(AtomicBool::new(false));
+        let (thread_core, thread_nudged) = (core.clone(), nudged.clone());
         std::thread::Builder::new()
             .name("tiercache-sqlite-writer".into())
-            .spawn(move || writer_loop(&thread_core, &rx, &touches))?;
+            .spawn(move || writer_loop(&thread_core, &rx, &touches, &thread_nudged))?;
         Ok(Self {
             sender,
             core,
             writing: AtomicUsize::new(0),
+            nudged,
             inline,
         })
     }
@@ -162,7 +166,11 @@ impl Writer {
         for (done, result) in completions {
             done(result);
         }
-        if !touches.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        // One nudge waits in the channel at most: the thread takes the flag down when it
+        // takes the nudge (each inline write would otherwise wake it).
+        if !touches.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+            && !self.nudged.swap(true, Ordering::AcqRel)
+        {
             let _ = self.sender.send(Msg::Nudge);
         }
         None
@@ -244,7 +252,12 @@ const EVICT_STEP: usize = 32;
 /// write waits for eviction, whatever the table's size.
 pub(super) const EVICT_PER_COMMIT: usize = 64;
 
-fn writer_loop(core: &Mutex<Core>, rx: &mpsc::Receiver<Msg>, shared_touches: &Touches) {
+fn writer_loop(
+    core: &Mutex<Core>,
+    rx: &mpsc::Receiver<Msg>,
+    shared_touches: &Touches,
+    nudged: &AtomicBool,
+) {
     let lock = || core.lock().unwrap_or_else(|e| e.into_inner());
     let mut next: Option<Msg> = None;
     let mut batches_since_touches = 0;
@@ -271,7 +284,7 @@ fn writer_loop(core: &Mutex<Core>, rx: &mpsc::Receiver<Msg>, shared_touches: &To
                     done(result);
                 }
             }
-            Some(Msg::Nudge) => {}
+            Some(Msg::Nudge) => nudged.store(false, Ordering::Release),
             Some(Msg::Touches(done)) => {
                 let mut core = lock();
                 let Core { conn, state } = &mut *core;
