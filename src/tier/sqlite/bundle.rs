@@ -1,6 +1,6 @@
 //! The SQLite tier's part of offline bundles ([`crate::bundle`]): the snapshot an export reads
 //! (one read transaction on a connection of its own) and the merge an import writes (one
-//! transaction of the writer thread).
+//! transaction of the writer).
 
 use std::path::Path;
 
@@ -93,7 +93,7 @@ impl SqliteTier {
         }
     }
 
-    /// [`EntryStore::merge`](crate::tier::EntryStore::merge) in one job of the writer thread,
+    /// [`EntryStore::merge`](crate::tier::EntryStore::merge) in one job of the writer,
     /// every entry is decided and written, or (on an error) none is.
     pub(super) async fn merge_entries(
         &self,

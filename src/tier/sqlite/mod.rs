@@ -1,17 +1,19 @@
 //! L2: one SQLite database file (WAL), bounded by bytes, that also holds the write-behind outbox
 //! and a small meta table (the persisted L3 breaker).
 //!
-//! Threads: one dedicated writer thread owns the write connection and commits everything queued
-//! since its last commit in one transaction (group commit); reads run on the caller's thread
-//! over a small pool of read connections, each a WAL snapshot that never waits for the writer.
-//! A read of a cached page is a few microseconds, cheaper than any hop to another thread.
+//! Threads: one write connection. A write made while no other is under way commits on the
+//! caller's thread (one small transaction; never under `synchronous=FULL`); otherwise a
+//! dedicated writer thread commits everything queued since its last commit in one transaction
+//! (group commit). Reads run on the caller's thread over a small pool of read connections,
+//! each a WAL snapshot that never waits for the writer. A read of a cached page is a few
+//! microseconds, cheaper than any hop to another thread.
 //!
 //! The module's parts: `open` (the file looked at before any write, foreign and corrupt files,
 //! the integrity policy, the watch on the file's identity), `schema` (tables, indexes,
 //! migrations), `changes` (every change of `entries` and `outbox` with its bookkeeping: the
-//! counters and the recency rows), `writer` (the writer thread: group commit, jobs,
-//! last-access touches, bounded eviction) and `store` (reads, and the write jobs of the tier's
-//! implementation of the storage traits, `tier::store`).
+//! counters and the recency rows), `writer` (the write connection and its thread: group
+//! commit, jobs, last-access touches, bounded eviction) and `store` (reads, and the write jobs
+//! of the tier's implementation of the storage traits, `tier::store`).
 //!
 //! # Costs that do not grow with the table
 //! The counts and byte totals live in a one-row table the writer keeps in the same transaction
