@@ -18,10 +18,15 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::schema::SCANNED;
 use super::writer::WriterState;
 use super::{to_i64, to_u64};
 use crate::error::{Error, Result};
 use crate::tier::StoredEntry;
+
+/// The `counters` row, for [`Counts::read`].
+const ROW: &str =
+    "SELECT entries, bytes, negative, pending, dead, outbox_bytes FROM counters WHERE id = 1";
 
 /// Changes of the `counters` row made by the open transaction, not yet written to it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +59,20 @@ impl Counts {
             self.outbox_bytes
         ])?;
         Ok(())
+    }
+
+    /// The six counts `sql` selects, in the order of the fields.
+    fn read(conn: &Connection, sql: &str) -> rusqlite::Result<Counts> {
+        conn.prepare_cached(sql)?.query_row([], |r| {
+            Ok(Counts {
+                entries: r.get(0)?,
+                bytes: r.get(1)?,
+                negative: r.get(2)?,
+                pending: r.get(3)?,
+                dead: r.get(4)?,
+                outbox_bytes: r.get(5)?,
+            })
+        })
     }
 
     /// These counts with `d` added.
@@ -247,24 +266,7 @@ pub(super) fn outbox_moved(state: &mut WriterState, n: usize, to_dead: bool) {
 pub(super) fn current(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<Counts> {
     let row = match state.row {
         Some(row) => row,
-        None => {
-            let row = conn
-                .prepare_cached(
-                    "SELECT entries, bytes, negative, pending, dead, outbox_bytes
-                     FROM counters WHERE id = 1",
-                )?
-                .query_row([], |r| {
-                    Ok(Counts {
-                        entries: r.get(0)?,
-                        bytes: r.get(1)?,
-                        negative: r.get(2)?,
-                        pending: r.get(3)?,
-                        dead: r.get(4)?,
-                        outbox_bytes: r.get(5)?,
-                    })
-                })?;
-            *state.row.insert(row)
-        }
+        None => *state.row.insert(Counts::read(conn, ROW)?),
     };
     Ok(row.plus(state.counts))
 }
@@ -273,15 +275,6 @@ pub(super) fn current(conn: &Connection, state: &mut WriterState) -> rusqlite::R
 pub(super) fn held_bytes(conn: &Connection, state: &mut WriterState) -> rusqlite::Result<u64> {
     current(conn, state).map(|c| to_u64(c.bytes.saturating_add(c.outbox_bytes)))
 }
-
-/// The counters as a scan of every row counts them.
-const SCANNED: &str = "
-SELECT e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
-FROM (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes,
-             coalesce(sum(value IS NULL), 0) AS negative FROM entries) AS e,
-     (SELECT coalesce(sum(dead = 0), 0) AS pending, coalesce(sum(dead <> 0), 0) AS dead,
-             coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0) AS bytes
-      FROM outbox) AS o";
 
 /// Compares the `counters` row with a scan of every row, in one read snapshot, on a connection
 /// of its own (blocking: run it off the async threads). When they differ (a bug, or rows
@@ -295,26 +288,10 @@ pub(super) fn verify(path: &Path, busy: Duration) -> Result<Option<String>> {
     )
     .map_err(fail)?;
     conn.busy_timeout(busy).map_err(fail)?;
-    let read = |conn: &Connection, sql: &str| {
-        conn.query_row(sql, [], |r| {
-            Ok(Counts {
-                entries: r.get(0)?,
-                bytes: r.get(1)?,
-                negative: r.get(2)?,
-                pending: r.get(3)?,
-                dead: r.get(4)?,
-                outbox_bytes: r.get(5)?,
-            })
-        })
-    };
-    let row =
-        "SELECT entries, bytes, negative, pending, dead, outbox_bytes FROM counters WHERE id = 1";
     let (kept, scanned) = {
         let tx = conn.transaction().map_err(fail)?;
-        (
-            read(&tx, row).map_err(fail)?,
-            read(&tx, SCANNED).map_err(fail)?,
-        )
+        let kept = Counts::read(&tx, ROW).map_err(fail)?;
+        (kept, Counts::read(&tx, SCANNED).map_err(fail)?)
     };
     if kept == scanned {
         return Ok(None);

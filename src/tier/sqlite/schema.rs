@@ -114,20 +114,36 @@ END;
     };
 }
 
-/// Recomputes the counters and the `recency` rows from the tables (reads every row).
-macro_rules! recount {
+/// The counters as a count of every row makes them: entries, bytes, negative entries, pending
+/// writes, dead letters, outbox bytes.
+macro_rules! scanned {
     () => {
         "
-INSERT OR REPLACE INTO counters (id, entries, bytes, negative, pending, dead, outbox_bytes)
-SELECT 1, e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
+SELECT e.n, e.bytes, e.negative, o.pending, o.dead, o.bytes
 FROM (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes,
              coalesce(sum(value IS NULL), 0) AS negative FROM entries) AS e,
      (SELECT coalesce(sum(dead = 0), 0) AS pending, coalesce(sum(dead <> 0), 0) AS dead,
              coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0) AS bytes
-      FROM outbox) AS o;
+      FROM outbox) AS o"
+    };
+}
+
+/// The SELECT of `scanned!`, for a check of the counters.
+pub(super) const SCANNED: &str = scanned!();
+
+/// Recomputes the counters and the `recency` rows from the tables (reads every row).
+macro_rules! recount {
+    () => {
+        concat!(
+            "
+INSERT OR REPLACE INTO counters (id, entries, bytes, negative, pending, dead, outbox_bytes)
+SELECT 1, * FROM (",
+            scanned!(),
+            ");
 DELETE FROM recency WHERE id NOT IN (SELECT rowid FROM entries);
 INSERT OR IGNORE INTO recency (id, at) SELECT rowid, last_access FROM entries;
 "
+        )
     };
 }
 
