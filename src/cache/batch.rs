@@ -1,5 +1,6 @@
 //! `mget`: the read pipeline for many keys at once (one pass over L1, one L2 statement).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::load::{fetch_batches, BatchItem};
@@ -53,26 +54,29 @@ impl TieredCache {
     ) -> Vec<Result<Option<Lookup>>> {
         let inner = &*self.inner;
         let now = self.now();
-        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
-        let mut slots: Vec<Option<Result<Option<Lookup>>>> = vec![None; keys.len()];
-        // Distinct valid keys, each with the input positions it answers.
-        let mut distinct: Vec<(&str, Vec<usize>)> = Vec::new();
-        let mut index = std::collections::HashMap::new();
-        for (i, &k) in keys.iter().enumerate() {
+        let n = keys.len();
+        // Distinct valid keys; each input position's distinct key (or why the key is
+        // invalid), and each distinct key's last position (its answer moves there, earlier
+        // positions get a clone). No list per key: a batch allocates a few vectors, not one
+        // per key.
+        let mut distinct: Vec<&str> = Vec::with_capacity(n);
+        let mut position: Vec<Result<usize>> = Vec::with_capacity(n);
+        let mut last: Vec<usize> = Vec::with_capacity(n);
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+        for (i, k) in keys.iter().enumerate() {
+            let k = k.as_ref();
             if let Err(e) = self.check(k) {
-                slots[i] = Some(Err(e));
+                position.push(Err(e));
                 continue;
             }
-            match index.get(k) {
-                Some(&d) => {
-                    let entry: &mut (&str, Vec<usize>) = &mut distinct[d];
-                    entry.1.push(i);
-                }
-                None => {
-                    index.insert(k, distinct.len());
-                    distinct.push((k, vec![i]));
-                }
+            let d = *index.entry(k).or_insert(distinct.len());
+            if d == distinct.len() {
+                distinct.push(k);
+                last.push(i);
+            } else {
+                last[d] = i;
             }
+            position.push(Ok(d));
         }
         let mut answers: Vec<Option<Result<Option<Lookup>>>> = vec![None; distinct.len()];
         let mut candidates: Vec<Option<(Arc<Entry>, Tier)>> = vec![None; distinct.len()];
@@ -82,7 +86,7 @@ impl TieredCache {
         // L1.
         let l1_timer = inner.stats.start();
         let mut l1_misses = Vec::new();
-        for (d, (k, _)) in distinct.iter().enumerate() {
+        for (d, &k) in distinct.iter().enumerate() {
             match inner.l1.get(k, now).await {
                 Some(e) if e.is_fresh(now, max_age) => {
                     inner.stats.hit(Tier::L1);
@@ -109,23 +113,32 @@ impl TieredCache {
         let mut to_source = Vec::new();
         let mut outbox_checked = false;
         if !l1_misses.is_empty() {
-            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d].0).collect();
+            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d]).collect();
             let l2_timer = inner.stats.start();
             let found = inner.l2.get_many(&wanted).await;
             inner.stats.record(Tier::L2, Op::Mget, l2_timer);
             match found {
                 Ok(found) => {
-                    let mut pending: std::collections::HashMap<String, OutboxOp> =
-                        found.pending.into_iter().collect();
-                    let mut found: std::collections::HashMap<String, Entry> =
-                        found.entries.into_iter().collect();
+                    // Rows placed by the distinct index already built (no map of their own).
+                    let mut rows: Vec<Option<Entry>> = vec![None; distinct.len()];
+                    let mut pending: Vec<Option<OutboxOp>> = vec![None; distinct.len()];
+                    for (k, e) in found.entries {
+                        if let Some(&d) = index.get(k.as_str()) {
+                            rows[d] = Some(e);
+                        }
+                    }
+                    for (k, op) in found.pending {
+                        if let Some(&d) = index.get(k.as_str()) {
+                            pending[d] = Some(op);
+                        }
+                    }
                     outbox_checked = true;
                     for d in l1_misses {
-                        let k = distinct[d].0;
-                        let entry = found.remove(k);
+                        let k = distinct[d];
+                        let entry = rows[d].take();
                         observed[d] = Observed::of(&entry);
                         // An undelivered write is the answer, whatever L2 holds (I1, I2).
-                        if let Some(op) = pending.remove(k) {
+                        if let Some(op) = pending[d].take() {
                             answers[d] = Some(Ok(self.serve_pending(k, op, tokens[d], now).await));
                             continue;
                         }
@@ -166,16 +179,16 @@ impl TieredCache {
                 outbox_checked,
                 kind: crate::stats::RequestKind::Read,
             };
-            let (key, candidate) = (distinct[d].0, candidates[d].take());
+            let (key, candidate) = (distinct[d], candidates[d].take());
             let turn = self
                 .source_turn(key, max_age, candidate, now, seen, None, Some(&mut batch))
                 .await;
             turns.push((d, turn));
         }
         let waited = async {
-            let waits = turns.into_iter().map(|(d, turn)| async move {
-                (d, turn.answer(self, distinct_ref[d].0, now).await)
-            });
+            let waits = turns
+                .into_iter()
+                .map(|(d, turn)| async move { (d, turn.answer(self, distinct_ref[d], now).await) });
             futures_util::future::join_all(waits).await
         };
         let (cold, held): (Vec<BatchItem>, Vec<BatchItem>) =
@@ -199,7 +212,7 @@ impl TieredCache {
                     kind: crate::stats::RequestKind::Read,
                 };
                 async move {
-                    let key = distinct_ref[d].0;
+                    let key = distinct_ref[d];
                     (
                         d,
                         self.ask_source(key, max_age, candidate, now, seen, None)
@@ -213,12 +226,18 @@ impl TieredCache {
         for (d, r) in fetched {
             answers[d] = Some(r);
         }
-        for (d, (_, positions)) in distinct.iter().enumerate() {
-            let answer = answers[d].take().unwrap_or(Ok(None));
-            for &i in positions {
-                slots[i] = Some(answer.clone());
-            }
-        }
-        slots.into_iter().map(|s| s.unwrap_or(Ok(None))).collect()
+        position
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = d?;
+                let answer = if last[d] == i {
+                    answers[d].take()
+                } else {
+                    answers[d].clone()
+                };
+                answer.unwrap_or(Ok(None))
+            })
+            .collect()
     }
 }
