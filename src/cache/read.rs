@@ -186,12 +186,18 @@ impl TieredCache {
                 tier = tracing::field::Empty,
                 freshness = tracing::field::Empty
             );
-            let result = in_span!(
-                span.clone(),
-                self.lookup_slow(key, max_age, candidate, now, custom)
-            );
             // Latency is recorded where each tier does its own work (L2's read here in
             // `lookup_slow`, the source's call in `load`), not for the whole slow path.
+            if span.is_disabled() {
+                // Nothing to record into: the future is awaited where it is built, not moved
+                // into an `Instrumented` (a copy of a few kilobytes per L2 hit).
+                return self.lookup_slow(key, max_age, candidate, now, custom).await;
+            }
+            let result = tracing::Instrument::instrument(
+                self.lookup_slow(key, max_age, candidate, now, custom),
+                span.clone(),
+            )
+            .await;
             if let Ok(Some(l)) = &result {
                 span.record("tier", l.tier.as_str());
                 span.record(
@@ -256,8 +262,9 @@ impl TieredCache {
             outbox_checked: false,
             kind: RequestKind::Read,
         };
-        self.ask_source(key, max_age, candidate, now, seen, custom)
-            .await
+        // Boxed: the source's part of the pipeline is most of this future's size, and an L2
+        // hit (which never gets here) would otherwise pay to move it.
+        Box::pin(self.ask_source(key, max_age, candidate, now, seen, custom)).await
     }
 
     /// What L2 answered for `key`: a fresh entry is promoted into L1 and served
