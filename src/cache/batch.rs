@@ -120,11 +120,11 @@ impl TieredCache {
             match found {
                 Ok(found) => {
                     // Rows placed by the distinct index already built (no map of their own).
-                    let mut rows: Vec<Option<Entry>> = vec![None; distinct.len()];
+                    let mut rows: Vec<Option<(String, Entry)>> = vec![None; distinct.len()];
                     let mut pending: Vec<Option<OutboxOp>> = vec![None; distinct.len()];
                     for (k, e) in found.entries {
                         if let Some(&d) = index.get(k.as_str()) {
-                            rows[d] = Some(e);
+                            rows[d] = Some((k, e));
                         }
                     }
                     for (k, op) in found.pending {
@@ -135,7 +135,8 @@ impl TieredCache {
                     outbox_checked = true;
                     for d in l1_misses {
                         let k = distinct[d];
-                        let entry = rows[d].take();
+                        // The row's own key string goes into L1 with its entry (no copy).
+                        let (row_key, entry) = rows[d].take().unzip();
                         observed[d] = Observed::of(&entry);
                         // An undelivered write is the answer, whatever L2 holds (I1, I2).
                         if let Some(op) = pending[d].take() {
@@ -143,7 +144,15 @@ impl TieredCache {
                             continue;
                         }
                         let probe = self
-                            .consider_l2(k, entry, max_age, &mut candidates[d], now, tokens[d])
+                            .consider_l2(
+                                k,
+                                row_key,
+                                entry,
+                                max_age,
+                                &mut candidates[d],
+                                now,
+                                tokens[d],
+                            )
                             .await;
                         match probe {
                             Probe::Fresh(served) => answers[d] = Some(Ok(served)),

@@ -245,7 +245,7 @@ impl TieredCache {
         match found {
             Ok(found) => {
                 if let Probe::Fresh(served) = self
-                    .consider_l2(key, found, max_age, &mut candidate, now, token)
+                    .consider_l2(key, None, found, max_age, &mut candidate, now, token)
                     .await
                 {
                     return Ok(served);
@@ -269,10 +269,13 @@ impl TieredCache {
 
     /// What L2 answered for `key`: a fresh entry is promoted into L1 and served
     /// ([`Probe::Fresh`]); a stale one becomes the `candidate` if it is newer than the one L1
-    /// had.
+    /// had. `row_key`: the key as the L2 row returned it, if the read has it (L1 keeps that
+    /// string instead of a copy).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn consider_l2(
         &self,
         key: &str,
+        row_key: Option<String>,
         found: Option<Entry>,
         max_age: Option<u64>,
         candidate: &mut Option<(Arc<Entry>, Tier)>,
@@ -287,7 +290,7 @@ impl TieredCache {
         let e = Arc::new(e);
         if e.is_fresh(now, max_age) {
             inner.stats.hit(Tier::L2);
-            self.promote(key, e.clone(), token).await;
+            self.promote(key, row_key, e.clone(), token).await;
             inner.l2.touch(key, now);
             self.consider_refresh(key, &e, now);
             return Probe::Fresh(self.served(&e, Tier::L2, Freshness::Fresh, now));
@@ -303,13 +306,24 @@ impl TieredCache {
     }
 
     /// Puts what a read found into L1, unless a write of the key began since `token` was taken
-    /// (then the write's value, or its absence, stands: see `tier::fence`).
-    pub(super) async fn promote(&self, key: &str, e: Arc<Entry>, token: u64) {
+    /// (then the write's value, or its absence, stands: see `tier::fence`). `l1_key`: `key` as
+    /// an owned string the caller no longer needs, if it has one (else L1 copies `key`).
+    pub(super) async fn promote(
+        &self,
+        key: &str,
+        l1_key: Option<String>,
+        e: Arc<Entry>,
+        token: u64,
+    ) {
         let inner = &*self.inner;
         if !inner.fences.may_cache(key, token) {
             return;
         }
-        inner.l1.insert(key, e).await;
+        debug_assert!(l1_key.as_deref().is_none_or(|k| k == key));
+        inner
+            .l1
+            .insert(l1_key.unwrap_or_else(|| key.to_owned()), e)
+            .await;
         if !inner.fences.may_cache(key, token) {
             inner.l1.remove(key).await;
         }
@@ -530,7 +544,7 @@ impl TieredCache {
             add(fresh_until, inner.settings.stale_ttl),
         ));
         let served = self.served(&entry, tier, Freshness::Fresh, now);
-        self.promote(key, entry, token).await;
+        self.promote(key, None, entry, token).await;
         served
     }
 
