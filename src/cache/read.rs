@@ -167,7 +167,11 @@ impl TieredCache {
         }
     }
 
-    /// Everything after L1 could not answer fresh, boxed so the L1-hit future stays small.
+    /// Everything after L1 could not answer fresh. Not boxed: the box (about 1.8 KB, past
+    /// malloc's small-size cache) and the copy into it cost an L2 hit about 2% (callgrind),
+    /// while the bigger future costs an L1 hit nothing measurable (it is built in place). The
+    /// source's part is boxed where it is reached (`lookup_slow`). `get`'s future is about
+    /// 2 KB instead of 1.1 KB.
     pub(super) fn lookup_after_l1<'a>(
         &'a self,
         key: &'a str,
@@ -175,8 +179,8 @@ impl TieredCache {
         candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
         custom: Option<CustomLoad>,
-    ) -> futures_util::future::BoxFuture<'a, Result<Option<Lookup>>> {
-        Box::pin(async move {
+    ) -> impl std::future::Future<Output = Result<Option<Lookup>>> + Send + 'a {
+        async move {
             let inner = &*self.inner;
             inner.stats.miss(Tier::L1);
             self.check_source(key)?;
@@ -209,7 +213,7 @@ impl TieredCache {
                 );
             }
             result
-        })
+        }
     }
 
     /// Everything after an L1 miss: pending writes of the memory outbox, L2, pending writes of
