@@ -172,48 +172,46 @@ impl TieredCache {
     /// while the bigger future costs an L1 hit nothing measurable (it is built in place). The
     /// source's part is boxed where it is reached (`lookup_slow`). `get`'s future is about
     /// 2 KB instead of 1.1 KB.
-    pub(super) fn lookup_after_l1<'a>(
-        &'a self,
-        key: &'a str,
+    pub(super) async fn lookup_after_l1(
+        &self,
+        key: &str,
         max_age: Option<u64>,
         candidate: Option<(Arc<Entry>, Tier)>,
         now: u64,
         custom: Option<CustomLoad>,
-    ) -> impl std::future::Future<Output = Result<Option<Lookup>>> + Send + 'a {
-        async move {
-            let inner = &*self.inner;
-            inner.stats.miss(Tier::L1);
-            self.check_source(key)?;
-            let span = tracing::debug_span!(
-                "tiercache.get",
-                key,
-                tier = tracing::field::Empty,
-                freshness = tracing::field::Empty
-            );
-            // Latency is recorded where each tier does its own work (L2's read here in
-            // `lookup_slow`, the source's call in `load`), not for the whole slow path.
-            if span.is_disabled() {
-                // Nothing to record into: the future is awaited where it is built, not moved
-                // into an `Instrumented` (a copy of a few kilobytes per L2 hit).
-                return self.lookup_slow(key, max_age, candidate, now, custom).await;
-            }
-            let result = tracing::Instrument::instrument(
-                self.lookup_slow(key, max_age, candidate, now, custom),
-                span.clone(),
-            )
-            .await;
-            if let Ok(Some(l)) = &result {
-                span.record("tier", l.tier.as_str());
-                span.record(
-                    "freshness",
-                    match l.freshness {
-                        Freshness::Fresh => "fresh",
-                        Freshness::Stale { reason } => reason.as_str(),
-                    },
-                );
-            }
-            result
+    ) -> Result<Option<Lookup>> {
+        let inner = &*self.inner;
+        inner.stats.miss(Tier::L1);
+        self.check_source(key)?;
+        let span = tracing::debug_span!(
+            "tiercache.get",
+            key,
+            tier = tracing::field::Empty,
+            freshness = tracing::field::Empty
+        );
+        // Latency is recorded where each tier does its own work (L2's read here in
+        // `lookup_slow`, the source's call in `load`), not for the whole slow path.
+        if span.is_disabled() {
+            // Nothing to record into: the future is awaited where it is built, not moved
+            // into an `Instrumented` (a copy of a few kilobytes per L2 hit).
+            return self.lookup_slow(key, max_age, candidate, now, custom).await;
         }
+        let result = tracing::Instrument::instrument(
+            self.lookup_slow(key, max_age, candidate, now, custom),
+            span.clone(),
+        )
+        .await;
+        if let Ok(Some(l)) = &result {
+            span.record("tier", l.tier.as_str());
+            span.record(
+                "freshness",
+                match l.freshness {
+                    Freshness::Fresh => "fresh",
+                    Freshness::Stale { reason } => reason.as_str(),
+                },
+            );
+        }
+        result
     }
 
     /// Everything after an L1 miss: pending writes of the memory outbox, L2, pending writes of
