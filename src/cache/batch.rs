@@ -1,6 +1,9 @@
 //! `mget`: the read pipeline for many keys at once (one pass over L1, one L2 statement).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use super::load::{fetch_batches, BatchItem};
 use super::read::{Probe, Seen};
@@ -53,26 +56,30 @@ impl TieredCache {
     ) -> Vec<Result<Option<Lookup>>> {
         let inner = &*self.inner;
         let now = self.now();
-        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
-        let mut slots: Vec<Option<Result<Option<Lookup>>>> = vec![None; keys.len()];
-        // Distinct valid keys, each with the input positions it answers.
-        let mut distinct: Vec<(&str, Vec<usize>)> = Vec::new();
-        let mut index = std::collections::HashMap::new();
-        for (i, &k) in keys.iter().enumerate() {
+        let n = keys.len();
+        // Distinct valid keys; each input position's distinct key (or why the key is
+        // invalid), and each distinct key's last position (its answer moves there, earlier
+        // positions get a clone). No list per key: a batch allocates a few vectors, not one
+        // per key.
+        let mut distinct: Vec<&str> = Vec::with_capacity(n);
+        let mut position: Vec<Result<usize>> = Vec::with_capacity(n);
+        let mut last: Vec<usize> = Vec::with_capacity(n);
+        let mut index: HashMap<&str, usize, KeyHash> =
+            HashMap::with_capacity_and_hasher(n, KeyHash::new());
+        for (i, k) in keys.iter().enumerate() {
+            let k = k.as_ref();
             if let Err(e) = self.check(k) {
-                slots[i] = Some(Err(e));
+                position.push(Err(e));
                 continue;
             }
-            match index.get(k) {
-                Some(&d) => {
-                    let entry: &mut (&str, Vec<usize>) = &mut distinct[d];
-                    entry.1.push(i);
-                }
-                None => {
-                    index.insert(k, distinct.len());
-                    distinct.push((k, vec![i]));
-                }
+            let d = *index.entry(k).or_insert(distinct.len());
+            if d == distinct.len() {
+                distinct.push(k);
+                last.push(i);
+            } else {
+                last[d] = i;
             }
+            position.push(Ok(d));
         }
         let mut answers: Vec<Option<Result<Option<Lookup>>>> = vec![None; distinct.len()];
         let mut candidates: Vec<Option<(Arc<Entry>, Tier)>> = vec![None; distinct.len()];
@@ -82,7 +89,7 @@ impl TieredCache {
         // L1.
         let l1_timer = inner.stats.start();
         let mut l1_misses = Vec::new();
-        for (d, (k, _)) in distinct.iter().enumerate() {
+        for (d, &k) in distinct.iter().enumerate() {
             match inner.l1.get(k, now).await {
                 Some(e) if e.is_fresh(now, max_age) => {
                     inner.stats.hit(Tier::L1);
@@ -109,28 +116,46 @@ impl TieredCache {
         let mut to_source = Vec::new();
         let mut outbox_checked = false;
         if !l1_misses.is_empty() {
-            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d].0).collect();
+            let wanted: Vec<&str> = l1_misses.iter().map(|&d| distinct[d]).collect();
             let l2_timer = inner.stats.start();
             let found = inner.l2.get_many(&wanted).await;
             inner.stats.record(Tier::L2, Op::Mget, l2_timer);
             match found {
                 Ok(found) => {
-                    let mut pending: std::collections::HashMap<String, OutboxOp> =
-                        found.pending.into_iter().collect();
-                    let mut found: std::collections::HashMap<String, Entry> =
-                        found.entries.into_iter().collect();
+                    // Rows placed by the distinct index already built (no map of their own).
+                    let mut rows: Vec<Option<(String, Entry)>> = vec![None; distinct.len()];
+                    let mut pending: Vec<Option<OutboxOp>> = vec![None; distinct.len()];
+                    for (k, e) in found.entries {
+                        if let Some(&d) = index.get(k.as_str()) {
+                            rows[d] = Some((k, e));
+                        }
+                    }
+                    for (k, op) in found.pending {
+                        if let Some(&d) = index.get(k.as_str()) {
+                            pending[d] = Some(op);
+                        }
+                    }
                     outbox_checked = true;
                     for d in l1_misses {
-                        let k = distinct[d].0;
-                        let entry = found.remove(k);
+                        let k = distinct[d];
+                        // The row's own key string goes into L1 with its entry (no copy).
+                        let (row_key, entry) = rows[d].take().unzip();
                         observed[d] = Observed::of(&entry);
                         // An undelivered write is the answer, whatever L2 holds (I1, I2).
-                        if let Some(op) = pending.remove(k) {
+                        if let Some(op) = pending[d].take() {
                             answers[d] = Some(Ok(self.serve_pending(k, op, tokens[d], now).await));
                             continue;
                         }
                         let probe = self
-                            .consider_l2(k, entry, max_age, &mut candidates[d], now, tokens[d])
+                            .consider_l2(
+                                k,
+                                row_key,
+                                entry,
+                                max_age,
+                                &mut candidates[d],
+                                now,
+                                tokens[d],
+                            )
                             .await;
                         match probe {
                             Probe::Fresh(served) => answers[d] = Some(Ok(served)),
@@ -166,16 +191,16 @@ impl TieredCache {
                 outbox_checked,
                 kind: crate::stats::RequestKind::Read,
             };
-            let (key, candidate) = (distinct[d].0, candidates[d].take());
+            let (key, candidate) = (distinct[d], candidates[d].take());
             let turn = self
                 .source_turn(key, max_age, candidate, now, seen, None, Some(&mut batch))
                 .await;
             turns.push((d, turn));
         }
         let waited = async {
-            let waits = turns.into_iter().map(|(d, turn)| async move {
-                (d, turn.answer(self, distinct_ref[d].0, now).await)
-            });
+            let waits = turns
+                .into_iter()
+                .map(|(d, turn)| async move { (d, turn.answer(self, distinct_ref[d], now).await) });
             futures_util::future::join_all(waits).await
         };
         let (cold, held): (Vec<BatchItem>, Vec<BatchItem>) =
@@ -199,7 +224,7 @@ impl TieredCache {
                     kind: crate::stats::RequestKind::Read,
                 };
                 async move {
-                    let key = distinct_ref[d].0;
+                    let key = distinct_ref[d];
                     (
                         d,
                         self.ask_source(key, max_age, candidate, now, seen, None)
@@ -213,12 +238,120 @@ impl TieredCache {
         for (d, r) in fetched {
             answers[d] = Some(r);
         }
-        for (d, (_, positions)) in distinct.iter().enumerate() {
-            let answer = answers[d].take().unwrap_or(Ok(None));
-            for &i in positions {
-                slots[i] = Some(answer.clone());
+        position
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = d?;
+                let answer = if last[d] == i {
+                    answers[d].take()
+                } else {
+                    answers[d].clone()
+                };
+                answer.unwrap_or(Ok(None))
+            })
+            .collect()
+    }
+}
+
+/// The hasher of `mget`'s index of distinct keys (built once per call, looked up once per L2
+/// row): the key's bytes mixed eight at a time from a per-process random seed, then murmur3's
+/// finalizer. SipHash cost about 150 instructions per key, twice per key of a batch. The index
+/// holds one call's keys for that call only: keys chosen to collide could only slow the
+/// caller's own call, and without the seed they cannot be chosen.
+#[derive(Clone, Copy)]
+struct KeyHash(u64);
+
+impl KeyHash {
+    fn new() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        Self(*SEED.get_or_init(|| fastrand::u64(..)))
+    }
+}
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    #[inline]
+    fn mix(&mut self, word: u64) {
+        let h = (self.0 ^ word).wrapping_mul(Self::K);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        self.mix(bytes.len() as u64);
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.mix(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        }
+        // The last 1-7 bytes: the last eight (overlapping) when there are eight, else one by
+        // one (a copy of a slice of unknown length would call memcpy).
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let w = match bytes.len().checked_sub(8).map(|at| &bytes[at..]) {
+                Some(last) => u64::from_le_bytes(last.try_into().unwrap_or_default()),
+                None => rest
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |w, (i, &b)| w | u64::from(b) << (8 * i)),
+            };
+            self.mix(w);
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, b: u8) {
+        self.mix(u64::from(b));
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_hash_tells_keys_apart_by_any_byte() {
+        let hash = KeyHash::new();
+        for len in [1usize, 7, 8, 9, 22, 40] {
+            for at in 0..len {
+                let key = |b: u8| {
+                    let mut k = vec![b'k'; len];
+                    k[at] = b;
+                    String::from_utf8(k).expect("ASCII")
+                };
+                let hashes: std::collections::HashSet<u64> = (b'0'..=b'z')
+                    .map(|b| hash.hash_one(key(b).as_str()))
+                    .collect();
+                assert_eq!(
+                    hashes.len(),
+                    usize::from(b'z' - b'0') + 1,
+                    "len {len}, byte {at}"
+                );
             }
         }
-        slots.into_iter().map(|s| s.unwrap_or(Ok(None))).collect()
     }
 }

@@ -91,14 +91,14 @@ impl MemoryTier {
         Some(slot.entry)
     }
 
-    pub(crate) async fn insert(&self, key: &str, entry: Arc<Entry>) {
+    /// Puts `entry` in as `key`'s copy. `key` as a `String` is kept as is; as a `&str` it is
+    /// copied.
+    pub(crate) async fn insert(&self, key: impl Into<String>, entry: Arc<Entry>) {
         let since = match self.max_age.ms.load(Ordering::Relaxed) {
             0 => 0,
             _ => self.max_age.clock.now_millis(),
         };
-        self.cache
-            .insert(key.to_owned(), Slot { entry, since })
-            .await;
+        self.cache.insert(key.into(), Slot { entry, since }).await;
     }
 
     pub(crate) async fn remove(&self, key: &str) {
