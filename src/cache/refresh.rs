@@ -182,11 +182,11 @@ impl TieredCache {
         };
         let weak = Arc::downgrade(&self.inner);
         let prev = e.clone();
-        handle.spawn(async move {
+        handle.spawn(crate::tier::sqlite::in_background(async move {
             let _permit = permit;
             let _pending = pending;
             refresh(weak, prev, &_pending.key).await;
-        });
+        }));
     }
 }
 

@@ -191,7 +191,13 @@ impl Outbox {
         });
         let notify = Arc::new(Notify::new());
         let (stop, stopped) = watch::channel(false);
-        let task = handle.map(|h| h.spawn(run(deliverer.clone(), notify.clone(), stopped)));
+        let task = handle.map(|h| {
+            h.spawn(crate::tier::sqlite::in_background(run(
+                deliverer.clone(),
+                notify.clone(),
+                stopped,
+            )))
+        });
         Ok(Self {
             deliverer,
             notify,

@@ -52,6 +52,7 @@ mod writer;
 pub use schema::{RECOUNT, SCHEMA, SCHEMA_VERSION};
 
 use open::FileWatch;
+pub(crate) use writer::in_background;
 use writer::{Touches, Writer};
 
 /// The longest [`sqlite_busy_timeout`](crate::TieredCacheBuilder::sqlite_busy_timeout) SQLite

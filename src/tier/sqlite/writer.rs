@@ -90,6 +90,19 @@ impl WriterState {
     }
 }
 
+tokio::task_local! {
+    /// Set for the cache's background work: see [`in_background`].
+    static BACKGROUND: ();
+}
+
+/// Runs `f` (the cache's background work: deliveries, refreshes ahead) with every SQLite write
+/// it makes committed by the writer thread, never on the task's own thread: a commit there
+/// would hold up the callers' tasks sharing that worker thread, and nobody waits on the
+/// background work's latency.
+pub(crate) async fn in_background<F: std::future::Future>(f: F) -> F::Output {
+    BACKGROUND.scope((), f).await
+}
+
 /// The write connection and the writer's state.
 pub(super) struct Core {
     conn: Connection,
@@ -104,7 +117,8 @@ pub(super) struct Core {
 /// With other writes under way the job queues and the thread commits the queue together (group
 /// commit): committing on callers' threads then measured 25-35% fewer durable write-behind
 /// sets per second with 128 setters. Never under `synchronous=FULL` (a commit's fsync would
-/// block the caller's thread), nor while eviction runs (a batch of deletes per commit).
+/// block the caller's thread), nor while eviction runs (a batch of deletes per commit), nor
+/// for the cache's background work ([`in_background`]).
 pub(super) struct Writer {
     sender: mpsc::Sender<Msg>,
     core: Arc<Mutex<Core>>,
@@ -151,7 +165,10 @@ impl Writer {
     /// Commits `job` on this thread when no other write is under way and the connection is
     /// free; otherwise gives the job back.
     fn commit_here(&self, job: Job, touches: &Touches) -> Option<Job> {
-        if !self.inline || self.writing.load(Ordering::Acquire) > 1 {
+        if !self.inline
+            || self.writing.load(Ordering::Acquire) > 1
+            || BACKGROUND.try_with(|()| ()).is_ok()
+        {
             return Some(job);
         }
         let Ok(mut core) = self.core.try_lock() else {
@@ -564,6 +581,8 @@ mod tests {
         assert_eq!(name.as_deref(), Some("tiercache-sqlite-writer"));
         tier.writer.writing.fetch_sub(1, Ordering::AcqRel);
         assert_eq!(thread_of(&tier).await?.0, here);
+        // The cache's background work: always the writer thread.
+        assert_ne!(in_background(thread_of(&tier)).await?.0, here);
         // Under synchronous=FULL, never on the caller's thread.
         let full = SqliteTier::open(crate::tier::sqlite::SqliteOptions {
             synchronous: crate::tier::sqlite::Synchronous::Full,
