@@ -122,7 +122,8 @@ pub(super) struct Core {
 pub(super) struct Writer {
     sender: mpsc::Sender<Msg>,
     core: Arc<Mutex<Core>>,
-    /// Callers inside [`SqliteTier::write`] (from its start to its answer).
+    /// Callers inside [`SqliteTier::write`] (from its start to its answer), background work
+    /// not counted.
     writing: AtomicUsize,
     /// A nudge is in the channel, not yet taken by the thread.
     nudged: Arc<AtomicBool>,
@@ -165,10 +166,7 @@ impl Writer {
     /// Commits `job` on this thread when no other write is under way and the connection is
     /// free; otherwise gives the job back.
     fn commit_here(&self, job: Job, touches: &Touches) -> Option<Job> {
-        if !self.inline
-            || self.writing.load(Ordering::Acquire) > 1
-            || BACKGROUND.try_with(|()| ()).is_ok()
-        {
+        if !self.inline || self.writing.load(Ordering::Acquire) > 1 {
             return Some(job);
         }
         let Ok(mut core) = self.core.try_lock() else {
@@ -232,6 +230,12 @@ impl SqliteTier {
                 let _ = tx.send(result);
             })
         });
+        if BACKGROUND.try_with(|()| ()).is_ok() {
+            // Background work: queued, and not counted as a caller writing (a caller's write
+            // beside it still commits on its own thread when the connection is free).
+            self.writer.send(Msg::Job(job))?;
+            return rx.await.map_err(|_| Error::Closed)?;
+        }
         self.writer.writing.fetch_add(1, Ordering::AcqRel);
         let _writing = Writing(&self.writer.writing);
         if let Some(job) = self.writer.commit_here(job, &self.touches) {
