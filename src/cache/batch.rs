@@ -1,9 +1,7 @@
 //! `mget`: the read pipeline for many keys at once (one pass over L1, one L2 statement).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::OnceLock;
 
 use super::load::{fetch_batches, BatchItem};
 use super::read::{Probe, Seen};
@@ -64,8 +62,10 @@ impl TieredCache {
         let mut distinct: Vec<&str> = Vec::with_capacity(n);
         let mut position: Vec<Result<usize>> = Vec::with_capacity(n);
         let mut last: Vec<usize> = Vec::with_capacity(n);
-        let mut index: HashMap<&str, usize, KeyHash> =
-            HashMap::with_capacity_and_hasher(n, KeyHash::new());
+        // foldhash, not SipHash (about 150 instructions per key, twice per key of a batch): the
+        // index holds one call's keys for that call only.
+        let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(n, Default::default());
         for (i, k) in keys.iter().enumerate() {
             let k = k.as_ref();
             if let Err(e) = self.check(k) {
@@ -251,107 +251,5 @@ impl TieredCache {
                 answer.unwrap_or(Ok(None))
             })
             .collect()
-    }
-}
-
-/// The hasher of `mget`'s index of distinct keys (built once per call, looked up once per L2
-/// row): the key's bytes mixed eight at a time from a per-process random seed, then murmur3's
-/// finalizer. SipHash cost about 150 instructions per key, twice per key of a batch. The index
-/// holds one call's keys for that call only: keys chosen to collide could only slow the
-/// caller's own call, and without the seed they cannot be chosen.
-#[derive(Clone, Copy)]
-struct KeyHash(u64);
-
-impl KeyHash {
-    fn new() -> Self {
-        static SEED: OnceLock<u64> = OnceLock::new();
-        Self(*SEED.get_or_init(|| fastrand::u64(..)))
-    }
-}
-
-impl BuildHasher for KeyHash {
-    type Hasher = KeyHasher;
-
-    #[inline]
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(self.0)
-    }
-}
-
-struct KeyHasher(u64);
-
-impl KeyHasher {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-
-    #[inline]
-    fn mix(&mut self, word: u64) {
-        let h = (self.0 ^ word).wrapping_mul(Self::K);
-        self.0 = h ^ (h >> 32);
-    }
-}
-
-impl Hasher for KeyHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        self.mix(bytes.len() as u64);
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            self.mix(u64::from_le_bytes(word.try_into().unwrap_or_default()));
-        }
-        // The last 1-7 bytes: the last eight (overlapping) when there are eight, else one by
-        // one (a copy of a slice of unknown length would call memcpy).
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let w = match bytes.len().checked_sub(8).map(|at| &bytes[at..]) {
-                Some(last) => u64::from_le_bytes(last.try_into().unwrap_or_default()),
-                None => rest
-                    .iter()
-                    .enumerate()
-                    .fold(0u64, |w, (i, &b)| w | u64::from(b) << (8 * i)),
-            };
-            self.mix(w);
-        }
-    }
-
-    #[inline]
-    fn write_u8(&mut self, b: u8) {
-        self.mix(u64::from(b));
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^ (h >> 33)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_key_hash_tells_keys_apart_by_any_byte() {
-        let hash = KeyHash::new();
-        for len in [1usize, 7, 8, 9, 22, 40] {
-            for at in 0..len {
-                let key = |b: u8| {
-                    let mut k = vec![b'k'; len];
-                    k[at] = b;
-                    String::from_utf8(k).expect("ASCII")
-                };
-                let hashes: std::collections::HashSet<u64> = (b'0'..=b'z')
-                    .map(|b| hash.hash_one(key(b).as_str()))
-                    .collect();
-                assert_eq!(
-                    hashes.len(),
-                    usize::from(b'z' - b'0') + 1,
-                    "len {len}, byte {at}"
-                );
-            }
-        }
     }
 }

@@ -28,6 +28,7 @@
 //! crate docs.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -39,8 +40,8 @@ const STRIPES: usize = 1024;
 /// The write fences of one cache.
 pub(crate) struct Fences {
     stripes: Box<[AtomicU64]>,
-    /// Mixed into the stripe hash: which keys share a stripe differs between processes.
-    seed: u64,
+    /// The stripe hash, seeded: which keys share a stripe differs between processes.
+    hasher: foldhash::fast::FixedState,
     /// The L1 of every cache sharing these fences, by peer id.
     peers: Mutex<Vec<(u64, MemoryTier)>>,
     /// How many caches share these fences (a write with no peer skips the lock).
@@ -71,7 +72,7 @@ impl Default for Fences {
     fn default() -> Self {
         Self {
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-            seed: fastrand::u64(..),
+            hasher: foldhash::fast::FixedState::with_seed(fastrand::u64(..)),
             peers: Mutex::new(Vec::new()),
             peer_count: AtomicUsize::new(0),
             settling: Mutex::new(Vec::new()),
@@ -165,40 +166,11 @@ impl Fences {
     }
 
     fn stripe(&self, key: &str) -> &AtomicU64 {
-        // `STRIPES` is a power of two.
-        // Seeded, eight bytes at a time, then murmur3's finalizer so every byte reaches the
-        // index bits: a read hashes its key for the fence two or three times (SipHash cost
-        // 150-200 instructions each, FNV-1a byte by byte about 120 for a 22-byte key). A stripe
-        // needs spread, not resistance to chosen keys: keys that share one only cost each
-        // other a skipped fill, never a wrong answer.
-        const K: u64 = 0x9e37_79b9_7f4a_7c15;
-        let bytes = key.as_bytes();
-        let mut h = self.seed ^ (bytes.len() as u64).wrapping_mul(K);
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            h = (h ^ u64::from_le_bytes(word.try_into().unwrap_or_default())).wrapping_mul(K);
-            h ^= h >> 32;
-        }
-        // The last 1-7 bytes: the key's last eight (overlapping the word before) when it has
-        // them, else byte by byte. (A copy of a slice of unknown length would call memcpy.)
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let w = match bytes.len().checked_sub(8).map(|at| &bytes[at..]) {
-                Some(last) => u64::from_le_bytes(last.try_into().unwrap_or_default()),
-                None => rest
-                    .iter()
-                    .enumerate()
-                    .fold(0u64, |w, (i, &b)| w | u64::from(b) << (8 * i)),
-            };
-            h = (h ^ w).wrapping_mul(K);
-            h ^= h >> 32;
-        }
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^= h >> 33;
-        &self.stripes[(h as usize) & (STRIPES - 1)]
+        // `STRIPES` is a power of two. foldhash, seeded per process: a read hashes its key for
+        // the fence two or three times (SipHash cost 150-200 instructions each). A stripe needs
+        // spread, not resistance to chosen keys: keys that share one only cost each other a
+        // skipped fill, never a wrong answer.
+        &self.stripes[(self.hasher.hash_one(key) as usize) & (STRIPES - 1)]
     }
 
     /// The token a fill holds from its start.
