@@ -32,7 +32,7 @@ struct MaxAge {
 /// The memory tier.
 #[derive(Clone)]
 pub(crate) struct MemoryTier {
-    cache: Cache<String, Slot>,
+    cache: Cache<String, Slot, foldhash::fast::RandomState>,
     max_age: Arc<MaxAge>,
 }
 
@@ -55,13 +55,18 @@ impl MemoryTier {
     ///
     /// The maximum L1 age ([`set_max_age`](Self::set_max_age)) is checked on read too, against
     /// `clock` (moka's own clock cannot be injected): off until set.
+    ///
+    /// moka hashes keys with foldhash, randomly seeded per cache, not its default SipHash: a
+    /// hit hashes its key once, and SipHash cost about 200 of an L1 hit's 1,620 instructions
+    /// against foldhash's 50 (callgrind, 22-byte keys). Keys chosen to collide in moka's table
+    /// would need the seed.
     pub(crate) fn new(max_bytes: u64, clock: Arc<dyn Clock>) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &String, slot: &Slot| -> u32 {
                 u32::try_from(key.len() + slot.entry.size() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let max_age = Arc::new(MaxAge {
             ms: AtomicU64::new(0),
             clock,
