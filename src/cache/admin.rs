@@ -223,11 +223,7 @@ impl TieredCache {
     pub async fn probe_source(&self, key: &str) -> Result<std::time::Duration> {
         self.check(key)?;
         if self.is_offline() {
-            return Err(Error::Unavailable {
-                key: key.to_owned(),
-                reason: StaleReason::Offline,
-                source: crate::source::guard::not_sent(),
-            });
+            return Err(Self::offline_error(key));
         }
         let inner = &*self.inner;
         let timeout = inner.settings.timeout;

@@ -373,6 +373,15 @@ impl TieredCache {
         self.inner.offline.load(Ordering::Relaxed)
     }
 
+    /// The error of a call that needs the source while offline mode is on (nothing was sent).
+    fn offline_error(key: &str) -> Error {
+        Error::Unavailable {
+            key: key.to_owned(),
+            reason: StaleReason::Offline,
+            source: crate::source::guard::not_sent(),
+        }
+    }
+
     /// The checks every call makes: the cache is open and the key meets the general rules.
     #[inline]
     fn check_basic(&self, key: &str) -> Result<()> {

@@ -138,14 +138,7 @@ impl TieredCache {
             return Err(Error::Closed);
         }
         if self.is_offline() {
-            return Err(Error::Unavailable {
-                key: prefix.to_owned(),
-                reason: StaleReason::Offline,
-                source: SourceError::Unavailable {
-                    status: None,
-                    message: "offline mode is on: the source was not contacted".into(),
-                },
-            });
+            return Err(Self::offline_error(prefix));
         }
         let inner = &*self.inner;
         // Warm is background work: below the budget reserve, not even the listing is sent.

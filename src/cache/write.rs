@@ -185,14 +185,7 @@ impl TieredCache {
     pub(super) async fn write_source(&self, key: &str, value: Option<&Bytes>) -> Result<()> {
         let inner = &*self.inner;
         if self.is_offline() {
-            return Err(Error::Unavailable {
-                key: key.to_owned(),
-                reason: StaleReason::Offline,
-                source: SourceError::Unavailable {
-                    status: None,
-                    message: "offline mode is on: the source was not contacted".into(),
-                },
-            });
+            return Err(Self::offline_error(key));
         }
         let call = async {
             match value {
