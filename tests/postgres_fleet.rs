@@ -16,11 +16,11 @@ mod pg;
 mod support;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use pg::eventually;
 use support::FakeSource;
 use tiercache::source::SourceError;
 use tiercache::tier::postgres::PostgresStore;
@@ -49,19 +49,17 @@ macro_rules! pg_or_skip {
     };
 }
 
-/// Polls `check` (every few ms) until it holds; panics with `what` after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let polled = tokio::time::timeout(WAIT, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(polled.is_ok(), "not within {WAIT:?}: {what}");
+/// Prints the median, 99th percentile and maximum of `took` (a measurement run on demand).
+fn print_quantiles(what: &str, over: &str, mut took: Vec<Duration>) {
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "{what}, over {} {over}: p50 {:?}, p99 {:?}, max {:?}",
+        took.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
 }
 
 fn builder(store: &PostgresStore, source: &FakeSource, clock: &MockClock) -> TieredCacheBuilder {
@@ -826,15 +824,7 @@ async fn invalidation_latency() -> TestResult {
         }
         took.push(written.elapsed());
     }
-    took.sort();
-    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
-    println!(
-        "from set() called to heard elsewhere, over {} writes: p50 {:?}, p99 {:?}, max {:?}",
-        took.len(),
-        at(0.5),
-        at(0.99),
-        at(1.0)
-    );
+    print_quantiles("from set() called to heard elsewhere", "writes", took);
     Ok(())
 }
 
@@ -1388,15 +1378,7 @@ async fn fill_lease_cost() -> TestResult {
         store.release_fill_lease(&key, token).await?;
         took.push(started.elapsed());
     }
-    took.sort();
-    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
-    println!(
-        "take + release of a fill lease, over {} keys: p50 {:?}, p99 {:?}, max {:?}",
-        took.len(),
-        at(0.5),
-        at(0.99),
-        at(1.0)
-    );
+    print_quantiles("take + release of a fill lease", "keys", took);
     Ok(())
 }
 

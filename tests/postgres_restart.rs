@@ -13,7 +13,6 @@
 mod pg;
 mod support;
 
-use std::future::Future;
 use std::time::Duration;
 
 use support::FakeSource;
@@ -23,22 +22,9 @@ use tiercache::{MockClock, Strategy, TieredCache};
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// How often a wait looks again.
+const POLL: Duration = Duration::from_millis(20);
 const RECOVERY: Duration = Duration::from_secs(5);
-
-/// Polls `check` (every few ms) until it holds; panics with `what` after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let polled = tokio::time::timeout(WAIT, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(polled.is_ok(), "not within {WAIT:?}: {what}");
-}
 
 /// Restarts the local server with the machine's command; `Err` names what failed.
 fn restart_server() -> Result<(), String> {
@@ -112,10 +98,9 @@ async fn a_server_restart_loses_no_write_and_the_fleet_recovers_by_itself() -> T
         caches.push(cache);
     }
     for store in &stores {
-        eventually(
-            "both listeners connected",
-            || async move { store.listening() },
-        )
+        pg::eventually_within(WAIT, POLL, "both listeners connected", || async move {
+            store.listening()
+        })
         .await;
     }
     let (a, b) = (&caches[0], &caches[1]);
@@ -140,17 +125,25 @@ async fn a_server_restart_loses_no_write_and_the_fleet_recovers_by_itself() -> T
     assert_eq!(source.value("k").as_deref(), Some(&b"v2"[..]));
     // Both listeners reconnect by themselves; once they listen, no cache serves the old value.
     for store in &stores {
-        eventually("both listeners back", || async move { store.listening() }).await;
+        pg::eventually_within(WAIT, POLL, "both listeners back", || async move {
+            store.listening()
+        })
+        .await;
     }
-    eventually("the other instance reads the new value", || async {
-        clock.advance(RECOVERY + Duration::from_millis(1));
-        get(b, "k").await.as_deref() == Some("v2")
-    })
+    pg::eventually_within(
+        WAIT,
+        POLL,
+        "the other instance reads the new value",
+        || async {
+            clock.advance(RECOVERY + Duration::from_millis(1));
+            get(b, "k").await.as_deref() == Some("v2")
+        },
+    )
     .await;
     assert_eq!(get(a, "k").await.as_deref(), Some("v2"));
     // L2 works again: a write after recovery is in the shared table and read on the other.
     a.set("k2", "w").await?;
-    eventually("L2 holds the write after recovery", || async {
+    pg::eventually_within(WAIT, POLL, "L2 holds the write after recovery", || async {
         clock.advance(RECOVERY + Duration::from_millis(1));
         b.lookup("k2")
             .await

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pg::eventually;
 use support::{outage, FakeSource};
 use tiercache::breaker::BreakerPolicy;
 use tiercache::source::{Fetched, Source, SourceError};
@@ -940,22 +941,6 @@ async fn two_http_replicas_on_one_schema_serve_each_others_writes() -> TestResul
 // ---------------------------------------------------------------------------------------------
 // Offline bundles on PostgreSQL: `EntryStore::snapshot` (export) and `merge` (import).
 // ---------------------------------------------------------------------------------------------
-
-/// Waits (polling every few ms, at most 10 s) until `check` holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let wait = Duration::from_secs(10);
-    let polled = tokio::time::timeout(wait, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(polled.is_ok(), "not within {wait:?}: {what}");
-}
 
 /// A value holding every byte, then `key`'s bytes: byte-exactness shows.
 fn binary(key: &str) -> Bytes {

@@ -223,28 +223,23 @@ pub(crate) fn rows(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         note: None,
     });
     let windows = L2_GETS / 100;
-    let (r, a, b, (lo, hi)) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(mgets(&l2, windows))
-        },
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(hundred_gets(&l2, windows))
-        },
-    );
-    let (floor, _, _, _) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_mgets(&l2, &floor_l1, windows))
-        },
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_gets(&l2, &floor_l1, windows * 100))
-        },
-    );
+    // `mget` of `windows` batches of 100, and its floor, each from an empty L1.
+    let our_mgets = || {
+        rt.block_on(l2.cache.clear_memory());
+        rt.block_on(mgets(&l2, windows))
+    };
+    let floor_of_mgets = || {
+        rt.block_on(clear_moka(&floor_l1));
+        rt.block_on(floor_mgets(&l2, &floor_l1, windows))
+    };
+    let (r, a, b, (lo, hi)) = side_by_side(ROUNDS, our_mgets, || {
+        rt.block_on(l2.cache.clear_memory());
+        rt.block_on(hundred_gets(&l2, windows))
+    });
+    let (floor, _, _, _) = side_by_side(ROUNDS, floor_of_mgets, || {
+        rt.block_on(clear_moka(&floor_l1));
+        rt.block_on(floor_gets(&l2, &floor_l1, windows * 100))
+    });
     let (sql_only, _, _, _) = side_by_side(
         ROUNDS,
         || {
@@ -268,17 +263,7 @@ pub(crate) fn rows(rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         ),
         note: None,
     });
-    let (r, a, b, (lo, hi)) = side_by_side(
-        ROUNDS,
-        || {
-            rt.block_on(l2.cache.clear_memory());
-            rt.block_on(mgets(&l2, windows))
-        },
-        || {
-            rt.block_on(clear_moka(&floor_l1));
-            rt.block_on(floor_mgets(&l2, &floor_l1, windows))
-        },
-    );
+    let (r, a, b, (lo, hi)) = side_by_side(ROUNDS, our_mgets, floor_of_mgets);
     rows.push(Row {
         name: "mget100_vs_floor",
         value: r,

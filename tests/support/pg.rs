@@ -188,3 +188,34 @@ impl Drop for PgTest {
         let _ = cleanup.join();
     }
 }
+
+/// Polls `check` every `every` until it holds; panics with `what` after `within`. (Time here is
+/// the real server's: a bounded wait for a condition, never a sleep standing in for one.)
+pub async fn eventually_within<F, Fut>(within: Duration, every: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let polled = tokio::time::timeout(within, async {
+        while !check().await {
+            tokio::time::sleep(every).await;
+        }
+    })
+    .await;
+    assert!(polled.is_ok(), "not within {within:?}: {what}");
+}
+
+/// [`eventually_within`] 10 s, polling every 5 ms.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_within(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        what,
+        check,
+    )
+    .await;
+}
