@@ -13,14 +13,16 @@
 //!
 //! `TIERCACHE_RATIOS_ONLY=growth` runs only the rows of L2's growth and single writes (the
 //! `growth` module), and writes only those; `TIERCACHE_RATIOS_ONLY=reads` only the read rows
-//! (L1 and L2: seconds after the 10,000-entry setup; no write-behind, no 1M-entry file).
+//! (L1 and L2: seconds after the 10,000-entry setup; no write-behind, no 1M-entry file);
+//! `TIERCACHE_RATIOS_ONLY=writes` only the write-behind rows.
 //!
 //! For profiling, `TIERCACHE_RATIOS_PROFILE=<scenario>` runs only one side of one ratio, once,
 //! `TIERCACHE_RATIOS_N` times (default 100,000), in a function named `profile_<scenario>`, so
 //! that `valgrind --tool=callgrind --toggle-collect='*profile_*'` counts only that:
 //! scenarios `l1_tiercache`, `l1_tiercache_nostats`, `l1_moka`, `l2_tiercache`, `l2_sqlite`,
 //! `mget100`, `gets100`, `l2_floor`, `mget100_floor` (the raw parts of an L2 hit and of an
-//! `mget`: moka and rusqlite alone), `write_behind`, `write_behind_memory`. The L2 scenarios read each of
+//! `mget`: moka and rusqlite alone), `write_behind`, `write_behind_memory`, `write_behind_floor`
+//! (its 10,000-entry fill included). The L2 scenarios read each of
 //! 10,000 keys once from L2 (promoting it): keep `TIERCACHE_RATIOS_N` at 10,000 or fewer there.
 
 mod common;
@@ -339,6 +341,10 @@ fn profile(scenario: &str, n: usize) {
             );
             writes::profile_write_behind(&mt, &c, n);
         }
+        "write_behind_floor" => {
+            let dir = tempfile::tempdir().expect("a tempdir");
+            writes::profile_write_behind_floor(&dir.path().join("floor.db"), n);
+        }
         "write_behind" => {
             let dir = tempfile::tempdir().expect("a tempdir");
             let mt = common::multi_thread(2);
@@ -367,6 +373,11 @@ fn main() {
     let mut rows = Vec::new();
     let rt = common::current_thread();
     let only = std::env::var("TIERCACHE_RATIOS_ONLY").ok();
+    if only.as_deref() == Some("writes") {
+        writes::rows(&common::multi_thread(2), &mut rows);
+        report(&rows, started.elapsed());
+        return;
+    }
     if only.as_deref() == Some("growth") {
         growth::rows(&rt, &mut rows);
         report(&rows, started.elapsed());
