@@ -52,6 +52,9 @@ struct MemStore {
     puts: Arc<tokio::sync::RwLock<()>>,
     /// Told when a plain put begins.
     put_begun: Arc<tokio::sync::Notify>,
+    /// Removals of delivered rows wait for a read lock: a test holding the write lock holds
+    /// them.
+    completes: Arc<tokio::sync::RwLock<()>>,
 }
 
 fn fault(what: &str) -> Error {
@@ -268,6 +271,7 @@ impl OutboxStore for MemStore {
     }
 
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
+        let _open = self.completes.read().await;
         self.write()?
             .outbox
             .retain(|r| r.dead || !ids.contains(&r.id));
@@ -484,6 +488,44 @@ async fn write_behind_writes_deliver_and_dead_letter_through_the_custom_store() 
     assert_eq!(source.value("k"), None);
     cache.clear_memory().await;
     assert!(cache.get("k").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn deliveries_go_on_while_delivered_rows_wait_to_be_removed() -> TestResult {
+    // Removing a batch of delivered rows waits for a commit (behind the callers' writes); the
+    // deliveries after it must not wait with it, or the outbox drains no faster than commits.
+    let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
+    let cache = builder(&store, &source, &clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+        .build()?;
+    const WRITES: usize = 200;
+    for i in 0..WRITES {
+        cache.set(&format!("k{i}"), format!("v{i}")).await?;
+    }
+    let held = store.completes.write().await;
+    let flush = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.flush().await }
+    });
+    // Current-thread runtime: each yield lets the flush run until it waits.
+    for _ in 0..10_000 {
+        if source.writes_started() == WRITES {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        (source.writes_started(), store.outbox_len()),
+        (WRITES, WRITES),
+        "every write sent while no delivered row could be removed yet"
+    );
+    drop(held);
+    let report = flush.await??;
+    assert_eq!(report.delivered, WRITES as u64);
+    assert_eq!(store.outbox_len(), 0);
+    assert_eq!(source.value("k199").as_deref(), Some(&b"v199"[..]));
     Ok(())
 }
 

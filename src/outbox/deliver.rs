@@ -103,15 +103,29 @@ impl Deliverer {
             .buffer_unordered(DELIVERY_CONCURRENCY));
         // Delivered rows are removed in batches: one statement per batch, not one per key. A
         // crash before a batch is removed only means those writes are sent again (delivery is
-        // idempotent).
+        // idempotent). A batch's removal runs beside the deliveries that follow (it waits for
+        // a commit of the writer, behind the callers' writes): awaited in line, it held every
+        // delivery up for a commit each 64 rows, and under a steady load of writes the outbox
+        // grew faster than it drained. The round ends once every removal is done.
         let mut delivered: Vec<i64> = Vec::new();
-        while let Some((key, outcome)) = outcomes.next().await {
+        let mut completing = stream::FuturesUnordered::new();
+        loop {
+            let (key, outcome) = tokio::select! {
+                Some(done) = completing.next(), if !completing.is_empty() => {
+                    done?;
+                    continue;
+                }
+                next = outcomes.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+            };
             match outcome? {
                 Delivery::Delivered(ids) => {
                     round.delivered += ids.len() as u64;
                     delivered.extend(ids);
                     if delivered.len() >= COMPLETE_BATCH {
-                        self.complete(std::mem::take(&mut delivered)).await?;
+                        completing.push(self.complete(std::mem::take(&mut delivered)));
                     }
                 }
                 Delivery::Dead(e) => {
@@ -124,7 +138,10 @@ impl Deliverer {
                 }
             }
         }
-        self.complete(delivered).await?;
+        completing.push(self.complete(delivered));
+        while let Some(done) = completing.next().await {
+            done?;
+        }
         round.stuck.sort();
         Ok(round)
     }
