@@ -107,37 +107,18 @@ pub(crate) struct MemoryQueue {
     inner: Mutex<MemoryRows>,
 }
 
-/// A map keyed by the outbox's own row ids: sequential integers no caller chooses, so one
-/// multiply spreads them and SipHash (which would cost more than the rest of a push) is not
-/// needed.
-type IdMap<V> = HashMap<i64, V, std::hash::BuildHasherDefault<IdHasher>>;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_i64(&mut self, n: i64) {
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
+/// The memory outbox's maps hash with foldhash (randomly seeded per map), not SipHash: SipHash
+/// of the key and of the id cost more than the rest of a push (callgrind, memory-mode
+/// write-behind sets), and a read that misses L1 looks its key up here too.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
 struct MemoryRows {
     next_id: i64,
     /// The pending row of each key.
-    by_key: HashMap<Arc<str>, OutboxRow>,
+    by_key: FastMap<Arc<str>, OutboxRow>,
     /// The key of each pending row's id (ids of superseded rows are gone from here).
-    key_of: IdMap<Arc<str>>,
+    key_of: FastMap<i64, Arc<str>>,
     /// Ids in arrival order; superseded ones are skipped, and swept out now and then.
     order: std::collections::VecDeque<i64>,
     /// Rows the source refused for good, by id.
