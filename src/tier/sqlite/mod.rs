@@ -32,7 +32,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -137,8 +137,7 @@ pub(crate) struct SqliteOptions {
 pub(crate) struct SqliteTier {
     writer: Writer,
     touches: Touches,
-    readers: Vec<Mutex<Connection>>,
-    next_reader: AtomicUsize,
+    readers: Arc<Readers>,
     read_statements: AtomicU64,
     location: Location,
     file: Option<FileWatch>,
@@ -150,8 +149,23 @@ impl std::fmt::Debug for SqliteTier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteTier")
             .field("location", &self.location)
-            .field("readers", &self.readers.len())
+            .field("readers", &self.readers.conns.len())
             .finish()
+    }
+}
+
+/// The read connections (shared with the blocking threads that run the long reads).
+pub(super) struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    pub(super) fn new(conns: Vec<Mutex<Connection>>) -> Self {
+        Self {
+            conns,
+            next: AtomicUsize::new(0),
+        }
     }
 }
 

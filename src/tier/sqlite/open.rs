@@ -4,7 +4,7 @@
 //! file's identity that keeps writes from going to a file no longer at its path.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use super::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 use super::writer::{Touches, Writer, WriterState};
 use super::{
-    storage, Location, OnCorrupt, SqliteOptions, SqliteTier, Synchronous, APPLICATION_ID,
+    storage, Location, OnCorrupt, Readers, SqliteOptions, SqliteTier, Synchronous, APPLICATION_ID,
     MAX_BUSY_TIMEOUT, READER_CACHE_KIB,
 };
 use crate::error::{Error, Result};
@@ -155,8 +155,7 @@ impl SqliteTier {
         Ok(Self {
             writer,
             touches,
-            readers,
-            next_reader: AtomicUsize::new(0),
+            readers: Arc::new(Readers::new(readers)),
             read_statements: AtomicU64::new(0),
             busy_timeout: busy_timeout(&opts),
             location: opts.location,

@@ -4,6 +4,7 @@
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,30 +16,60 @@ use super::changes::{
     DELETE_DEAD_LETTER, DELETE_DELIVERED,
 };
 use super::writer::{WriterState, MAX_TOUCHES};
-use super::{storage, to_i64, to_u64, SqliteTier};
+use super::{storage, to_i64, to_u64, Readers, SqliteTier};
 use crate::error::{Error, Result};
 use crate::tier::{
     EntrySink, EntryStore, FillGuard, Found, Merged, MetaUpdate, Observed, OutboxOp, OutboxRow,
     OutboxStore, Resolved, StateStore, StoreSummary, StoredEntry,
 };
 
-impl SqliteTier {
+impl Readers {
     /// Runs `f` on a free read connection (on this thread).
     /// The first free connection is taken, so a lone reader always uses the first (its page
     /// cache stays warm) and concurrent readers spread over the others.
-    pub(super) fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        for reader in &self.readers {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        for reader in &self.conns {
             if let Ok(conn) = reader.try_lock() {
                 return f(&conn);
             }
         }
-        let n = self.readers.len();
-        let pick = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
-        let conn = self.readers[pick].lock().unwrap_or_else(|e| e.into_inner());
+        let pick = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let conn = self.conns[pick].lock().unwrap_or_else(|e| e.into_inner());
         f(&conn)
+    }
+}
+
+impl SqliteTier {
+    /// Runs `f` on a free read connection, on this thread: for point reads and reads bounded
+    /// by their keys (an `mget`'s batch), where a hand-off to another thread would cost more
+    /// than the read.
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.readers.read(f)
+    }
+
+    /// Runs `f` on a free read connection on tokio's blocking pool: for reads whose size the
+    /// caller does not bound by keys (a delivery round's rows and their values, the dead
+    /// letters, the failing rows), which would otherwise hold up an async worker that callers
+    /// share. On this thread when there is no runtime to hand it to.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.readers.read(f).map_err(storage(what));
+        }
+        let readers = Arc::clone(&self.readers);
+        match tokio::task::spawn_blocking(move || readers.read(f)).await {
+            Ok(read) => read.map_err(storage(what)),
+            Err(e) => Err(Error::Storage {
+                message: format!("{what}: its blocking task stopped: {e}"),
+                source: None,
+            }),
+        }
     }
 
     /// One entry, read on this thread (reads never wait on the writer: WAL).
@@ -342,14 +373,14 @@ impl OutboxStore for SqliteTier {
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(|conn| {
+        self.read_blocking("read the outbox", move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?1"
             ))?;
             let rows = stmt.query_map([limit], row_to_outbox)?;
             rows.collect()
         })
-        .map_err(storage("read the outbox"))
+        .await
     }
 
     async fn outbox_newest(&self, key: &str) -> Result<Option<OutboxOp>> {
@@ -371,7 +402,7 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn outbox_summary(&self) -> Result<(u64, Vec<(String, String)>)> {
-        self.read(|conn| {
+        self.read_blocking("read the outbox", |conn| {
             let pending: i64 = conn
                 .prepare_cached("SELECT pending FROM counters WHERE id = 1")?
                 .query_row([], |r| r.get(0))?;
@@ -391,7 +422,7 @@ impl OutboxStore for SqliteTier {
             }
             Ok((to_u64(pending), stuck))
         })
-        .map_err(storage("read the outbox"))
+        .await
     }
 
     async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
@@ -444,14 +475,14 @@ impl OutboxStore for SqliteTier {
     }
 
     async fn dead_letters(&self) -> Result<Vec<OutboxRow>> {
-        self.read(|conn| {
+        self.read_blocking("read the dead letters", |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE dead = 1 ORDER BY id"
             ))?;
             let rows = stmt.query_map([], row_to_outbox)?;
             rows.collect()
         })
-        .map_err(storage("read the dead letters"))
+        .await
     }
 
     async fn resolve_dead_letter(&self, id: i64, retry: bool) -> Result<Resolved> {
