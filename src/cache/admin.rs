@@ -276,7 +276,8 @@ impl TieredCache {
     /// [`health`](Self::health) and the byte bound are compared with a count of every row;
     /// if they differ (rows written into the file by other means) they are recounted, with a
     /// warning logged, and the check passes. Runs on a blocking thread with a connection of
-    /// its own; the cache goes on serving (writes wait while a recount runs). `Ok` for an in-memory database or a store given to
+    /// its own; the cache goes on serving (writes wait while a recount runs). `Ok` for an
+    /// in-memory database or a store given to
     /// [`TieredCacheBuilder::store`](crate::TieredCacheBuilder::store).
     ///
     /// A damaged file is reported, not moved (it is in use): close the cache, then reopen with

@@ -133,6 +133,13 @@ pub(super) struct Writer {
 /// A caller inside [`SqliteTier::write`]: counted in [`Writer::writing`] while it lives.
 struct Writing<'a>(&'a AtomicUsize);
 
+impl<'a> Writing<'a> {
+    fn enter(writing: &'a AtomicUsize) -> Self {
+        writing.fetch_add(1, Ordering::AcqRel);
+        Self(writing)
+    }
+}
+
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
@@ -230,15 +237,16 @@ impl SqliteTier {
                 let _ = tx.send(result);
             })
         });
-        if BACKGROUND.try_with(|()| ()).is_ok() {
-            // Background work: queued, and not counted as a caller writing (a caller's write
-            // beside it still commits on its own thread when the connection is free).
-            self.writer.send(Msg::Job(job))?;
-            return rx.await.map_err(|_| Error::Closed)?;
-        }
-        self.writer.writing.fetch_add(1, Ordering::AcqRel);
-        let _writing = Writing(&self.writer.writing);
-        if let Some(job) = self.writer.commit_here(job, &self.touches) {
+        // Background work is queued, and not counted as a caller writing (a caller's write
+        // beside it still commits on its own thread when the connection is free).
+        let background = BACKGROUND.try_with(|()| ()).is_ok();
+        let _writing = (!background).then(|| Writing::enter(&self.writer.writing));
+        let queued = if background {
+            Some(job)
+        } else {
+            self.writer.commit_here(job, &self.touches)
+        };
+        if let Some(job) = queued {
             self.writer.send(Msg::Job(job))?;
         }
         rx.await.map_err(|_| Error::Closed)?
