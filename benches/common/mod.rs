@@ -309,6 +309,46 @@ pub fn raw_put(conn: &Connection, key: &str, value: &[u8], now: i64) {
         .expect("upsert");
 }
 
+/// The entry statements of one set as tiercache's writer makes them
+/// (`src/tier/sqlite/changes.rs`), on a raw connection inside the caller's transaction: the
+/// held row's rowid and size read, the row updated (or inserted), its recency row written.
+/// What the counters change by: (entries, bytes).
+pub fn raw_write_entry(conn: &Connection, key: &str, value: &[u8], now: i64) -> (i64, i64) {
+    use rusqlite::{params, OptionalExtension};
+    let held: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT rowid, size, value IS NULL FROM entries WHERE key = ?1")
+        .expect("prepare")
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .expect("select");
+    let size = value.len() as i64;
+    match held {
+        Some((rowid, old)) => {
+            conn.prepare_cached(
+                "UPDATE entries SET value = ?2, validator = NULL, stored_at = ?3,
+                   fresh_until = ?3 + 300000, stale_until = ?3 + 86700000, size = ?4,
+                   last_access = ?3 WHERE rowid = ?1",
+            )
+            .expect("prepare")
+            .execute(params![rowid, value, now, size])
+            .expect("update");
+            conn.prepare_cached("UPDATE recency SET at = ?2 WHERE id = ?1")
+                .expect("prepare")
+                .execute([rowid, now])
+                .expect("recency");
+            (0, size - old)
+        }
+        None => {
+            raw_put(conn, key, value, now);
+            conn.prepare_cached("INSERT OR REPLACE INTO recency (id, at) VALUES (?1, ?2)")
+                .expect("prepare")
+                .execute([conn.last_insert_rowid(), now])
+                .expect("recency");
+            (1, size)
+        }
+    }
+}
+
 /// Milliseconds since the UNIX epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -99,41 +99,13 @@ fn raw_selects(conn: &rusqlite::Connection, n: usize, rng: &mut fastrand::Rng) -
 /// One set as tiercache's writer makes it (`src/tier/sqlite/changes.rs`), on a raw connection
 /// in a transaction of its own: the entry, its recency row, the counters.
 fn raw_set(conn: &rusqlite::Connection, key: &str, value: &[u8], now: i64) {
-    use rusqlite::{params, OptionalExtension};
     let tx = conn.unchecked_transaction().expect("begin");
-    let held: Option<(i64, i64)> = tx
-        .prepare_cached("SELECT rowid, size FROM entries WHERE key = ?1")
-        .expect("prepare")
-        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
-        .expect("select");
-    let size = value.len() as i64;
-    let (rowid, delta) = match held {
-        Some((rowid, old)) => {
-            tx.prepare_cached(
-                "UPDATE entries SET value = ?2, validator = NULL, stored_at = ?3,
-                   fresh_until = ?3 + 300000, stale_until = ?3 + 86700000, size = ?4,
-                   last_access = ?3 WHERE rowid = ?1",
-            )
-            .expect("prepare")
-            .execute(params![rowid, value, now, size])
-            .expect("update");
-            (rowid, (0, size - old))
-        }
-        None => {
-            common::raw_put(&tx, key, value, now);
-            (tx.last_insert_rowid(), (1, size))
-        }
-    };
-    tx.prepare_cached("INSERT OR REPLACE INTO recency (id, at) VALUES (?1, ?2)")
-        .expect("prepare")
-        .execute([rowid, now])
-        .expect("recency");
+    let (entries, bytes) = common::raw_write_entry(&tx, key, value, now);
     tx.prepare_cached(
         "UPDATE counters SET entries = entries + ?1, bytes = bytes + ?2 WHERE id = 1",
     )
     .expect("prepare")
-    .execute(params![delta.0, delta.1])
+    .execute([entries, bytes])
     .expect("counters");
     tx.commit().expect("commit");
 }

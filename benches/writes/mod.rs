@@ -304,6 +304,7 @@ pub(crate) fn raw_durable_floor(
     while i < n {
         let tx = conn.unchecked_transaction().expect("begin");
         let mut ids = Vec::with_capacity(batch);
+        let mut counts = (0, 0);
         for _ in 0..batch {
             // The keys in the order the bench's setters make them: each setter its own run,
             // the setters side by side.
@@ -320,23 +321,8 @@ pub(crate) fn raw_durable_floor(
                 .execute(params![k, &v[..]])
                 .expect("upsert");
             } else {
-                let rowid: i64 = tx
-                    .prepare_cached("SELECT rowid, size, value IS NULL FROM entries WHERE key = ?1")
-                    .expect("prepare")
-                    .query_row([k], |r| r.get(0))
-                    .expect("select");
-                tx.prepare_cached(
-                    "UPDATE entries SET value = ?2, validator = NULL, stored_at = ?3,
-                       fresh_until = ?3 + 300000, stale_until = ?3 + 86700000, size = ?4,
-                       last_access = ?3 WHERE rowid = ?1",
-                )
-                .expect("prepare")
-                .execute(params![rowid, &v[..], now, v.len() as i64])
-                .expect("update");
-                tx.prepare_cached("UPDATE recency SET at = ?2 WHERE id = ?1")
-                    .expect("prepare")
-                    .execute([rowid, now])
-                    .expect("recency");
+                let (entries, bytes) = common::raw_write_entry(&tx, k, &v, now);
+                counts = (counts.0 + entries, counts.1 + bytes);
             }
             if minimal {
                 tx.prepare_cached("INSERT INTO outbox (key, value) VALUES (?1, ?2)")
@@ -356,10 +342,11 @@ pub(crate) fn raw_durable_floor(
         }
         if !minimal {
             tx.prepare_cached(
-                "UPDATE counters SET bytes = bytes + ?1, pending = pending + ?2 WHERE id = 1",
+                "UPDATE counters SET entries = entries + ?1, bytes = bytes + ?2,
+                   pending = pending + ?3 WHERE id = 1",
             )
             .expect("prepare")
-            .execute(params![0, batch as i64])
+            .execute(params![counts.0, counts.1, batch as i64])
             .expect("counters");
         }
         // The delivery of the previous batch's rows, in this commit.
