@@ -22,7 +22,7 @@
 //! scenarios `l1_tiercache`, `l1_tiercache_nostats`, `l1_moka`, `l2_tiercache`, `l2_sqlite`,
 //! `mget100`, `gets100`, `l2_floor`, `mget100_floor` (the raw parts of an L2 hit and of an
 //! `mget`: moka and rusqlite alone), `write_behind`, `write_behind_memory`, `write_behind_floor`
-//! (its 10,000-entry fill included). The L2 scenarios read each of
+//! (its 10,000-entry fill included), `moka_insert` (the raw side of `write_behind_memory`). The L2 scenarios read each of
 //! 10,000 keys once from L2 (promoting it): keep `TIERCACHE_RATIOS_N` at 10,000 or fewer there.
 
 mod common;
@@ -340,6 +340,11 @@ fn profile(scenario: &str, n: usize) {
                 Duration::from_millis(5),
             );
             writes::profile_write_behind(&mt, &c, n);
+        }
+        "moka_insert" => {
+            let mt = common::multi_thread(2);
+            let moka = mt.block_on(l1_moka(&[]));
+            writes::profile_moka_insert(&mt, &moka, n);
         }
         "write_behind_floor" => {
             let dir = tempfile::tempdir().expect("a tempdir");

@@ -124,6 +124,34 @@ pub(crate) fn profile_write_behind(rt: &tokio::runtime::Runtime, cache: &TieredC
     });
 }
 
+/// The raw side of `write_behind_vs_moka_insert` in `profile_write_behind`'s pattern: the same
+/// tasks, keys and values inserted into raw moka.
+#[inline(never)]
+pub(crate) fn profile_moka_insert(
+    rt: &tokio::runtime::Runtime,
+    moka: &Moka<String, Bytes>,
+    n: usize,
+) {
+    let keys = Arc::new(common::keys(L2_KEYS));
+    let v = common::value();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..SETTERS)
+            .map(|s| {
+                let (moka, keys, v) = (moka.clone(), keys.clone(), v.clone());
+                tokio::spawn(async move {
+                    for j in 0..n / SETTERS {
+                        let k = &keys[(s * 64 + j) % keys.len()];
+                        moka.insert(k.clone(), v.clone()).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("an inserter");
+        }
+    });
+}
+
 #[inline(never)]
 pub(crate) fn profile_write_behind_floor(db: &std::path::Path, n: usize) {
     raw_durable_floor(db, n, 64, false);

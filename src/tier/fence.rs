@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::memory::MemoryTier;
 
-const STRIPES: usize = 1024;
+const STRIPE_BITS: u32 = 10;
+const STRIPES: usize = 1 << STRIPE_BITS;
 
 /// The write fences of one cache.
 pub(crate) struct Fences {
@@ -165,32 +166,56 @@ impl Fences {
         }
     }
 
+    /// The index of `key`'s stripe.
+    fn index(&self, key: &str) -> usize {
+        // `STRIPES` is a power of two. foldhash, seeded per process: SipHash cost 150-200
+        // instructions a key. A stripe needs spread, not resistance to chosen keys: keys that
+        // share one only cost each other a skipped fill, never a wrong answer.
+        (self.hasher.hash_one(key) as usize) & (STRIPES - 1)
+    }
+
+    #[cfg(test)]
     fn stripe(&self, key: &str) -> &AtomicU64 {
-        // `STRIPES` is a power of two. foldhash, seeded per process: a read hashes its key for
-        // the fence two or three times (SipHash cost 150-200 instructions each). A stripe needs
-        // spread, not resistance to chosen keys: keys that share one only cost each other a
-        // skipped fill, never a wrong answer.
-        &self.stripes[(self.hasher.hash_one(key) as usize) & (STRIPES - 1)]
+        &self.stripes[self.index(key)]
+    }
+
+    /// A token: the stripe's count with the stripe's index in its low bits, so that a holder
+    /// checks or bumps its stripe again without hashing the key again (a read takes one token
+    /// and checks it twice; a write bumps twice and checks once).
+    fn pack(count: u64, index: usize) -> u64 {
+        (count << STRIPE_BITS) | index as u64
+    }
+
+    /// The stripe a token was taken from.
+    fn stripe_of(&self, key: &str, token: u64) -> (usize, &AtomicU64) {
+        let index = (token as usize) & (STRIPES - 1);
+        debug_assert_eq!(index, self.index(key), "a token of another key's stripe");
+        (index, &self.stripes[index])
     }
 
     /// The token a fill holds from its start.
     pub(crate) fn token(&self, key: &str) -> u64 {
-        self.stripe(key).load(Ordering::Acquire)
+        let index = self.index(key);
+        Self::pack(self.stripes[index].load(Ordering::Acquire), index)
     }
 
     /// Called by every write before it touches a tier. Returns the new token (what a writer
     /// checks afterwards to learn whether another write followed it).
     pub(crate) fn bump(&self, key: &str) -> u64 {
-        self.stripe(key).fetch_add(1, Ordering::AcqRel) + 1
+        let index = self.index(key);
+        let count = self.stripes[index].fetch_add(1, Ordering::AcqRel);
+        Self::pack(count.wrapping_add(1), index)
     }
 
     /// Called by a write once L2 holds its change, before it touches L1: moves the fence again,
     /// so a fill that took its token while the write was under way (after the first bump, its
     /// L2 read perhaps made before the change) is refused too, in L1 and in L2. Returns the new
     /// token, or `None` when another write of the stripe moved the fence between the two bumps.
+    /// `token` is what [`bump`](Self::bump) returned for `key`.
     pub(crate) fn bump_again(&self, key: &str, token: u64) -> Option<u64> {
-        let now = self.bump(key);
-        (now == token.wrapping_add(1)).then_some(now)
+        let (index, stripe) = self.stripe_of(key, token);
+        let now = Self::pack(stripe.fetch_add(1, Ordering::AcqRel).wrapping_add(1), index);
+        (now == Self::pack((token >> STRIPE_BITS).wrapping_add(1), index)).then_some(now)
     }
 
     /// Moves every fence: no fill or read that started before may cache what it found (another
@@ -204,8 +229,10 @@ impl Fences {
     }
 
     /// Whether no write of `key` (or of a key on its stripe) began since `token` was taken.
+    /// `token` is one taken (or returned by a bump) for `key`.
     pub(crate) fn unchanged(&self, key: &str, token: u64) -> bool {
-        self.token(key) == token
+        let (index, stripe) = self.stripe_of(key, token);
+        Self::pack(stripe.load(Ordering::Acquire), index) == token
     }
 }
 
@@ -244,6 +271,24 @@ mod tests {
         assert!(f.unchanged("k", t2));
         f.bump_all();
         assert!(!f.unchanged("k", t2));
+    }
+
+    #[test]
+    fn a_second_bump_tells_whether_another_write_came_between() {
+        let f = Fences::default();
+        let t = f.bump("k");
+        let t2 = f.bump_again("k", t).expect("no other write between");
+        assert!(f.unchanged("k", t2));
+        assert_eq!(f.token("k"), t2);
+        let t3 = f.bump("k");
+        f.bump("k");
+        assert_eq!(f.bump_again("k", t3), None);
+        // Tokens of two keys on two stripes are told apart even when their counts match.
+        let other = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| f.index(k) != f.index("k"))
+            .expect("another stripe");
+        assert_ne!(f.token(&other) & (STRIPES as u64 - 1), f.token("k") & (STRIPES as u64 - 1));
     }
 
     #[test]
