@@ -288,7 +288,10 @@ mod tests {
             .map(|i| format!("k{i}"))
             .find(|k| f.index(k) != f.index("k"))
             .expect("another stripe");
-        assert_ne!(f.token(&other) & (STRIPES as u64 - 1), f.token("k") & (STRIPES as u64 - 1));
+        assert_ne!(
+            f.token(&other) & (STRIPES as u64 - 1),
+            f.token("k") & (STRIPES as u64 - 1)
+        );
     }
 
     #[test]

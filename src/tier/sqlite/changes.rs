@@ -4,7 +4,9 @@
 //! Schema 4 has no triggers. A statement that fires a trigger makes SQLite open a statement
 //! journal and copy every page before its first change: 40% of the writer's instructions went
 //! there (callgrind, durable write-behind sets). Here each statement reports what it changed
-//! (`RETURNING` the old row where the counters need it), the change goes into
+//! (`RETURNING` the old row where the counters need it; SQLite runs `RETURNING` as a trigger
+//! too, so the statements of every write-behind set and delivery read first instead: see
+//! [`put_entry`] and [`delete_outbox`]), the change goes into
 //! [`WriterState::counts`] at once, and the commit writes the sum into the `counters` row in the
 //! same transaction. A batch rolled back (by SQLite, or because a job failed half done: see
 //! `SqliteTier::write`), or a failed commit, drops the sum. The counters therefore move with
@@ -224,34 +226,62 @@ pub(super) fn insert_outbox(
     Ok(conn.last_insert_rowid())
 }
 
-/// Runs `delete` ([`DELETE_DELIVERED`] or [`DELETE_DEAD_LETTER`]). How many rows went.
-pub(super) fn delete_outbox_returning(
-    conn: &Connection,
-    state: &mut WriterState,
-    delete: &str,
-    args: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    let mut stmt = conn.prepare_cached(delete)?;
-    let mut rows = stmt.query(args)?;
-    let mut n = 0;
-    while let Some(r) = rows.next()? {
-        let dead: bool = r.get(0)?;
-        let bytes: i64 = r.get(1)?;
-        state.counts.pending -= i64::from(!dead);
-        state.counts.dead -= i64::from(dead);
-        state.counts.outbox_bytes -= bytes;
-        n += 1;
-    }
-    Ok(n)
+/// Which outbox rows [`delete_outbox`] removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OutboxRemoval {
+    /// The delivered rows of the ids in `?1` (an array).
+    Delivered,
+    /// The dead letter `?1`.
+    DeadLetter,
 }
 
-/// Deletes the delivered rows of the ids in `?1` (an array), for [`delete_outbox_returning`].
-pub(super) const DELETE_DELIVERED: &str = "DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0
-    RETURNING dead <> 0, length(CAST(key AS BLOB)) + coalesce(length(value), 0)";
+impl OutboxRemoval {
+    /// The rows' count and bytes, then their deletion: the same rows (one writer, one
+    /// transaction).
+    fn statements(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Delivered => (
+                "SELECT count(*), coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0)
+                 FROM outbox WHERE id IN rarray(?1) AND dead = 0",
+                "DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0",
+            ),
+            Self::DeadLetter => (
+                "SELECT count(*), coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0)
+                 FROM outbox WHERE id = ?1 AND dead = 1",
+                "DELETE FROM outbox WHERE id = ?1 AND dead = 1",
+            ),
+        }
+    }
+}
 
-/// Deletes the dead letter `?1`, for [`delete_outbox_returning`].
-pub(super) const DELETE_DEAD_LETTER: &str = "DELETE FROM outbox WHERE id = ?1 AND dead = 1
-    RETURNING dead <> 0, length(CAST(key AS BLOB)) + coalesce(length(value), 0)";
+/// Deletes the outbox rows `which` names by `arg` and takes them off the counters. How many
+/// rows went.
+///
+/// Their count and bytes are read first and a plain `DELETE` follows, not one `DELETE …
+/// RETURNING`: SQLite runs `RETURNING` as a trigger, so the statement kept a statement journal
+/// of every page it changed, as the triggers of schema 3 did: 1,600 more instructions on the
+/// writer thread per durable write-behind set (callgrind; see the README's Performance
+/// section).
+pub(super) fn delete_outbox(
+    conn: &Connection,
+    state: &mut WriterState,
+    which: OutboxRemoval,
+    arg: &dyn rusqlite::ToSql,
+) -> rusqlite::Result<usize> {
+    let (sum, delete) = which.statements();
+    let (n, bytes): (i64, i64) = conn
+        .prepare_cached(sum)?
+        .query_row([arg], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if n > 0 {
+        conn.prepare_cached(delete)?.execute([arg])?;
+    }
+    match which {
+        OutboxRemoval::Delivered => state.counts.pending -= n,
+        OutboxRemoval::DeadLetter => state.counts.dead -= n,
+    }
+    state.counts.outbox_bytes -= bytes;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
 
 /// Rows moved between pending and dead: `n` rows became dead (`to_dead`) or pending again.
 pub(super) fn outbox_moved(state: &mut WriterState, n: usize, to_dead: bool) {

@@ -12,8 +12,7 @@ use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::changes::{
-    self, delete_outbox_returning, insert_outbox, outbox_moved, put_entry, remove_entry,
-    DELETE_DEAD_LETTER, DELETE_DELIVERED,
+    self, delete_outbox, insert_outbox, outbox_moved, put_entry, remove_entry, OutboxRemoval,
 };
 use super::writer::{WriterState, MAX_TOUCHES};
 use super::{storage, to_i64, to_u64, Readers, SqliteTier};
@@ -429,7 +428,7 @@ impl OutboxStore for SqliteTier {
         self.write(move |conn, state| {
             // One statement for the batch; the array (an `Rc`) is built on the writer thread.
             let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
-            delete_outbox_returning(conn, state, DELETE_DELIVERED, [ids]).map(drop)
+            delete_outbox(conn, state, OutboxRemoval::Delivered, &ids).map(drop)
         })
         .await
     }
@@ -507,7 +506,7 @@ impl OutboxStore for SqliteTier {
                     outbox_moved(state, n, false);
                 }
                 Some(_) => {
-                    delete_outbox_returning(conn, state, DELETE_DEAD_LETTER, [id])?;
+                    delete_outbox(conn, state, OutboxRemoval::DeadLetter, &id)?;
                 }
             }
             Ok(Resolved::Done)
