@@ -3,10 +3,11 @@
 //!
 //! Schema 4 has no triggers. A statement that fires a trigger makes SQLite open a statement
 //! journal and copy every page before its first change: 40% of the writer's instructions went
-//! there (callgrind, durable write-behind sets). Here each statement reports what it changed
-//! (`RETURNING` the old row where the counters need it; SQLite runs `RETURNING` as a trigger
-//! too, so the statements of every write-behind set and delivery read first instead: see
-//! [`put_entry`] and [`delete_outbox`]), the change goes into
+//! there (callgrind, durable write-behind sets). SQLite runs `RETURNING` as a trigger too, so no
+//! statement here uses it: what a change will remove or replace (the old row's size, whether it
+//! was negative, the rowid of its recency row) is read first in the same transaction, then the
+//! rows are changed by rowid (see [`put_entry`], [`remove_entries`], [`delete_outbox`]). The
+//! change goes into
 //! [`WriterState::counts`] at once, and the commit writes the sum into the `counters` row in the
 //! same transaction. A batch rolled back (by SQLite, or because a job failed half done: see
 //! `SqliteTier::write`), or a failed commit, drops the sum. The counters therefore move with
@@ -146,19 +147,24 @@ pub(super) fn renew_entry(
     key: &str,
     (stored_at, fresh_until, stale_until): (u64, u64, u64),
 ) -> rusqlite::Result<bool> {
+    // The rowid read first, not `RETURNING`ed (see `remove_entries`).
     let rowid: Option<i64> = conn
-        .prepare_cached(
-            "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
-             WHERE key = ?1 RETURNING rowid",
-        )?
-        .query_row(
-            params![key, to_i64(stored_at), to_i64(fresh_until), to_i64(stale_until)],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT rowid FROM entries WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
         .optional()?;
     let Some(rowid) = rowid else {
         return Ok(false);
     };
+    conn.prepare_cached(
+        "UPDATE entries SET stored_at = ?2, fresh_until = ?3, stale_until = ?4, last_access = ?2
+         WHERE rowid = ?1",
+    )?
+    .execute(params![
+        rowid,
+        to_i64(stored_at),
+        to_i64(fresh_until),
+        to_i64(stale_until)
+    ])?;
     conn.prepare_cached("UPDATE recency SET at = ?2 WHERE id = ?1")?
         .execute([rowid, to_i64(stored_at)])?;
     Ok(true)
@@ -170,41 +176,53 @@ pub(super) fn remove_entry(
     state: &mut WriterState,
     key: &str,
 ) -> rusqlite::Result<()> {
-    let gone: Option<(i64, i64, bool)> = conn
-        .prepare_cached("DELETE FROM entries WHERE key = ?1 RETURNING rowid, size, value IS NULL")?
-        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some((rowid, size, negative)) = gone {
-        state.counts.entry(-1, size, negative);
-        conn.prepare_cached("DELETE FROM recency WHERE id = ?1")?
-            .execute([rowid])?;
-    }
-    Ok(())
+    remove_entries(
+        conn,
+        state,
+        "SELECT rowid, size, value IS NULL FROM entries WHERE key = ?1",
+        [key],
+    )
+    .map(drop)
 }
 
-/// Runs `delete`, a `DELETE FROM entries … RETURNING rowid, size, value IS NULL`, and removes
-/// the recency rows of what it deleted. How many went.
-pub(super) fn remove_entries_returning(
+/// Removes the entries `select` names (a `SELECT rowid, size, value IS NULL FROM entries …`)
+/// with their recency rows. How many went.
+///
+/// Read first, then deleted by rowid: a `DELETE … RETURNING` would make SQLite run `RETURNING`
+/// as a trigger, with a statement journal of every page the statement changes (see
+/// [`delete_outbox`]).
+pub(super) fn remove_entries(
     conn: &Connection,
     state: &mut WriterState,
-    delete: &str,
+    select: &str,
     args: impl rusqlite::Params,
 ) -> rusqlite::Result<usize> {
     let mut ids = Vec::new();
     {
-        let mut stmt = conn.prepare_cached(delete)?;
+        let mut stmt = conn.prepare_cached(select)?;
         let mut rows = stmt.query(args)?;
         while let Some(r) = rows.next()? {
             ids.push(Value::from(r.get::<_, i64>(0)?));
             state.counts.entry(-1, r.get(1)?, r.get(2)?);
         }
     }
-    if ids.is_empty() {
-        return Ok(0);
-    }
     let n = ids.len();
-    conn.prepare_cached("DELETE FROM recency WHERE id IN rarray(?1)")?
-        .execute([Rc::new(ids)])?;
+    match ids.as_slice() {
+        [] => return Ok(0),
+        [Value::Integer(id)] => {
+            conn.prepare_cached("DELETE FROM entries WHERE rowid = ?1")?
+                .execute([id])?;
+            conn.prepare_cached("DELETE FROM recency WHERE id = ?1")?
+                .execute([id])?;
+        }
+        _ => {
+            let ids = Rc::new(ids);
+            conn.prepare_cached("DELETE FROM entries WHERE rowid IN rarray(?1)")?
+                .execute([ids.clone()])?;
+            conn.prepare_cached("DELETE FROM recency WHERE id IN rarray(?1)")?
+                .execute([ids])?;
+        }
+    }
     Ok(n)
 }
 

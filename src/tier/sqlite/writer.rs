@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::changes::{self, remove_entries_returning, Counts};
+use super::changes::{self, remove_entries, Counts};
 use super::open::FileWatch;
 use super::{to_i64, to_u64, SqliteTier};
 use crate::error::{Error, Result};
@@ -498,10 +498,10 @@ fn evict_least_recent(
     if ids.is_empty() {
         return Ok(0);
     }
-    remove_entries_returning(
+    remove_entries(
         conn,
         state,
-        "DELETE FROM entries WHERE rowid IN rarray(?1) RETURNING rowid, size, value IS NULL",
+        "SELECT rowid, size, value IS NULL FROM entries WHERE rowid IN rarray(?1)",
         [std::rc::Rc::new(ids)],
     )
 }
@@ -524,12 +524,11 @@ fn evict(conn: &Connection, state: &mut WriterState, budget: usize) -> rusqlite:
         let step = EVICT_STEP.min(budget - removed);
         let mut n = 0;
         if any_expired {
-            n = remove_entries_returning(
+            n = remove_entries(
                 conn,
                 state,
-                "DELETE FROM entries WHERE rowid IN (
-                   SELECT rowid FROM entries WHERE stale_until <= ?1 ORDER BY stale_until LIMIT ?2)
-                 RETURNING rowid, size, value IS NULL",
+                "SELECT rowid, size, value IS NULL FROM entries
+                 WHERE stale_until <= ?1 ORDER BY stale_until LIMIT ?2",
                 params![to_i64(state.now_hint), to_i64(step as u64)],
             )?;
             any_expired = n > 0;
