@@ -258,9 +258,13 @@ impl OutboxRemoval {
     /// transaction).
     fn statements(self) -> (&'static str, &'static str) {
         match self {
+            // The count walks the array and finds each row by id (`CROSS JOIN` keeps the array
+            // outside): `id IN rarray(..)` would build a temporary index of the ids, as the
+            // `DELETE` does, a second time. The ids are distinct (see `outbox_complete`), so
+            // the join counts each row the `DELETE` removes once.
             Self::Delivered => (
-                "SELECT count(*), coalesce(sum(length(CAST(key AS BLOB)) + coalesce(length(value), 0)), 0)
-                 FROM outbox WHERE id IN rarray(?1) AND dead = 0",
+                "SELECT count(*), coalesce(sum(length(CAST(o.key AS BLOB)) + coalesce(length(o.value), 0)), 0)
+                 FROM rarray(?1) AS r CROSS JOIN outbox AS o ON o.id = r.value WHERE o.dead = 0",
                 "DELETE FROM outbox WHERE id IN rarray(?1) AND dead = 0",
             ),
             Self::DeadLetter => (

@@ -181,7 +181,10 @@ impl EntryStore for SqliteTier {
         // is no parameter limit to chunk around. The entries and the newest pending outbox row
         // of each key come back together (`kind` 0: entry, 1: pending put, 2: pending delete).
         // With no pending row at all (the counters say so, read in the same snapshot: one read
-        // transaction), the outbox half is left out: a tenth of a batch read's cost.
+        // transaction), the outbox half is left out: a tenth of a batch read's cost. The
+        // entries are found by walking the array and seeking each key (`CROSS JOIN` keeps the
+        // array outside; the keys are distinct): `key IN rarray(..)` built a temporary index of
+        // the keys first.
         let array: Rc<Vec<Value>> =
             Rc::new(keys.iter().map(|k| Value::from((*k).to_owned())).collect());
         self.read(|conn| {
@@ -190,15 +193,15 @@ impl EntryStore for SqliteTier {
                 .prepare_cached("SELECT pending FROM counters WHERE id = 1")?
                 .query_row([], |r| r.get(0))?;
             let mut stmt = tx.prepare_cached(if pending > 0 {
-                "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
-                 FROM entries WHERE key IN rarray(?1)
+                "SELECT e.key, e.value, e.validator, e.stored_at, e.fresh_until, e.stale_until, 0
+                 FROM rarray(?1) AS r CROSS JOIN entries AS e ON e.key = r.value
                  UNION ALL
                  SELECT key, value, NULL, 0, 0, 0, CASE op WHEN 'put' THEN 1 ELSE 2 END
                  FROM outbox WHERE id IN (
                    SELECT max(id) FROM outbox WHERE key IN rarray(?1) AND dead = 0 GROUP BY key)"
             } else {
-                "SELECT key, value, validator, stored_at, fresh_until, stale_until, 0
-                 FROM entries WHERE key IN rarray(?1)"
+                "SELECT e.key, e.value, e.validator, e.stored_at, e.fresh_until, e.stale_until, 0
+                 FROM rarray(?1) AS r CROSS JOIN entries AS e ON e.key = r.value"
             })?;
             let mut rows = stmt.query([array])?;
             let mut found = Found::default();
@@ -424,7 +427,10 @@ impl OutboxStore for SqliteTier {
         .await
     }
 
-    async fn outbox_complete(&self, ids: Vec<i64>) -> Result<()> {
+    async fn outbox_complete(&self, mut ids: Vec<i64>) -> Result<()> {
+        // Distinct: the removal counts the rows it deletes by walking the ids.
+        ids.sort_unstable();
+        ids.dedup();
         self.write(move |conn, state| {
             // One statement for the batch; the array (an `Rc`) is built on the writer thread.
             let ids: Rc<Vec<Value>> = Rc::new(ids.into_iter().map(Value::from).collect());
