@@ -272,8 +272,8 @@ pub fn raw_get_many(conn: &Connection, keys: &[&str]) -> Vec<(String, RawEntry)>
     );
     let mut stmt = conn
         .prepare_cached(
-            "SELECT key, value, validator, stored_at, fresh_until, stale_until
-             FROM entries WHERE key IN rarray(?1)",
+            "SELECT e.key, e.value, e.validator, e.stored_at, e.fresh_until, e.stale_until
+             FROM rarray(?1) AS r CROSS JOIN entries AS e ON e.key = r.value",
         )
         .expect("prepare");
     stmt.query_map([array], |r| {
