@@ -501,7 +501,9 @@ fn evict_least_recent(
     remove_entries(
         conn,
         state,
-        "SELECT rowid, size, value IS NULL FROM entries WHERE rowid IN rarray(?1)",
+        // Walks the (distinct) ids rather than building a temporary index of them.
+        "SELECT e.rowid, e.size, e.value IS NULL FROM rarray(?1) AS r
+         CROSS JOIN entries AS e ON e.rowid = r.value",
         [std::rc::Rc::new(ids)],
     )
 }
