@@ -5,11 +5,72 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use moka::future::Cache as Moka;
 use tiercache::{Strategy, TieredCache};
 
 use super::common::{self, SlowSource};
 use super::{l1_moka, median, side_by_side, spread, Row, Target, L2_KEYS, MIB, SETS_EACH, SETTERS};
+
+/// What the setter tasks write into: the cache (an acknowledged `set`) or raw moka (an insert).
+pub(crate) trait Setter: Clone + Send + Sync + 'static {
+    fn put(&self, key: &str, value: Bytes) -> impl std::future::Future<Output = ()> + Send;
+}
+
+// The calls' own futures, mapped: no state machine of the bench's around either side.
+impl Setter for TieredCache {
+    fn put(&self, key: &str, value: Bytes) -> impl std::future::Future<Output = ()> + Send {
+        self.set(key, value).map(|done| done.expect("set"))
+    }
+}
+
+impl Setter for Moka<String, Bytes> {
+    fn put(&self, key: &str, value: Bytes) -> impl std::future::Future<Output = ()> + Send {
+        self.insert(key.to_owned(), value)
+    }
+}
+
+/// `SETTERS` tasks on `rt`, task `s` putting `each` times the bench's value under key
+/// `(s * stride + j) % keys.len()` for `j` in `0..each`. The time until all are done.
+fn run_setters<S: Setter>(
+    rt: &tokio::runtime::Runtime,
+    target: &S,
+    keys: &Arc<Vec<String>>,
+    stride: usize,
+    each: usize,
+) -> Duration {
+    let v = common::value();
+    rt.block_on(async {
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..SETTERS)
+            .map(|s| {
+                let (target, keys, v) = (target.clone(), keys.clone(), v.clone());
+                tokio::spawn(profile_setter_task(target, keys, v, s * stride, each))
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("a setter");
+        }
+        t.elapsed()
+    })
+}
+
+/// One setter task: `each` puts from key `first` on. Named `profile_…` so that
+/// `--toggle-collect='*profile_*'` counts what the tasks do on the runtime's threads when a
+/// write scenario is profiled.
+async fn profile_setter_task<S: Setter>(
+    target: S,
+    keys: Arc<Vec<String>>,
+    value: Bytes,
+    first: usize,
+    each: usize,
+) {
+    for j in 0..each {
+        target
+            .put(&keys[(first + j) % keys.len()], value.clone())
+            .await;
+    }
+}
 
 /// Sets/s with `SETTERS` tasks each making `SETS_EACH` acknowledged sets, on `rt`.
 pub(crate) fn sets_per_sec(
@@ -17,25 +78,8 @@ pub(crate) fn sets_per_sec(
     cache: &TieredCache,
     keys: &Arc<Vec<String>>,
 ) -> f64 {
-    let v = common::value();
-    rt.block_on(async {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (cache, keys, v) = (cache.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..SETS_EACH {
-                        let k = &keys[(s * SETS_EACH + j) % keys.len()];
-                        cache.set(k, v.clone()).await.expect("set");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("a setter");
-        }
-        (SETTERS * SETS_EACH) as f64 / t.elapsed().as_secs_f64()
-    })
+    let took = run_setters(rt, cache, keys, SETS_EACH, SETS_EACH);
+    (SETTERS * SETS_EACH) as f64 / took.as_secs_f64()
 }
 
 /// Raw moka inserts/s, same tasks, keys and values.
@@ -44,25 +88,8 @@ pub(crate) fn moka_inserts_per_sec(
     moka: &Moka<String, Bytes>,
     keys: &Arc<Vec<String>>,
 ) -> f64 {
-    let v = common::value();
-    rt.block_on(async {
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (moka, keys, v) = (moka.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..SETS_EACH {
-                        let k = &keys[(s * SETS_EACH + j) % keys.len()];
-                        moka.insert(k.clone(), v.clone()).await;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("an inserter");
-        }
-        (SETTERS * SETS_EACH) as f64 / t.elapsed().as_secs_f64()
-    })
+    let took = run_setters(rt, moka, keys, SETS_EACH, SETS_EACH);
+    (SETTERS * SETS_EACH) as f64 / took.as_secs_f64()
 }
 
 /// A durable write-behind cache: the outbox row and the L2 entry committed (group commit) before
@@ -104,24 +131,7 @@ pub(crate) fn memory_write_behind(
 
 #[inline(never)]
 pub(crate) fn profile_write_behind(rt: &tokio::runtime::Runtime, cache: &TieredCache, n: usize) {
-    let keys = Arc::new(common::keys(L2_KEYS));
-    let v = common::value();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (cache, keys, v) = (cache.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..n / SETTERS {
-                        let k = &keys[(s * 64 + j) % keys.len()];
-                        cache.set(k, v.clone()).await.expect("set");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("a setter");
-        }
-    });
+    run_setters(rt, cache, &Arc::new(common::keys(L2_KEYS)), 64, n / SETTERS);
 }
 
 /// The raw side of `write_behind_vs_moka_insert` in `profile_write_behind`'s pattern: the same
@@ -132,24 +142,7 @@ pub(crate) fn profile_moka_insert(
     moka: &Moka<String, Bytes>,
     n: usize,
 ) {
-    let keys = Arc::new(common::keys(L2_KEYS));
-    let v = common::value();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..SETTERS)
-            .map(|s| {
-                let (moka, keys, v) = (moka.clone(), keys.clone(), v.clone());
-                tokio::spawn(async move {
-                    for j in 0..n / SETTERS {
-                        let k = &keys[(s * 64 + j) % keys.len()];
-                        moka.insert(k.clone(), v.clone()).await;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("an inserter");
-        }
-    });
+    run_setters(rt, moka, &Arc::new(common::keys(L2_KEYS)), 64, n / SETTERS);
 }
 
 #[inline(never)]
