@@ -7,11 +7,10 @@
 //! statement here uses it: what a change will remove or replace (the old row's size, whether it
 //! was negative, the rowid of its recency row) is read first in the same transaction, then the
 //! rows are changed by rowid (see [`put_entry`], [`remove_entries`], [`delete_outbox`]). The
-//! change goes into
-//! [`WriterState::counts`] at once, and the commit writes the sum into the `counters` row in the
-//! same transaction. A batch rolled back (by SQLite, or because a job failed half done: see
-//! `SqliteTier::write`), or a failed commit, drops the sum. The counters therefore move with
-//! exactly the statements that took effect, job by job, whatever fails.
+//! change goes into [`WriterState::counts`] at once, and the commit writes the sum into the
+//! `counters` row in the same transaction. A batch rolled back (by SQLite, or because a job
+//! failed half done: see `SqliteTier::write`), or a failed commit, drops the sum. The counters
+//! therefore move with exactly the statements that took effect, job by job, whatever fails.
 
 use std::rc::Rc;
 
