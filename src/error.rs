@@ -380,6 +380,15 @@ impl Error {
             source: Some(Arc::new(source)),
         }
     }
+
+    /// A storage task on a blocking thread that did not finish (it panicked or was cancelled):
+    /// "`what` stopped: …".
+    pub(crate) fn stopped(what: &str) -> impl FnOnce(tokio::task::JoinError) -> Self + '_ {
+        move |e| Error::Storage {
+            message: format!("{what} stopped: {e}"),
+            source: None,
+        }
+    }
 }
 
 /// An error and its causes, each said once: `error: cause: root cause`, for the texts the cache

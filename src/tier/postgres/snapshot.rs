@@ -71,10 +71,7 @@ impl PostgresStore {
                 (give, out)
             })
             .await
-            .map_err(|e| Error::Storage {
-                message: format!("the bundle's snapshot stopped: {e}"),
-                source: None,
-            })?;
+            .map_err(Error::stopped("the bundle's snapshot"))?;
             sink = Some(done.0);
             done.1?;
             if rows.len() < PAGE {

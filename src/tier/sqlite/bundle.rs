@@ -76,10 +76,7 @@ impl SqliteTier {
                     snapshot_on(&conn, &prefix, &mut sink)
                 })
                 .await
-                .map_err(|e| Error::Storage {
-                    message: format!("the bundle's snapshot stopped: {e}"),
-                    source: None,
-                })?
+                .map_err(Error::stopped("the bundle's snapshot"))?
             }
             Location::Memory => {
                 let mut out = Ok(());

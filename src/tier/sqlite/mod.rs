@@ -206,10 +206,7 @@ impl SqliteTier {
                     changes::verify(&path, busy)
                 })
                 .await
-                .map_err(|e| Error::Storage {
-                    message: format!("the integrity check stopped: {e}"),
-                    source: None,
-                })??;
+                .map_err(Error::stopped("the integrity check"))??;
                 if let Some(wrong) = wrong {
                     tracing::warn!(%wrong, "L2's counters did not match its rows; recounted");
                 }

@@ -64,10 +64,7 @@ impl SqliteTier {
         let readers = Arc::clone(&self.readers);
         match tokio::task::spawn_blocking(move || readers.read(f)).await {
             Ok(read) => read.map_err(storage(what)),
-            Err(e) => Err(Error::Storage {
-                message: format!("{what}: its blocking task stopped: {e}"),
-                source: None,
-            }),
+            Err(e) => Err(Error::stopped(&format!("{what}: its blocking task"))(e)),
         }
     }
 
