@@ -395,6 +395,13 @@ fn builder(store: &MemStore, source: &FakeSource, clock: &MockClock) -> TieredCa
         .persist_breaker(false)
 }
 
+/// [`builder`] for write-behind, its outbox delivered only by the test's `flush` calls.
+fn write_behind(store: &MemStore, source: &FakeSource, clock: &MockClock) -> TieredCacheBuilder {
+    builder(store, source, clock)
+        .strategy(Strategy::WriteBehind)
+        .background_flush(false)
+}
+
 fn refused() -> SourceError {
     SourceError::Rejected {
         status: Some(422),
@@ -444,10 +451,7 @@ async fn read_through_fills_the_custom_store_and_reads_it_back() -> TestResult {
 #[tokio::test]
 async fn write_behind_writes_deliver_and_dead_letter_through_the_custom_store() -> TestResult {
     let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
-    let cache = builder(&store, &source, &clock)
-        .strategy(Strategy::WriteBehind)
-        .background_flush(false)
-        .build()?;
+    let cache = write_behind(&store, &source, &clock).build()?;
     cache.set("k", "v1").await?;
     assert_eq!(
         (store.outbox_len(), store.value("k")),
@@ -496,10 +500,7 @@ async fn deliveries_go_on_while_delivered_rows_wait_to_be_removed() -> TestResul
     // Removing a batch of delivered rows waits for a commit (behind the callers' writes); the
     // deliveries after it must not wait with it, or the outbox drains no faster than commits.
     let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
-    let cache = builder(&store, &source, &clock)
-        .strategy(Strategy::WriteBehind)
-        .background_flush(false)
-        .build()?;
+    let cache = write_behind(&store, &source, &clock).build()?;
     const WRITES: usize = 200;
     for i in 0..WRITES {
         cache.set(&format!("k{i}"), format!("v{i}")).await?;
@@ -533,10 +534,7 @@ async fn deliveries_go_on_while_delivered_rows_wait_to_be_removed() -> TestResul
 async fn a_failed_durable_set_is_refused_and_never_served() -> TestResult {
     let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
     source.insert("k", "old");
-    let cache = builder(&store, &source, &clock)
-        .strategy(Strategy::WriteBehind)
-        .background_flush(false)
-        .build()?;
+    let cache = write_behind(&store, &source, &clock).build()?;
     assert_eq!(get(&cache, "k").await?.as_deref(), Some("old"));
     store.fail_writes(1);
     assert!(matches!(
@@ -642,10 +640,7 @@ async fn read_faults_fall_back_to_l1_and_the_source() -> TestResult {
 async fn a_failed_dead_lettering_keeps_the_write_pending_until_it_is_recorded() -> TestResult {
     let (store, source, clock) = (MemStore::default(), FakeSource::new(), MockClock::new());
     source.insert("k", "old");
-    let cache = builder(&store, &source, &clock)
-        .strategy(Strategy::WriteBehind)
-        .background_flush(false)
-        .build()?;
+    let cache = write_behind(&store, &source, &clock).build()?;
     cache.set("k", "new").await?;
     source.fail_writes(Some(refused()));
     // The refusal cannot be recorded: the row stays pending, and reads as itself.
@@ -750,10 +745,7 @@ async fn a_bundle_imports_through_the_default_merge_and_export_says_unsupported(
         target_source.insert(k, format!("old {k}"));
     }
     let store = MemStore::default();
-    let target = builder(&store, &target_source, &clock)
-        .strategy(Strategy::WriteBehind)
-        .background_flush(false)
-        .build()?;
+    let target = write_behind(&store, &target_source, &clock).build()?;
     assert_eq!(get(&target, "older").await?.as_deref(), Some("old older"));
     target.set("pending", "mine").await?;
     clock.advance(Duration::from_secs(1));
