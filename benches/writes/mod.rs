@@ -341,16 +341,13 @@ pub(crate) fn raw_durable_floor(
                 .expect("prepare")
                 .execute(params![k, &v[..]])
                 .expect("upsert");
-            } else {
-                let (entries, bytes) = common::raw_write_entry(&tx, k, &v, now);
-                counts = (counts.0 + entries, counts.1 + bytes);
-            }
-            if minimal {
                 tx.prepare_cached("INSERT INTO outbox (key, value) VALUES (?1, ?2)")
                     .expect("prepare")
                     .execute(params![k, &v[..]])
                     .expect("outbox");
             } else {
+                let (entries, bytes) = common::raw_write_entry(&tx, k, &v, now);
+                counts = (counts.0 + entries, counts.1 + bytes);
                 tx.prepare_cached(
                     "INSERT INTO outbox (key, op, value, created_at, next_attempt)
                      VALUES (?1, 'put', ?2, ?3, 0)",
@@ -361,25 +358,21 @@ pub(crate) fn raw_durable_floor(
             }
             ids.push(rusqlite::types::Value::from(tx.last_insert_rowid()));
         }
+        // The delivery of the previous batch's rows, in this commit.
+        let gone = delivered.len() as i64;
+        tx.prepare_cached("DELETE FROM outbox WHERE id IN rarray(?1)")
+            .expect("prepare")
+            .execute([std::rc::Rc::new(std::mem::replace(&mut delivered, ids))])
+            .expect("delete");
+        // The counters once per commit, as the writer writes their sum.
         if !minimal {
             tx.prepare_cached(
                 "UPDATE counters SET entries = entries + ?1, bytes = bytes + ?2,
                    pending = pending + ?3 WHERE id = 1",
             )
             .expect("prepare")
-            .execute(params![counts.0, counts.1, batch as i64])
+            .execute(params![counts.0, counts.1, batch as i64 - gone])
             .expect("counters");
-        }
-        // The delivery of the previous batch's rows, in this commit.
-        tx.prepare_cached("DELETE FROM outbox WHERE id IN rarray(?1)")
-            .expect("prepare")
-            .execute([std::rc::Rc::new(std::mem::replace(&mut delivered, ids))])
-            .expect("delete");
-        if !minimal {
-            tx.prepare_cached("UPDATE counters SET pending = pending - ?1 WHERE id = 1")
-                .expect("prepare")
-                .execute([batch as i64])
-                .expect("counters");
         }
         tx.commit().expect("commit");
         commits += 1;
